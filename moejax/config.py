@@ -1,0 +1,224 @@
+"""The full config schema with defaults, and its validation.
+
+Config files under `configs/` start from `base_config()` and override fields. Every field a run
+reads lives here, so `--config.x.y=v` overrides are type-checked by ml_collections and
+`validate()` can check the whole thing before anything is compiled.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config field holds a value moejax cannot run with. The message names field and fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 258  # 256 bytes + EOS + PAD for the byte tokenizer.
+  m.d_model = 128
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 2  # grouped-query attention: num_heads % num_kv_heads == 0.
+  m.head_dim = 32
+  m.ffn_dim = 512  # width of the dense SwiGLU FFN layers.
+  m.max_seq_len = 1024  # length of the RoPE table.
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-6
+  m.tie_embeddings = False
+  m.dtype = 'float32'  # activation/compute dtype; params are kept in float32.
+  m.remat = False  # rematerialise each block in the backward pass.
+  m.first_k_dense = 1  # the first layers use a dense FFN (DeepSeekMoE).
+  m.moe_layer_freq = 1  # after those, every moe_layer_freq-th layer is MoE.
+
+  m.moe = moe = ml_collections.ConfigDict()
+  moe.num_experts = 8
+  moe.num_experts_per_tok = 2
+  moe.expert_ffn_dim = 128
+  moe.num_shared_experts = 1
+  moe.router = r = ml_collections.ConfigDict()
+  r.name = 'topk'
+  r.score_fn = 'softmax'
+  r.norm_topk_prob = True  # False: DeepSeek-V1/V2 weights p_i; True: Mixtral/Qwen3 renormalised.
+  r.dtype = 'float32'
+  moe.balance = b = ml_collections.ConfigDict()
+  b.aux_loss_weight = 1e-2  # Switch/GShard alpha * N * sum f_i P_i, per MoE layer.
+  b.z_loss_weight = 1e-3  # ST-MoE router z-loss, per MoE layer.
+  moe.dispatch = d = ml_collections.ConfigDict()
+  d.name = 'dropless'  # 'capacity' (token dropping) or 'dropless'.
+  d.capacity_factor = 1.25  # C = ceil(capacity_factor * K * T / N), K included (MaxText).
+  d.eval_capacity_factor = 2.0
+  d.min_capacity = 4
+  d.priority = 'choice'  # capacity drop order: 'choice' (all top-1 first) or 'position'.
+  d.backend = 'auto'  # dropless grouped matmul: 'auto' (blocked on CPU, else ragged_dot),
+  # 'ragged_dot' or 'blocked'.
+  d.block_size = 128  # rows per block of the 'blocked' backend.
+
+  c.data = dt = ml_collections.ConfigDict()
+  dt.source = 'stdlib'  # 'stdlib' (Python's own library sources) or 'files'.
+  dt.paths = ''  # for source='files': comma-separated text files or folders.
+  dt.file_glob = '*.py'  # files taken from folders (and from the stdlib).
+  dt.val_percent = 5  # share of files (not bytes) that go to validation, chosen by path hash.
+  dt.seq_len = 128
+  dt.max_bytes = 0  # cap on the training corpus size (0: no cap); for quick tests.
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 300
+  t.batch_size = 16  # global batch, in sequences.
+  t.lr = 3e-3
+  t.warmup_steps = 30
+  t.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio.
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.grad_clip = 1.0
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 8
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+  t.progress = True
+  t.stop_after = 0  # stop (with a checkpoint) after this step, as if preempted; 0: never.
+
+  # Mesh axis sizes; -1 takes the devices the others leave. Product must equal the devices.
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.expert = 1
+  ms.tensor = 1
+  return c
+
+
+ROUTER_NAMES = ('topk',)
+SCORE_FNS = ('softmax',)
+DISPATCH_NAMES = ('capacity', 'dropless')
+DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
+PRIORITIES = ('choice', 'position')
+DTYPES = ('float32', 'bfloat16')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+
+
+def _fail(field: str, value, fix: str):
+  raise ConfigError(f'config.{field}={value!r}: {fix}')
+
+
+def _positive(c, fields: str, allow_zero: bool = False):
+  for f in fields.split():
+    v = _get(c, f)
+    if not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
+      _fail(f, v, 'must be a positive number' if not allow_zero else 'must be >= 0')
+
+
+def _get(c, dotted: str):
+  for part in dotted.split('.'):
+    c = c[part]
+  return c
+
+
+def _one_of(c, field: str, choices):
+  v = _get(c, field)
+  if v not in choices:
+    _fail(field, v, f'must be one of {list(choices)}')
+
+
+def mesh_shape(c, num_devices: int) -> dict[str, int]:
+  """Resolve the -1 axis and check that the mesh covers exactly the devices."""
+  sizes = {a: int(c.mesh[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      _fail(f'mesh.{a}', s, 'must be a positive axis size, or -1 to take the remaining devices')
+  if len(free) > 1:
+    _fail(f'mesh.{free[1]}', -1, f'only one mesh axis may be -1 (also -1: mesh.{free[0]})')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      _fail(f'mesh.{free[0]}', -1, f'the other axes multiply to {fixed}, which does not divide '
+            f'the {num_devices} devices; change them so their product divides {num_devices}')
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    _fail('mesh', dict(sizes), f'the axis sizes multiply to {math.prod(sizes.values())} but '
+          f'there are {num_devices} devices; make the product {num_devices} (or set one axis to -1)')
+  return sizes
+
+
+def moe_layer_ids(m) -> list[int]:
+  """Layers with a MoE FFN: after first_k_dense, every moe_layer_freq-th layer."""
+  return [i for i in range(m.num_layers)
+          if i >= m.first_k_dense and (i - m.first_k_dense) % m.moe_layer_freq == 0]
+
+
+def validate(c, num_devices: int) -> dict[str, int]:
+  """Check the whole config before anything is built; return the resolved mesh shape."""
+  m, moe, t, dt = c.model, c.model.moe, c.train, c.data
+  _positive(c, 'model.vocab_size model.d_model model.num_layers model.num_heads '
+            'model.num_kv_heads model.head_dim model.ffn_dim model.max_seq_len '
+            'model.rope_theta model.norm_eps model.moe_layer_freq '
+            'data.seq_len train.steps train.batch_size train.lr train.log_every '
+            'train.eval_every train.eval_batches train.checkpoint_every train.keep_checkpoints')
+  _positive(c, 'model.first_k_dense train.warmup_steps train.weight_decay train.grad_clip '
+            'data.max_bytes train.stop_after', allow_zero=True)
+  if m.vocab_size < 258:
+    _fail('model.vocab_size', m.vocab_size, 'the byte tokenizer needs at least 258 (256 bytes, '
+          'EOS, PAD)')
+  if m.num_heads % m.num_kv_heads:
+    _fail('model.num_kv_heads', m.num_kv_heads,
+          f'must divide model.num_heads={m.num_heads} (grouped-query attention)')
+  if m.head_dim % 2:
+    _fail('model.head_dim', m.head_dim, 'must be even for rotary embeddings')
+  if dt.seq_len > m.max_seq_len:
+    _fail('data.seq_len', dt.seq_len, f'exceeds the RoPE table model.max_seq_len='
+          f'{m.max_seq_len}; lower data.seq_len or raise model.max_seq_len')
+  if not 0 < dt.val_percent < 100:
+    _fail('data.val_percent', dt.val_percent, 'must be between 0 and 100 (exclusive)')
+  if not 0 <= t.min_lr_ratio <= 1:
+    _fail('train.min_lr_ratio', t.min_lr_ratio, 'must be in [0, 1]')
+  if t.warmup_steps >= t.steps:
+    _fail('train.warmup_steps', t.warmup_steps, f'must be below train.steps={t.steps}')
+  _one_of(c, 'model.dtype', DTYPES)
+
+  has_moe = bool(moe_layer_ids(m))
+  if has_moe:
+    _positive(c, 'model.moe.num_experts model.moe.num_experts_per_tok model.moe.expert_ffn_dim '
+              'model.moe.dispatch.capacity_factor model.moe.dispatch.eval_capacity_factor')
+    _positive(c, 'model.moe.num_shared_experts model.moe.dispatch.min_capacity '
+              'model.moe.balance.aux_loss_weight model.moe.balance.z_loss_weight',
+              allow_zero=True)
+    if moe.num_experts_per_tok > moe.num_experts:
+      _fail('model.moe.num_experts_per_tok', moe.num_experts_per_tok,
+            f'top-{moe.num_experts_per_tok} of model.moe.num_experts={moe.num_experts} experts '
+            f'is impossible; use at most {moe.num_experts}')
+    _one_of(c, 'model.moe.router.name', ROUTER_NAMES)
+    _one_of(c, 'model.moe.router.score_fn', SCORE_FNS)
+    _one_of(c, 'model.moe.router.dtype', DTYPES)
+    _one_of(c, 'model.moe.dispatch.name', DISPATCH_NAMES)
+    _one_of(c, 'model.moe.dispatch.priority', PRIORITIES)
+    _one_of(c, 'model.moe.dispatch.backend', DROPLESS_BACKENDS)
+
+  if dt.source == 'files':
+    if not dt.paths:
+      _fail('data.paths', dt.paths, "data.source='files' needs comma-separated paths")
+    for p in dt.paths.split(','):
+      if not os.path.exists(p):
+        _fail('data.paths', p, 'this path does not exist; point it at text files or folders')
+  elif dt.source != 'stdlib':
+    _fail('data.source', dt.source, "must be 'stdlib' or 'files'")
+
+  sizes = mesh_shape(c, num_devices)
+  if has_moe and moe.num_experts % sizes['expert']:
+    _fail('mesh.expert', sizes['expert'], f'must divide model.moe.num_experts='
+          f'{moe.num_experts}; pick an expert axis size that divides it')
+  for field, n in (('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads)):
+    if n % sizes['tensor']:
+      _fail('mesh.tensor', sizes['tensor'], f'must divide {field}={n}')
+  batch_shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  if t.batch_size % batch_shards:
+    _fail('train.batch_size', t.batch_size, f'must be divisible by mesh data*fsdp*expert='
+          f'{batch_shards}, over which the batch is split')
+  return sizes

@@ -1,0 +1,91 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Parameters are float32 and carry logical axis names; computation runs in `dtype`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+constrain = nn.with_logical_constraint
+
+
+def param_with_axes(module: nn.Module, name: str, shape, axes, init=None):
+  init = init or nn.initializers.normal(stddev=shape[0] ** -0.5 if len(shape) > 1 else 1.0)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param_with_axes(self, 'scale', (x.shape[-1],), ('norm',), nn.initializers.ones)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf * scale).astype(self.dtype)
+
+
+def apply_rope(x, positions, theta: float):
+  """Rotate x [b, s, h, d] by positions [b, s] (the half-split convention of GPT-NeoX/Llama)."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class GroupedQueryAttention(nn.Module):
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions):
+    b, s, d = x.shape
+    h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+    wq = param_with_axes(self, 'wq', (d, h, hd), ('embed', 'heads', 'head_dim'))
+    wk = param_with_axes(self, 'wk', (d, kv, hd), ('embed', 'kv_heads', 'head_dim'))
+    wv = param_with_axes(self, 'wv', (d, kv, hd), ('embed', 'kv_heads', 'head_dim'))
+    wo = param_with_axes(self, 'wo', (h, hd, d), ('heads', 'head_dim', 'embed'),
+                         nn.initializers.normal(stddev=(h * hd) ** -0.5))
+    x = x.astype(self.dtype)
+    q = jnp.einsum('bsd,dhk->bshk', x, wq.astype(self.dtype))  # [b, s, h, hd]
+    k = jnp.einsum('bsd,dhk->bshk', x, wk.astype(self.dtype))  # [b, s, kv, hd]
+    v = jnp.einsum('bsd,dhk->bshk', x, wv.astype(self.dtype))  # [b, s, kv, hd]
+    q = constrain(apply_rope(q, positions, self.rope_theta), ('batch', 'length', 'act_heads', None))
+    k = apply_rope(k, positions, self.rope_theta)
+    q = q.reshape(b, s, kv, h // kv, hd)  # [b, s, kv, group, hd]
+    logits = jnp.einsum('bqkgd,bskd->bkgqs', q, k).astype(jnp.float32) * hd ** -0.5
+    causal = positions[:, None, None, :, None] >= positions[:, None, None, None, :]
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [b, kv, group, q, s]
+    out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v).reshape(b, s, h, hd)
+    out = jnp.einsum('bshk,hkd->bsd', out, wo.astype(self.dtype))
+    return constrain(out, ('batch', 'length', 'act_embed'))
+
+
+class SwiGLU(nn.Module):
+  """Dense FFN: wo(silu(x wi_0) * (x wi_1))."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    wi_0 = param_with_axes(self, 'wi_0', (d, self.hidden), ('embed', 'mlp'))
+    wi_1 = param_with_axes(self, 'wi_1', (d, self.hidden), ('embed', 'mlp'))
+    wo = param_with_axes(self, 'wo', (self.hidden, d), ('mlp', 'embed'))
+    x = x.astype(self.dtype)
+    h = jax.nn.silu(x @ wi_0.astype(self.dtype)) * (x @ wi_1.astype(self.dtype))
+    h = constrain(h, ('batch', 'length', 'act_mlp'))
+    return constrain(h @ wo.astype(self.dtype), ('batch', 'length', 'act_embed'))

@@ -1,0 +1,128 @@
+"""Decoder-only transformer LM with a per-layer FFN schedule (dense first, then MoE).
+
+Layers are grouped into at most three scanned stacks, so compile time does not grow with depth:
+  prefix: `first_k_dense` dense blocks;
+  body:   periods of `moe_layer_freq` layers, [MoE block, dense block x (freq - 1)];
+  tail:   the leftover (< freq) layers, a shorter period.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from moejax.model.layers import GroupedQueryAttention, RMSNorm, SwiGLU, param_with_axes
+from moejax.moe.layer import MoEFFN
+
+
+class Block(nn.Module):
+  cfg: Any  # model config (FrozenConfigDict)
+  moe: bool
+  train: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions):
+    c = self.cfg
+    dtype = jnp.dtype(c.dtype)
+    h = RMSNorm(c.norm_eps, dtype, name='attn_norm')(x)
+    x = x + GroupedQueryAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype,
+                                  name='attn')(h, positions)
+    h = RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x)
+    if self.moe:
+      f, aux = MoEFFN(c.moe, c.d_model, dtype, name='moe')(h, self.train)
+    else:
+      f, aux = SwiGLU(c.ffn_dim, dtype, name='ffn')(h), None
+    return x + f, aux
+
+
+class Period(nn.Module):
+  """One MoE block followed by `num_dense` dense blocks; returns the MoE block's aux."""
+  cfg: Any
+  num_dense: int
+  train: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions):
+    x, aux = Block(self.cfg, moe=True, train=self.train, name='moe_block')(x, positions)
+    for i in range(self.num_dense):
+      x, _ = Block(self.cfg, moe=False, train=self.train, name=f'dense_block_{i}')(x, positions)
+    return x, aux
+
+
+class DenseStack(nn.Module):
+  cfg: Any
+  train: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions):
+    x, _ = Block(self.cfg, moe=False, train=self.train, name='block')(x, positions)
+    return x, None
+
+
+def _scanned(cls, cfg, length: int, remat: bool, name: str, **kwargs):
+  if remat:
+    cls = nn.remat(cls, prevent_cse=False)
+  scan = nn.scan(cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                 in_axes=(nn.broadcast,), length=length,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
+  return scan(cfg, name=name, **kwargs)
+
+
+def layer_plan(cfg) -> tuple[int, int, int]:
+  """(dense prefix length, number of full periods, tail length) for the FFN schedule."""
+  rest = cfg.num_layers - min(cfg.first_k_dense, cfg.num_layers)
+  return cfg.num_layers - rest, rest // cfg.moe_layer_freq, rest % cfg.moe_layer_freq
+
+
+class Transformer(nn.Module):
+  """tokens [b, s] -> (logits [b, s, vocab] float32, aux: per-MoE-layer stacked statistics)."""
+  cfg: Any
+  train: bool = True
+
+  @nn.compact
+  def __call__(self, tokens, positions=None):
+    c = self.cfg
+    if isinstance(c, ml_collections.ConfigDict):
+      c = ml_collections.FrozenConfigDict(c)
+    dtype = jnp.dtype(c.dtype)
+    b, s = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    embedding = param_with_axes(self, 'embedding', (c.vocab_size, c.d_model), ('vocab', 'embed'),
+                                nn.initializers.normal(stddev=1.0))
+    x = embedding.astype(dtype)[tokens]  # [b, s, d]
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+
+    prefix, periods, tail = layer_plan(c)
+    auxes = []
+    if prefix:
+      x, _ = _scanned(DenseStack, c, prefix, c.remat, 'dense_layers', train=self.train)(x, positions)
+    if periods:
+      x, aux = _scanned(Period, c, periods, c.remat, 'moe_layers', num_dense=c.moe_layer_freq - 1,
+                        train=self.train)(x, positions)
+      auxes.append(aux)  # each leaf [periods, ...]
+    if tail:
+      x, aux = Period(c, num_dense=tail - 1, train=self.train, name='tail_layers')(x, positions)
+      auxes.append(jax_tree_expand(aux))
+
+    x = RMSNorm(c.norm_eps, dtype, name='final_norm')(x)
+    if c.tie_embeddings:
+      logits = jnp.einsum('bsd,vd->bsv', x.astype(jnp.float32), embedding) * c.d_model ** -0.5
+    else:
+      head = param_with_axes(self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'))
+      logits = jnp.einsum('bsd,dv->bsv', x, head.astype(dtype)).astype(jnp.float32)
+    logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    return logits, concat_aux(auxes)
+
+
+def jax_tree_expand(tree):
+  return jax.tree.map(lambda a: a[None], tree)
+
+
+def concat_aux(auxes):
+  if not auxes:
+    return {}
+  return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *auxes)

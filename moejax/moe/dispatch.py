@@ -1,0 +1,86 @@
+"""Dispatchers: carry tokens to the experts a router chose and combine the results.
+
+Every dispatcher has the same call: (x [T, D], routing, experts, train) -> (y [T, D], stats),
+where y[t] = sum_k w[t, k] * expert_{e[t, k]}(x[t]) over the choices that were not dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from moejax.moe.experts import RoutedExperts
+from moejax.moe.routers import RouterOutput
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, factor: float,
+                    min_capacity: int) -> int:
+  """C = ceil(factor * K * T / N) (K included, as MaxText), at least min_capacity, at most T."""
+  c = max(min_capacity, math.ceil(factor * k * num_tokens / num_experts))
+  return min(c, num_tokens)
+
+
+def capacity_slots(expert_index, num_experts: int, capacity: int, priority: str):
+  """Slot e*C + position of each (token, choice) in its expert's buffer; N*C where dropped.
+
+  priority 'choice' serves every token's first choice before any second choice (flaxformer);
+  'position' serves tokens in sequence order, all choices of a token together.
+  """
+  t, k = expert_index.shape
+  order_tk = expert_index.T if priority == 'choice' else expert_index  # priority order
+  flat = order_tk.reshape(-1)  # [T*K]
+  order = jnp.argsort(flat, stable=True)  # stable: equal experts keep priority order
+  counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  starts = jnp.cumsum(counts) - counts
+  rank = jnp.arange(t * k, dtype=jnp.int32) - starts[flat[order]]
+  position = jnp.zeros((t * k,), jnp.int32).at[order].set(rank)  # [T*K]
+  slots = jnp.where(position < capacity, flat * capacity + position, num_experts * capacity)
+  slots = slots.reshape(order_tk.shape)
+  return slots.T if priority == 'choice' else slots  # [T, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityDispatch:
+  """Token dropping: each expert takes at most C tokens; the rest pass through the residual."""
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 4
+  priority: str = 'choice'
+
+  def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
+    t, d = x.shape
+    k = r.expert_index.shape[1]
+    n = experts.num_experts
+    factor = self.capacity_factor if train else self.eval_capacity_factor
+    c = expert_capacity(t, k, n, factor, self.min_capacity)
+    slots = capacity_slots(r.expert_index, n, c, self.priority)  # [T, K]
+    token_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k))
+    # Which token fills each slot (T: an empty slot, reads the zero row).
+    slot_token = jnp.full((n * c + 1,), t, jnp.int32).at[slots.reshape(-1)].set(
+        token_ids.reshape(-1))[:n * c]  # [N*C]
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
+    buffers = x_pad[slot_token].reshape(n, c, d)  # [N, C, D]
+    y_buf = experts.capacity(buffers).reshape(n * c, d)
+    y_pad = jnp.concatenate([y_buf, jnp.zeros((1, d), y_buf.dtype)])
+    y = jnp.einsum('tkd,tk->td', y_pad[slots], r.combine_weights.astype(y_pad.dtype))
+    dropped = jnp.mean((slots == n * c).astype(jnp.float32))
+    return y, {'dropped_fraction': dropped}
+
+
+@dataclasses.dataclass(frozen=True)
+class DroplessDispatch:
+  """No token is dropped: assignments are sorted by expert and run as a grouped matmul."""
+
+  def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
+    del train
+    t, k = r.expert_index.shape
+    flat = r.expert_index.reshape(-1)  # [T*K]
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.zeros((experts.num_experts,), jnp.int32).at[flat].add(1)
+    y_sorted = experts.grouped(x[order // k], group_sizes)  # [T*K, D]
+    y_assign = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+    y_assign = y_assign.reshape(t, k, -1)  # [T, K, D]
+    y = jnp.einsum('tkd,tk->td', y_assign, r.combine_weights.astype(y_assign.dtype))
+    return y, {'dropped_fraction': jnp.zeros((), jnp.float32)}

@@ -1,0 +1,44 @@
+"""The MoE FFN: router -> dispatcher -> routed experts, plus always-active shared experts."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moejax.model.layers import SwiGLU
+from moejax.moe import balance, registry
+from moejax.moe.experts import RoutedExperts
+
+
+class MoEFFN(nn.Module):
+  """Returns (y [b, s, d], aux) with aux holding this layer's losses and routing statistics."""
+  moe: Any  # the model.moe ConfigDict (hashable frozen copy)
+  d_model: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    cfg = self.moe
+    b, s, d = x.shape
+    n = cfg.num_experts
+    tokens = x.reshape(b * s, d)  # [T, D]
+    routing = registry.make_router(cfg)(tokens)
+    experts = RoutedExperts(num_experts=n, d_model=d, d_ff=cfg.expert_ffn_dim, dtype=self.dtype,
+                            backend=cfg.dispatch.backend, block_size=cfg.dispatch.block_size,
+                            name='experts')
+    y, dispatch_stats = registry.make_dispatcher(cfg)(tokens, routing, experts, train)
+    y = y.reshape(b, s, d).astype(self.dtype)
+    if cfg.num_shared_experts:
+      # The shared experts are fused into one SwiGLU of width num_shared * expert width.
+      y = y + SwiGLU(cfg.num_shared_experts * cfg.expert_ffn_dim, self.dtype, name='shared')(x)
+    aux_loss = balance.switch_aux_loss(routing, n)
+    z_loss = balance.router_z_loss(routing)
+    aux = {
+        'loss': cfg.balance.aux_loss_weight * aux_loss + cfg.balance.z_loss_weight * z_loss,
+        'aux_loss': aux_loss,
+        'z_loss': z_loss,
+        **balance.load_stats(routing, n),
+        **dispatch_stats,
+    }
+    return nn.with_logical_constraint(y, ('batch', 'length', 'act_embed')), aux

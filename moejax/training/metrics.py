@@ -1,0 +1,93 @@
+"""Metric sinks: DIR/metrics.jsonl (one object per logged step), TensorBoard, and plots."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def _plain(v):
+  v = np.asarray(v)
+  return v.item() if v.ndim == 0 else v.tolist()
+
+
+class MetricWriter:
+  """Appends to metrics.jsonl and TensorBoard event files (only on JAX process 0)."""
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    if not enabled:
+      return
+    if resume_step is not None:
+      truncate_after(self.path, resume_step)
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    for k, v in row.items():
+      if k == 'step':
+        continue
+      if isinstance(v, (int, float)):
+        self.tb.add_scalar(k, v, step)
+      elif k.endswith('expert_load'):
+        for layer, loads in enumerate(v):
+          self.tb.add_histogram(f'{k}/moe_layer_{layer}', np.repeat(
+              np.arange(len(loads)), np.round(np.asarray(loads) * 1000).astype(int)), step)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def truncate_after(path: str, step: int):
+  """Drop rows logged after `step` (a run resumed from there will log them again)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip()]
+  kept = [r for r in rows if json.loads(r).get('step', 0) <= step]
+  if len(kept) != len(rows):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_expert_load(metrics_path: str, out_path: str, moe_layer_ids=None) -> str | None:
+  """Heatmap per MoE layer: expert (y) by step (x), colour = share of routed tokens."""
+  rows = [r for r in read_metrics(metrics_path) if 'moe/expert_load' in r]
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  steps = [r['step'] for r in rows]
+  load = np.asarray([r['moe/expert_load'] for r in rows])  # [steps, layers, N]
+  layers, n = load.shape[1], load.shape[2]
+  names = moe_layer_ids or list(range(layers))
+  fig, axes = plt.subplots(layers, 1, figsize=(10, 1.2 + 1.6 * layers), squeeze=False,
+                           sharex=True)
+  vmax = max(2.0 / n, float(load.max()))
+  for i, ax in enumerate(axes[:, 0]):
+    im = ax.imshow(load[:, i, :].T, aspect='auto', origin='lower', cmap='viridis', vmin=0,
+                   vmax=vmax, extent=(steps[0], steps[-1], -0.5, n - 0.5), interpolation='nearest')
+    ax.set_ylabel(f'layer {names[i]}\nexpert')
+  axes[-1, 0].set_xlabel('step')
+  fig.suptitle(f'Expert load (share of routed tokens; uniform = {1 / n:.3f})')
+  fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8)
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path

@@ -1,0 +1,140 @@
+"""Train state, optimizer, loss, and the jitted, sharded train and eval steps."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+from flax import struct
+
+from moejax.model.transformer import Transformer
+from moejax.parallel import sharding
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def learning_rate(t) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup_steps, decay_steps=t.steps,
+      end_value=t.lr * t.min_lr_ratio)
+
+
+def _decay_mask(params):
+  # No weight decay on norm scales (1-D parameters), as is usual for LMs.
+  return jax.tree.map(lambda p: p.ndim > 1 if not isinstance(p, nn.Partitioned)
+                      else p.value.ndim > 1, params,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
+      optax.adamw(learning_rate(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                  mask=_decay_mask))
+
+
+def cross_entropy(logits, targets):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def moe_metrics(aux: dict) -> dict:
+  """Per-layer aux (leaves [num_moe_layers, ...]) -> logged metrics (means over layers)."""
+  if not aux:
+    return {}
+  return {
+      'moe/aux_loss': jnp.mean(aux['aux_loss']),
+      'moe/z_loss': jnp.mean(aux['z_loss']),
+      'moe/max_vio': jnp.mean(aux['max_vio']),
+      'moe/cv': jnp.mean(aux['cv']),
+      'moe/router_entropy': jnp.mean(aux['router_entropy']),
+      'moe/dropped_fraction': jnp.mean(aux['dropped_fraction']),
+      'moe/expert_load': aux['expert_load'],  # [layers, N]
+  }
+
+
+class Trainer:
+  """Builds the model, its sharded state and the compiled steps for one config and mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    self.config, self.mesh = config, mesh
+    model_cfg = ml_collections.FrozenConfigDict(config.model)
+    self.model = Transformer(model_cfg, train=True)
+    self.eval_model = Transformer(model_cfg, train=False)
+    self.tx = make_optimizer(config.train)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    seq = config.data.seq_len
+    self._dummy = jnp.zeros((config.train.batch_size, seq), jnp.int32)
+    with self.context():
+      abstract = jax.eval_shape(self._init_boxed, jax.random.key(0))
+      self.state_sharding = sharding.logical_shardings(abstract, mesh)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(abstract), self.state_sharding)
+    rep = sharding.replicated(mesh)
+    self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
+                         out_shardings=self.state_sharding)
+    self._train_step = jax.jit(self._train_step_fn, donate_argnums=0,
+                               in_shardings=(self.state_sharding, self.batch_sharding),
+                               out_shardings=(self.state_sharding, rep))
+    self._eval_step = jax.jit(self._eval_step_fn,
+                              in_shardings=(self.state_sharding.params, self.batch_sharding),
+                              out_shardings=rep)
+
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh and logical-axis rules, active while tracing so activation constraints apply."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      yield
+
+  def _init_boxed(self, rng):
+    params = self.model.init(rng, self._dummy)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+  def init(self, seed: int) -> TrainState:
+    with self.context():
+      return self._init(jax.random.key(seed))
+
+  def loss_fn(self, params, batch, model=None):
+    logits, aux = (model or self.model).apply({'params': params}, batch['inputs'])
+    ce = cross_entropy(logits, batch['targets'])
+    moe_loss = jnp.sum(aux['loss']) if aux else 0.0
+    return ce + moe_loss, {'train/ce_loss': ce, **moe_metrics(aux)}
+
+  def _train_step_fn(self, state: TrainState, batch):
+    (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'train/loss': loss, **metrics, 'train/grad_norm': optax.tree.norm(grads),
+               'train/lr': learning_rate(self.config.train)(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def _eval_step_fn(self, params, batch):
+    logits, aux = self.eval_model.apply({'params': params}, batch['inputs'])
+    out = {'eval/loss': cross_entropy(logits, batch['targets'])}
+    if aux:
+      out['expert_load'] = aux['expert_load']
+      out['dropped_fraction'] = jnp.mean(aux['dropped_fraction'])
+    return out
+
+  def train_step(self, state, batch):
+    with self.context():
+      return self._train_step(state, self.device_batch(batch))
+
+  def eval_step(self, params, batch):
+    with self.context():
+      return self._eval_step(params, self.device_batch(batch))
+
+  def device_batch(self, local_batch: dict) -> dict:
+    """Host numpy rows of this process -> global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()}

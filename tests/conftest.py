@@ -1,0 +1,32 @@
+"""Test session setup: 8 simulated CPU devices (set before jax is imported) and shared configs."""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+from moejax.config import base_config  # noqa: E402
+
+
+def tiny_config(**moe):
+  """A 3-layer model (dense, MoE, MoE) small enough to compile in seconds."""
+  c = base_config()
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 32, 3, 4, 2, 8
+  m.ffn_dim, m.first_k_dense = 64, 1
+  m.moe.num_experts, m.moe.num_experts_per_tok, m.moe.expert_ffn_dim = 8, 2, 16
+  m.moe.dispatch.block_size = 8
+  for k, v in moe.items():
+    m.moe[k] = v
+  c.data.seq_len, c.data.max_bytes = 16, 200_000
+  c.train.batch_size, c.train.steps, c.train.warmup_steps = 8, 6, 2
+  c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
+  c.train.eval_batches, c.train.progress = 2, False
+  return c
+
+
+@pytest.fixture
+def config():
+  return tiny_config()

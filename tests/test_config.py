@@ -1,0 +1,106 @@
+"""Every bad config is refused before anything compiles, naming the field and the fix."""
+import pytest
+
+from moejax.config import ConfigError, base_config, mesh_shape, moe_layer_ids, validate
+
+
+def _err(c, devices=1):
+  with pytest.raises(ConfigError) as e:
+    validate(c, devices)
+  return str(e.value)
+
+
+def test_default_config_is_valid():
+  assert validate(base_config(), 1) == {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1}
+
+
+def test_topk_larger_than_experts():
+  c = base_config()
+  c.model.moe.num_experts, c.model.moe.num_experts_per_tok = 4, 5
+  msg = _err(c)
+  assert 'model.moe.num_experts_per_tok=5' in msg and 'at most 4' in msg
+
+
+@pytest.mark.parametrize('field', ['model.d_model', 'model.num_layers', 'model.moe.num_experts',
+                                   'model.moe.expert_ffn_dim', 'train.batch_size',
+                                   'data.seq_len', 'model.num_heads'])
+@pytest.mark.parametrize('value', [0, -3])
+def test_non_positive_sizes(field, value):
+  c = base_config()
+  section, key = field.rsplit('.', 1)
+  node = c
+  for part in section.split('.'):
+    node = node[part]
+  node[key] = value
+  msg = _err(c)
+  assert f'config.{field}={value}' in msg and 'positive' in msg
+
+
+def test_mesh_product_differs_from_devices():
+  c = base_config()
+  c.mesh.data, c.mesh.expert = 2, 2
+  msg = _err(c, devices=8)
+  assert 'multiply to 4' in msg and '8 devices' in msg
+
+
+def test_mesh_free_axis_resolves():
+  c = base_config()
+  c.mesh.expert = 4
+  assert mesh_shape(c, 8) == {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+
+
+def test_mesh_must_divide_experts():
+  c = base_config()
+  c.model.moe.num_experts = 6
+  c.mesh.data, c.mesh.expert = 2, 4
+  msg = _err(c, devices=8)
+  assert 'mesh.expert=4' in msg and 'num_experts=6' in msg
+
+
+def test_mesh_must_divide_heads():
+  c = base_config()
+  c.model.num_heads, c.model.num_kv_heads = 6, 3
+  c.mesh.data, c.mesh.tensor = 2, 4
+  msg = _err(c, devices=8)
+  assert 'mesh.tensor=4' in msg and 'num_heads=6' in msg
+
+
+@pytest.mark.parametrize('field,value', [('model.moe.router.name', 'nonsense'),
+                                         ('model.moe.dispatch.name', 'teleport'),
+                                         ('model.moe.dispatch.backend', 'magic')])
+def test_unknown_names(field, value):
+  c = base_config()
+  section, key = field.rsplit('.', 1)
+  node = c
+  for part in section.split('.'):
+    node = node[part]
+  node[key] = value
+  msg = _err(c)
+  assert f'config.{field}={value!r}' in msg and 'must be one of' in msg
+
+
+def test_missing_data_path(tmp_path):
+  c = base_config()
+  c.data.source, c.data.paths = 'files', str(tmp_path / 'nope.txt')
+  msg = _err(c)
+  assert 'config.data.paths' in msg and 'does not exist' in msg
+
+
+def test_seq_len_beyond_rope_table():
+  c = base_config()
+  c.data.seq_len, c.model.max_seq_len = 2048, 1024
+  msg = _err(c)
+  assert 'data.seq_len=2048' in msg and 'max_seq_len=1024' in msg
+
+
+def test_batch_must_split_over_mesh():
+  c = base_config()
+  c.train.batch_size = 12
+  msg = _err(c, devices=8)
+  assert 'train.batch_size=12' in msg
+
+
+def test_moe_layer_schedule():
+  c = base_config()
+  c.model.num_layers, c.model.first_k_dense, c.model.moe_layer_freq = 7, 2, 2
+  assert moe_layer_ids(c.model) == [2, 4, 6]
