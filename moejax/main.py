@@ -26,7 +26,8 @@ def main(argv):
   except (ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  summary = {k: round(float(v), 4) for k, v in last.items() if not k.endswith('expert_load')}
+  summary = {k: v if k == 'step' else round(float(v), 4) for k, v in last.items()
+             if not k.endswith('expert_load')}
   print('final:', summary)
 
 

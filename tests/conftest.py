@@ -5,7 +5,15 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Training runs in the tests compile the same programs again (resume, refusal checks): a
+# session-wide persistent cache turns those recompiles into loads.
+jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='moejax-jit-cache-'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 from moejax.config import base_config  # noqa: E402
 

@@ -1,4 +1,6 @@
 """Every bad config is refused before anything compiles, naming the field and the fix."""
+import pathlib
+
 import pytest
 
 from moejax.config import ConfigError, base_config, mesh_shape, moe_layer_ids, validate
@@ -104,3 +106,17 @@ def test_moe_layer_schedule():
   c = base_config()
   c.model.num_layers, c.model.first_k_dense, c.model.moe_layer_freq = 7, 2, 2
   assert moe_layer_ids(c.model) == [2, 4, 6]
+
+
+def test_quickstart_parameter_counts():
+  """The figures README quotes, from the real model definition."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'quickstart', pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'quickstart.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  from moejax.params import count_params
+  counts = count_params(mod.get_config().model)
+  assert counts == {'total': 1670784, 'routed_experts': 1179648, 'active': 786048}
+  # Hand count of the routed experts: 3 MoE layers x 16 experts x 3 matrices of 128 x 64.
+  assert counts['routed_experts'] == 3 * 16 * 3 * 128 * 64

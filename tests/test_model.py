@@ -19,8 +19,8 @@ def test_shapes_and_parameter_tree():
   c.model.num_layers, c.model.first_k_dense, c.model.moe_layer_freq = 6, 1, 2
   model = Transformer(ml_collections.FrozenConfigDict(c.model))
   tokens = jnp.zeros((2, 16), jnp.int32)
-  variables = model.init(jax.random.key(0), tokens)
-  logits, aux = model.apply(variables, tokens)
+  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  logits, aux = jax.jit(model.apply)(variables, tokens)
   assert logits.shape == (2, 16, c.model.vocab_size) and logits.dtype == jnp.float32
   # layers: 0 dense | 1 MoE, 2 dense | 3 MoE, 4 dense | 5 MoE (tail) -> 3 MoE layers
   assert layer_plan(c.model) == (1, 2, 1)
@@ -41,8 +41,9 @@ def test_causality():
   model = Transformer(ml_collections.FrozenConfigDict(c.model))
   a = jax.random.randint(jax.random.key(1), (1, 16), 0, 256)
   b = a.at[0, 10].set((a[0, 10] + 1) % 256)
-  v = model.init(jax.random.key(0), a)
-  la, lb = model.apply(v, a)[0], model.apply(v, b)[0]
+  v = jax.jit(model.init)(jax.random.key(0), a)
+  apply = jax.jit(model.apply)
+  la, lb = apply(v, a)[0], apply(v, b)[0]
   np.testing.assert_allclose(la[0, :10], lb[0, :10], rtol=1e-6, atol=1e-6)
   assert not np.allclose(la[0, 10:], lb[0, 10:])
 

@@ -81,6 +81,7 @@ def train(config, workdir: str) -> dict:
       tick, ticked_step = now, step
       if step % t.eval_every == 0 or step == t.steps:
         metrics.update(evaluate(trainer, state.params, val_batches))
+        tick = time.perf_counter()  # evaluation time does not count against training speed
       writer.write(step, metrics)
       last = {'step': step, **metrics}
       if bar is not None:

@@ -1,0 +1,13 @@
+"""README's two commands are the ones CI runs, and the quickstart config is what README says."""
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_readme_test_command():
+  readme = (ROOT / 'README.md').read_text()
+  ci = (ROOT / '.ci' / 'run').read_text()
+  for line in ('pip install -e ".[dev]"', 'python -m pytest -n 2 --dist loadfile'):
+    assert line in ci and line in readme
+  assert ('pip install -e . && python -m moejax.main --config=configs/quickstart.py '
+          '--workdir=runs/quickstart') in readme
