@@ -67,27 +67,34 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_expert_load(metrics_path: str, out_path: str, moe_layer_ids=None) -> str | None:
-  """Heatmap per MoE layer: expert (y) by step (x), colour = share of routed tokens."""
+  """Per MoE layer, a heatmap of expert (y) by step (x), colour = share of routed tokens;
+  below them, MaxVio of each layer over training."""
   rows = [r for r in read_metrics(metrics_path) if 'moe/expert_load' in r]
   if not rows:
     return None
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  steps = [r['step'] for r in rows]
+  steps = np.asarray([r['step'] for r in rows])
   load = np.asarray([r['moe/expert_load'] for r in rows])  # [steps, layers, N]
   layers, n = load.shape[1], load.shape[2]
   names = moe_layer_ids or list(range(layers))
-  fig, axes = plt.subplots(layers, 1, figsize=(10, 1.2 + 1.6 * layers), squeeze=False,
+  fig, axes = plt.subplots(layers + 1, 1, figsize=(10, 2.8 + 1.6 * layers), squeeze=False,
                            sharex=True)
   vmax = max(2.0 / n, float(load.max()))
-  for i, ax in enumerate(axes[:, 0]):
+  for i, ax in enumerate(axes[:-1, 0]):
     im = ax.imshow(load[:, i, :].T, aspect='auto', origin='lower', cmap='viridis', vmin=0,
                    vmax=vmax, extent=(steps[0], steps[-1], -0.5, n - 0.5), interpolation='nearest')
     ax.set_ylabel(f'layer {names[i]}\nexpert')
-  axes[-1, 0].set_xlabel('step')
-  fig.suptitle(f'Expert load (share of routed tokens; uniform = {1 / n:.3f})')
-  fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8)
+  fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.6, label='share of routed tokens')
+  vio = (load.max(-1) - load.mean(-1)) / load.mean(-1)  # [steps, layers]
+  ax = axes[-1, 0]
+  for i in range(layers):
+    ax.plot(steps, vio[:, i], label=f'layer {names[i]}')
+  ax.set_ylabel('MaxVio (batch)')
+  ax.set_xlabel('step')
+  ax.legend(fontsize='small', ncol=min(layers, 4))
+  fig.suptitle(f'Expert load per MoE layer (uniform = {1 / n:.3f})')
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
   return out_path
