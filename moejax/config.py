@@ -43,13 +43,24 @@ def base_config() -> ml_collections.ConfigDict:
   moe.expert_ffn_dim = 128
   moe.num_shared_experts = 1
   moe.router = r = ml_collections.ConfigDict()
-  r.name = 'topk'
-  r.score_fn = 'softmax'
-  r.norm_topk_prob = True  # False: DeepSeek-V1/V2 weights p_i; True: Mixtral/Qwen3 renormalised.
-  r.dtype = 'float32'
+  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash' (see moe/registry.py).
+  r.score_fn = 'softmax'  # 'softmax', or 'sigmoid' (DeepSeek-V3 affinities).
+  r.norm_topk_prob = True  # False: DeepSeek-V1/V2 weights p_i; True: Mixtral/Qwen3/V3 renormalised.
+  r.routed_scaling_factor = 1.0  # multiplies the gate weights (2.5 in DeepSeek-V3).
+  r.dtype = 'float32'  # dtype of the router matmul; scores are always float32.
+  r.jitter = 0.0  # Switch input jitter: x * U(1 - eps, 1 + eps) while training.
+  r.freeze = False  # router weights get no gradient and no update (fine-tuning).
+  r.num_groups = 1  # group-limited routing: experts split into groups (devices or nodes) ...
+  r.topk_groups = 1  # ... and only the best topk_groups groups may be chosen.
+  r.group_score = 'auto'  # 'top2_sum' (V3), 'max' (V2); auto: top2_sum for sigmoid, else max.
+  r.hash_kind = 'random'  # hash router: 'random' or 'balanced' id -> expert map.
+  r.hash_seed = 0
   moe.balance = b = ml_collections.ConfigDict()
   b.aux_loss_weight = 1e-2  # Switch/GShard alpha * N * sum f_i P_i, per MoE layer.
   b.z_loss_weight = 1e-3  # ST-MoE router z-loss, per MoE layer.
+  b.seq_aux_loss_weight = 0.0  # DeepSeek-V3 sequence-wise loss on normalised affinities.
+  b.bias_update_rate = 0.0  # aux-loss-free bias step u (1e-3 in DeepSeek-V3); 0: off.
+  b.bias_update = 'sign'  # 'sign' (u * sign(mean - c_i)) or 'proportional'.
   moe.dispatch = d = ml_collections.ConfigDict()
   d.name = 'dropless'  # 'capacity' (token dropping) or 'dropless'.
   d.capacity_factor = 1.25  # C = ceil(capacity_factor * K * T / N), K included (MaxText).
@@ -95,8 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-ROUTER_NAMES = ('topk',)
-SCORE_FNS = ('softmax',)
+ROUTER_NAMES = ('topk', 'noisy_topk', 'hash')
+SCORE_FNS = ('softmax', 'sigmoid')
+GROUP_SCORES = ('auto', 'top2_sum', 'max')
+HASH_KINDS = ('random', 'balanced')
+BIAS_UPDATES = ('sign', 'proportional')
 DISPATCH_NAMES = ('capacity', 'dropless')
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
 PRIORITIES = ('choice', 'position')
@@ -194,6 +208,32 @@ def validate(c, num_devices: int) -> dict[str, int]:
       _fail('model.moe.num_experts_per_tok', moe.num_experts_per_tok,
             f'top-{moe.num_experts_per_tok} of model.moe.num_experts={moe.num_experts} experts '
             f'is impossible; use at most {moe.num_experts}')
+    _positive(c, 'model.moe.router.num_groups model.moe.router.topk_groups '
+              'model.moe.router.routed_scaling_factor')
+    _positive(c, 'model.moe.router.jitter model.moe.balance.seq_aux_loss_weight '
+              'model.moe.balance.bias_update_rate', allow_zero=True)
+    r = moe.router
+    if moe.num_experts % r.num_groups:
+      _fail('model.moe.router.num_groups', r.num_groups,
+            f'must divide model.moe.num_experts={moe.num_experts}')
+    if r.topk_groups > r.num_groups:
+      _fail('model.moe.router.topk_groups', r.topk_groups,
+            f'cannot exceed model.moe.router.num_groups={r.num_groups}')
+    reachable = r.topk_groups * moe.num_experts // r.num_groups
+    if r.num_groups > 1 and moe.num_experts_per_tok > reachable:
+      _fail('model.moe.router.topk_groups', r.topk_groups,
+            f'the kept groups hold {reachable} experts, fewer than num_experts_per_tok='
+            f'{moe.num_experts_per_tok}; keep more groups')
+    _one_of(c, 'model.moe.router.group_score', GROUP_SCORES)
+    if (r.num_groups > 1 and moe.num_experts // r.num_groups < 2 and
+        (r.group_score == 'top2_sum' or (r.group_score == 'auto' and r.score_fn == 'sigmoid'))):
+      _fail('model.moe.router.group_score', r.group_score,
+            "'top2_sum' needs at least 2 experts per group; use 'max' or fewer groups")
+    _one_of(c, 'model.moe.router.hash_kind', HASH_KINDS)
+    _one_of(c, 'model.moe.balance.bias_update', BIAS_UPDATES)
+    if r.name == 'hash' and r.score_fn != 'softmax':
+      _fail('model.moe.router.score_fn', r.score_fn, "the hash router has no scores; leave "
+            "it 'softmax'")
     _one_of(c, 'model.moe.router.name', ROUTER_NAMES)
     _one_of(c, 'model.moe.router.score_fn', SCORE_FNS)
     _one_of(c, 'model.moe.router.dtype', DTYPES)

@@ -56,18 +56,24 @@ def _trainer(c, sizes):
   return Trainer(c, make_mesh(mesh_shape(c, n), jax.devices()[:n]))
 
 
-@pytest.mark.parametrize('dispatch,mesh', [
-    ('dropless', dict(data=2, fsdp=1, expert=4, tensor=1)),
-    ('capacity', dict(data=1, fsdp=2, expert=2, tensor=2)),
+@pytest.mark.parametrize('dispatch,mesh,deepseek_v3', [
+    ('dropless', dict(data=2, fsdp=1, expert=4, tensor=1), True),
+    ('capacity', dict(data=1, fsdp=2, expert=2, tensor=2), False),
 ])
-def test_eight_devices_match_one_device(dispatch, mesh):
+def test_eight_devices_match_one_device(dispatch, mesh, deepseek_v3):
   """Same params and batch on 1 device and on 8 simulated devices: same losses and routing.
 
   Tolerance 1e-5 relative: sharded matmuls sum in a different order (float32 rounding, ~1e-7
   per op) and two optimizer steps amplify that a little; a sharding bug gives O(1) differences.
+  The DeepSeek-V3 case (sigmoid, group-limited, loss-free bias, sequence-wise loss) also checks
+  that the bias update uses global counts: its bias must be identical on both meshes.
   """
-  c = tiny_config(dispatch=ml_collections.ConfigDict({**tiny_config().model.moe.dispatch,
-                                                      'name': dispatch}))
+  c = tiny_config()
+  c.model.moe.dispatch.name = dispatch
+  if deepseek_v3:
+    r, b = c.model.moe.router, c.model.moe.balance
+    r.score_fn, r.routed_scaling_factor, r.num_groups, r.topk_groups = 'sigmoid', 2.5, 4, 2
+    b.bias_update_rate, b.seq_aux_loss_weight = 1e-3, 1e-4
   one = _trainer(c.copy_and_resolve_references(), dict(data=1, fsdp=1, expert=1, tensor=1))
   eight = _trainer(c.copy_and_resolve_references(), mesh)
   state1 = one.init(0)
@@ -85,3 +91,7 @@ def test_eight_devices_match_one_device(dispatch, mesh):
     for k in ('train/loss', 'train/ce_loss', 'moe/aux_loss', 'moe/z_loss', 'train/grad_norm',
               'moe/expert_load', 'moe/dropped_fraction'):
       np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(state1.model_state), jax.tree.leaves(state8.model_state)):
+    np.testing.assert_array_equal(a, b)
+  if deepseek_v3:
+    assert np.abs(jax.tree.leaves(state8.model_state)[0]).max() > 0

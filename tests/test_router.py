@@ -8,9 +8,11 @@ Renormalised weights: softmax of the two kept logits = sigmoid(logit gap):
   token 0: sigmoid(1) = 0.731059, 0.268941;  token 1: sigmoid(2) = 0.880797, 0.119203.
 """
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from moejax.config import base_config
 from moejax.moe import balance
 from moejax.moe.routers import RouterOutput, TopKRouter
 
@@ -19,9 +21,16 @@ P = np.array([[0.643914, 0.236883, 0.087144, 0.032059],
               [0.039289, 0.106798, 0.064776, 0.789137]])
 
 
+def make_router(k=2, **router):
+  moe = base_config().model.moe
+  for key, v in router.items():
+    moe.router[key] = v
+  return TopKRouter(num_experts=4, k=k, cfg=ml_collections.FrozenConfigDict(moe.router),
+                    balance=ml_collections.FrozenConfigDict(moe.balance))
+
+
 def route(norm):
-  router = TopKRouter(num_experts=4, k=2, norm_topk_prob=norm)
-  return router.apply({'params': {'w': jnp.eye(4)}}, X)
+  return make_router(norm_topk_prob=norm).apply({'params': {'w': jnp.eye(4)}}, X)
 
 
 @pytest.mark.parametrize('norm,weights', [
@@ -49,7 +58,7 @@ def jax_softmax(x):
 
 
 def test_router_runs_in_float32_for_bf16_inputs():
-  router = TopKRouter(num_experts=4, k=2)
+  router = make_router()
   r = router.apply({'params': {'w': jnp.eye(4)}}, X.astype(jnp.bfloat16))
   assert r.logits.dtype == jnp.float32 and r.combine_weights.dtype == jnp.float32
 

@@ -9,12 +9,19 @@ from moejax.config import ConfigError
 from moejax.training.loop import train
 from moejax.training.metrics import read_metrics
 
-from conftest import tiny_config
+from conftest import tiny_config as _tiny_config
 
 
 def _losses(workdir):
   return {r['step']: r['train/loss'] for r in read_metrics(os.path.join(workdir, 'metrics.jsonl'))
           if 'train/loss' in r}
+
+
+def tiny_config():
+  """With the loss-free bias on, so resuming must also restore the router biases."""
+  c = _tiny_config()
+  c.model.moe.balance.bias_update_rate = 1e-2
+  return c
 
 
 @pytest.fixture(scope='module')

@@ -24,7 +24,7 @@ class Block(nn.Module):
   train: bool = True
 
   @nn.compact
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, token_ids):
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     h = RMSNorm(c.norm_eps, dtype, name='attn_norm')(x)
@@ -32,7 +32,7 @@ class Block(nn.Module):
                                   name='attn')(h, positions)
     h = RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x)
     if self.moe:
-      f, aux = MoEFFN(c.moe, c.d_model, dtype, name='moe')(h, self.train)
+      f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name='moe')(h, token_ids, self.train)
     else:
       f, aux = SwiGLU(c.ffn_dim, dtype, name='ffn')(h), None
     return x + f, aux
@@ -45,10 +45,11 @@ class Period(nn.Module):
   train: bool = True
 
   @nn.compact
-  def __call__(self, x, positions):
-    x, aux = Block(self.cfg, moe=True, train=self.train, name='moe_block')(x, positions)
+  def __call__(self, x, positions, token_ids):
+    x, aux = Block(self.cfg, moe=True, train=self.train, name='moe_block')(x, positions, token_ids)
     for i in range(self.num_dense):
-      x, _ = Block(self.cfg, moe=False, train=self.train, name=f'dense_block_{i}')(x, positions)
+      x, _ = Block(self.cfg, moe=False, train=self.train, name=f'dense_block_{i}')(
+          x, positions, token_ids)
     return x, aux
 
 
@@ -57,16 +58,19 @@ class DenseStack(nn.Module):
   train: bool = True
 
   @nn.compact
-  def __call__(self, x, positions):
-    x, _ = Block(self.cfg, moe=False, train=self.train, name='block')(x, positions)
+  def __call__(self, x, positions, token_ids):
+    x, _ = Block(self.cfg, moe=False, train=self.train, name='block')(x, positions, token_ids)
     return x, None
 
 
 def _scanned(cls, cfg, length: int, remat: bool, name: str, **kwargs):
   if remat:
     cls = nn.remat(cls, prevent_cse=False)
-  scan = nn.scan(cls, variable_axes={'params': 0}, split_rngs={'params': True},
-                 in_axes=(nn.broadcast,), length=length,
+  # 'moe_state' (the loss-free bias) is per layer like the params; the router rng differs per
+  # layer too.
+  scan = nn.scan(cls, variable_axes={'params': 0, 'moe_state': 0},
+                 split_rngs={'params': True, 'router': True},
+                 in_axes=(nn.broadcast, nn.broadcast), length=length,
                  metadata_params={nn.PARTITION_NAME: 'layers'})
   return scan(cfg, name=name, **kwargs)
 
@@ -99,13 +103,15 @@ class Transformer(nn.Module):
     prefix, periods, tail = layer_plan(c)
     auxes = []
     if prefix:
-      x, _ = _scanned(DenseStack, c, prefix, c.remat, 'dense_layers', train=self.train)(x, positions)
+      x, _ = _scanned(DenseStack, c, prefix, c.remat, 'dense_layers', train=self.train)(
+          x, positions, tokens)
     if periods:
       x, aux = _scanned(Period, c, periods, c.remat, 'moe_layers', num_dense=c.moe_layer_freq - 1,
-                        train=self.train)(x, positions)
+                        train=self.train)(x, positions, tokens)
       auxes.append(aux)  # each leaf [periods, ...]
     if tail:
-      x, aux = Period(c, num_dense=tail - 1, train=self.train, name='tail_layers')(x, positions)
+      x, aux = Period(c, num_dense=tail - 1, train=self.train, name='tail_layers')(
+          x, positions, tokens)
       auxes.append(jax_tree_expand(aux))
 
     x = RMSNorm(c.norm_eps, dtype, name='final_norm')(x)

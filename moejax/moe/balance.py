@@ -28,6 +28,19 @@ def switch_aux_loss(r: RouterOutput, num_experts: int):
   return num_experts * jnp.sum(jax.lax.stop_gradient(f) * p)
 
 
+def sequence_aux_loss(r: RouterOutput, num_experts: int, batch: int):
+  """DeepSeek-V3 sequence-wise loss: per sequence, sum_i f_i P_i with
+  f_i = N / (K S) * count_i(sequence) and P_i = mean over the sequence of the normalised
+  affinities; averaged over sequences. Equals 1 under uniform routing (times its weight)."""
+  t, k = r.expert_index.shape
+  s = t // batch
+  index = r.expert_index.reshape(batch, s * k)
+  counts = jax.vmap(lambda i: jnp.zeros((num_experts,), jnp.float32).at[i].add(1.0))(index)
+  f = jax.lax.stop_gradient(counts) * num_experts / (k * s)  # [B, N]
+  p = jnp.mean(r.probs.reshape(batch, s, num_experts), axis=1)  # [B, N]
+  return jnp.mean(jnp.sum(f * p, axis=-1))
+
+
 def router_z_loss(r: RouterOutput):
   """ST-MoE: mean_t (logsumexp_i logits_{t,i})^2."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(r.logits, axis=-1)))

@@ -17,13 +17,16 @@ class MoEFFN(nn.Module):
   d_model: int
   dtype: Any = jnp.float32
 
+  vocab_size: int = 258
+
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, token_ids=None, train: bool = True):
     cfg = self.moe
     b, s, d = x.shape
     n = cfg.num_experts
     tokens = x.reshape(b * s, d)  # [T, D]
-    routing = registry.make_router(cfg)(tokens)
+    ids = None if token_ids is None else token_ids.reshape(b * s)
+    routing = registry.make_router(cfg, self.vocab_size)(tokens, ids, train)
     experts = RoutedExperts(num_experts=n, d_model=d, d_ff=cfg.expert_ffn_dim, dtype=self.dtype,
                             backend=cfg.dispatch.backend, block_size=cfg.dispatch.block_size,
                             name='experts')
@@ -32,12 +35,16 @@ class MoEFFN(nn.Module):
     if cfg.num_shared_experts:
       # The shared experts are fused into one SwiGLU of width num_shared * expert width.
       y = y + SwiGLU(cfg.num_shared_experts * cfg.expert_ffn_dim, self.dtype, name='shared')(x)
+    bal = cfg.balance
     aux_loss = balance.switch_aux_loss(routing, n)
     z_loss = balance.router_z_loss(routing)
+    seq_loss = balance.sequence_aux_loss(routing, n, b)
     aux = {
-        'loss': cfg.balance.aux_loss_weight * aux_loss + cfg.balance.z_loss_weight * z_loss,
+        'loss': (bal.aux_loss_weight * aux_loss + bal.z_loss_weight * z_loss +
+                 bal.seq_aux_loss_weight * seq_loss),
         'aux_loss': aux_loss,
         'z_loss': z_loss,
+        'seq_aux_loss': seq_loss,
         **balance.load_stats(routing, n),
         **dispatch_stats,
     }

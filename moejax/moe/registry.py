@@ -1,21 +1,19 @@
 """Config name -> implementation, for routers and dispatchers.
 
-Adding a router: write its module (returning a RouterOutput), add one entry here, and its
-tests. The MoE layer only ever goes through these two functions.
+Adding a router: write its module under moe/routers/ (returning a RouterOutput), add one entry
+here and its name to config.ROUTER_NAMES, and its tests. The MoE layer only ever goes through
+these two functions.
 """
 from __future__ import annotations
 
 from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch
-from moejax.moe.routers import TopKRouter
+from moejax.moe.routers import HashRouter, NoisyTopKRouter, TopKRouter
 
-
-def _topk(moe_cfg, num_experts, k):
-  r = moe_cfg.router
-  return TopKRouter(num_experts=num_experts, k=k, norm_topk_prob=r.norm_topk_prob,
-                    dtype=r.dtype, name='router')
-
-
-ROUTERS = {'topk': _topk}
+ROUTERS = {
+    'topk': TopKRouter,
+    'noisy_topk': NoisyTopKRouter,
+    'hash': HashRouter,
+}
 
 DISPATCHERS = {
     'capacity': lambda d: CapacityDispatch(
@@ -25,8 +23,11 @@ DISPATCHERS = {
 }
 
 
-def make_router(moe_cfg):
-  return ROUTERS[moe_cfg.router.name](moe_cfg, moe_cfg.num_experts, moe_cfg.num_experts_per_tok)
+def make_router(moe_cfg, vocab_size: int):
+  cls = ROUTERS[moe_cfg.router.name]
+  extra = {'vocab_size': vocab_size} if cls is HashRouter else {}
+  return cls(num_experts=moe_cfg.num_experts, k=moe_cfg.num_experts_per_tok,
+             cfg=moe_cfg.router, balance=moe_cfg.balance, name='router', **extra)
 
 
 def make_dispatcher(moe_cfg):

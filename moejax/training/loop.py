@@ -15,10 +15,10 @@ from moejax.training.metrics import MetricWriter, plot_expert_load
 from moejax.training.step import Trainer
 
 
-def evaluate(trainer: Trainer, params, batches) -> dict:
+def evaluate(trainer: Trainer, state, batches) -> dict:
   losses, loads, dropped = [], [], []
   for b in batches:
-    out = jax.device_get(trainer.eval_step(params, b))
+    out = jax.device_get(trainer.eval_step(state, b))
     losses.append(out['eval/loss'])
     if 'expert_load' in out:
       loads.append(out['expert_load'])
@@ -80,7 +80,7 @@ def train(config, workdir: str) -> dict:
       metrics['perf/tokens_per_sec'] = tokens_per_step * (step - ticked_step) / (now - tick)
       tick, ticked_step = now, step
       if step % t.eval_every == 0 or step == t.steps:
-        metrics.update(evaluate(trainer, state.params, val_batches))
+        metrics.update(evaluate(trainer, state, val_batches))
         tick = time.perf_counter()  # evaluation time does not count against training speed
       writer.write(step, metrics)
       last = {'step': step, **metrics}

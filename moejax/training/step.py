@@ -20,6 +20,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  model_state: Any  # non-trainable collections, e.g. {'moe_state': loss-free router biases}
 
 
 def learning_rate(t) -> optax.Schedule:
@@ -35,11 +36,22 @@ def _decay_mask(params):
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def make_optimizer(t) -> optax.GradientTransformation:
-  return optax.chain(
+def _router_labels(params):
+  """'frozen' for router parameters, 'trained' for the rest."""
+  def label(path, _):
+    return 'frozen' if any(getattr(p, 'key', None) == 'router' for p in path) else 'trained'
+  return jax.tree_util.tree_map_with_path(label, params,
+                                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def make_optimizer(t, freeze_router: bool = False) -> optax.GradientTransformation:
+  tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
       optax.adamw(learning_rate(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                   mask=_decay_mask))
+  if freeze_router:  # no update at all, weight decay included
+    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, _router_labels)
+  return tx
 
 
 def cross_entropy(logits, targets):
@@ -54,6 +66,7 @@ def moe_metrics(aux: dict) -> dict:
   return {
       'moe/aux_loss': jnp.mean(aux['aux_loss']),
       'moe/z_loss': jnp.mean(aux['z_loss']),
+      'moe/seq_aux_loss': jnp.mean(aux['seq_aux_loss']),
       'moe/max_vio': jnp.mean(aux['max_vio']),
       'moe/cv': jnp.mean(aux['cv']),
       'moe/router_entropy': jnp.mean(aux['router_entropy']),
@@ -70,7 +83,7 @@ class Trainer:
     model_cfg = ml_collections.FrozenConfigDict(config.model)
     self.model = Transformer(model_cfg, train=True)
     self.eval_model = Transformer(model_cfg, train=False)
-    self.tx = make_optimizer(config.train)
+    self.tx = make_optimizer(config.train, config.model.moe.router.freeze)
     self.batch_sharding = sharding.batch_sharding(mesh)
     seq = config.data.seq_len
     self._dummy = jnp.zeros((config.train.batch_size, seq), jnp.int32)
@@ -87,7 +100,8 @@ class Trainer:
                                in_shardings=(self.state_sharding, self.batch_sharding),
                                out_shardings=(self.state_sharding, rep))
     self._eval_step = jax.jit(self._eval_step_fn,
-                              in_shardings=(self.state_sharding.params, self.batch_sharding),
+                              in_shardings=(self.state_sharding.params,
+                                            self.state_sharding.model_state, self.batch_sharding),
                               out_shardings=rep)
 
   @contextlib.contextmanager
@@ -97,29 +111,39 @@ class Trainer:
       yield
 
   def _init_boxed(self, rng):
-    params = self.model.init(rng, self._dummy)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+    variables = self.model.init({'params': rng, 'router': rng}, self._dummy)
+    params = variables['params']
+    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), model_state=model_state)
 
   def init(self, seed: int) -> TrainState:
     with self.context():
       return self._init(jax.random.key(seed))
 
-  def loss_fn(self, params, batch, model=None):
-    logits, aux = (model or self.model).apply({'params': params}, batch['inputs'])
+  def loss_fn(self, params, model_state, batch, rng):
+    # model_state is updated by the forward pass itself (the loss-free bias moves after seeing
+    # this step's global expert counts); it is returned, never differentiated.
+    (logits, aux), new_state = self.model.apply(
+        {'params': params, **model_state}, batch['inputs'], rngs={'router': rng},
+        mutable=list(model_state))
     ce = cross_entropy(logits, batch['targets'])
     moe_loss = jnp.sum(aux['loss']) if aux else 0.0
-    return ce + moe_loss, {'train/ce_loss': ce, **moe_metrics(aux)}
+    return ce + moe_loss, ({'train/ce_loss': ce, **moe_metrics(aux)}, new_state)
 
   def _train_step_fn(self, state: TrainState, batch):
-    (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch)
+    rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+        state.params, state.model_state, batch, rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'train/loss': loss, **metrics, 'train/grad_norm': optax.tree.norm(grads),
                'train/lr': learning_rate(self.config.train)(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      model_state=model_state), metrics
 
-  def _eval_step_fn(self, params, batch):
-    logits, aux = self.eval_model.apply({'params': params}, batch['inputs'])
+  def _eval_step_fn(self, params, model_state, batch):
+    logits, aux = self.eval_model.apply({'params': params, **model_state}, batch['inputs'])
     out = {'eval/loss': cross_entropy(logits, batch['targets'])}
     if aux:
       out['expert_load'] = aux['expert_load']
@@ -130,9 +154,9 @@ class Trainer:
     with self.context():
       return self._train_step(state, self.device_batch(batch))
 
-  def eval_step(self, params, batch):
+  def eval_step(self, state: TrainState, batch):
     with self.context():
-      return self._eval_step(params, self.device_batch(batch))
+      return self._eval_step(state.params, state.model_state, self.device_batch(batch))
 
   def device_batch(self, local_batch: dict) -> dict:
     """Host numpy rows of this process -> global arrays sharded over the batch axes."""

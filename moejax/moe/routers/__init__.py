@@ -1,0 +1,7 @@
+"""Routers. Each module holds one family; `moe.registry` maps config names to them."""
+from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.hashing import HashRouter
+from moejax.moe.routers.noisy import NoisyTopKRouter
+from moejax.moe.routers.topk import TopKRouter
+
+__all__ = ['RouterOutput', 'TopKRouter', 'NoisyTopKRouter', 'HashRouter']

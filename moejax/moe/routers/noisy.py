@@ -1,0 +1,37 @@
+"""Noisy top-K gating (Shazeer et al. 2017, arXiv:1701.06538).
+
+H = x W_g + N(0, 1) * softplus(x W_noise) while training (no noise at evaluation); keep the
+top K of H and softmax over those K. The noise scale is learned per token and expert.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moejax.model.layers import param_with_axes
+from moejax.moe.routers.base import RouterOutput, router_logits, select_experts
+
+
+class NoisyTopKRouter(nn.Module):
+  num_experts: int
+  k: int
+  cfg: Any
+  balance: Any
+
+  @nn.compact
+  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
+    del token_ids
+    logits = router_logits(self, x, self.num_experts, self.cfg, train)  # [T, N] clean
+    w_noise = param_with_axes(self, 'w_noise', (x.shape[-1], self.num_experts),
+                              ('embed', 'router_expert'), nn.initializers.zeros)
+    h = logits
+    if train:
+      scale = jax.nn.softplus(jnp.dot(x.astype(jnp.float32), w_noise))  # [T, N]
+      h = logits + jax.random.normal(self.make_rng('router'), logits.shape) * scale
+    index = select_experts(self, h, self.k, self.cfg, self.balance, train)  # [T, K]
+    weights = jax.nn.softmax(jnp.take_along_axis(h, index, axis=-1), axis=-1)  # [T, K]
+    return RouterOutput(expert_index=index, combine_weights=weights,
+                        probs=jax.nn.softmax(h, axis=-1), logits=logits)

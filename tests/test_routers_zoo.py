@@ -1,0 +1,221 @@
+"""DeepSeek-V3 sigmoid routing, group-limited selection, loss-free bias, noisy top-K, hash
+routing and the sequence-wise loss: hand-worked cases and properties."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from moejax.config import base_config
+from moejax.moe import balance
+from moejax.moe.routers import HashRouter, NoisyTopKRouter, RouterOutput, TopKRouter
+from moejax.moe.routers.base import group_limited
+from moejax.moe.routers.hashing import hash_table
+
+
+def _cfgs(router=None, bal=None):
+  moe = base_config().model.moe
+  for k, v in (router or {}).items():
+    moe.router[k] = v
+  for k, v in (bal or {}).items():
+    moe.balance[k] = v
+  return (ml_collections.FrozenConfigDict(moe.router),
+          ml_collections.FrozenConfigDict(moe.balance))
+
+
+V3 = dict(score_fn='sigmoid', norm_topk_prob=True, routed_scaling_factor=2.5)
+
+
+def _v3(n=4, k=2, bias=None, **router):
+  r, b = _cfgs({**V3, **router}, {'bias_update_rate': 1e-3})
+  variables = {'params': {'w': jnp.eye(n)}, 'moe_state': {'bias': jnp.zeros(n) if bias is None
+                                                          else jnp.asarray(bias, jnp.float32)}}
+  return TopKRouter(num_experts=n, k=k, cfg=r, balance=b), variables
+
+
+def test_sigmoid_router_hand_worked():
+  # logits [0, 1, 2, -1] -> s = [0.5, 0.731059, 0.880797, 0.268941]
+  x = jnp.array([[0., 1., 2., -1.]])
+  router, v = _v3()
+  r = router.apply(v, x, train=False)
+  np.testing.assert_array_equal(r.expert_index, [[2, 1]])
+  np.testing.assert_allclose(r.combine_weights, [[1.366123, 1.133877]], atol=1e-5)  # 2.5 * s/sum
+  # bias [.5, 0, -.5, 0]: s + b = [1.0, .731, .381, .269] -> experts 0, 1; the weights still
+  # come from s alone: 2.5 * (0.5, 0.731059) / 1.231059.
+  router, v = _v3(bias=[.5, 0, -.5, 0])
+  r = router.apply(v, x, train=False)
+  np.testing.assert_array_equal(r.expert_index, [[0, 1]])
+  np.testing.assert_allclose(r.combine_weights, [[1.015386, 1.484614]], atol=1e-5)
+  np.testing.assert_allclose(r.probs.sum(-1), 1.0, rtol=1e-6)  # normalised affinities
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_bias_changes_selection_never_weights(seed):
+  x = jax.random.normal(jax.random.key(seed), (32, 8))
+  bias = jax.random.normal(jax.random.key(seed + 100), (8,))
+  router, v = _v3(n=8, k=3, bias=bias)
+  r = router.apply(v, x, train=False)
+  s = jax.nn.sigmoid(x)
+  chosen = jnp.take_along_axis(s, r.expert_index, -1)
+  np.testing.assert_allclose(r.combine_weights, 2.5 * chosen / chosen.sum(-1, keepdims=True),
+                             rtol=1e-6)
+  np.testing.assert_allclose(r.combine_weights.sum(-1), 2.5, rtol=1e-6)
+  unbiased = router.apply(_v3(n=8, k=3)[1], x, train=False)
+  assert not np.array_equal(r.expert_index, unbiased.expert_index)
+
+
+SCORES = jnp.array([[0.9, 0.1, 0.6, 0.55, 0.8, 0.05, 0.3, 0.3]])  # 4 groups of 2
+
+
+def test_group_limited_v3_top2_sum_hand_worked():
+  # group scores (sum of top-2): 1.0, 1.15, 0.85, 0.6 -> keep groups 1 and 0
+  masked = group_limited(SCORES, 4, 2, 'top2_sum')
+  assert np.isneginf(masked[0, 4:]).all() and np.isfinite(masked[0, :4]).all()
+  assert list(jax.lax.top_k(masked, 2)[1][0]) == [0, 2]  # unrestricted would be [0, 4]
+
+
+def test_device_limited_v2_max_hand_worked():
+  # group scores (max): 0.9, 0.6, 0.8, 0.3 -> keep groups 0 and 2
+  masked = group_limited(SCORES, 4, 2, 'max')
+  assert list(np.isfinite(masked[0])) == [1, 1, 0, 0, 1, 1, 0, 0]
+  assert list(jax.lax.top_k(masked, 2)[1][0]) == [0, 4]
+
+
+@pytest.mark.parametrize('score', ['top2_sum', 'max'])
+def test_all_groups_kept_equals_unrestricted(score):
+  x = jax.random.normal(jax.random.key(0), (64, 16))
+  for groups in (1, 2, 4, 8):
+    np.testing.assert_array_equal(group_limited(x, groups, groups, score), x)
+  router, v = _v3(n=16, k=4)
+  plain = router.apply(v, x, train=False)
+  grouped_router, _ = _v3(n=16, k=4, num_groups=4, topk_groups=4, group_score=score)
+  g = grouped_router.apply(v, x, train=False)
+  np.testing.assert_array_equal(plain.expert_index, g.expert_index)
+  np.testing.assert_allclose(plain.combine_weights, g.combine_weights)
+
+
+def test_masking_with_zero_instead_of_minus_inf_picks_masked_experts():
+  """One public reference fills dropped groups with 0.0, not -inf. With a negative bias the
+  biased scores in the kept groups can be below 0, and then masked experts win: -inf (the
+  paper) keeps the choice inside the kept groups."""
+  choice = jnp.array([[-0.1, -0.2, -0.15, -0.3, -0.5, -0.6, -0.7, -0.8]])
+  # group scores: -0.3, -0.45, -1.1, -1.5 -> keep groups 0 and 1 (experts 0-3)
+  ours = jax.lax.top_k(group_limited(choice, 4, 2, 'top2_sum'), 2)[1]
+  kept = jnp.isfinite(group_limited(choice, 4, 2, 'top2_sum'))
+  zero_filled = jnp.where(kept, choice, 0.0)
+  theirs = jax.lax.top_k(zero_filled, 2)[1]
+  assert list(ours[0]) == [0, 2]
+  assert set(np.asarray(theirs[0]).tolist()) <= {4, 5, 6, 7}  # experts of masked groups
+
+
+def _skewed_bias_run(update, steps=150, rate=0.01):
+  n, t = 4, 64
+  r, b = _cfgs({**V3, 'norm_topk_prob': True}, {'bias_update_rate': rate, 'bias_update': update})
+  router = TopKRouter(num_experts=n, k=1, cfg=r, balance=b)
+  x = jax.random.normal(jax.random.key(0), (t, n)) + jnp.array([2.0, 1.0, 0.0, -1.0])
+  params = {'w': jnp.eye(n)}
+
+  @jax.jit
+  def step(bias):
+    out, new = router.apply({'params': params, 'moe_state': {'bias': bias}}, x, train=True,
+                            mutable=['moe_state'])
+    return new['moe_state']['bias'], balance.load_stats(out, n)['max_vio']
+
+  bias, vios = jnp.zeros(n), []
+  for _ in range(steps):
+    bias, vio = step(bias)
+    vios.append(float(vio))
+  return np.asarray(bias), vios
+
+
+@pytest.mark.parametrize('update', ['sign', 'proportional'])
+def test_loss_free_bias_moves_toward_balance(update):
+  bias, vios = _skewed_bias_run(update)
+  assert vios[0] > 1.5  # the skewed router sends most tokens to expert 0
+  assert np.mean(vios[-20:]) < 0.35 * vios[0]
+  assert bias[0] < 0 < bias[3]  # the overloaded expert is pushed down, the idle one up
+
+
+def test_bias_does_not_move_at_eval_or_without_rate():
+  router, v = _v3(n=4, k=1)
+  x = jnp.array([[3., 0., 0., 0.]] * 8)
+  _, new = router.apply(v, x, train=False, mutable=['moe_state'])
+  np.testing.assert_array_equal(new['moe_state']['bias'], 0.0)
+  _, new = router.apply(v, x, train=True, mutable=['moe_state'])
+  # expert 0 got all 8 tokens (mean 2): -u for it, +u for the others
+  np.testing.assert_allclose(new['moe_state']['bias'], [-1e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_softmax_router_with_bias():
+  r, b = _cfgs({'norm_topk_prob': False}, {'bias_update_rate': 1e-3})
+  router = TopKRouter(num_experts=4, k=1, cfg=r, balance=b)
+  x = jnp.array([[2., 1., 0., -1.]])
+  v = {'params': {'w': jnp.eye(4)}, 'moe_state': {'bias': jnp.array([0., 0.5, 0., 0.])}}
+  out = router.apply(v, x, train=False)
+  assert int(out.expert_index[0, 0]) == 1  # p = .644, .237 + .5 = .737
+  np.testing.assert_allclose(out.combine_weights[0, 0], 0.236883, atol=1e-6)
+
+
+def test_noisy_topk():
+  r, b = _cfgs()
+  router = NoisyTopKRouter(num_experts=8, k=2, cfg=r, balance=b)
+  x = jax.random.normal(jax.random.key(0), (16, 8))
+  v = nn.unbox(router.init({'params': jax.random.key(1), 'router': jax.random.key(2)}, x))
+  clean = router.apply(v, x, train=False)
+  logits = x @ v['params']['w']
+  np.testing.assert_array_equal(clean.expert_index, jax.lax.top_k(logits, 2)[1])
+  np.testing.assert_allclose(clean.combine_weights,
+                             jax.nn.softmax(jax.lax.top_k(logits, 2)[0]), rtol=1e-5)
+  noisy = router.apply(v, x, train=True, rngs={'router': jax.random.key(3)})
+  assert not np.array_equal(noisy.expert_index, clean.expert_index)
+  np.testing.assert_allclose(noisy.combine_weights.sum(-1), 1.0, rtol=1e-6)
+  # The noise scale is learned: gradients reach w_noise.
+  g = jax.grad(lambda p: jnp.sum(router.apply({'params': p}, x, train=True, rngs={
+      'router': jax.random.key(3)}).combine_weights[:, 0]))(v['params'])
+  assert float(jnp.abs(g['w_noise']).sum()) > 0
+
+
+def test_jitter_only_in_training():
+  r, b = _cfgs({'jitter': 0.1})
+  router = TopKRouter(num_experts=4, k=2, cfg=r, balance=b)
+  x = jax.random.normal(jax.random.key(0), (8, 4))
+  v = {'params': {'w': jnp.eye(4)}}
+  np.testing.assert_allclose(router.apply(v, x, train=False).logits, x, rtol=1e-6)
+  jittered = router.apply(v, x, train=True, rngs={'router': jax.random.key(1)}).logits
+  ratio = np.asarray(jittered / x)
+  assert not np.allclose(ratio, 1.0) and (ratio > 0.9 - 1e-6).all() and (ratio < 1.1 + 1e-6).all()
+
+
+@pytest.mark.parametrize('kind', ['random', 'balanced'])
+def test_hash_routing_deterministic_distinct(kind):
+  t1 = hash_table(258, 8, 2, kind, seed=0)
+  np.testing.assert_array_equal(t1, hash_table(258, 8, 2, kind, seed=0))
+  assert (t1[:, 0] != t1[:, 1]).all()
+  r, b = _cfgs({'name': 'hash', 'hash_kind': kind})
+  router = HashRouter(num_experts=8, k=2, cfg=r, balance=b)
+  ids = jnp.array([5, 5, 77, 200])
+  out = router.apply({}, jnp.zeros((4, 3)), ids)
+  np.testing.assert_array_equal(out.expert_index, t1[np.asarray(ids)])
+  np.testing.assert_allclose(out.combine_weights, 0.5)
+
+
+def test_balanced_hash_spreads_the_vocabulary_evenly():
+  table = hash_table(258, 8, 2, 'balanced', 0)
+  for j in range(2):
+    counts = np.bincount(table[:, j], minlength=8)
+    assert counts.max() - counts.min() <= 1
+
+
+def test_sequence_aux_loss_uniform_and_hand_worked():
+  # Uniform: perfectly balanced choices within every sequence, uniform affinities -> 1.
+  n, k, b, s = 4, 2, 3, 8
+  index = jnp.tile(jnp.arange(s * k).reshape(s, k) % n, (b, 1))
+  r = RouterOutput(index, jnp.full((b * s, k), .5), jnp.full((b * s, n), 1 / n),
+                   jnp.zeros((b * s, n)))
+  assert float(balance.sequence_aux_loss(r, n, b)) == pytest.approx(1.0, abs=1e-6)
+  # Hand-worked: one sequence of 2 tokens, N=2, K=1, both to expert 0 with affinity .75/.25:
+  # f = 2/(1*2) * (2, 0) = (2, 0); P = (.75, .25); sum f P = 1.5
+  r = RouterOutput(jnp.array([[0], [0]]), jnp.ones((2, 1)), jnp.array([[.75, .25]] * 2),
+                   jnp.zeros((2, 2)))
+  assert float(balance.sequence_aux_loss(r, 2, 1)) == pytest.approx(1.5)
