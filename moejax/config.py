@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   moe.expert_ffn_dim = 128
   moe.num_shared_experts = 1
   moe.router = r = ml_collections.ConfigDict()
-  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash' (see moe/registry.py).
+  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn' (see moe/registry.py).
   r.score_fn = 'softmax'  # 'softmax', or 'sigmoid' (DeepSeek-V3 affinities).
   r.norm_topk_prob = True  # False: DeepSeek-V1/V2 weights p_i; True: Mixtral/Qwen3/V3 renormalised.
   r.routed_scaling_factor = 1.0  # multiplies the gate weights (2.5 in DeepSeek-V3).
@@ -55,12 +55,17 @@ def base_config() -> ml_collections.ConfigDict:
   r.group_score = 'auto'  # 'top2_sum' (V3), 'max' (V2); auto: top2_sum for sigmoid, else max.
   r.hash_kind = 'random'  # hash router: 'random' or 'balanced' id -> expert map.
   r.hash_seed = 0
+  r.sinkhorn_iters = 8  # sinkhorn router: normalisation rounds.
   moe.balance = b = ml_collections.ConfigDict()
   b.aux_loss_weight = 1e-2  # Switch/GShard alpha * N * sum f_i P_i, per MoE layer.
   b.z_loss_weight = 1e-3  # ST-MoE router z-loss, per MoE layer.
   b.seq_aux_loss_weight = 0.0  # DeepSeek-V3 sequence-wise loss on normalised affinities.
   b.bias_update_rate = 0.0  # aux-loss-free bias step u (1e-3 in DeepSeek-V3); 0: off.
   b.bias_update = 'sign'  # 'sign' (u * sign(mean - c_i)) or 'proportional'.
+  b.device_loss_weight = 0.0  # DeepSeekMoE device-level balance loss (a2).
+  b.comm_loss_weight = 0.0  # DeepSeek-V2 communication balance loss (a3).
+  b.num_devices = 0  # expert groups for the two above; 0: the mesh's expert axis size.
+  b.importance_loss_weight = 0.0  # Shazeer 2017: CV(sum_t gates)^2.
   moe.dispatch = d = ml_collections.ConfigDict()
   d.name = 'dropless'  # 'capacity' (token dropping) or 'dropless'.
   d.capacity_factor = 1.25  # C = ceil(capacity_factor * K * T / N), K included (MaxText).
@@ -106,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-ROUTER_NAMES = ('topk', 'noisy_topk', 'hash')
+ROUTER_NAMES = ('topk', 'noisy_topk', 'hash', 'sinkhorn')
 SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
@@ -211,7 +216,15 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _positive(c, 'model.moe.router.num_groups model.moe.router.topk_groups '
               'model.moe.router.routed_scaling_factor')
     _positive(c, 'model.moe.router.jitter model.moe.balance.seq_aux_loss_weight '
-              'model.moe.balance.bias_update_rate', allow_zero=True)
+              'model.moe.balance.bias_update_rate model.moe.balance.device_loss_weight '
+              'model.moe.balance.comm_loss_weight model.moe.balance.num_devices '
+              'model.moe.balance.importance_loss_weight',
+              allow_zero=True)
+    _positive(c, 'model.moe.router.sinkhorn_iters')
+    groups = moe.balance.num_devices
+    if groups and moe.num_experts % groups:
+      _fail('model.moe.balance.num_devices', groups,
+            f'must divide model.moe.num_experts={moe.num_experts}')
     r = moe.router
     if moe.num_experts % r.num_groups:
       _fail('model.moe.router.num_groups', r.num_groups,

@@ -16,7 +16,11 @@ SETUPS = {
                                                   num_groups=4, topk_groups=2, freeze=True),
                                       balance=dict(bias_update_rate=1e-3,
                                                    seq_aux_loss_weight=1e-4, aux_loss_weight=0.0)),
-    'noisy_topk': dict(router=dict(name='noisy_topk')),
+    'noisy_topk_importance': dict(router=dict(name='noisy_topk'),
+                                  balance=dict(importance_loss_weight=1e-2)),
+    'sinkhorn_device_comm_losses': dict(router=dict(name='sinkhorn'),
+                                        balance=dict(device_loss_weight=1e-2, num_devices=2,
+                                                     comm_loss_weight=1e-2)),
     'hash_balanced': dict(router=dict(name='hash', hash_kind='balanced'),
                           balance=dict(aux_loss_weight=0.0, z_loss_weight=0.0)),
 }

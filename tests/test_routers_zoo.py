@@ -219,3 +219,61 @@ def test_sequence_aux_loss_uniform_and_hand_worked():
   r = RouterOutput(jnp.array([[0], [0]]), jnp.ones((2, 1)), jnp.array([[.75, .25]] * 2),
                    jnp.zeros((2, 2)))
   assert float(balance.sequence_aux_loss(r, 2, 1)) == pytest.approx(1.5)
+
+
+def _uniform_output(t, n, k):
+  index = (jnp.arange(t * k).reshape(t, k)) % n
+  return RouterOutput(index, jnp.full((t, k), 1.0 / k), jnp.full((t, n), 1.0 / n),
+                      jnp.zeros((t, n)))
+
+
+@pytest.mark.parametrize('devices', [1, 2, 4])
+def test_device_and_comm_losses_are_one_under_uniform_routing(devices):
+  r = _uniform_output(t=32, n=8, k=2)
+  assert float(balance.device_balance_loss(r, 8, devices)) == pytest.approx(1.0, abs=1e-6)
+  # Token t takes experts 2t mod 8 and 2t+1 mod 8, which share a device for devices <= 4, so
+  # every token reaches exactly M = 1 device and each device gets T / devices tokens.
+  assert float(balance.comm_balance_loss(r, 8, devices, 1)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_device_and_comm_losses_hand_worked():
+  # N=4 experts on 2 devices ({0,1}, {2,3}); T=2, K=2.
+  # token 0 -> experts 0, 1 (device 0 only); token 1 -> experts 1, 2 (devices 0 and 1).
+  # P = mean probs = (.4, .3, .2, .1).
+  r = RouterOutput(jnp.array([[0, 1], [1, 2]]), jnp.full((2, 2), .5),
+                   jnp.array([[.5, .3, .1, .1], [.3, .3, .3, .1]]), jnp.zeros((2, 4)))
+  # f_i = N/(K T) count_i = 4/4 * (1, 2, 1, 0) = (1, 2, 1, 0); f'_d = (1.5, .5);
+  # P'_d = (.7, .3): loss = 1.5 * .7 + .5 * .3 = 1.2
+  assert float(balance.device_balance_loss(r, 4, 2)) == pytest.approx(1.2, abs=1e-6)
+  # tokens sent: device 0 <- 2, device 1 <- 1; M=2: f'' = 2/(2*2) * (2, 1) = (1, .5);
+  # loss = 1 * .7 + .5 * .3 = .85
+  assert float(balance.comm_balance_loss(r, 4, 2, 2)) == pytest.approx(0.85, abs=1e-6)
+
+
+def test_importance_loss_hand_worked():
+  # gates summed per expert: (.5, .5 + .5, .5, 0) = (.5, 1, .5, 0): mean .5, var .125 -> .5
+  r = RouterOutput(jnp.array([[0, 1], [1, 2]]), jnp.full((2, 2), .5), jnp.zeros((2, 4)),
+                   jnp.zeros((2, 4)))
+  assert float(balance.importance_loss(r, 4)) == pytest.approx(0.5, abs=1e-6)
+  assert float(balance.importance_loss(_uniform_output(32, 8, 2), 8)) == pytest.approx(0.0)
+
+
+def test_sinkhorn_balances_a_skewed_router():
+  from moejax.moe.routers import SinkhornRouter
+  from moejax.moe.routers.sinkhorn import sinkhorn
+  n, t = 4, 64
+  x = jax.random.normal(jax.random.key(0), (t, n)) + jnp.array([2.0, 1.0, 0.0, -1.0])
+  plan = jnp.exp(sinkhorn(x, 50))
+  np.testing.assert_allclose(plan.sum(1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(plan.sum(0), t / n, rtol=1e-3)
+  r, b = _cfgs({'name': 'sinkhorn', 'sinkhorn_iters': 20, 'norm_topk_prob': False})
+  router = SinkhornRouter(num_experts=n, k=1, cfg=r, balance=b)
+  v = {'params': {'w': jnp.eye(n)}}
+  greedy = balance.load_stats(router.apply(v, x, train=False), n)['max_vio']
+  out = router.apply(v, x, train=True)
+  balanced = balance.load_stats(out, n)['max_vio']
+  assert float(greedy) > 1.5 and float(balanced) < 0.3
+  # Weights are the router's probabilities of the chosen experts (no renormalisation here).
+  np.testing.assert_allclose(out.combine_weights[:, 0],
+                             jnp.take_along_axis(jax.nn.softmax(x), out.expert_index, -1)[:, 0],
+                             rtol=1e-6)

@@ -41,6 +41,39 @@ def sequence_aux_loss(r: RouterOutput, num_experts: int, batch: int):
   return jnp.mean(jnp.sum(f * p, axis=-1))
 
 
+def device_balance_loss(r: RouterOutput, num_experts: int, devices: int):
+  """DeepSeekMoE device-level loss: sum_d f'_d P'_d, with f'_d the mean over d's experts of
+  f_i = N / (K T) * count_i and P'_d the sum of their P_i. Experts are split into `devices`
+  contiguous groups (the layout of the expert mesh axis). Equals 1 under uniform routing."""
+  t, k = r.expert_index.shape
+  f = expert_counts(r.expert_index, num_experts) * num_experts / (k * t)
+  p = jnp.mean(r.probs, axis=0)
+  f_dev = jnp.mean(jax.lax.stop_gradient(f).reshape(devices, -1), axis=-1)  # [D]
+  p_dev = jnp.sum(p.reshape(devices, -1), axis=-1)  # [D]
+  return jnp.sum(f_dev * p_dev)
+
+
+def comm_balance_loss(r: RouterOutput, num_experts: int, devices: int, max_devices: int):
+  """DeepSeek-V2 communication balance: sum_d f''_d P''_d, f''_d = D / (M T) * (tokens sent
+  to device d, each token counted once per device), P''_d the sum of P over d's experts.
+  M is the number of devices a token may reach. Equals 1 under uniform routing."""
+  t, _ = r.expert_index.shape
+  device_of = r.expert_index // (num_experts // devices)  # [T, K]
+  sent = jnp.zeros((t, devices), jnp.float32).at[jnp.arange(t)[:, None], device_of].set(1.0)
+  f = jnp.sum(sent, axis=0) * devices / (max_devices * t)  # [D]
+  p = jnp.sum(jnp.mean(r.probs, axis=0).reshape(devices, -1), axis=-1)
+  return jnp.sum(jax.lax.stop_gradient(f) * p)
+
+
+def importance_loss(r: RouterOutput, num_experts: int):
+  """Shazeer 2017: CV(importance)^2, importance_i = sum_t gate weight of expert i."""
+  t, _ = r.expert_index.shape
+  gates = jnp.zeros((t, num_experts), jnp.float32).at[
+      jnp.arange(t)[:, None], r.expert_index].add(r.combine_weights)
+  imp = jnp.sum(gates, axis=0)
+  return jnp.var(imp) / jnp.square(jnp.mean(imp))
+
+
 def router_z_loss(r: RouterOutput):
   """ST-MoE: mean_t (logsumexp_i logits_{t,i})^2."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(r.logits, axis=-1)))

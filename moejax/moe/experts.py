@@ -36,7 +36,7 @@ class RoutedExperts(nn.Module):
     self.wo = param_with_axes(self, 'wo', (e, f, d), ('expert', 'expert_mlp', 'embed'), init_out)
 
   def _weights(self):
-    return tuple(w.astype(self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
+    return tuple(jnp.asarray(w, self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
 
   def capacity(self, buffers):
     wi_0, wi_1, wo = self._weights()

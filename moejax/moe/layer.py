@@ -39,12 +39,22 @@ class MoEFFN(nn.Module):
     aux_loss = balance.switch_aux_loss(routing, n)
     z_loss = balance.router_z_loss(routing)
     seq_loss = balance.sequence_aux_loss(routing, n, b)
+    devices = bal.num_devices or 1
+    r = cfg.router
+    max_devices = r.topk_groups if r.num_groups > 1 else min(cfg.num_experts_per_tok, devices)
+    device_loss = balance.device_balance_loss(routing, n, devices)
+    comm_loss = balance.comm_balance_loss(routing, n, devices, max_devices)
+    imp_loss = balance.importance_loss(routing, n)
     aux = {
         'loss': (bal.aux_loss_weight * aux_loss + bal.z_loss_weight * z_loss +
-                 bal.seq_aux_loss_weight * seq_loss),
+                 bal.seq_aux_loss_weight * seq_loss + bal.device_loss_weight * device_loss +
+                 bal.comm_loss_weight * comm_loss + bal.importance_loss_weight * imp_loss),
         'aux_loss': aux_loss,
         'z_loss': z_loss,
         'seq_aux_loss': seq_loss,
+        'device_loss': device_loss,
+        'comm_loss': comm_loss,
+        'importance_loss': imp_loss,
         **balance.load_stats(routing, n),
         **dispatch_stats,
     }

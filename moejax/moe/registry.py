@@ -7,12 +7,13 @@ these two functions.
 from __future__ import annotations
 
 from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch
-from moejax.moe.routers import HashRouter, NoisyTopKRouter, TopKRouter
+from moejax.moe.routers import HashRouter, NoisyTopKRouter, SinkhornRouter, TopKRouter
 
 ROUTERS = {
     'topk': TopKRouter,
     'noisy_topk': NoisyTopKRouter,
     'hash': HashRouter,
+    'sinkhorn': SinkhornRouter,
 }
 
 DISPATCHERS = {

@@ -67,6 +67,9 @@ def moe_metrics(aux: dict) -> dict:
       'moe/aux_loss': jnp.mean(aux['aux_loss']),
       'moe/z_loss': jnp.mean(aux['z_loss']),
       'moe/seq_aux_loss': jnp.mean(aux['seq_aux_loss']),
+      'moe/device_loss': jnp.mean(aux['device_loss']),
+      'moe/comm_loss': jnp.mean(aux['comm_loss']),
+      'moe/importance_loss': jnp.mean(aux['importance_loss']),
       'moe/max_vio': jnp.mean(aux['max_vio']),
       'moe/cv': jnp.mean(aux['cv']),
       'moe/router_entropy': jnp.mean(aux['router_entropy']),
@@ -80,7 +83,11 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
-    model_cfg = ml_collections.FrozenConfigDict(config.model)
+    model_dict = config.model.to_dict()
+    if not model_dict['moe']['balance']['num_devices']:
+      # Device-level and communication losses group experts as the expert mesh axis does.
+      model_dict['moe']['balance']['num_devices'] = mesh.shape['expert']
+    model_cfg = ml_collections.FrozenConfigDict(model_dict)
     self.model = Transformer(model_cfg, train=True)
     self.eval_model = Transformer(model_cfg, train=False)
     self.tx = make_optimizer(config.train, config.model.moe.router.freeze)

@@ -2,6 +2,7 @@
 from moejax.moe.routers.base import RouterOutput
 from moejax.moe.routers.hashing import HashRouter
 from moejax.moe.routers.noisy import NoisyTopKRouter
+from moejax.moe.routers.sinkhorn import SinkhornRouter
 from moejax.moe.routers.topk import TopKRouter
 
-__all__ = ['RouterOutput', 'TopKRouter', 'NoisyTopKRouter', 'HashRouter']
+__all__ = ['RouterOutput', 'TopKRouter', 'NoisyTopKRouter', 'HashRouter', 'SinkhornRouter']

@@ -1,0 +1,50 @@
+"""Balanced global assignment by Sinkhorn iterations (Clark et al. 2022, S-BASE; the
+"global assignment" family of Lewis et al. 2021, BASE layers).
+
+Selection: top-K of a doubly-normalised score matrix, obtained by alternately normalising
+exp(logits) [T, N] so that every token has total mass 1 and every expert total mass T/N. After
+enough iterations every expert is wanted by about the same number of tokens, without any
+balance loss. Gate weights: the router's own softmax probabilities of the selected experts
+(renormalised if norm_topk_prob), so the router still learns from the LM loss.
+The assignment is over all tokens of the batch (like expert choice, it is not causal); at
+evaluation the router falls back to plain top-K of its probabilities, which is causal.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moejax.moe.routers.base import RouterOutput, router_logits
+
+
+def sinkhorn(logits, iterations: int):
+  """Log-domain Sinkhorn: rows sum to 1, columns to T/N. logits [T, N] -> log plan [T, N]."""
+  t, n = logits.shape
+  log_p = logits
+  for _ in range(iterations):
+    log_p = log_p - jax.nn.logsumexp(log_p, axis=0, keepdims=True) + jnp.log(t / n)  # columns
+    log_p = log_p - jax.nn.logsumexp(log_p, axis=1, keepdims=True)  # rows
+  return log_p
+
+
+class SinkhornRouter(nn.Module):
+  num_experts: int
+  k: int
+  cfg: Any
+  balance: Any
+
+  @nn.compact
+  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
+    del token_ids
+    logits = router_logits(self, x, self.num_experts, self.cfg, train)  # [T, N]
+    probs = jax.nn.softmax(logits, axis=-1)
+    choice = sinkhorn(jax.lax.stop_gradient(logits), self.cfg.sinkhorn_iters) if train else probs
+    _, index = jax.lax.top_k(choice, self.k)  # [T, K]
+    weights = jnp.take_along_axis(probs, index, axis=-1)
+    if self.cfg.norm_topk_prob:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return RouterOutput(expert_index=index.astype(jnp.int32), combine_weights=weights,
+                        probs=probs, logits=logits)
