@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   moe.expert_ffn_dim = 128
   moe.num_shared_experts = 1
   moe.router = r = ml_collections.ConfigDict()
-  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn' (see moe/registry.py).
+  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice' (registry.py).
   r.score_fn = 'softmax'  # 'softmax', or 'sigmoid' (DeepSeek-V3 affinities).
   r.norm_topk_prob = True  # False: DeepSeek-V1/V2 weights p_i; True: Mixtral/Qwen3/V3 renormalised.
   r.routed_scaling_factor = 1.0  # multiplies the gate weights (2.5 in DeepSeek-V3).
@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.hash_kind = 'random'  # hash router: 'random' or 'balanced' id -> expert map.
   r.hash_seed = 0
   r.sinkhorn_iters = 8  # sinkhorn router: normalisation rounds.
+  r.ec_capacity_factor = 2.0  # expert choice: each expert takes C = T_scope * c / N tokens.
+  r.ec_scope = 'batch'  # expert choice scope: 'batch' or 'sequence' (both non-causal).
+  r.ec_eval = 'topk'  # expert choice at eval: 'topk' (causal) or 'expert_choice' (leaks).
   moe.balance = b = ml_collections.ConfigDict()
   b.aux_loss_weight = 1e-2  # Switch/GShard alpha * N * sum f_i P_i, per MoE layer.
   b.z_loss_weight = 1e-3  # ST-MoE router z-loss, per MoE layer.
@@ -66,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   b.comm_loss_weight = 0.0  # DeepSeek-V2 communication balance loss (a3).
   b.num_devices = 0  # expert groups for the two above; 0: the mesh's expert axis size.
   b.importance_loss_weight = 0.0  # Shazeer 2017: CV(sum_t gates)^2.
+  b.load_loss_weight = 0.0  # Shazeer 2017: CV(load)^2 (smooth load with the noisy router).
   moe.dispatch = d = ml_collections.ConfigDict()
   d.name = 'dropless'  # 'capacity' (token dropping) or 'dropless'.
   d.capacity_factor = 1.25  # C = ceil(capacity_factor * K * T / N), K included (MaxText).
@@ -111,7 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-ROUTER_NAMES = ('topk', 'noisy_topk', 'hash', 'sinkhorn')
+ROUTER_NAMES = ('topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice')
+EC_SCOPES = ('batch', 'sequence')
+EC_EVALS = ('topk', 'expert_choice')
 SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
@@ -218,9 +224,11 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _positive(c, 'model.moe.router.jitter model.moe.balance.seq_aux_loss_weight '
               'model.moe.balance.bias_update_rate model.moe.balance.device_loss_weight '
               'model.moe.balance.comm_loss_weight model.moe.balance.num_devices '
-              'model.moe.balance.importance_loss_weight',
+              'model.moe.balance.importance_loss_weight model.moe.balance.load_loss_weight',
               allow_zero=True)
-    _positive(c, 'model.moe.router.sinkhorn_iters')
+    _positive(c, 'model.moe.router.sinkhorn_iters model.moe.router.ec_capacity_factor')
+    _one_of(c, 'model.moe.router.ec_scope', EC_SCOPES)
+    _one_of(c, 'model.moe.router.ec_eval', EC_EVALS)
     groups = moe.balance.num_devices
     if groups and moe.num_experts % groups:
       _fail('model.moe.balance.num_devices', groups,
@@ -275,3 +283,19 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _fail('train.batch_size', t.batch_size, f'must be divisible by mesh data*fsdp*expert='
           f'{batch_shards}, over which the batch is split')
   return sizes
+
+
+def routing_is_causal(m, train: bool) -> bool:
+  """Whether a token's routed output can depend on later tokens of the batch.
+
+  Expert choice (unless evaluated as token-choice top-K) and capacity dispatch that serves all
+  first choices before second choices both let later tokens change earlier tokens' routing.
+  """
+  if not moe_layer_ids(m):
+    return True
+  r, d = m.moe.router, m.moe.dispatch
+  if r.name == 'expert_choice' and (train or r.ec_eval == 'expert_choice'):
+    return False
+  if r.name == 'sinkhorn' and train:
+    return False
+  return not (d.name == 'capacity' and d.priority == 'choice' and m.moe.num_experts_per_tok > 1)

@@ -95,3 +95,23 @@ def test_eight_devices_match_one_device(dispatch, mesh, deepseek_v3):
     np.testing.assert_array_equal(a, b)
   if deepseek_v3:
     assert np.abs(jax.tree.leaves(state8.model_state)[0]).max() > 0
+
+
+def test_replay_recorded_routing():
+  """A recorded routing (aux['expert_index']) replays exactly, even after the router changed."""
+  c = tiny_config()
+  model = Transformer(ml_collections.FrozenConfigDict(c.model))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+  v = jax.jit(model.init)(jax.random.key(0), tokens)
+  apply = jax.jit(model.apply)
+  logits, aux = apply(v, tokens)
+  recorded = aux['expert_index']  # [moe layers, T, K]
+  assert recorded.shape == (2, 32, 2)
+  np.testing.assert_array_equal(apply(v, tokens, None, recorded)[0], logits)
+  # Scramble the routers: free routing changes, replayed routing does not.
+  v2 = jax.tree_util.tree_map_with_path(
+      lambda p, x: -x if any(getattr(k, 'key', None) == 'router' for k in p) else x, v)
+  _, free = apply(v2, tokens)
+  _, replayed = apply(v2, tokens, None, recorded)
+  assert not np.array_equal(free['expert_index'], recorded)
+  np.testing.assert_array_equal(replayed['expert_index'], recorded)

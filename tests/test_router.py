@@ -76,7 +76,7 @@ def test_z_loss_hand_worked():
 
 
 def test_load_stats_hand_worked():
-  s = balance.load_stats(route(False), 4)
+  s = balance.token_choice_stats(route(False), 4)
   np.testing.assert_allclose(s['expert_load'], [.25, .5, 0, .25])
   assert float(s['max_vio']) == pytest.approx(1.0)  # (max 2 - mean 1) / mean 1
 

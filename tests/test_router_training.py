@@ -17,10 +17,12 @@ SETUPS = {
                                       balance=dict(bias_update_rate=1e-3,
                                                    seq_aux_loss_weight=1e-4, aux_loss_weight=0.0)),
     'noisy_topk_importance': dict(router=dict(name='noisy_topk'),
-                                  balance=dict(importance_loss_weight=1e-2)),
+                                  balance=dict(importance_loss_weight=1e-2,
+                                               load_loss_weight=1e-2)),
     'sinkhorn_device_comm_losses': dict(router=dict(name='sinkhorn'),
                                         balance=dict(device_loss_weight=1e-2, num_devices=2,
                                                      comm_loss_weight=1e-2)),
+    'expert_choice_sequence': dict(router=dict(name='expert_choice', ec_scope='sequence')),
     'hash_balanced': dict(router=dict(name='hash', hash_kind='balanced'),
                           balance=dict(aux_loss_weight=0.0, z_loss_weight=0.0)),
 }

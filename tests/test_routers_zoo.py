@@ -120,7 +120,7 @@ def _skewed_bias_run(update, steps=150, rate=0.01):
   def step(bias):
     out, new = router.apply({'params': params, 'moe_state': {'bias': bias}}, x, train=True,
                             mutable=['moe_state'])
-    return new['moe_state']['bias'], balance.load_stats(out, n)['max_vio']
+    return new['moe_state']['bias'], balance.token_choice_stats(out, n)['max_vio']
 
   bias, vios = jnp.zeros(n), []
   for _ in range(steps):
@@ -269,11 +269,37 @@ def test_sinkhorn_balances_a_skewed_router():
   r, b = _cfgs({'name': 'sinkhorn', 'sinkhorn_iters': 20, 'norm_topk_prob': False})
   router = SinkhornRouter(num_experts=n, k=1, cfg=r, balance=b)
   v = {'params': {'w': jnp.eye(n)}}
-  greedy = balance.load_stats(router.apply(v, x, train=False), n)['max_vio']
+  greedy = balance.token_choice_stats(router.apply(v, x, train=False), n)['max_vio']
   out = router.apply(v, x, train=True)
-  balanced = balance.load_stats(out, n)['max_vio']
+  balanced = balance.token_choice_stats(out, n)['max_vio']
   assert float(greedy) > 1.5 and float(balanced) < 0.3
   # Weights are the router's probabilities of the chosen experts (no renormalisation here).
   np.testing.assert_allclose(out.combine_weights[:, 0],
                              jnp.take_along_axis(jax.nn.softmax(x), out.expert_index, -1)[:, 0],
                              rtol=1e-6)
+
+
+def test_smooth_load_hand_worked():
+  from moejax.moe.routers.noisy import smooth_load
+  # K=1. noisy [2.5, .5, .2]: expert 0 is in the top 1, its threshold is the 2nd best (.5);
+  # the others must beat the best (2.5). z = ((2 - .5), (1 - 2.5), (0 - 2.5)) / 1
+  # Phi(z) = (0.933193, 0.066807, 0.006210)
+  load = smooth_load(jnp.array([[2., 1., 0.]]), jnp.array([[2.5, .5, .2]]), jnp.ones((1, 3)), 1)
+  np.testing.assert_allclose(load, [0.933193, 0.066807, 0.006210], atol=1e-6)
+
+
+def test_load_loss_counts_fallback_hand_worked():
+  # counts (1, 2, 1, 0): mean 1, variance .5 -> CV^2 = .5
+  r = RouterOutput(jnp.array([[0, 1], [1, 2]]), jnp.full((2, 2), .5), jnp.zeros((2, 4)),
+                   jnp.zeros((2, 4)))
+  assert float(balance.load_loss(r, 4)) == pytest.approx(0.5)
+
+
+def test_noisy_router_load_loss_has_gradient():
+  r, b = _cfgs({'name': 'noisy_topk'})
+  router = NoisyTopKRouter(num_experts=8, k=2, cfg=r, balance=b)
+  x = jax.random.normal(jax.random.key(0), (16, 8))
+  v = nn.unbox(router.init({'params': jax.random.key(1), 'router': jax.random.key(2)}, x))
+  g = jax.grad(lambda p: balance.load_loss(router.apply({'params': p}, x, train=True, rngs={
+      'router': jax.random.key(3)}), 8))(v['params'])
+  assert float(jnp.abs(g['w']).sum()) > 0 and float(jnp.abs(g['w_noise']).sum()) > 0

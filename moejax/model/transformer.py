@@ -24,7 +24,7 @@ class Block(nn.Module):
   train: bool = True
 
   @nn.compact
-  def __call__(self, x, positions, token_ids):
+  def __call__(self, x, positions, token_ids, replay=None):
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     h = RMSNorm(c.norm_eps, dtype, name='attn_norm')(x)
@@ -32,7 +32,8 @@ class Block(nn.Module):
                                   name='attn')(h, positions)
     h = RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x)
     if self.moe:
-      f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name='moe')(h, token_ids, self.train)
+      f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name='moe')(h, token_ids, self.train,
+                                                                        replay)
     else:
       f, aux = SwiGLU(c.ffn_dim, dtype, name='ffn')(h), None
     return x + f, aux
@@ -45,8 +46,9 @@ class Period(nn.Module):
   train: bool = True
 
   @nn.compact
-  def __call__(self, x, positions, token_ids):
-    x, aux = Block(self.cfg, moe=True, train=self.train, name='moe_block')(x, positions, token_ids)
+  def __call__(self, x, positions, token_ids, replay=None):
+    x, aux = Block(self.cfg, moe=True, train=self.train, name='moe_block')(x, positions, token_ids,
+                                                                           replay)
     for i in range(self.num_dense):
       x, _ = Block(self.cfg, moe=False, train=self.train, name=f'dense_block_{i}')(
           x, positions, token_ids)
@@ -63,14 +65,16 @@ class DenseStack(nn.Module):
     return x, None
 
 
-def _scanned(cls, cfg, length: int, remat: bool, name: str, **kwargs):
+def _scanned(cls, cfg, length: int, remat: bool, name: str, per_layer_input: bool = False,
+             **kwargs):
   if remat:
     cls = nn.remat(cls, prevent_cse=False)
   # 'moe_state' (the loss-free bias) is per layer like the params; the router rng differs per
   # layer too.
   scan = nn.scan(cls, variable_axes={'params': 0, 'moe_state': 0},
                  split_rngs={'params': True, 'router': True},
-                 in_axes=(nn.broadcast, nn.broadcast), length=length,
+                 in_axes=(nn.broadcast, nn.broadcast) + ((0,) if per_layer_input else ()),
+                 length=length,
                  metadata_params={nn.PARTITION_NAME: 'layers'})
   return scan(cfg, name=name, **kwargs)
 
@@ -87,7 +91,9 @@ class Transformer(nn.Module):
   train: bool = True
 
   @nn.compact
-  def __call__(self, tokens, positions=None):
+  def __call__(self, tokens, positions=None, replay=None):
+    """replay [num_moe_layers, T, K]: route every MoE layer as recorded in aux['expert_index']
+    of an earlier pass (topk router)."""
     c = self.cfg
     if isinstance(c, ml_collections.ConfigDict):
       c = ml_collections.FrozenConfigDict(c)
@@ -106,12 +112,13 @@ class Transformer(nn.Module):
       x, _ = _scanned(DenseStack, c, prefix, c.remat, 'dense_layers', train=self.train)(
           x, positions, tokens)
     if periods:
-      x, aux = _scanned(Period, c, periods, c.remat, 'moe_layers', num_dense=c.moe_layer_freq - 1,
-                        train=self.train)(x, positions, tokens)
+      x, aux = _scanned(Period, c, periods, c.remat, 'moe_layers', per_layer_input=True,
+                        num_dense=c.moe_layer_freq - 1, train=self.train)(
+                            x, positions, tokens, None if replay is None else replay[:periods])
       auxes.append(aux)  # each leaf [periods, ...]
     if tail:
       x, aux = Period(c, num_dense=tail - 1, train=self.train, name='tail_layers')(
-          x, positions, tokens)
+          x, positions, tokens, None if replay is None else replay[-1])
       auxes.append(jax_tree_expand(aux))
 
     x = RMSNorm(c.norm_eps, dtype, name='final_norm')(x)

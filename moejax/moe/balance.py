@@ -74,18 +74,31 @@ def importance_loss(r: RouterOutput, num_experts: int):
   return jnp.var(imp) / jnp.square(jnp.mean(imp))
 
 
+def load_loss(r: RouterOutput, num_experts: int):
+  """Shazeer 2017: CV(load)^2. With a noisy router in training, load is its smooth estimate
+  (differentiable); otherwise the expert counts, which carry no gradient (a monitor only)."""
+  load = r.soft_load
+  if load is None:
+    load = expert_counts(r.expert_index, num_experts)
+  return jnp.var(load) / jnp.square(jnp.mean(load))
+
+
 def router_z_loss(r: RouterOutput):
   """ST-MoE: mean_t (logsumexp_i logits_{t,i})^2."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(r.logits, axis=-1)))
 
 
-def load_stats(r: RouterOutput, num_experts: int) -> dict:
-  counts = expert_counts(r.expert_index, num_experts)
-  load = counts / jnp.sum(counts)  # [N] fraction of routed assignments per expert.
+def load_stats(counts, probs) -> dict:
+  """Statistics of expert counts [N] (routed assignments, before any drop) and probs [T, N]."""
+  load = counts / jnp.sum(counts)  # [N] share of routed assignments per expert.
   mean = jnp.mean(counts)
   return {
       'expert_load': load,
       'max_vio': (jnp.max(counts) - mean) / mean,
       'cv': jnp.std(counts) / mean,
-      'router_entropy': jnp.mean(-jnp.sum(r.probs * jnp.log(r.probs + 1e-9), axis=-1)),
+      'router_entropy': jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1)),
   }
+
+
+def token_choice_stats(r: RouterOutput, num_experts: int) -> dict:
+  return load_stats(expert_counts(r.expert_index, num_experts), r.probs)

@@ -65,8 +65,9 @@ class CapacityDispatch:
     y_buf = experts.capacity(buffers).reshape(n * c, d)
     y_pad = jnp.concatenate([y_buf, jnp.zeros((1, d), y_buf.dtype)])
     y = jnp.einsum('tkd,tk->td', y_pad[slots], r.combine_weights.astype(y_pad.dtype))
-    dropped = jnp.mean((slots == n * c).astype(jnp.float32))
-    return y, {'dropped_fraction': dropped}
+    dropped = slots == n * c  # [T, K]
+    return y, {'dropped_fraction': jnp.mean(dropped.astype(jnp.float32)),
+               'zero_expert_fraction': jnp.mean(jnp.all(dropped, axis=-1).astype(jnp.float32))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,4 +84,20 @@ class DroplessDispatch:
     y_assign = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
     y_assign = y_assign.reshape(t, k, -1)  # [T, K, D]
     y = jnp.einsum('tkd,tk->td', y_assign, r.combine_weights.astype(y_assign.dtype))
-    return y, {'dropped_fraction': jnp.zeros((), jnp.float32)}
+    return y, {'dropped_fraction': jnp.zeros((), jnp.float32),
+               'zero_expert_fraction': jnp.zeros((), jnp.float32)}
+
+
+def expert_choice_dispatch(x, ec, experts: RoutedExperts):
+  """Expert choice: expert i processes its C chosen tokens; outputs are added back weighted.
+
+  Returns y and the fraction of tokens that no expert chose (the residual alone carries them).
+  """
+  t, d = x.shape
+  n, c = ec.token_index.shape
+  buffers = x[ec.token_index]  # [N, C, D]
+  y_buf = experts.capacity(buffers) * ec.weights[..., None].astype(x.dtype)  # [N, C, D]
+  y = jnp.zeros((t, d), y_buf.dtype).at[ec.token_index.reshape(-1)].add(y_buf.reshape(n * c, d))
+  hits = jnp.zeros((t,), jnp.float32).at[ec.token_index.reshape(-1)].add(1.0)
+  return y, {'dropped_fraction': jnp.zeros((), jnp.float32),
+             'zero_expert_fraction': jnp.mean((hits == 0).astype(jnp.float32))}

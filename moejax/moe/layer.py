@@ -8,7 +8,29 @@ from flax import linen as nn
 
 from moejax.model.layers import SwiGLU
 from moejax.moe import balance, registry
+from moejax.moe.dispatch import expert_choice_dispatch
 from moejax.moe.experts import RoutedExperts
+
+
+def token_choice_losses(routing, cfg, batch: int) -> dict:
+  """Unweighted balance losses of a token-choice routing."""
+  n, r, bal = cfg.num_experts, cfg.router, cfg.balance
+  devices = bal.num_devices or 1
+  max_devices = r.topk_groups if r.num_groups > 1 else min(cfg.num_experts_per_tok, devices)
+  return {
+      'aux_loss': balance.switch_aux_loss(routing, n),
+      'seq_aux_loss': balance.sequence_aux_loss(routing, n, batch),
+      'device_loss': balance.device_balance_loss(routing, n, devices),
+      'comm_loss': balance.comm_balance_loss(routing, n, devices, max_devices),
+      'importance_loss': balance.importance_loss(routing, n),
+      'load_loss': balance.load_loss(routing, n),
+  }
+
+
+_LOSS_WEIGHTS = {'aux_loss': 'aux_loss_weight', 'z_loss': 'z_loss_weight',
+                 'seq_aux_loss': 'seq_aux_loss_weight', 'device_loss': 'device_loss_weight',
+                 'comm_loss': 'comm_loss_weight', 'importance_loss': 'importance_loss_weight',
+                 'load_loss': 'load_loss_weight'}
 
 
 class MoEFFN(nn.Module):
@@ -16,46 +38,48 @@ class MoEFFN(nn.Module):
   moe: Any  # the model.moe ConfigDict (hashable frozen copy)
   d_model: int
   dtype: Any = jnp.float32
-
   vocab_size: int = 258
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True):
+  def __call__(self, x, token_ids=None, train: bool = True, replay=None):
+    """replay [T, K]: route to these experts (recorded as aux['expert_index'] by an earlier
+    pass) instead of selecting; only routers with a `replay` argument (topk) support it."""
     cfg = self.moe
     b, s, d = x.shape
     n = cfg.num_experts
     tokens = x.reshape(b * s, d)  # [T, D]
     ids = None if token_ids is None else token_ids.reshape(b * s)
-    routing = registry.make_router(cfg, self.vocab_size)(tokens, ids, train)
+    router = registry.make_router(cfg, self.vocab_size, b)
+    if replay is None:
+      routing = router(tokens, ids, train)
+    elif cfg.router.name == 'topk':
+      routing = router(tokens, ids, train, replay=replay)
+    else:
+      raise ValueError(f"replaying recorded routing needs router.name='topk', not "
+                       f"{cfg.router.name!r}")
     experts = RoutedExperts(num_experts=n, d_model=d, d_ff=cfg.expert_ffn_dim, dtype=self.dtype,
                             backend=cfg.dispatch.backend, block_size=cfg.dispatch.block_size,
                             name='experts')
-    y, dispatch_stats = registry.make_dispatcher(cfg)(tokens, routing, experts, train)
+    if routing.expert_choice is not None:
+      ec = routing.expert_choice
+      y, stats = expert_choice_dispatch(tokens, ec, experts)
+      # Every expert takes exactly C tokens: the balance losses have nothing to balance.
+      losses = {k: jnp.zeros((), jnp.float32) for k in _LOSS_WEIGHTS if k != 'z_loss'}
+      counts = jnp.full((n,), ec.token_index.shape[1], jnp.float32)  # C tokens each
+    else:
+      y, stats = registry.make_dispatcher(cfg)(tokens, routing, experts, train)
+      losses = token_choice_losses(routing, cfg, b)
+      counts = balance.expert_counts(routing.expert_index, n)
+    losses['z_loss'] = balance.router_z_loss(routing)
     y = y.reshape(b, s, d).astype(self.dtype)
     if cfg.num_shared_experts:
       # The shared experts are fused into one SwiGLU of width num_shared * expert width.
       y = y + SwiGLU(cfg.num_shared_experts * cfg.expert_ffn_dim, self.dtype, name='shared')(x)
-    bal = cfg.balance
-    aux_loss = balance.switch_aux_loss(routing, n)
-    z_loss = balance.router_z_loss(routing)
-    seq_loss = balance.sequence_aux_loss(routing, n, b)
-    devices = bal.num_devices or 1
-    r = cfg.router
-    max_devices = r.topk_groups if r.num_groups > 1 else min(cfg.num_experts_per_tok, devices)
-    device_loss = balance.device_balance_loss(routing, n, devices)
-    comm_loss = balance.comm_balance_loss(routing, n, devices, max_devices)
-    imp_loss = balance.importance_loss(routing, n)
     aux = {
-        'loss': (bal.aux_loss_weight * aux_loss + bal.z_loss_weight * z_loss +
-                 bal.seq_aux_loss_weight * seq_loss + bal.device_loss_weight * device_loss +
-                 bal.comm_loss_weight * comm_loss + bal.importance_loss_weight * imp_loss),
-        'aux_loss': aux_loss,
-        'z_loss': z_loss,
-        'seq_aux_loss': seq_loss,
-        'device_loss': device_loss,
-        'comm_loss': comm_loss,
-        'importance_loss': imp_loss,
-        **balance.load_stats(routing, n),
-        **dispatch_stats,
+        'loss': sum(cfg.balance[w] * losses[k] for k, w in _LOSS_WEIGHTS.items()),
+        **losses,
+        **balance.load_stats(counts, routing.probs),
+        **stats,
+        'expert_index': routing.expert_index,  # [T, K] the routing, for replay
     }
     return nn.with_logical_constraint(y, ('batch', 'length', 'act_embed')), aux

@@ -7,13 +7,15 @@ these two functions.
 from __future__ import annotations
 
 from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch
-from moejax.moe.routers import HashRouter, NoisyTopKRouter, SinkhornRouter, TopKRouter
+from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, SinkhornRouter,
+                                 TopKRouter)
 
 ROUTERS = {
     'topk': TopKRouter,
     'noisy_topk': NoisyTopKRouter,
     'hash': HashRouter,
     'sinkhorn': SinkhornRouter,
+    'expert_choice': ExpertChoiceRouter,
 }
 
 DISPATCHERS = {
@@ -24,9 +26,13 @@ DISPATCHERS = {
 }
 
 
-def make_router(moe_cfg, vocab_size: int):
+def make_router(moe_cfg, vocab_size: int, batch: int = 1):
   cls = ROUTERS[moe_cfg.router.name]
-  extra = {'vocab_size': vocab_size} if cls is HashRouter else {}
+  extra = {}
+  if cls is HashRouter:
+    extra['vocab_size'] = vocab_size
+  if cls is ExpertChoiceRouter:
+    extra['batch'] = batch
   return cls(num_experts=moe_cfg.num_experts, k=moe_cfg.num_experts_per_tok,
              cfg=moe_cfg.router, balance=moe_cfg.balance, name='router', **extra)
 

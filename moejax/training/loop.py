@@ -64,8 +64,11 @@ def train(config, workdir: str) -> dict:
         'data/unigram_entropy_val': pipeline.unigram_entropy(splits.val.tokens),
         'data/train_tokens': len(splits.train.tokens),
         'data/val_tokens': len(splits.val.tokens),
-        'data/train_files': splits.num_train_files, 'data/val_files': splits.num_val_files})
+        'data/train_files': splits.num_train_files, 'data/val_files': splits.num_val_files,
+        'train/routing_causal': float(config_lib.routing_is_causal(config.model, train=True)),
+        'eval/routing_causal': float(config_lib.routing_is_causal(config.model, train=False))})
 
+  eval_causal = float(config_lib.routing_is_causal(config.model, train=False))
   tokens_per_step = t.batch_size * config.data.seq_len
   bar = None
   if t.progress and is_main:
@@ -81,6 +84,7 @@ def train(config, workdir: str) -> dict:
       tick, ticked_step = now, step
       if step % t.eval_every == 0 or step == t.steps:
         metrics.update(evaluate(trainer, state, val_batches))
+        metrics['eval/routing_causal'] = eval_causal
         tick = time.perf_counter()  # evaluation time does not count against training speed
       writer.write(step, metrics)
       last = {'step': step, **metrics}

@@ -70,6 +70,8 @@ def moe_metrics(aux: dict) -> dict:
       'moe/device_loss': jnp.mean(aux['device_loss']),
       'moe/comm_loss': jnp.mean(aux['comm_loss']),
       'moe/importance_loss': jnp.mean(aux['importance_loss']),
+      'moe/load_loss': jnp.mean(aux['load_loss']),
+      'moe/zero_expert_fraction': jnp.mean(aux['zero_expert_fraction']),
       'moe/max_vio': jnp.mean(aux['max_vio']),
       'moe/cv': jnp.mean(aux['cv']),
       'moe/router_entropy': jnp.mean(aux['router_entropy']),

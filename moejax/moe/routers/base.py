@@ -7,6 +7,8 @@ of dispatch (how tokens reach experts); balance losses are computed from its out
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -21,6 +23,10 @@ class RouterOutput:
   combine_weights: jax.Array  # [T, K] float32: gate weight of each choice.
   probs: jax.Array  # [T, N] float32: normalised scores over all experts (balance losses).
   logits: jax.Array  # [T, N] float32: raw router logits (z-loss).
+  # Expert-major routing (expert choice): set instead of a fixed K per token.
+  expert_choice: Any = None
+  # [N] differentiable expected load (noisy top-K in training), for Shazeer's load loss.
+  soft_load: Any = None
 
 
 def router_logits(module: nn.Module, x, num_experts: int, cfg, train: bool):

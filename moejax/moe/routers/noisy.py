@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.stats  # noqa: F401  (norm.cdf)
 from flax import linen as nn
 
 from moejax.model.layers import param_with_axes
@@ -33,5 +34,19 @@ class NoisyTopKRouter(nn.Module):
       h = logits + jax.random.normal(self.make_rng('router'), logits.shape) * scale
     index = select_experts(self, h, self.k, self.cfg, self.balance, train)  # [T, K]
     weights = jax.nn.softmax(jnp.take_along_axis(h, index, axis=-1), axis=-1)  # [T, K]
+    soft_load = None
+    if train and self.k < self.num_experts:
+      soft_load = smooth_load(logits, h, scale, self.k)
     return RouterOutput(expert_index=index, combine_weights=weights,
-                        probs=jax.nn.softmax(h, axis=-1), logits=logits)
+                        probs=jax.nn.softmax(h, axis=-1), logits=logits, soft_load=soft_load)
+
+
+def smooth_load(clean, noisy, noise_std, k: int):
+  """Shazeer 2017's differentiable load: sum_t P(x_t, i), the probability that expert i stays
+  in the top K if only its own noise is redrawn: Phi((clean_i - kth_excluding_i) / std_i),
+  where kth_excluding_i is the K-th best noisy score of the other experts."""
+  top, _ = jax.lax.top_k(noisy, k + 1)  # [T, K+1]
+  in_topk = noisy >= top[:, k - 1:k]  # [T, N]
+  threshold = jnp.where(in_topk, top[:, k:k + 1], top[:, k - 1:k])  # [T, N]
+  z = (clean - jax.lax.stop_gradient(threshold)) / (noise_std + 1e-9)
+  return jnp.sum(jax.scipy.stats.norm.cdf(z), axis=0)  # [N]

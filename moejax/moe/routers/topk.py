@@ -26,7 +26,9 @@ class TopKRouter(nn.Module):
   balance: Any  # model.moe.balance
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
+  def __call__(self, x, token_ids=None, train: bool = True, replay=None) -> RouterOutput:
+    """replay [T, K]: use these experts instead of selecting (recorded from an earlier pass);
+    the weights are still computed from this pass's scores, so gradients flow as usual."""
     del token_ids
     logits = router_logits(self, x, self.num_experts, self.cfg, train)  # [T, N]
     if self.cfg.score_fn == 'sigmoid':
@@ -34,7 +36,10 @@ class TopKRouter(nn.Module):
       probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     else:
       scores = probs = jax.nn.softmax(logits, axis=-1)  # [T, N]
-    index = select_experts(self, scores, self.k, self.cfg, self.balance, train)  # [T, K]
+    if replay is None:
+      index = select_experts(self, scores, self.k, self.cfg, self.balance, train)  # [T, K]
+    else:
+      index = replay.astype(jnp.int32)
     weights = jnp.take_along_axis(scores, index, axis=-1)  # [T, K]
     if self.cfg.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
