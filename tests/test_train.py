@@ -1,5 +1,4 @@
 """End-to-end training: metrics, plots, exact resume, and refusing a foreign checkpoint."""
-import json
 import os
 
 import numpy as np

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 
 from moejax.moe.experts import RoutedExperts

@@ -29,6 +29,14 @@ class RouterOutput:
   soft_load: Any = None
 
 
+class Router(nn.Module):
+  """Common fields: N experts, K per token, the router and balance config sections."""
+  num_experts: int
+  k: int
+  cfg: Any  # model.moe.router
+  balance: Any  # model.moe.balance
+
+
 def router_logits(module: nn.Module, x, num_experts: int, cfg, train: bool):
   """x [T, D] -> logits [T, N] in float32 (router.dtype for the matmul, float32 by default).
 

@@ -15,14 +15,12 @@ ran as eval/routing_causal, so no comparison silently benefits from leakage.
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from moejax.moe.routers.base import RouterOutput, router_logits
+from moejax.moe.routers.base import Router, RouterOutput, router_logits
 
 
 @struct.dataclass
@@ -35,11 +33,7 @@ def expert_choice_capacity(tokens_in_scope: int, num_experts: int, factor: float
   return min(tokens_in_scope, max(1, math.ceil(tokens_in_scope * factor / num_experts)))
 
 
-class ExpertChoiceRouter(nn.Module):
-  num_experts: int
-  k: int  # unused for selection; kept for the common constructor
-  cfg: Any
-  balance: Any
+class ExpertChoiceRouter(Router):
   batch: int = 1  # sequences in the call (for the per-sequence scope)
 
   @nn.compact

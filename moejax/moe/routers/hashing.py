@@ -7,13 +7,11 @@ Weights are uniform, 1/K.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.routers.base import Router, RouterOutput
 
 
 def hash_table(vocab_size: int, num_experts: int, k: int, kind: str, seed: int) -> np.ndarray:
@@ -26,11 +24,7 @@ def hash_table(vocab_size: int, num_experts: int, k: int, kind: str, seed: int) 
   return np.stack([rng.permutation(num_experts)[:k] for _ in range(vocab_size)]).astype(np.int32)
 
 
-class HashRouter(nn.Module):
-  num_experts: int
-  k: int
-  cfg: Any
-  balance: Any
+class HashRouter(Router):
   vocab_size: int = 258
 
   @nn.compact

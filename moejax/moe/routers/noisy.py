@@ -5,23 +5,16 @@ top K of H and softmax over those K. The noise scale is learned per token and ex
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import jax.scipy.stats  # noqa: F401  (norm.cdf)
 from flax import linen as nn
 
 from moejax.model.layers import param_with_axes
-from moejax.moe.routers.base import RouterOutput, router_logits, select_experts
+from moejax.moe.routers.base import Router, RouterOutput, router_logits, select_experts
 
 
-class NoisyTopKRouter(nn.Module):
-  num_experts: int
-  k: int
-  cfg: Any
-  balance: Any
-
+class NoisyTopKRouter(Router):
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
     del token_ids

@@ -11,13 +11,11 @@ evaluation the router falls back to plain top-K of its probabilities, which is c
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import RouterOutput, router_logits
+from moejax.moe.routers.base import Router, RouterOutput, router_logits
 
 
 def sinkhorn(logits, iterations: int):
@@ -30,12 +28,7 @@ def sinkhorn(logits, iterations: int):
   return log_p
 
 
-class SinkhornRouter(nn.Module):
-  num_experts: int
-  k: int
-  cfg: Any
-  balance: Any
-
+class SinkhornRouter(Router):
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
     del token_ids

@@ -10,21 +10,14 @@ Group-limited selection (router.num_groups / topk_groups) and the loss-free bias
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import RouterOutput, router_logits, select_experts
+from moejax.moe.routers.base import Router, RouterOutput, router_logits, select_experts
 
 
-class TopKRouter(nn.Module):
-  num_experts: int
-  k: int
-  cfg: Any  # model.moe.router
-  balance: Any  # model.moe.balance
-
+class TopKRouter(Router):
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True, replay=None) -> RouterOutput:
     """replay [T, K]: use these experts instead of selecting (recorded from an earlier pass);
