@@ -27,7 +27,7 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   summary = {k: v if k == 'step' else round(float(v), 4) for k, v in last.items()
-             if not k.endswith('expert_load')}
+             if k == 'step' or getattr(v, 'ndim', 0) == 0 and not isinstance(v, list)}
   print('final:', summary)
 
 

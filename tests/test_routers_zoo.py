@@ -303,3 +303,20 @@ def test_noisy_router_load_loss_has_gradient():
   g = jax.grad(lambda p: balance.load_loss(router.apply({'params': p}, x, train=True, rngs={
       'router': jax.random.key(3)}), 8))(v['params'])
   assert float(jnp.abs(g['w']).sum()) > 0 and float(jnp.abs(g['w_noise']).sum()) > 0
+
+
+def test_sinkhorn_hand_worked():
+  """Logits [[2, 0], [1, 0]]: both tokens prefer expert 0. For a 2x2 kernel the balanced plan
+  is [[p, 1-p], [1-p, p]] with the kernel's cross ratio: (p / (1-p))^2 = e^2 * e^0 / (e^1 * e^0)
+  = e, so p = sqrt(e) / (1 + sqrt(e)) = 0.622459. Token 0 keeps expert 0, token 1 moves to 1."""
+  from moejax.moe.routers import SinkhornRouter
+  from moejax.moe.routers.sinkhorn import sinkhorn
+  x = jnp.array([[2., 0.], [1., 0.]])
+  p = 0.622459
+  np.testing.assert_allclose(jnp.exp(sinkhorn(x, 60)), [[p, 1 - p], [1 - p, p]], atol=1e-5)
+  r, b = _cfgs({'name': 'sinkhorn', 'sinkhorn_iters': 60, 'norm_topk_prob': False})
+  out = SinkhornRouter(num_experts=2, k=1, cfg=r, balance=b).apply(
+      {'params': {'w': jnp.eye(2)}}, x, train=True)
+  np.testing.assert_array_equal(out.expert_index, [[0], [1]])
+  # gate weights: softmax probabilities of the chosen experts: (e^2/(e^2+1), 1/(e+1))
+  np.testing.assert_allclose(out.combine_weights, [[0.880797], [0.268941]], atol=1e-6)

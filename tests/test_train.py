@@ -57,6 +57,9 @@ def test_metrics_plot_and_tensorboard(runs):
   assert load.shape == (2, 8)  # two MoE layers, eight experts
   np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-5)
   assert [r['step'] for r in rows if 'eval/loss' in r] == [3, 6]
+  assert len(last['moe/per_layer/max_vio']) == 2 and len(last['eval/per_layer/max_vio_global']) == 2
+  assert np.mean(last['moe/per_layer/max_vio']) == pytest.approx(last['moe/max_vio'], rel=1e-5)
+  assert last['eval/routing_causal'] == 1.0
   with open(os.path.join(full, 'expert_load.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   events = os.listdir(os.path.join(full, 'tensorboard'))

@@ -30,6 +30,7 @@ def evaluate(trainer: Trainer, state, batches) -> dict:
     load = np.mean(loads, axis=0)  # [layers, N]
     vio = (load.max(-1) - load.mean(-1)) / load.mean(-1)
     result['eval/max_vio_global'] = float(vio.mean())
+    result['eval/per_layer/max_vio_global'] = vio.tolist()
     result['eval/dropped_fraction'] = float(np.mean(dropped))
   return result
 

@@ -37,6 +37,9 @@ class MetricWriter:
         continue
       if isinstance(v, (int, float)):
         self.tb.add_scalar(k, v, step)
+      elif '/per_layer/' in k:
+        for layer, x in enumerate(v):
+          self.tb.add_scalar(f'{k}/moe_layer_{layer}', x, step)
       elif k.endswith('expert_load'):
         for layer, loads in enumerate(v):
           self.tb.add_histogram(f'{k}/moe_layer_{layer}', np.repeat(

@@ -77,7 +77,13 @@ def moe_metrics(aux: dict) -> dict:
       'moe/router_entropy': jnp.mean(aux['router_entropy']),
       'moe/dropped_fraction': jnp.mean(aux['dropped_fraction']),
       'moe/expert_load': aux['expert_load'],  # [layers, N]
+      # The same statistics per MoE layer ([layers] each).
+      **{f'moe/per_layer/{k}': aux[k] for k in PER_LAYER},
   }
+
+
+PER_LAYER = ('max_vio', 'cv', 'router_entropy', 'dropped_fraction', 'zero_expert_fraction',
+             'aux_loss', 'z_loss')
 
 
 class Trainer:
