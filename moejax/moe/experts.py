@@ -5,8 +5,8 @@ Two entry points, one per dispatch family:
 - `grouped(x_sorted [M, D], group_sizes [N])`: rows sorted by expert, group e has
   group_sizes[e] rows (dropless). Backends: 'ragged_dot' (jax.lax.ragged_dot, the TPU/GPU
   grouped matmul) and 'blocked' (rows padded per expert to blocks of `block_size` rows and a
-  loop over blocks; the fast exact path on CPU, where ragged_dot is ~15-80x slower than a dense
-  matmul of the same FLOPs).
+  loop over blocks; the exact path for CPU, where ragged_dot is much slower than a dense matmul
+  of the same FLOPs and its backward pass runs out of memory at `moejax.bench`'s shape).
 """
 from __future__ import annotations
 

@@ -1,0 +1,117 @@
+"""Benchmarks. `python -m moejax.bench moe --json` times the MoE layer's forward + backward
+under jax.jit for each dispatch path, and in the same run a dense SwiGLU FFN with the same
+active parameters (hidden = (K + shared) * expert width), printing one JSON row per case.
+
+Rows: case, ms (median of --reps timed runs after one warm-up run), ratio_to_dense, active GFLOP/s
+(the FLOPs a token really needs: 3 matmuls forward, x3 for forward + backward, over its K
+routed and its shared experts, plus the router), temp_bytes (compiled temporary memory from
+memory_analysis()) and its ratio to the dense FFN's, and dropped_fraction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from moejax.config import base_config
+from moejax.model.layers import SwiGLU
+from moejax.moe.layer import MoEFFN
+
+
+def _time(fn, args, reps: int) -> float:
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) * 1e3
+
+
+def _fwd_bwd(module, x, cot):
+  def loss(params, x):
+    y = module.apply(params, x)
+    y, aux = (y if isinstance(y, tuple) else (y, {}))
+    return jnp.sum(y * cot), aux.get('dropped_fraction', jnp.zeros(()))
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _moe_cfg(a, dispatch: str, backend: str = 'auto', factor: float = 1.25):
+  moe = base_config().model.moe
+  moe.num_experts, moe.num_experts_per_tok = a.experts, a.top_k
+  moe.expert_ffn_dim, moe.num_shared_experts = a.expert_dim, a.shared
+  moe.dispatch.name, moe.dispatch.backend = dispatch, backend
+  moe.dispatch.capacity_factor, moe.dispatch.block_size = factor, a.block_size
+  return ml_collections.FrozenConfigDict(moe)
+
+
+def bench_moe(a):
+  """Yields one row per case, as soon as it is measured."""
+  dtype = jnp.dtype(a.dtype)
+  batch = max(1, a.tokens // a.seq)
+  x = jax.random.normal(jax.random.key(0), (batch, a.seq, a.d_model), dtype)
+  cot = jax.random.normal(jax.random.key(1), x.shape, dtype)
+  active = a.top_k + a.shared
+  flops = 3 * 2 * 3 * a.tokens * a.d_model * a.expert_dim * active  # SwiGLU, fwd + bwd
+  flops += 3 * 2 * a.tokens * a.d_model * a.experts  # router
+  cases = [('dense_ffn', SwiGLU(active * a.expert_dim, dtype))]
+  cases.append(('dropless_blocked', MoEFFN(_moe_cfg(a, 'dropless', 'blocked'), a.d_model, dtype)))
+  if a.ragged_dot:
+    cases.append(('dropless_ragged_dot',
+                  MoEFFN(_moe_cfg(a, 'dropless', 'ragged_dot'), a.d_model, dtype)))
+  for f in a.capacity_factors:
+    cases.append((f'capacity_cf{f:g}', MoEFFN(_moe_cfg(a, 'capacity', factor=f), a.d_model,
+                                               dtype)))
+  dense = None
+  for name, module in cases:
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(2), x))
+    fn = _fwd_bwd(module, x, cot)
+    compiled = fn.lower(params, x).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    (_, dropped), _ = jax.block_until_ready(fn(params, x))  # also the warm-up run
+    ms = _time(fn, (params, x), a.reps)
+    if dense is None:
+      dense = (ms, temp)
+    yield {
+        'case': name, 'tokens': a.tokens, 'd_model': a.d_model, 'experts': a.experts,
+        'expert_dim': a.expert_dim, 'top_k': a.top_k, 'shared': a.shared, 'dtype': a.dtype,
+        'ms': round(ms, 2), 'ratio_to_dense': round(ms / dense[0], 3),
+        'active_gflops_per_s': round(flops / ms / 1e6, 2),
+        'temp_bytes': int(temp), 'temp_ratio_to_dense': round(temp / max(dense[1], 1), 3),
+        'dropped_fraction': round(float(dropped), 4), 'backend': jax.default_backend()}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='python -m moejax.bench')
+  sub = p.add_subparsers(dest='what', required=True)
+  m = sub.add_parser('moe', help='MoE layer vs dense FFN, forward + backward')
+  m.add_argument('--tokens', type=int, default=8192)
+  m.add_argument('--seq', type=int, default=512)
+  m.add_argument('--d-model', type=int, default=512)
+  m.add_argument('--experts', type=int, default=64)
+  m.add_argument('--expert-dim', type=int, default=256)
+  m.add_argument('--top-k', type=int, default=6)
+  m.add_argument('--shared', type=int, default=1)
+  m.add_argument('--dtype', default='float32')
+  m.add_argument('--block-size', type=int, default=128)
+  m.add_argument('--capacity-factors', type=float, nargs='*', default=[1.25])
+  m.add_argument('--ragged-dot', action='store_true',
+                 help='also time jax.lax.ragged_dot (very slow on CPU)')
+  m.add_argument('--reps', type=int, default=3)
+  m.add_argument('--json', action='store_true', help='one JSON object per line (default)')
+  a = p.parse_args(argv)
+  if a.tokens % a.seq and a.tokens > a.seq:
+    p.error(f'--tokens={a.tokens} must be a multiple of --seq={a.seq}')
+  for row in bench_moe(a):
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
