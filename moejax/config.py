@@ -27,6 +27,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_heads = 4
   m.num_kv_heads = 2  # grouped-query attention: num_heads % num_kv_heads == 0.
   m.head_dim = 32
+  m.attention = 'gqa'  # 'gqa' (grouped-query) or 'mla' (multi-head latent, DeepSeek-V2/V3).
+  m.mla = mla = ml_collections.ConfigDict()
+  mla.q_lora_rank = 0  # 0: queries projected directly.
+  mla.kv_lora_rank = 64
+  mla.qk_nope_head_dim = 32
+  mla.qk_rope_head_dim = 16
+  mla.v_head_dim = 32
   m.ffn_dim = 512  # width of the dense SwiGLU FFN layers.
   m.max_seq_len = 1024  # length of the RoPE table.
   m.rope_theta = 10000.0
@@ -207,6 +214,14 @@ def validate(c, num_devices: int) -> dict[str, int]:
   if t.warmup_steps >= t.steps:
     _fail('train.warmup_steps', t.warmup_steps, f'must be below train.steps={t.steps}')
   _one_of(c, 'model.dtype', DTYPES)
+  _one_of(c, 'model.attention', ('gqa', 'mla'))
+  if m.attention == 'mla':
+    _positive(c, 'model.mla.kv_lora_rank model.mla.qk_nope_head_dim model.mla.qk_rope_head_dim '
+              'model.mla.v_head_dim')
+    _positive(c, 'model.mla.q_lora_rank', allow_zero=True)
+    if m.mla.qk_rope_head_dim % 2:
+      _fail('model.mla.qk_rope_head_dim', m.mla.qk_rope_head_dim, 'must be even for rotary '
+            'embeddings')
 
   has_moe = bool(moe_layer_ids(m))
   if has_moe:

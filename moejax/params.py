@@ -1,7 +1,8 @@
-"""Parameter counts from the real model definition, with nothing allocated.
+"""Parameter counts from the real model definition, with nothing allocated (jax.eval_shape).
 
-python -m moejax.params --config=configs/quickstart.py
-Total counts every parameter; active counts what one token uses (K of the N routed experts).
+python -m moejax.params --config=configs/deepseek_v3.py
+Prints total and activated parameters (one token uses K of the N routed experts), split by
+embedding / attention / dense FFN / routed experts / shared experts / router / norms.
 """
 from __future__ import annotations
 
@@ -19,19 +20,31 @@ from moejax.model.transformer import Transformer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.')
 
+# First matching path component decides the category.
+_CATEGORIES = (('experts', 'routed_experts'), ('shared', 'shared_experts'), ('router', 'router'),
+               ('ffn', 'dense_ffn'), ('attn', 'attention'), ('embedding', 'embedding'),
+               ('head', 'embedding'))
+
+
+def _category(path) -> str:
+  keys = [getattr(p, 'key', None) for p in path]
+  for key, name in _CATEGORIES:
+    if key in keys:
+      return name
+  return 'norms'
+
 
 def count_params(model_cfg) -> dict:
   model = Transformer(ml_collections.FrozenConfigDict(model_cfg))
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  total = routed = 0
+  split = {name: 0 for _, name in _CATEGORIES}
+  split['norms'] = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(shapes['params']):
-    n = int(np.prod(leaf.shape))
-    total += n
-    if any(getattr(p, 'key', None) == 'experts' for p in path):
-      routed += n
+    split[_category(path)] += int(np.prod(leaf.shape))
+  total = sum(split.values())
   moe = model_cfg.moe
-  active = total - routed + routed * moe.num_experts_per_tok // moe.num_experts
-  return {'total': total, 'routed_experts': routed, 'active': active}
+  unused = split['routed_experts'] * (moe.num_experts - moe.num_experts_per_tok) // moe.num_experts
+  return {'total': total, 'active': total - unused, **split}
 
 
 def main(argv):

@@ -15,6 +15,7 @@ import ml_collections
 from flax import linen as nn
 
 from moejax.model.layers import GroupedQueryAttention, RMSNorm, SwiGLU, param_with_axes
+from moejax.model.mla import MultiHeadLatentAttention
 from moejax.moe.layer import MoEFFN
 
 
@@ -28,8 +29,13 @@ class Block(nn.Module):
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     h = RMSNorm(c.norm_eps, dtype, name='attn_norm')(x)
-    x = x + GroupedQueryAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype,
-                                  name='attn')(h, positions)
+    if c.attention == 'mla':
+      attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.norm_eps, dtype,
+                                      name='attn')
+    else:
+      attn = GroupedQueryAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype,
+                                   name='attn')
+    x = x + attn(h, positions)
     h = RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x)
     if self.moe:
       f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name='moe')(h, token_ids, self.train,

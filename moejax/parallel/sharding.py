@@ -28,6 +28,8 @@ LOGICAL_RULES = (
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('head_dim', None),
+    ('q_lora', None),
+    ('kv_lora', None),
     ('mlp', 'tensor'),
     ('expert', 'expert'),
     ('expert_mlp', 'tensor'),

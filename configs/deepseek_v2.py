@@ -1,0 +1,38 @@
+"""DeepSeek-V2 (arXiv:2405.04434): 60 layers, d 5120, MLA, first layer dense (FFN 12288),
+160 routed experts of 1536 + 2 shared, top-6, softmax gate (not renormalised),
+device-limited routing (8 devices, keep 3), routed_scaling_factor 16, expert/device/comm
+balance losses 0.003 / 0.05 / 0.02.
+`--config=configs/deepseek_v2.py` (published shape) or `configs/deepseek_v2.py:tiny` (CPU)."""
+import sys, os  # noqa: E401
+sys.path.insert(0, os.path.dirname(__file__))
+from published import published  # noqa: E402
+
+COMMON = {
+    'model.attention': 'mla', 'model.moe.num_shared_experts': 2,
+    'model.moe.router.score_fn': 'softmax', 'model.moe.router.norm_topk_prob': False,
+    'model.moe.router.group_score': 'max', 'model.moe.balance.aux_loss_weight': 0.003,
+    'model.moe.balance.device_loss_weight': 0.05, 'model.moe.balance.comm_loss_weight': 0.02,
+}
+FULL = {**COMMON,
+        'model.vocab_size': 102400, 'model.d_model': 5120, 'model.num_layers': 60,
+        'model.num_heads': 128, 'model.num_kv_heads': 128, 'model.head_dim': 128,
+        'model.ffn_dim': 12288, 'model.first_k_dense': 1, 'model.max_seq_len': 4096,
+        'model.mla.q_lora_rank': 1536, 'model.mla.kv_lora_rank': 512,
+        'model.mla.qk_nope_head_dim': 128, 'model.mla.qk_rope_head_dim': 64,
+        'model.mla.v_head_dim': 128, 'model.moe.router.routed_scaling_factor': 16.0,
+        'model.moe.num_experts': 160, 'model.moe.num_experts_per_tok': 6,
+        'model.moe.expert_ffn_dim': 1536, 'model.moe.router.num_groups': 8,
+        'model.moe.router.topk_groups': 3, 'model.moe.balance.num_devices': 8}
+TINY = {**COMMON,
+        'model.d_model': 64, 'model.num_layers': 3, 'model.num_heads': 4, 'model.num_kv_heads': 4,
+        'model.head_dim': 16, 'model.ffn_dim': 192, 'model.first_k_dense': 1,
+        'model.mla.q_lora_rank': 32, 'model.mla.kv_lora_rank': 16,
+        'model.mla.qk_nope_head_dim': 16, 'model.mla.qk_rope_head_dim': 8,
+        'model.mla.v_head_dim': 16,
+        'model.moe.num_experts': 16, 'model.moe.num_experts_per_tok': 4,
+        'model.moe.expert_ffn_dim': 32, 'model.moe.router.num_groups': 4,
+        'model.moe.router.topk_groups': 2, 'model.moe.balance.num_devices': 4}
+
+
+def get_config(arg=None):
+  return published(arg, FULL, TINY)

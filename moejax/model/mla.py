@@ -1,0 +1,61 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3, arXiv:2405.04434).
+
+Queries: x -> (low-rank q_lora_rank, RMSNorm) -> per head [qk_nope_head_dim | qk_rope_head_dim].
+Keys/values: x -> a joint latent c_kv of kv_lora_rank (RMSNorm) plus one decoupled rotary key
+k_rope of qk_rope_head_dim shared by all heads; c_kv -> per head [k_nope | v]. Only c_kv and
+k_rope need caching: kv_lora_rank + qk_rope_head_dim numbers per token per layer (576 for V3).
+q_lora_rank = 0 projects queries directly (DeepSeek-V2-Lite).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moejax.model.layers import RMSNorm, apply_rope, constrain, param_with_axes
+
+
+class MultiHeadLatentAttention(nn.Module):
+  num_heads: int
+  mla: Any  # model.mla: q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+  rope_theta: float
+  norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions):
+    b, s, d = x.shape
+    h, m = self.num_heads, self.mla
+    nope, rope, vd = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    x = x.astype(self.dtype)
+
+    def w(name, shape, axes):
+      return param_with_axes(self, name, shape, axes).astype(self.dtype)
+
+    if m.q_lora_rank:
+      q_lat = x @ w('wq_a', (d, m.q_lora_rank), ('embed', 'q_lora'))
+      q_lat = RMSNorm(self.norm_eps, self.dtype, name='q_norm')(q_lat)
+      q = jnp.einsum('bsr,rhk->bshk', q_lat, w('wq_b', (m.q_lora_rank, h, nope + rope),
+                                                 ('q_lora', 'heads', 'head_dim')))
+    else:
+      q = jnp.einsum('bsd,dhk->bshk', x, w('wq', (d, h, nope + rope), ('embed', 'heads', 'head_dim')))
+    q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], positions, self.rope_theta)
+
+    kv = x @ w('wkv_a', (d, m.kv_lora_rank + rope), ('embed', 'kv_lora'))  # [b, s, r + rope]
+    c_kv = RMSNorm(self.norm_eps, self.dtype, name='kv_norm')(kv[..., :m.kv_lora_rank])
+    k_rope = apply_rope(kv[..., None, m.kv_lora_rank:], positions, self.rope_theta)  # [b,s,1,rope]
+    kv_up = jnp.einsum('bsr,rhk->bshk', c_kv, w('wkv_b', (m.kv_lora_rank, h, nope + vd),
+                                                 ('kv_lora', 'heads', 'head_dim')))
+    k_nope, v = kv_up[..., :nope], kv_up[..., nope:]  # [b, s, h, nope], [b, s, h, vd]
+
+    logits = (jnp.einsum('bqhk,bshk->bhqs', q_nope, k_nope) +
+              jnp.einsum('bqhk,bsk->bhqs', q_rope, k_rope[:, :, 0])).astype(jnp.float32)
+    logits = logits * (nope + rope) ** -0.5
+    causal = positions[:, None, :, None] >= positions[:, None, None, :]
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqs,bshk->bqhk', probs, v)
+    out = jnp.einsum('bshk,hkd->bsd', out, w('wo', (h, vd, d), ('heads', 'head_dim', 'embed')))
+    return constrain(out, ('batch', 'length', 'act_embed'))

@@ -1,0 +1,104 @@
+"""Published model configs: parameter counts against the papers, and the tiny variants train.
+Also Multi-head Latent Attention against a NumPy transcription of its equations."""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from moejax.config import validate
+from moejax.model.mla import MultiHeadLatentAttention
+from moejax.params import count_params
+from moejax.parallel.sharding import make_mesh
+from moejax.training.step import Trainer
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+# (total, active) in billions, as published (spec/moe-reference.md). Actives are given to two
+# significant figures, so rounding alone spans up to +-1.8% ("2.8B"): they are checked to 2%.
+PUBLISHED = {'deepseek_v3': (671, 37), 'deepseek_v2': (236, 21),
+             'deepseek_moe_16b': (16.4, 2.8), 'mixtral_8x7b': (46.7, 12.9)}
+
+
+@pytest.mark.parametrize('name', list(PUBLISHED))
+def test_parameter_counts_match_the_papers(name):
+  counts = count_params(load(name).model)
+  total, active = PUBLISHED[name]
+  assert counts['total'] / 1e9 == pytest.approx(total, rel=0.01)
+  assert counts['active'] / 1e9 == pytest.approx(active, rel=0.02)
+  parts = sum(v for k, v in counts.items() if k not in ('total', 'active'))
+  assert parts == counts['total']
+
+
+@pytest.mark.parametrize('name', list(PUBLISHED))
+def test_tiny_variant_trains(name):
+  c = load(name, 'tiny')
+  full = load(name)
+  # Same structure as the published model.
+  assert c.model.attention == full.model.attention
+  assert (c.model.first_k_dense > 0) == (full.model.first_k_dense > 0)
+  assert c.model.moe.router.to_dict().keys() == full.model.moe.router.to_dict().keys()
+  assert (c.model.moe.num_shared_experts, c.model.moe.router.score_fn) == (
+      full.model.moe.num_shared_experts, full.model.moe.router.score_fn)
+  c.mesh.data = 1
+  trainer = Trainer(c, make_mesh(validate(c, 1), jax.devices()[:1]))
+  state = trainer.init(0)
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    tokens = rng.integers(0, 256, (c.train.batch_size, c.data.seq_len + 1)).astype(np.int32)
+    state, m = trainer.train_step(state, {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]})
+    assert np.isfinite(float(m['train/loss']))
+
+
+def _rms(x, scale, eps=1e-6):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * scale
+
+
+def _rope(x, pos, theta):  # x [s, d] (half-split convention), pos [s]
+  d = x.shape[-1]
+  inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+  ang = pos[:, None] * inv[None]
+  x1, x2 = x[:, :d // 2], x[:, d // 2:]
+  return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)],
+                        -1)
+
+
+def test_mla_matches_numpy_equations():
+  mla = ml_collections.FrozenConfigDict(dict(q_lora_rank=12, kv_lora_rank=10,
+                                             qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5))
+  h, d, s, theta = 3, 16, 7, 1e4
+  mod = MultiHeadLatentAttention(h, mla, theta)
+  x = jax.random.normal(jax.random.key(0), (1, s, d))
+  pos = jnp.arange(s)[None]
+  v = nn.unbox(mod.init(jax.random.key(1), x, pos))
+  p = jax.tree.map(np.asarray, v['params'])
+  # Rows of x one token at a time, heads one at a time, straight from the equations.
+  xs, ps = np.asarray(x[0], np.float64), np.arange(s)
+  c_q = _rms(xs @ p['wq_a'], p['q_norm']['scale'])
+  kv = xs @ p['wkv_a']
+  c_kv = _rms(kv[:, :10], p['kv_norm']['scale'])
+  k_rope = _rope(kv[:, 10:], ps, theta)  # [s, 4], shared by the heads
+  out = np.zeros((s, d))
+  for head in range(h):
+    q = c_q @ p['wq_b'][:, head]  # [s, 10]
+    q_nope, q_rope = q[:, :6], _rope(q[:, 6:], ps, theta)
+    kvh = c_kv @ p['wkv_b'][:, head]  # [s, 11]
+    k_nope, val = kvh[:, :6], kvh[:, 6:]
+    scores = (q_nope @ k_nope.T + q_rope @ k_rope.T) / np.sqrt(10)
+    scores = np.where(np.tril(np.ones((s, s))) > 0, scores, -np.inf)
+    a = np.exp(scores - scores.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    out += (a @ val) @ p['wo'][head]
+  np.testing.assert_allclose(np.asarray(mod.apply(v, x, pos)[0]), out, rtol=1e-4, atol=1e-5)
