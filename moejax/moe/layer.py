@@ -16,7 +16,9 @@ def token_choice_losses(routing, cfg, batch: int) -> dict:
   """Unweighted balance losses of a token-choice routing."""
   n, r, bal = cfg.num_experts, cfg.router, cfg.balance
   devices = bal.num_devices or 1
-  max_devices = r.topk_groups if r.num_groups > 1 else min(cfg.num_experts_per_tok, devices)
+  # M, the devices a token can reach: the kept groups (device-limited routing) or K experts.
+  reach = r.topk_groups if r.num_groups > 1 else cfg.num_experts_per_tok
+  max_devices = min(reach, devices)
   return {
       'aux_loss': balance.switch_aux_loss(routing, n),
       'seq_aux_loss': balance.sequence_aux_loss(routing, n, batch),
