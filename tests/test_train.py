@@ -86,3 +86,16 @@ def test_finished_run_is_not_retrained(runs):
   before = _losses(full)
   train(tiny_config(), full)
   assert _losses(full) == before
+
+
+def test_generate_from_checkpoint(runs, capsys, tmp_path):
+  from moejax import generate
+  full, _ = runs
+  args = ['--workdir', full, '--prompt', 'def ', '--max_new_tokens', '6', '--seed', '3']
+  assert generate.main(args) == 0
+  first = capsys.readouterr().out
+  assert first.startswith('def ')
+  assert generate.main(args) == 0
+  assert capsys.readouterr().out == first  # same seed, same text
+  assert generate.main(['--workdir', str(tmp_path / 'empty')]) == 2
+  assert 'no checkpoint' in capsys.readouterr().err

@@ -42,12 +42,33 @@ def apply_rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
+def update_cache(module: nn.Module, new: dict, cache_len: int):
+  """Decoding: write `new` arrays [b, s, ...] at the cache index (collection 'cache') and
+  return the whole cache [b, cache_len, ...] and the position of every entry [cache_len].
+
+  Entries not written yet sit at positions beyond every query, so the causal mask hides them.
+  """
+  initializing = not module.has_variable('cache', 'index')
+  index = module.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+  out = {}
+  for name, value in new.items():
+    shape = (value.shape[0], cache_len) + value.shape[2:]
+    var = module.variable('cache', name, jnp.zeros, shape, value.dtype)
+    if not initializing:
+      var.value = jax.lax.dynamic_update_slice_in_dim(var.value, value, index.value, axis=1)
+    out[name] = var.value
+  if not initializing:
+    index.value = index.value + next(iter(new.values())).shape[1]
+  return out, jnp.arange(cache_len)
+
+
 class GroupedQueryAttention(nn.Module):
   num_heads: int
   num_kv_heads: int
   head_dim: int
   rope_theta: float
   dtype: Dtype = jnp.float32
+  cache_len: int = 0  # > 0: decoding with a key/value cache of this many positions
 
   @nn.compact
   def __call__(self, x, positions):
@@ -64,9 +85,13 @@ class GroupedQueryAttention(nn.Module):
     v = jnp.einsum('bsd,dhk->bshk', x, wv.astype(self.dtype))  # [b, s, kv, hd]
     q = constrain(apply_rope(q, positions, self.rope_theta), ('batch', 'length', 'act_heads', None))
     k = apply_rope(k, positions, self.rope_theta)
+    key_pos = positions  # [b, s]
+    if self.cache_len:
+      cache, key_pos = update_cache(self, {'k': k, 'v': v}, self.cache_len)
+      k, v, key_pos = cache['k'], cache['v'], key_pos[None]  # [b, L, kv, hd]
     q = q.reshape(b, s, kv, h // kv, hd)  # [b, s, kv, group, hd]
     logits = jnp.einsum('bqkgd,bskd->bkgqs', q, k).astype(jnp.float32) * hd ** -0.5
-    causal = positions[:, None, None, :, None] >= positions[:, None, None, None, :]
+    causal = positions[:, None, None, :, None] >= key_pos[:, None, None, None, :]
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [b, kv, group, q, s]
     out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v).reshape(b, s, h, hd)

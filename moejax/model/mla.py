@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.model.layers import RMSNorm, apply_rope, constrain, param_with_axes
+from moejax.model.layers import RMSNorm, apply_rope, constrain, param_with_axes, update_cache
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -23,6 +23,7 @@ class MultiHeadLatentAttention(nn.Module):
   rope_theta: float
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  cache_len: int = 0  # > 0: decoding, caching only the latent and the rotary key
 
   @nn.compact
   def __call__(self, x, positions):
@@ -46,6 +47,10 @@ class MultiHeadLatentAttention(nn.Module):
     kv = x @ w('wkv_a', (d, m.kv_lora_rank + rope), ('embed', 'kv_lora'))  # [b, s, r + rope]
     c_kv = RMSNorm(self.norm_eps, self.dtype, name='kv_norm')(kv[..., :m.kv_lora_rank])
     k_rope = apply_rope(kv[..., None, m.kv_lora_rank:], positions, self.rope_theta)  # [b,s,1,rope]
+    key_pos = positions  # [b, s]
+    if self.cache_len:
+      cache, key_pos = update_cache(self, {'c_kv': c_kv, 'k_rope': k_rope}, self.cache_len)
+      c_kv, k_rope, key_pos = cache['c_kv'], cache['k_rope'], key_pos[None]
     kv_up = jnp.einsum('bsr,rhk->bshk', c_kv, w('wkv_b', (m.kv_lora_rank, h, nope + vd),
                                                  ('kv_lora', 'heads', 'head_dim')))
     k_nope, v = kv_up[..., :nope], kv_up[..., nope:]  # [b, s, h, nope], [b, s, h, vd]
@@ -53,7 +58,7 @@ class MultiHeadLatentAttention(nn.Module):
     logits = (jnp.einsum('bqhk,bshk->bhqs', q_nope, k_nope) +
               jnp.einsum('bqhk,bsk->bhqs', q_rope, k_rope[:, :, 0])).astype(jnp.float32)
     logits = logits * (nope + rope) ** -0.5
-    causal = positions[:, None, :, None] >= positions[:, None, None, :]
+    causal = positions[:, None, :, None] >= key_pos[:, None, None, :]
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqs,bshk->bqhk', probs, v)

@@ -23,6 +23,7 @@ class Block(nn.Module):
   cfg: Any  # model config (FrozenConfigDict)
   moe: bool
   train: bool = True
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, x, positions, token_ids, replay=None):
@@ -31,10 +32,10 @@ class Block(nn.Module):
     h = RMSNorm(c.norm_eps, dtype, name='attn_norm')(x)
     if c.attention == 'mla':
       attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.norm_eps, dtype,
-                                      name='attn')
+                                      self.cache_len, name='attn')
     else:
       attn = GroupedQueryAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype,
-                                   name='attn')
+                                   self.cache_len, name='attn')
     x = x + attn(h, positions)
     h = RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x)
     if self.moe:
@@ -50,13 +51,14 @@ class Period(nn.Module):
   cfg: Any
   num_dense: int
   train: bool = True
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, x, positions, token_ids, replay=None):
-    x, aux = Block(self.cfg, moe=True, train=self.train, name='moe_block')(x, positions, token_ids,
-                                                                           replay)
+    x, aux = Block(self.cfg, True, self.train, self.cache_len, name='moe_block')(
+        x, positions, token_ids, replay)
     for i in range(self.num_dense):
-      x, _ = Block(self.cfg, moe=False, train=self.train, name=f'dense_block_{i}')(
+      x, _ = Block(self.cfg, False, self.train, self.cache_len, name=f'dense_block_{i}')(
           x, positions, token_ids)
     return x, aux
 
@@ -64,10 +66,12 @@ class Period(nn.Module):
 class DenseStack(nn.Module):
   cfg: Any
   train: bool = True
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, x, positions, token_ids):
-    x, _ = Block(self.cfg, moe=False, train=self.train, name='block')(x, positions, token_ids)
+    x, _ = Block(self.cfg, False, self.train, self.cache_len, name='block')(x, positions,
+                                                                            token_ids)
     return x, None
 
 
@@ -77,7 +81,7 @@ def _scanned(cls, cfg, length: int, remat: bool, name: str, per_layer_input: boo
     cls = nn.remat(cls, prevent_cse=False)
   # 'moe_state' (the loss-free bias) is per layer like the params; the router rng differs per
   # layer too.
-  scan = nn.scan(cls, variable_axes={'params': 0, 'moe_state': 0},
+  scan = nn.scan(cls, variable_axes={'params': 0, 'moe_state': 0, 'cache': 0},
                  split_rngs={'params': True, 'router': True},
                  in_axes=(nn.broadcast, nn.broadcast) + ((0,) if per_layer_input else ()),
                  length=length,
@@ -92,9 +96,14 @@ def layer_plan(cfg) -> tuple[int, int, int]:
 
 
 class Transformer(nn.Module):
-  """tokens [b, s] -> (logits [b, s, vocab] float32, aux: per-MoE-layer stacked statistics)."""
+  """tokens [b, s] -> (logits [b, s, vocab] float32, aux: per-MoE-layer stacked statistics).
+
+  cache_len > 0 builds the decoding model: attention keeps a cache (collection 'cache') of that
+  many positions, and `positions` must be the tokens' absolute positions.
+  """
   cfg: Any
   train: bool = True
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, tokens, positions=None, replay=None):
@@ -115,15 +124,17 @@ class Transformer(nn.Module):
     prefix, periods, tail = layer_plan(c)
     auxes = []
     if prefix:
-      x, _ = _scanned(DenseStack, c, prefix, c.remat, 'dense_layers', train=self.train)(
-          x, positions, tokens)
+      x, _ = _scanned(DenseStack, c, prefix, c.remat, 'dense_layers', train=self.train,
+                      cache_len=self.cache_len)(x, positions, tokens)
     if periods:
       x, aux = _scanned(Period, c, periods, c.remat, 'moe_layers', per_layer_input=True,
-                        num_dense=c.moe_layer_freq - 1, train=self.train)(
+                        num_dense=c.moe_layer_freq - 1, train=self.train,
+                        cache_len=self.cache_len)(
                             x, positions, tokens, None if replay is None else replay[:periods])
       auxes.append(aux)  # each leaf [periods, ...]
     if tail:
-      x, aux = Period(c, num_dense=tail - 1, train=self.train, name='tail_layers')(
+      x, aux = Period(c, num_dense=tail - 1, train=self.train, cache_len=self.cache_len,
+                      name='tail_layers')(
           x, positions, tokens, None if replay is None else replay[-1])
       auxes.append(jax_tree_expand(aux))
 

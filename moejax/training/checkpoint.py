@@ -32,9 +32,12 @@ class Checkpointer:
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config_dict)))
 
+  def read_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))['config']
+
   def check_compatible(self, step: int, config_dict: dict):
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    saved = saved['config']
+    saved = self.read_config(step)
     diffs = []
     for section in _STATE_SECTIONS:
       diffs += _diff(saved.get(section, {}), config_dict[section], section)

@@ -1,0 +1,137 @@
+"""Sample text from a trained checkpoint with a key/value cache.
+
+python -m moejax.generate --workdir=DIR --prompt='def main(' [--max_new_tokens=200]
+    [--temperature=0.8] [--top_p=0.95] [--seed=0]   (temperature 0: greedy)
+
+Grouped-query attention caches keys and values; MLA caches only its latent and rotary key.
+Routing at decode time is the evaluation routing, which must be causal (see
+config.routing_is_causal): capacity dispatch with priority='choice' and expert choice
+evaluated as expert choice are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moejax.config import ConfigError, routing_is_causal
+from moejax.data.tokenizer import ByteTokenizer
+from moejax.model.transformer import Transformer
+
+
+def decoding_model(model_cfg, cache_len: int) -> Transformer:
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg), train=False, cache_len=cache_len)
+
+
+def empty_cache(model: Transformer, batch: int):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, 1), jnp.int32),
+                                             jnp.zeros((batch, 1), jnp.int32)))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode(model, variables, cache, tokens, positions):
+  """Run tokens [b, s] at absolute positions [b, s] through the cache: (logits, new cache)."""
+  (logits, _), mutated = model.apply({**variables, 'cache': cache}, tokens, positions,
+                                     mutable=['cache'])
+  return logits, mutated['cache']
+
+
+def sample_token(logits, rng, temperature: float, top_p: float):
+  """logits [b, vocab] -> token ids [b]: greedy at temperature 0, else nucleus sampling."""
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1)
+  logits = logits / temperature
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the best token
+  sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+  choice = jax.random.categorical(rng, sorted_logits, axis=-1)
+  return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+
+def generate(model_cfg, variables, prompt: np.ndarray, max_new_tokens: int, temperature=0.8,
+             top_p=0.95, seed=0, stop_at_eos=True) -> np.ndarray:
+  """prompt [b, P] int -> generated ids [b, max_new_tokens] (EOS-padded after an EOS)."""
+  if not routing_is_causal(model_cfg, train=False):
+    raise ConfigError('this model routes non-causally at evaluation (capacity dispatch with '
+                      "priority='choice', or expert choice with ec_eval='expert_choice'); "
+                      'decoding one token at a time cannot reproduce it')
+  b, p = prompt.shape
+  cache_len = p + max_new_tokens
+  if cache_len > model_cfg.max_seq_len:
+    raise ConfigError(f'prompt + max_new_tokens = {cache_len} exceeds model.max_seq_len='
+                      f'{model_cfg.max_seq_len}')
+  model = decoding_model(model_cfg, cache_len)
+  cache = empty_cache(model, b)
+  positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+  logits, cache = decode(model, variables, cache, jnp.asarray(prompt), positions)
+  rng = jax.random.key(seed)
+  out, done = [], np.zeros((b,), bool)
+  last = logits[:, -1]
+  for i in range(max_new_tokens):
+    rng, sub = jax.random.split(rng)
+    tok = np.asarray(sample_token(last, sub, temperature, top_p))
+    tok = np.where(done, ByteTokenizer.eos_id, tok)
+    out.append(tok)
+    done |= tok == ByteTokenizer.eos_id
+    if stop_at_eos and done.all():
+      break
+    logits, cache = decode(model, variables, cache, jnp.asarray(tok)[:, None],
+                           jnp.full((b, 1), p + i))
+    last = logits[:, -1]
+  return np.stack(out, axis=1)
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+  """(config, variables) of the latest (or given) checkpoint in workdir, on this machine."""
+  from moejax import config as config_lib
+  from moejax.parallel.sharding import make_mesh
+  from moejax.training.checkpoint import Checkpointer
+  from moejax.training.step import Trainer
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(f'--workdir={workdir}: no checkpoint (no {workdir}/checkpoints)')
+  ckpt = Checkpointer(workdir, keep=1_000_000)
+  step = step or ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'--workdir={workdir}: no checkpoint in {ckpt.directory}')
+  config = ml_collections.ConfigDict(ckpt.read_config(step))
+  config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = -1, 1, 1, 1
+  trainer = Trainer(config, make_mesh(config_lib.validate(config, jax.device_count())))
+  state, _ = ckpt.restore(step, trainer.abstract_state)
+  ckpt.close()
+  return config, {'params': state.params, **state.model_state}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='python -m moejax.generate')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--prompt', default='')
+  p.add_argument('--max_new_tokens', type=int, default=200)
+  p.add_argument('--temperature', type=float, default=0.8)
+  p.add_argument('--top_p', type=float, default=0.95)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--step', type=int, default=None)
+  a = p.parse_args(argv)
+  try:
+    config, variables = load_checkpoint(a.workdir, a.step)
+    tok = ByteTokenizer()
+    prompt = tok.encode(a.prompt) if a.prompt else np.array([tok.eos_id], np.int32)
+    ids = generate(config.model, variables, prompt[None], a.max_new_tokens, a.temperature,
+                   a.top_p, a.seed)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(a.prompt + tok.decode(ids[0]))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
