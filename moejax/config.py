@@ -122,6 +122,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """A saved config (e.g. from a checkpoint) on top of today's defaults, so fields added since
+  it was written take their default values."""
+  c = base_config()
+  _merge(c, d)
+  return c
+
+
+def _merge(node, d: dict):
+  for k, v in d.items():
+    if k in node and isinstance(node[k], ml_collections.ConfigDict) and isinstance(v, dict):
+      _merge(node[k], v)
+    else:
+      node[k] = v
+
+
 ROUTER_NAMES = ('topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice')
 EC_SCOPES = ('batch', 'sequence')
 EC_EVALS = ('topk', 'expert_choice')

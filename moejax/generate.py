@@ -102,7 +102,7 @@ def load_checkpoint(workdir: str, step: int | None = None):
   step = step or ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f'--workdir={workdir}: no checkpoint in {ckpt.directory}')
-  config = ml_collections.ConfigDict(ckpt.read_config(step))
+  config = config_lib.from_dict(ckpt.read_config(step))
   config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = -1, 1, 1, 1
   trainer = Trainer(config, make_mesh(config_lib.validate(config, jax.device_count())))
   state, _ = ckpt.restore(step, trainer.abstract_state)

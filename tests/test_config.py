@@ -117,6 +117,7 @@ def test_quickstart_parameter_counts():
   spec.loader.exec_module(mod)
   from moejax.params import count_params
   counts = count_params(mod.get_config().model)
-  assert counts == {'total': 1670784, 'routed_experts': 1179648, 'active': 786048}
+  assert (counts['total'], counts['routed_experts'], counts['active']) == (1670784, 1179648,
+                                                                           786048)
   # Hand count of the routed experts: 3 MoE layers x 16 experts x 3 matrices of 128 x 64.
   assert counts['routed_experts'] == 3 * 16 * 3 * 128 * 64

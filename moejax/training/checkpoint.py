@@ -10,7 +10,7 @@ import os
 
 import orbax.checkpoint as ocp
 
-from moejax.config import ConfigError
+from moejax.config import ConfigError, from_dict
 
 # Fields that change the arrays in the state; anything else (steps, lr, mesh, data) may differ.
 _STATE_SECTIONS = ('model',)
@@ -37,7 +37,7 @@ class Checkpointer:
         config=ocp.args.JsonRestore()))['config']
 
   def check_compatible(self, step: int, config_dict: dict):
-    saved = self.read_config(step)
+    saved = from_dict(self.read_config(step)).to_dict()
     diffs = []
     for section in _STATE_SECTIONS:
       diffs += _diff(saved.get(section, {}), config_dict[section], section)
