@@ -1,6 +1,7 @@
 """DeepSeek-V3 (arXiv:2412.19437): 61 layers, d 7168, MLA, first 3 layers dense (FFN 18432),
 256 routed experts of 2048 + 1 shared, top-8, sigmoid gate with loss-free bias, group-limited
-routing (8 groups, keep 4), routed_scaling_factor 2.5, sequence-wise loss 1e-4.
+routing (8 groups, keep 4), routed_scaling_factor 2.5, sequence-wise loss 1e-4, one MTP
+module with loss weight 0.3 (the paper lowers it to 0.1 later in training).
 `--config=configs/deepseek_v3.py` (published shape) or `configs/deepseek_v3.py:tiny` (CPU)."""
 import sys, os  # noqa: E401
 sys.path.insert(0, os.path.dirname(__file__))
@@ -12,6 +13,7 @@ COMMON = {
     'model.moe.router.routed_scaling_factor': 2.5, 'model.moe.router.group_score': 'top2_sum',
     'model.moe.balance.aux_loss_weight': 0.0, 'model.moe.balance.seq_aux_loss_weight': 1e-4,
     'model.moe.balance.bias_update_rate': 1e-3, 'model.tie_embeddings': False,
+    'model.mtp.depth': 1, 'model.mtp.loss_weight': 0.3,
 }
 FULL = {**COMMON,
         'model.vocab_size': 129280, 'model.d_model': 7168, 'model.num_layers': 61,

@@ -44,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.first_k_dense = 1  # the first layers use a dense FFN (DeepSeekMoE).
   m.moe_layer_freq = 1  # after those, every moe_layer_freq-th layer is MoE.
 
+  m.mtp = mtp = ml_collections.ConfigDict()
+  mtp.depth = 0  # DeepSeek-V3 multi-token prediction modules (training only); 0: off.
+  mtp.loss_weight = 0.3  # lambda: loss += lambda / depth * sum of the depths' cross-entropies.
+
   m.moe = moe = ml_collections.ConfigDict()
   moe.num_experts = 8
   moe.num_experts_per_tok = 2
@@ -231,6 +235,9 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _fail('train.warmup_steps', t.warmup_steps, f'must be below train.steps={t.steps}')
   _one_of(c, 'model.dtype', DTYPES)
   _one_of(c, 'model.attention', ('gqa', 'mla'))
+  _positive(c, 'model.mtp.depth model.mtp.loss_weight', allow_zero=True)
+  if m.mtp.depth >= dt.seq_len:
+    _fail('model.mtp.depth', m.mtp.depth, f'must be below data.seq_len={dt.seq_len}')
   if m.attention == 'mla':
     _positive(c, 'model.mla.kv_lora_rank model.mla.qk_nope_head_dim model.mla.qk_rope_head_dim '
               'model.mla.v_head_dim')

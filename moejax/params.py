@@ -1,8 +1,9 @@
 """Parameter counts from the real model definition, with nothing allocated (jax.eval_shape).
 
 python -m moejax.params --config=configs/deepseek_v3.py
-Prints total and activated parameters (one token uses K of the N routed experts), split by
-embedding / attention / dense FFN / routed experts / shared experts / router / norms.
+Prints total and activated parameters of the main model (one token uses K of the N routed
+experts), split by embedding / attention / dense FFN / routed experts / shared experts /
+router / norms, and the multi-token-prediction modules apart ('mtp', not in the total).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ _CATEGORIES = (('experts', 'routed_experts'), ('shared', 'shared_experts'), ('ro
 
 def _category(path) -> str:
   keys = [getattr(p, 'key', None) for p in path]
+  if any(isinstance(k, str) and k.startswith('mtp_') for k in keys):
+    return 'mtp'  # reported apart from the main model's total, as the papers do
   for key, name in _CATEGORIES:
     if key in keys:
       return name
@@ -38,10 +41,10 @@ def count_params(model_cfg) -> dict:
   model = Transformer(ml_collections.FrozenConfigDict(model_cfg))
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   split = {name: 0 for _, name in _CATEGORIES}
-  split['norms'] = 0
+  split['norms'] = split['mtp'] = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(shapes['params']):
     split[_category(path)] += int(np.prod(leaf.shape))
-  total = sum(split.values())
+  total = sum(v for k, v in split.items() if k != 'mtp')
   moe = model_cfg.moe
   unused = split['routed_experts'] * (moe.num_experts - moe.num_experts_per_tok) // moe.num_experts
   return {'total': total, 'active': total - unused, **split}

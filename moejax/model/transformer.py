@@ -138,14 +138,45 @@ class Transformer(nn.Module):
           x, positions, tokens, None if replay is None else replay[-1])
       auxes.append(jax_tree_expand(aux))
 
-    x = RMSNorm(c.norm_eps, dtype, name='final_norm')(x)
-    if c.tie_embeddings:
-      logits = jnp.einsum('bsd,vd->bsv', x.astype(jnp.float32), embedding) * c.d_model ** -0.5
-    else:
-      head = param_with_axes(self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'))
-      logits = jnp.einsum('bsd,dv->bsv', x, head.astype(dtype)).astype(jnp.float32)
-    logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
-    return logits, concat_aux(auxes)
+    head = None if c.tie_embeddings else param_with_axes(
+        self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'))
+
+    def output(h, norm_name):
+      h = RMSNorm(c.norm_eps, dtype, name=norm_name)(h)
+      if c.tie_embeddings:
+        out = jnp.einsum('bsd,vd->bsv', h.astype(jnp.float32), embedding) * c.d_model ** -0.5
+      else:
+        out = jnp.einsum('bsd,dv->bsv', h, head.astype(dtype)).astype(jnp.float32)
+      return nn.with_logical_constraint(out, ('batch', 'length', 'vocab'))
+
+    logits = output(x, 'final_norm')
+    aux = concat_aux(auxes)
+    if c.mtp.depth and self.train and not self.cache_len:
+      aux['mtp_logits'], aux['mtp_moe_loss'] = self._mtp(c, x, tokens, positions, embedding,
+                                                         output)
+    return logits, aux
+
+  def _mtp(self, c, h, tokens, positions, embedding, output):
+    """DeepSeek-V3 multi-token prediction (training only). Depth k combines the previous
+    depth's hidden state at position i with the embedding of token i + k (RMSNorm both,
+    concatenate, project), runs one transformer block, and predicts token i + k + 1 through the
+    shared output head. Returns the logits of each depth ([b, s - k, vocab]) and the weighted
+    balance losses of their MoE blocks."""
+    dtype = jnp.dtype(c.dtype)
+    all_logits, moe_loss = [], jnp.zeros((), jnp.float32)
+    has_moe = bool(c.num_layers > c.first_k_dense)
+    for k in range(1, c.mtp.depth + 1):
+      s = tokens.shape[1] - k
+      h_prev = RMSNorm(c.norm_eps, dtype, name=f'mtp_{k}_hnorm')(h[:, :s])
+      e = RMSNorm(c.norm_eps, dtype, name=f'mtp_{k}_enorm')(embedding.astype(dtype)[tokens[:, k:]])
+      proj = param_with_axes(self, f'mtp_{k}_proj', (2 * c.d_model, c.d_model), ('mlp', 'embed'))
+      h = jnp.concatenate([h_prev, e], axis=-1) @ proj.astype(dtype)  # [b, s, d]
+      h, aux = Block(c, has_moe, self.train, name=f'mtp_{k}_block')(
+          h, positions[:, k:], tokens[:, k:])
+      if aux is not None:
+        moe_loss = moe_loss + aux['loss']
+      all_logits.append(output(h, f'mtp_{k}_norm'))
+    return tuple(all_logits), moe_loss
 
 
 def jax_tree_expand(tree):

@@ -59,9 +59,22 @@ def cross_entropy(logits, targets):
   return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
 
+def mtp_total(aux: dict, targets, mtp_cfg, metrics: dict):
+  """lambda / D * sum_k CE_k; depth k's logits at position i predict targets[i + k]."""
+  if 'mtp_logits' not in aux:
+    return 0.0
+  ces = []
+  for k, logits in enumerate(aux['mtp_logits'], start=1):
+    ces.append(cross_entropy(logits, targets[:, k:]))
+    metrics[f'train/mtp_ce_{k}'] = ces[-1]
+  loss = mtp_cfg.loss_weight / len(ces) * sum(ces) + aux['mtp_moe_loss']
+  metrics['train/mtp_loss'] = loss
+  return loss
+
+
 def moe_metrics(aux: dict) -> dict:
   """Per-layer aux (leaves [num_moe_layers, ...]) -> logged metrics (means over layers)."""
-  if not aux:
+  if 'aux_loss' not in aux:  # no MoE layer
     return {}
   return {
       'moe/aux_loss': jnp.mean(aux['aux_loss']),
@@ -143,8 +156,10 @@ class Trainer:
         {'params': params, **model_state}, batch['inputs'], rngs={'router': rng},
         mutable=list(model_state))
     ce = cross_entropy(logits, batch['targets'])
-    moe_loss = jnp.sum(aux['loss']) if aux else 0.0
-    return ce + moe_loss, ({'train/ce_loss': ce, **moe_metrics(aux)}, new_state)
+    moe_loss = jnp.sum(aux['loss']) if 'loss' in aux else 0.0
+    metrics = {'train/ce_loss': ce, **moe_metrics(aux)}
+    mtp_loss = mtp_total(aux, batch['targets'], self.config.model.mtp, metrics)
+    return ce + moe_loss + mtp_loss, (metrics, new_state)
 
   def _train_step_fn(self, state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
