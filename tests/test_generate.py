@@ -1,5 +1,6 @@
-"""Decoding with a cache gives the same logits as a full forward pass (GQA and MLA, dropless
-MoE routing), and sampling behaves."""
+"""Decoding with a cache gives the same logits as a full forward pass (GQA and MLA; dropless
+top-K, sigmoid group-limited, hash and position-priority capacity routing), and sampling
+behaves."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,9 +22,25 @@ def _cfg(attention):
   return c.model
 
 
-@pytest.mark.parametrize('attention', ['gqa', 'mla'])
-def test_incremental_decoding_equals_full_forward(attention):
+# Causal routing paths beyond dropless softmax top-K (which both attention kinds use).
+ROUTING = {
+    'sigmoid_group_limited': {'router.score_fn': 'sigmoid', 'router.num_groups': 4,
+                              'router.topk_groups': 2, 'router.routed_scaling_factor': 2.5},
+    'hash': {'router.name': 'hash'},
+    # Position priority only looks at earlier tokens; a capacity that covers every token keeps
+    # a 1-token decoding step and the full forward from dropping differently.
+    'capacity_position': {'dispatch.name': 'capacity', 'dispatch.priority': 'position',
+                          'dispatch.eval_capacity_factor': 8.0},
+}
+
+
+@pytest.mark.parametrize('attention,routing', [('gqa', None), ('mla', None)] +
+                         [('gqa', r) for r in ROUTING])
+def test_incremental_decoding_equals_full_forward(attention, routing):
   m = _cfg(attention)
+  for key, value in ROUTING.get(routing, {}).items():
+    group, field = key.split('.')
+    m.moe[group][field] = value
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
   full_model = Transformer(ml_collections.FrozenConfigDict(m), train=False)
   variables = jax.jit(full_model.init)(jax.random.key(1), tokens)
