@@ -87,7 +87,8 @@ def plot_expert_load(metrics_path: str, out_path: str, moe_layer_ids=None) -> st
   vmax = max(2.0 / n, float(load.max()))
   for i, ax in enumerate(axes[:-1, 0]):
     im = ax.imshow(load[:, i, :].T, aspect='auto', origin='lower', cmap='viridis', vmin=0,
-                   vmax=vmax, extent=(steps[0], steps[-1], -0.5, n - 0.5), interpolation='nearest')
+                   vmax=vmax, extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, n - 0.5),
+                   interpolation='nearest')
     ax.set_ylabel(f'layer {names[i]}\nexpert')
   fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.6, label='share of routed tokens')
   vio = (load.max(-1) - load.mean(-1)) / load.mean(-1)  # [steps, layers]

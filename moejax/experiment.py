@@ -1,0 +1,209 @@
+"""Experiments: named arms (config overrides) x seeds, each a normal training run, then a table
+and plots.
+
+    python -m moejax.experiment experiments/balancing.py --workdir=runs/balancing [--smoke]
+
+An experiment file defines `get_experiment() -> Experiment`. Every (arm, seed) trains in
+DIR/ARM/seed_S with `training.loop.train`; a run that finished has DIR/ARM/seed_S/result.json
+and is not redone, an interrupted one resumes from its last checkpoint. At the end DIR/results.md
+holds the table (mean +/- std over seeds) and DIR/*.png the plots (moejax/report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from moejax import config as config_lib
+from moejax.training.metrics import read_metrics
+
+
+@dataclasses.dataclass
+class Arm:
+  """One setting under comparison: dotted config overrides, e.g. {'model.moe.num_experts': 16}.
+  `upcycle_from` names an arm whose checkpoint at `upcycle_at` x train.steps (same seed) this
+  arm starts from, converted to MoE by moejax.upcycle (that arm must checkpoint there)."""
+  overrides: dict
+  upcycle_from: str = ''
+  upcycle_at: float = 0.5
+  upcycle_mode: str = 'copy'
+
+
+@dataclasses.dataclass
+class Experiment:
+  name: str
+  base: Any  # ml_collections.ConfigDict shared by every arm
+  arms: dict  # arm name -> Arm or a dict of overrides
+  seeds: tuple = (0, 1, 2)
+  # Extra columns: name -> fn(metric rows of one run, its config) -> number or list per layer.
+  columns: dict = dataclasses.field(default_factory=dict)
+  # Evaluate each finished run again under config overrides: name -> overrides; the column
+  # '<name>/loss' holds the result (e.g. expert choice evaluated non-causally).
+  post_evals: dict = dataclasses.field(default_factory=dict)
+  smoke: dict = dataclasses.field(default_factory=dict)  # overrides for --smoke
+  note: str = ''  # what the literature found (markdown)
+
+  def arm(self, name: str) -> Arm:
+    a = self.arms[name]
+    return a if isinstance(a, Arm) else Arm(dict(a))
+
+
+def set_fields(config, overrides: dict):
+  for key, value in overrides.items():
+    node, *path = [config] + key.split('.')
+    for part in path[:-1]:
+      if part not in node:
+        raise config_lib.ConfigError(f'override {key!r}: config has no field {part!r}')
+      node = node[part]
+    if path[-1] not in node:
+      raise config_lib.ConfigError(f'override {key!r}: config has no field {path[-1]!r}')
+    node[path[-1]] = value
+  return config
+
+
+def load_module(path: str):
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f'{path!r} does not exist: pass an experiment or config file')
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'moejax_user_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.pop(0)
+  return module
+
+
+def load_config_file(spec: str):
+  """'configs/x.py' or 'configs/x.py:arg' -> the config its get_config() returns."""
+  path, _, arg = spec.partition(':')
+  module = load_module(path)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def run_config(exp: Experiment, arm: str, seed: int, smoke: bool):
+  c = copy.deepcopy(exp.base)
+  set_fields(c, exp.arm(arm).overrides)
+  if smoke:
+    set_fields(c, exp.smoke)
+  c.seed = seed
+  c.train.progress = False  # one bar over the runs instead
+  return c
+
+
+def summarize_run(rows: list[dict], config, exp: Experiment, post: dict) -> dict:
+  evals = [r for r in rows if 'eval/loss' in r]
+  speeds = [r['perf/tokens_per_sec'] for r in rows if 'perf/tokens_per_sec' in r][1:]  # compile
+  last = evals[-1] if evals else {}
+  out = {'final_step': rows[-1]['step'] if rows else 0,
+         'val_loss': last.get('eval/loss'),
+         'max_vio_global': last.get('eval/max_vio_global'),
+         'dropped_fraction': last.get('eval/dropped_fraction'),
+         'tokens_per_sec': float(np.median(speeds)) if speeds else None}
+  for name, fn in exp.columns.items():
+    out[name] = fn(rows, config)
+  out.update(post)
+  return out
+
+
+def post_evaluate(config, run_dir: str, overrides: dict) -> float:
+  """Evaluation loss of the run's last checkpoint under overridden (eval-time) settings."""
+  from moejax.data import pipeline
+  from moejax.parallel import sharding
+  from moejax.training.checkpoint import Checkpointer
+  from moejax.training.loop import evaluate
+  from moejax.training.step import Trainer
+  c = set_fields(copy.deepcopy(config), overrides)
+  mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
+  trainer = Trainer(c, mesh)
+  ck = Checkpointer(run_dir, c.train.keep_checkpoints)
+  state, _ = ck.restore(ck.latest_step(), trainer.abstract_state)
+  ck.close()
+  splits = pipeline.load_splits(c.data, c.seed)
+  batches = pipeline.eval_batches(splits.val, c.train.batch_size, c.train.eval_batches)
+  return evaluate(trainer, state, batches)['eval/loss']
+
+
+def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=None,
+        progress: bool = True) -> dict:
+  """Run every missing (arm, seed), then write the report. Returns {arm: [result per seed]}."""
+  from moejax.training.loop import train
+  from moejax.upcycle import upcycle
+  arms = list(arms or exp.arms)
+  seeds = list(seeds if seeds is not None else exp.seeds)
+  for name in arms:
+    if name not in exp.arms:
+      raise config_lib.ConfigError(f'--arms: no arm {name!r}; the experiment has '
+                                   f'{list(exp.arms)}')
+    src = exp.arm(name).upcycle_from
+    if src and src not in arms:
+      arms.insert(arms.index(name), src)  # its source must run first
+  # Check every run's config before the first compile.
+  configs = {(a, s): run_config(exp, a, s, smoke) for a in arms for s in seeds}
+  for c in configs.values():
+    config_lib.validate(c, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  if not jax.config.jax_compilation_cache_dir:
+    # Seeds of one arm compile the same programs: compile once, reuse from disk.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, '.jax_cache'))
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=len(configs), desc=exp.name, unit='run', dynamic_ncols=True)
+  results = {}
+  for (arm, seed), c in configs.items():
+    run_dir = os.path.join(workdir, arm, f'seed_{seed}')
+    result_path = os.path.join(run_dir, 'result.json')
+    if bar is not None:
+      bar.set_postfix_str(f'{arm} seed {seed}')
+    if not os.path.exists(result_path):
+      spec = exp.arm(arm)
+      if spec.upcycle_from and not os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+        source = os.path.join(workdir, spec.upcycle_from, f'seed_{seed}')
+        upcycle(c, source, run_dir, spec.upcycle_mode, int(spec.upcycle_at * c.train.steps))
+      train(c, run_dir)
+      post = {f'{n}/loss': post_evaluate(c, run_dir, o) for n, o in exp.post_evals.items()}
+      summary = summarize_run(read_metrics(os.path.join(run_dir, 'metrics.jsonl')), c, exp,
+                              post)
+      tmp = result_path + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(summary, f)
+      os.replace(tmp, result_path)  # a result exists only for a finished run
+    with open(result_path) as f:
+      results.setdefault(arm, []).append(json.load(f))
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  from moejax import report
+  report.write(exp, workdir, results, arms, seeds, smoke)
+  return results
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='python -m moejax.experiment',
+                              description='Run an experiment file: arms x seeds, then a report.')
+  p.add_argument('experiment', help='experiments/NAME.py')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--smoke', action='store_true', help='seconds-long version (for tests)')
+  p.add_argument('--arms', default='', help='comma-separated subset of arms')
+  p.add_argument('--seeds', type=int, default=0, help='use only the first N seeds')
+  args = p.parse_args(argv)
+  exp = load_module(args.experiment).get_experiment()
+  seeds = list(exp.seeds)[:args.seeds] if args.seeds else None
+  arms = [a for a in args.arms.split(',') if a] or None
+  run(exp, args.workdir, args.smoke, arms, seeds)
+  print(os.path.join(args.workdir, 'results.md'))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,169 @@
+"""An experiment's report: DIR/results.md (mean +/- std over seeds) and DIR/*.png plots, read
+from the runs' result.json and metrics.jsonl files."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from moejax.training.metrics import read_metrics
+
+BASE_COLUMNS = (('val_loss', 'val loss'), ('max_vio_global', 'MaxVio global'),
+                ('dropped_fraction', 'dropped'), ('tokens_per_sec', 'tokens/s'))
+
+
+def _fmt(values) -> str:
+  vals = [v for v in values if v is not None]
+  if not vals:
+    return '-'
+  if isinstance(vals[0], (list, tuple)):  # per layer: mean of each layer, ' / ' separated
+    return ' / '.join(_fmt([v[i] for v in vals]) for i in range(len(vals[0])))
+  a = np.asarray(vals, dtype=float)
+  digits = 0 if abs(a.mean()) >= 100 else 3
+  std = f' ± {a.std(ddof=1):.{digits}f}' if len(a) > 1 else ''
+  return f'{a.mean():.{digits}f}{std}'
+
+
+def table(exp, results: dict, arms) -> str:
+  cols = list(BASE_COLUMNS) + [(k, k) for k in exp.columns] + [
+      (f'{k}/loss', f'{k} loss') for k in exp.post_evals]
+  lines = ['| arm | ' + ' | '.join(title for _, title in cols) + ' |',
+           '|---' * (len(cols) + 1) + '|']
+  for arm in arms:
+    rs = results.get(arm, [])
+    lines.append(f'| {arm} | ' + ' | '.join(_fmt([r.get(k) for r in rs]) for k, _ in cols) +
+                 ' |')
+  return '\n'.join(lines)
+
+
+def _runs(workdir, arm, seeds):
+  out = []
+  for s in seeds:
+    path = os.path.join(workdir, arm, f'seed_{s}', 'metrics.jsonl')
+    if os.path.exists(path):
+      out.append(read_metrics(path))
+  return out
+
+
+def _curve(runs, key):
+  """(steps, [seeds, steps] values) over the steps every run logged `key` at."""
+  per_run = [{r['step']: r[key] for r in rows if key in r} for rows in runs]
+  if not per_run or not all(per_run):
+    return None, None
+  steps = sorted(set.intersection(*(set(d) for d in per_run)))
+  return np.asarray(steps), np.asarray([[d[s] for s in steps] for d in per_run], dtype=float)
+
+
+def _band_plot(plt, workdir, arms, seeds, key, ylabel, filename, title, logy=False):
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  drawn = False
+  for arm in arms:
+    steps, vals = _curve(_runs(workdir, arm, seeds), key)
+    if steps is None or not len(steps):
+      continue
+    mean, std = vals.mean(0), vals.std(0)
+    ax.plot(steps, mean, label=arm)
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    drawn = True
+  if not drawn:
+    plt.close(fig)
+    return None
+  ax.set_xlabel('step')
+  ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale('log')
+  ax.set_title(title + f' (mean ± std over {len(seeds)} seeds)', fontsize='medium')
+  ax.legend(fontsize='small')
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, filename), dpi=100)
+  plt.close(fig)
+  return filename
+
+
+def _load_heatmaps(plt, workdir, arms, seed):
+  loads = {}
+  for arm in arms:
+    runs = _runs(workdir, arm, [seed])
+    rows = [r for r in runs[0] if 'moe/expert_load' in r] if runs else []
+    if rows:
+      loads[arm] = (np.asarray([r['step'] for r in rows]),
+                    np.asarray([r['moe/expert_load'] for r in rows]))  # [steps, layers, N]
+  if not loads:
+    return None
+  layers = max(v[1].shape[1] for v in loads.values())
+  fig, axes = plt.subplots(len(loads), layers, figsize=(3.2 * layers + 1, 1.9 * len(loads) + 0.8),
+                           squeeze=False, sharex=True)
+  for i, (arm, (steps, load)) in enumerate(loads.items()):
+    n = load.shape[2]
+    for j in range(layers):
+      ax = axes[i, j]
+      if j >= load.shape[1]:
+        ax.axis('off')
+        continue
+      ax.imshow(load[:, j, :].T * n, aspect='auto', origin='lower', cmap='magma', vmin=0, vmax=3,
+                extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, n - 0.5),
+                interpolation='nearest')
+      ax.set_title(f'{arm}: MoE layer {j}', fontsize='small')
+      if j == 0:
+        ax.set_ylabel('expert')
+  fig.suptitle(f'Expert load per layer over training, seed {seed} (colour: load / uniform, '
+               '0 to 3)', fontsize='medium')
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'expert_load.png'), dpi=90)
+  plt.close(fig)
+  return 'expert_load.png'
+
+
+def _per_layer_vio(plt, workdir, arms, seeds):
+  data = {}
+  for arm in arms:
+    steps, vals = _curve(_runs(workdir, arm, seeds), 'moe/per_layer/max_vio')
+    if steps is not None and len(steps):
+      data[arm] = (steps, vals.mean(0))  # [steps, layers]
+  if not data:
+    return None
+  fig, axes = plt.subplots(1, len(data), figsize=(4 * len(data), 3.4), squeeze=False,
+                           sharey=True)
+  for ax, (arm, (steps, vio)) in zip(axes[0], data.items()):
+    for j in range(vio.shape[1]):
+      ax.plot(steps, vio[:, j], label=f'MoE layer {j}')
+    ax.set_title(arm, fontsize='small')
+    ax.set_xlabel('step')
+    ax.set_yscale('log')
+  axes[0, 0].set_ylabel('MaxVio (batch), mean over seeds')
+  axes[0, 0].legend(fontsize='x-small')
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'max_vio_per_layer.png'), dpi=90)
+  plt.close(fig)
+  return 'max_vio_per_layer.png'
+
+
+def write(exp, workdir: str, results: dict, arms, seeds, smoke: bool) -> str:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  plots = [
+      _band_plot(plt, workdir, arms, seeds, 'eval/loss', 'validation loss (nats/byte)',
+                 'loss_curves.png', 'Validation loss'),
+      _band_plot(plt, workdir, arms, seeds, 'moe/max_vio', 'MaxVio (batch)', 'max_vio.png',
+                 'Load imbalance over training', logy=True),
+      _per_layer_vio(plt, workdir, arms, seeds),
+      _load_heatmaps(plt, workdir, arms, seeds[0]),
+  ]
+  lines = [f'# {exp.name}' + (' (smoke size: not a result)' if smoke else ''), '',
+           f'Seeds: {list(seeds)}. Values are mean ± std over seeds (sample std), at the last '
+           'evaluation; "MaxVio global" is measured over the whole validation set, "tokens/s" '
+           'is the median training throughput after the first (compiling) interval.', '',
+           table(exp, results, arms), '', '## Arms', '']
+  for arm in arms:
+    spec = exp.arm(arm)
+    extra = (f' (upcycled from `{spec.upcycle_from}` at {spec.upcycle_at:g} of the steps, '
+             f'mode {spec.upcycle_mode})' if spec.upcycle_from else '')
+    lines.append(f'- `{arm}`: `{spec.overrides}`{extra}')
+  lines += [''] + [f'![{p}]({p})' for p in plots if p]
+  if exp.note:
+    lines += ['', '## Literature', '', exp.note.strip()]
+  path = os.path.join(workdir, 'results.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return path
