@@ -82,11 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
   b.importance_loss_weight = 0.0  # Shazeer 2017: CV(sum_t gates)^2.
   b.load_loss_weight = 0.0  # Shazeer 2017: CV(load)^2 (smooth load with the noisy router).
   moe.dispatch = d = ml_collections.ConfigDict()
-  d.name = 'dropless'  # 'capacity' (token dropping) or 'dropless'.
+  d.name = 'dropless'  # 'capacity' (indexed, token dropping), 'einsum' (GShard one-hot, token
+  # dropping, per group of group_size tokens) or 'dropless'.
+  d.group_size = 512  # einsum path: tokens per group (capacity is per group); divides the batch.
   d.capacity_factor = 1.25  # C = ceil(capacity_factor * K * T / N), K included (MaxText).
   d.eval_capacity_factor = 2.0
   d.min_capacity = 4
-  d.priority = 'choice'  # capacity drop order: 'choice' (all top-1 first) or 'position'.
+  d.priority = 'choice'  # capacity drop order: 'choice' (all top-1 first), 'position' or
+  # 'probability' (highest router weight first).
   d.backend = 'auto'  # dropless grouped matmul: 'auto' (blocked on CPU, else ragged_dot),
   # 'ragged_dot' or 'blocked'.
   d.block_size = 128  # rows per block of the 'blocked' backend.
@@ -149,9 +152,9 @@ SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
 BIAS_UPDATES = ('sign', 'proportional')
-DISPATCH_NAMES = ('capacity', 'dropless')
+DISPATCH_NAMES = ('capacity', 'einsum', 'dropless')
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
-PRIORITIES = ('choice', 'position')
+PRIORITIES = ('choice', 'position', 'probability')
 DTYPES = ('float32', 'bfloat16')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
@@ -298,6 +301,12 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _one_of(c, 'model.moe.router.dtype', DTYPES)
     _one_of(c, 'model.moe.dispatch.name', DISPATCH_NAMES)
     _one_of(c, 'model.moe.dispatch.priority', PRIORITIES)
+    if m.moe.dispatch.name == 'einsum':
+      _positive(c, 'model.moe.dispatch.group_size')
+      tokens = c.train.batch_size * c.data.seq_len
+      if tokens % min(m.moe.dispatch.group_size, tokens):
+        _fail('model.moe.dispatch.group_size', m.moe.dispatch.group_size,
+              f'must divide the {tokens} tokens of a batch (train.batch_size * data.seq_len)')
     _one_of(c, 'model.moe.dispatch.backend', DROPLESS_BACKENDS)
 
   if dt.source == 'files':
@@ -327,7 +336,8 @@ def routing_is_causal(m, train: bool) -> bool:
   """Whether a token's routed output can depend on later tokens of the batch.
 
   Expert choice (unless evaluated as token-choice top-K) and capacity dispatch that serves all
-  first choices before second choices both let later tokens change earlier tokens' routing.
+  first choices before second choices, or the highest router weights first, let later tokens
+  change earlier tokens' routing.
   """
   if not moe_layer_ids(m):
     return True
@@ -336,4 +346,7 @@ def routing_is_causal(m, train: bool) -> bool:
     return False
   if r.name == 'sinkhorn' and train:
     return False
-  return not (d.name == 'capacity' and d.priority == 'choice' and m.moe.num_experts_per_tok > 1)
+  if d.name in ('capacity', 'einsum') and d.priority == 'probability':
+    return False
+  return not (d.name in ('capacity', 'einsum') and d.priority == 'choice' and
+              m.moe.num_experts_per_tok > 1)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.moe.dispatch import CapacityDispatch, capacity_slots, expert_capacity
+from moejax.moe.dispatch import (CapacityDispatch, EinsumDispatch, capacity_slots,
+                                 expert_capacity)
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.layer import MoEFFN
 from moejax.moe.routers import RouterOutput
@@ -35,6 +36,15 @@ def test_position_priority_serves_tokens_in_order():
   # e0 <- t0, t1 (t2, t3 dropped); e1 <- t0, t1 (t2, t3 dropped).
   slots = capacity_slots(INDEX, num_experts=2, capacity=2, priority='position')
   np.testing.assert_array_equal(slots, [[0, 2], [1, 3], [4, 4], [4, 4]])
+
+
+def test_probability_priority_serves_highest_weights_first():
+  # Pairs served by weight: t2/e0 .9, t3/e1 .8, t1/e0 .7, t0/e0 .6 (e0 full: dropped),
+  # t0/e1 .4, then t1/e1 .3, t3/e0 .2, t2/e1 .1 all dropped (both experts full).
+  weights = jnp.array([[.6, .4], [.7, .3], [.9, .1], [.8, .2]])
+  slots = capacity_slots(INDEX, num_experts=2, capacity=2, priority='probability',
+                         weights=weights)
+  np.testing.assert_array_equal(slots, [[4, 3], [1, 4], [0, 4], [2, 4]])
 
 
 def _swiglu(x, w0, w1, wo):
@@ -76,16 +86,37 @@ def test_capacity_output_drops_exactly_the_hand_worked_choices():
   assert np.all(np.asarray(y[2]) == 0)  # token 2 lost both choices: only the residual carries it
 
 
+@pytest.mark.parametrize('group_size,keep', [
+    (4, [[1, 1], [1, 0], [0, 0], [1, 0]]),  # one group: the same drops as the indexed path
+    # Two groups of 2, capacity ceil(0.5 * 2 * 2 / 2) = 1 each. Group {t0, t1}: e0 <- t0 (t1's
+    # first choice dropped), e1 <- t0 (t1's second dropped). Group {t2, t3}: e0 <- t2,
+    # e1 <- t3; both second choices find their expert full.
+    (2, [[1, 1], [0, 0], [1, 0], [1, 0]]),
+])
+def test_einsum_output_drops_exactly_the_hand_worked_choices(group_size, keep):
+  mod, params = _experts(2)
+  x = jax.random.normal(jax.random.key(2), (4, 8))
+  w = jnp.array([[.6, .4], [.7, .3], [.5, .5], [.9, .1]])
+  r = RouterOutput(INDEX, w, jnp.zeros((4, 2)), jnp.zeros((4, 2)))
+  dispatch = EinsumDispatch(group_size=group_size, capacity_factor=0.5, min_capacity=1)
+  y, stats = mod.apply(params, x, r, mod, True, method=lambda m, *a: dispatch(*a[:2], m, a[3]))
+  np.testing.assert_allclose(y, loop_reference(x, INDEX, w, params['params'], keep), rtol=1e-5,
+                             atol=1e-6)
+  assert float(stats['dropped_fraction']) == 1 - np.mean(keep)
+
+
 def _layer(dispatch, backend='auto'):
   c = tiny_config()
   c.model.moe.dispatch.name = dispatch
   c.model.moe.dispatch.backend = backend
   c.model.moe.dispatch.capacity_factor = 100.0  # large enough that nothing drops
+  c.model.moe.dispatch.group_size = 16  # einsum: the 48 tokens of layer_case in 3 groups
   c.model.moe.num_shared_experts = 1
   return MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), c.model.d_model)
 
 
-PATHS = [('capacity', 'auto'), ('dropless', 'blocked'), ('dropless', 'ragged_dot')]
+PATHS = [('capacity', 'auto'), ('einsum', 'auto'), ('dropless', 'blocked'),
+         ('dropless', 'ragged_dot')]
 
 
 @pytest.fixture(scope='module')

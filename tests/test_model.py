@@ -59,6 +59,7 @@ def _trainer(c, sizes):
 @pytest.mark.parametrize('dispatch,mesh,deepseek_v3', [
     ('dropless', dict(data=2, fsdp=1, expert=4, tensor=1), True),
     ('capacity', dict(data=1, fsdp=2, expert=2, tensor=2), False),
+    ('einsum', dict(data=1, fsdp=1, expert=8, tensor=1), False),
 ])
 def test_eight_devices_match_one_device(dispatch, mesh, deepseek_v3):
   """Same params and batch on 1 device and on 8 simulated devices: same losses and routing.
@@ -69,7 +70,7 @@ def test_eight_devices_match_one_device(dispatch, mesh, deepseek_v3):
   that the bias update uses global counts: its bias must be identical on both meshes.
   """
   c = tiny_config()
-  c.model.moe.dispatch.name = dispatch
+  c.model.moe.dispatch.name, c.model.moe.dispatch.group_size = dispatch, 32
   if deepseek_v3:
     r, b = c.model.moe.router, c.model.moe.balance
     r.score_fn, r.routed_scaling_factor, r.num_groups, r.topk_groups = 'sigmoid', 2.5, 4, 2

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.routers import RouterOutput
@@ -21,23 +23,33 @@ def expert_capacity(num_tokens: int, k: int, num_experts: int, factor: float,
   return min(c, num_tokens)
 
 
-def capacity_slots(expert_index, num_experts: int, capacity: int, priority: str):
+def capacity_slots(expert_index, num_experts: int, capacity: int, priority: str,
+                   weights=None):
   """Slot e*C + position of each (token, choice) in its expert's buffer; N*C where dropped.
 
   priority 'choice' serves every token's first choice before any second choice (flaxformer);
-  'position' serves tokens in sequence order, all choices of a token together.
+  'position' serves tokens in sequence order, all choices of a token together; 'probability'
+  serves (token, choice) pairs by decreasing router weight `weights` [T, K] (V-MoE's batch
+  prioritized routing, over pairs), ties in sequence order.
   """
   t, k = expert_index.shape
-  order_tk = expert_index.T if priority == 'choice' else expert_index  # priority order
-  flat = order_tk.reshape(-1)  # [T*K]
-  order = jnp.argsort(flat, stable=True)  # stable: equal experts keep priority order
+  pairs = jnp.arange(t * k, dtype=jnp.int32)  # token-major pair ids t*K + k
+  if priority == 'position':
+    serve = pairs
+  elif priority == 'choice':
+    serve = pairs.reshape(t, k).T.reshape(-1)
+  elif priority == 'probability':
+    serve = jnp.argsort(-weights.reshape(-1).astype(jnp.float32), stable=True).astype(jnp.int32)
+  else:
+    raise ValueError(f'priority {priority!r}')
+  flat = expert_index.reshape(-1)[serve]  # [T*K] experts in serving order
+  order = jnp.argsort(flat, stable=True)  # stable: equal experts keep serving order
   counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
   starts = jnp.cumsum(counts) - counts
   rank = jnp.arange(t * k, dtype=jnp.int32) - starts[flat[order]]
-  position = jnp.zeros((t * k,), jnp.int32).at[order].set(rank)  # [T*K]
+  position = jnp.zeros((t * k,), jnp.int32).at[order].set(rank)  # [T*K] in serving order
   slots = jnp.where(position < capacity, flat * capacity + position, num_experts * capacity)
-  slots = slots.reshape(order_tk.shape)
-  return slots.T if priority == 'choice' else slots  # [T, K]
+  return jnp.zeros((t * k,), jnp.int32).at[serve].set(slots).reshape(t, k)  # [T, K]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +66,7 @@ class CapacityDispatch:
     n = experts.num_experts
     factor = self.capacity_factor if train else self.eval_capacity_factor
     c = expert_capacity(t, k, n, factor, self.min_capacity)
-    slots = capacity_slots(r.expert_index, n, c, self.priority)  # [T, K]
+    slots = capacity_slots(r.expert_index, n, c, self.priority, r.combine_weights)  # [T, K]
     token_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k))
     # Which token fills each slot (T: an empty slot, reads the zero row).
     slot_token = jnp.full((n * c + 1,), t, jnp.int32).at[slots.reshape(-1)].set(
@@ -65,6 +77,44 @@ class CapacityDispatch:
     y_pad = jnp.concatenate([y_buf, jnp.zeros((1, d), y_buf.dtype)])
     y = jnp.einsum('tkd,tk->td', y_pad[slots], r.combine_weights.astype(y_pad.dtype))
     dropped = slots == n * c  # [T, K]
+    return y, {'dropped_fraction': jnp.mean(dropped.astype(jnp.float32)),
+               'zero_expert_fraction': jnp.mean(jnp.all(dropped, axis=-1).astype(jnp.float32))}
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumDispatch:
+  """GShard's form: per group of `group_size` tokens, one-hot dispatch and combine tensors
+  [G, S, N, C] moved by einsums into [N, G*C, D] expert buffers and back. No gathers or
+  scatters, so GSPMD shards it from annotations alone; the dispatch tensors hold
+  T * N * C = T * S * K * factor numbers, bounded by the group size, not by the batch."""
+  group_size: int = 512
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_capacity: int = 4
+  priority: str = 'choice'
+
+  def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
+    t, d = x.shape
+    k = r.expert_index.shape[1]
+    n = experts.num_experts
+    s = min(self.group_size, t)
+    if t % s:
+      raise ValueError(f'config.model.moe.dispatch.group_size={self.group_size}: must divide '
+                       f'the {t} tokens of a batch (batch_size * seq_len); pick a divisor')
+    g = t // s
+    factor = self.capacity_factor if train else self.eval_capacity_factor
+    c = expert_capacity(s, k, n, factor, self.min_capacity)
+    slots = jax.vmap(lambda e, w: capacity_slots(e, n, c, self.priority, w))(
+        r.expert_index.reshape(g, s, k), r.combine_weights.reshape(g, s, k))  # [G, S, K]
+    onehot = jax.nn.one_hot(slots, n * c + 1, dtype=x.dtype)[..., :n * c]  # [G, S, K, N*C]
+    dispatch = onehot.sum(2).reshape(g, s, n, c)  # [G, S, N, C] (a token fills a slot once)
+    weights = r.combine_weights.reshape(g, s, k).astype(x.dtype)
+    combine = jnp.einsum('gskm,gsk->gsm', onehot, weights).reshape(g, s, n, c)
+    dispatch = nn.with_logical_constraint(dispatch, ('batch', None, 'expert', None))
+    buffers = jnp.einsum('gsnc,gsd->ngcd', dispatch, x.reshape(g, s, d))  # [N, G, C, D]
+    y_buf = experts.capacity(buffers.reshape(n, g * c, d)).reshape(n, g, c, d)
+    y = jnp.einsum('gsnc,ngcd->gsd', combine.astype(y_buf.dtype), y_buf).reshape(t, d)
+    dropped = slots == n * c  # [G, S, K]
     return y, {'dropped_fraction': jnp.mean(dropped.astype(jnp.float32)),
                'zero_expert_fraction': jnp.mean(jnp.all(dropped, axis=-1).astype(jnp.float32))}
 

@@ -6,7 +6,7 @@ these two functions.
 """
 from __future__ import annotations
 
-from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch
+from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch, EinsumDispatch
 from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, SinkhornRouter,
                                  TopKRouter)
 
@@ -22,6 +22,10 @@ DISPATCHERS = {
     'capacity': lambda d: CapacityDispatch(
         capacity_factor=d.capacity_factor, eval_capacity_factor=d.eval_capacity_factor,
         min_capacity=d.min_capacity, priority=d.priority),
+    'einsum': lambda d: EinsumDispatch(
+        group_size=d.group_size, capacity_factor=d.capacity_factor,
+        eval_capacity_factor=d.eval_capacity_factor, min_capacity=d.min_capacity,
+        priority=d.priority),
     'dropless': lambda d: DroplessDispatch(),
 }
 
