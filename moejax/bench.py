@@ -6,6 +6,10 @@ Rows: case, ms (median of --reps timed runs after one warm-up run), ratio_to_den
 (the FLOPs a token really needs: 3 matmuls forward, x3 for forward + backward, over its K
 routed and its shared experts, plus the router), temp_bytes (compiled temporary memory from
 memory_analysis()) and its ratio to the dense FFN's, and dropped_fraction.
+
+Also: the einsum (GShard) path at --group-size; with --hf (needs the torch extra) Hugging Face's
+DeepSeek-V3 MoE block on the same shape and our speed-up over it; and one 'all_to_all' row per
+--meshes entry with the per-layer bytes each device sends in expert parallelism (planner.py).
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ def _fwd_bwd(module, x, cot):
 
 def _moe_cfg(a, dispatch: str, backend: str = 'auto', factor: float = 1.25):
   moe = base_config().model.moe
+  moe.dispatch.group_size = a.group_size
   moe.num_experts, moe.num_experts_per_tok = a.experts, a.top_k
   moe.expert_ffn_dim, moe.num_shared_experts = a.expert_dim, a.shared
   moe.dispatch.name, moe.dispatch.backend = dispatch, backend
@@ -69,6 +74,10 @@ def bench_moe(a):
   for f in a.capacity_factors:
     cases.append((f'capacity_cf{f:g}', MoEFFN(_moe_cfg(a, 'capacity', factor=f), a.d_model,
                                                dtype)))
+  if a.group_size:
+    f = a.capacity_factors[0] if a.capacity_factors else 1.25
+    cases.append((f'einsum_g{a.group_size}_cf{f:g}',
+                  MoEFFN(_moe_cfg(a, 'einsum', factor=f), a.d_model, dtype)))
   dense = None
   for name, module in cases:
     params = nn.unbox(jax.jit(module.init)(jax.random.key(2), x))
@@ -88,6 +97,24 @@ def bench_moe(a):
         'dropped_fraction': round(float(dropped), 4), 'backend': jax.default_backend()}
 
 
+def all_to_all_rows(a):
+  """Per-layer expert-parallel traffic of this shape on each mesh in --meshes."""
+  from moejax.planner import all_to_all, parse_mesh
+  c = base_config().model
+  c.d_model, c.num_layers, c.first_k_dense = a.d_model, 1, 0
+  c.moe = _moe_cfg(a, 'dropless').as_configdict()
+  for spec in a.meshes:
+    mesh = parse_mesh(spec)
+    if a.experts % mesh['expert']:
+      yield {'case': 'all_to_all', 'mesh': spec, 'skipped': f"expert axis {mesh['expert']} "
+             f'does not divide {a.experts} experts'}
+      continue
+    per_device = a.tokens // (mesh['data'] * mesh['fsdp'] * mesh['expert'])
+    out = all_to_all(c, mesh, per_device, 'bf16')
+    yield {'case': 'all_to_all', 'mesh': spec, 'tokens_per_device': per_device,
+           'dtype': 'bf16', **{k: v for k, v in out.items() if k != 'moe_layers'}}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(prog='python -m moejax.bench')
   sub = p.add_subparsers(dest='what', required=True)
@@ -104,12 +131,29 @@ def main(argv=None):
   m.add_argument('--capacity-factors', type=float, nargs='*', default=[1.25])
   m.add_argument('--ragged-dot', action='store_true',
                  help='also time jax.lax.ragged_dot (very slow on CPU)')
+  m.add_argument('--group-size', type=int, default=512,
+                 help='einsum (GShard) path tokens per group; 0 skips it')
+  m.add_argument('--hf', action='store_true', help="also time Hugging Face's DeepSeek-V3 MoE "
+                 'block (grouped_mm and eager experts; needs the torch extra)')
+  m.add_argument('--meshes', nargs='*', default=['expert=8', 'data=2,expert=4', 'expert=64'],
+                 help='meshes for the all-to-all rows')
   m.add_argument('--reps', type=int, default=3)
   m.add_argument('--json', action='store_true', help='one JSON object per line (default)')
   a = p.parse_args(argv)
   if a.tokens % a.seq and a.tokens > a.seq:
     p.error(f'--tokens={a.tokens} must be a multiple of --seq={a.seq}')
+  ours = {}
   for row in bench_moe(a):
+    ours[row['case']] = row['ms']
+    print(json.dumps(row), flush=True)
+  if a.hf:
+    from moejax.bench_hf import bench_hf
+    for row in bench_hf(a):
+      if row['case'] != 'hf_torch_dense_ffn':  # how much faster each of our paths runs
+        row['moejax_speedup'] = {k: round(row['ms'] / v, 2) for k, v in ours.items()
+                                 if k != 'dense_ffn'}
+      print(json.dumps(row), flush=True)
+  for row in all_to_all_rows(a):
     print(json.dumps(row), flush=True)
 
 

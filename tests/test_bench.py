@@ -6,11 +6,21 @@ from moejax.bench import main
 
 def test_bench_moe_smoke(capsys):
   main(['moe', '--tokens', '256', '--seq', '64', '--d-model', '32', '--experts', '8',
-        '--expert-dim', '16', '--top-k', '2', '--reps', '1', '--capacity-factors', '0.5'])
+        '--expert-dim', '16', '--top-k', '2', '--reps', '1', '--capacity-factors', '0.5',
+        '--group-size', '64', '--hf', '--meshes', 'expert=8', 'expert=16'])
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert [r['case'] for r in rows] == ['dense_ffn', 'dropless_blocked', 'capacity_cf0.5']
-  assert rows[0]['ratio_to_dense'] == 1.0
-  for r in rows:
+  assert [r['case'] for r in rows] == [
+      'dense_ffn', 'dropless_blocked', 'capacity_cf0.5', 'einsum_g64_cf0.5', 'hf_torch_dense_ffn',
+      'hf_deepseek_v3_grouped_mm', 'hf_deepseek_v3_eager', 'all_to_all', 'all_to_all']
+  ours, hf, a2a = rows[:4], rows[4:7], rows[7:]
+  assert ours[0]['ratio_to_dense'] == 1.0
+  for r in ours:
     assert r['ms'] > 0 and r['temp_bytes'] >= 0 and r['active_gflops_per_s'] > 0
-  assert rows[1]['dropped_fraction'] == 0.0
-  assert rows[2]['dropped_fraction'] > 0.3  # factor 0.5 cannot hold every choice
+  assert ours[1]['dropped_fraction'] == 0.0
+  assert ours[2]['dropped_fraction'] > 0.3  # factor 0.5 cannot hold every choice
+  assert ours[3]['dropped_fraction'] > 0.3
+  for r in hf[1:]:
+    assert r['ms'] > 0 and set(r['moejax_speedup']) == {c['case'] for c in ours[1:]}
+  # 8 experts on 8 ranks, top-2: 2 distinct ranks, 7/8 of them remote, dispatch + combine, bf16.
+  assert a2a[0]['a2a_bytes_per_token_per_layer'] == round(2 * 2 * 7 / 8 * 32 * 2)
+  assert a2a[0]['tokens_per_device'] == 32 and 'skipped' in a2a[1]
