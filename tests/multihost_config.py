@@ -1,8 +1,9 @@
-"""The config both sides of the multi-host test train (not collected by pytest)."""
+"""The config of the multi-host test (test_multihost.py), for both the two-process run
+(`python -m moejax.main --config=tests/multihost_config.py ...`) and the one-process run."""
 from moejax.config import base_config
 
 
-def config():
+def get_config():
   c = base_config()
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 32, 3, 4, 2, 8

@@ -10,7 +10,7 @@ import numpy as np
 from moejax.training.loop import train
 from moejax.training.metrics import read_metrics
 
-from multihost_config import config
+from multihost_config import get_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,14 +28,20 @@ def _rows(workdir):
 def test_two_processes_match_one_process(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, 'multihost_worker.py'), str(i),
-                             port, multi], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=4 '  # 4 devices per process
+                      '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'}
+  # The documented multi-host command, once per process.
+  procs = [subprocess.Popen([sys.executable, '-m', 'moejax.main',
+                             f'--config={os.path.join(HERE, "multihost_config.py")}',
+                             f'--workdir={multi}', f'--coordinator=localhost:{port}',
+                             '--num_processes=2', f'--process_id={i}'],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  train(config(), single)  # this process: 8 simulated devices, same mesh (data=2, expert=4)
+  train(get_config(), single)  # this process: 8 simulated devices, same mesh (data=2, expert=4)
   got, want = _rows(multi), _rows(single)
   assert sorted(got) == sorted(want) == list(range(5))
   # Tolerance 1e-5 relative: the same program, with the cross-process reductions done by gloo
