@@ -83,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   b.load_loss_weight = 0.0  # Shazeer 2017: CV(load)^2 (smooth load with the noisy router).
   moe.dispatch = d = ml_collections.ConfigDict()
   d.name = 'dropless'  # 'capacity' (indexed, token dropping), 'einsum' (GShard one-hot, token
-  # dropping, per group of group_size tokens) or 'dropless'.
+  # dropping, per group of group_size tokens), 'all_to_all' (capacity per device, shard_map
+  # all-to-all over the expert mesh axis) or 'dropless'.
   d.group_size = 512  # einsum path: tokens per group (capacity is per group); divides the batch.
   d.capacity_factor = 1.25  # C = ceil(capacity_factor * K * T / N), K included (MaxText).
   d.eval_capacity_factor = 2.0
@@ -152,7 +153,7 @@ SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
 BIAS_UPDATES = ('sign', 'proportional')
-DISPATCH_NAMES = ('capacity', 'einsum', 'dropless')
+DISPATCH_NAMES = ('capacity', 'einsum', 'all_to_all', 'dropless')
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
 PRIORITIES = ('choice', 'position', 'probability')
 DTYPES = ('float32', 'bfloat16')
@@ -346,7 +347,7 @@ def routing_is_causal(m, train: bool) -> bool:
     return False
   if r.name == 'sinkhorn' and train:
     return False
-  if d.name in ('capacity', 'einsum') and d.priority == 'probability':
+  dropping = d.name in ('capacity', 'einsum', 'all_to_all')
+  if dropping and d.priority == 'probability':
     return False
-  return not (d.name in ('capacity', 'einsum') and d.priority == 'choice' and
-              m.moe.num_experts_per_tok > 1)
+  return not (dropping and d.priority == 'choice' and m.moe.num_experts_per_tok > 1)

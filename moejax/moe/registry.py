@@ -7,6 +7,7 @@ these two functions.
 from __future__ import annotations
 
 from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch, EinsumDispatch
+from moejax.moe.expert_parallel import AllToAllDispatch
 from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, SinkhornRouter,
                                  TopKRouter)
 
@@ -26,6 +27,9 @@ DISPATCHERS = {
         group_size=d.group_size, capacity_factor=d.capacity_factor,
         eval_capacity_factor=d.eval_capacity_factor, min_capacity=d.min_capacity,
         priority=d.priority),
+    'all_to_all': lambda d: AllToAllDispatch(
+        capacity_factor=d.capacity_factor, eval_capacity_factor=d.eval_capacity_factor,
+        min_capacity=d.min_capacity, priority=d.priority),
     'dropless': lambda d: DroplessDispatch(),
 }
 
