@@ -12,6 +12,9 @@ COLAB = pathlib.Path(__file__).resolve().parents[1] / 'colab'
 def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv('MOEJAX_SMOKE', '1')  # the kernel inherits the environment
   monkeypatch.setenv('MOEJAX_WORKDIR', str(tmp_path))
+  # One CPU device and XLA's cheapest optimisation (compile time dominates a smoke run).
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0 '
+                     '--xla_llvm_disable_expensive_passes=true')
   nb = nbformat.read(COLAB / f'{name}.ipynb', as_version=4)
   NotebookClient(nb, timeout=600, kernel_name='python3',
                  resources={'metadata': {'path': str(COLAB)}}).execute()
