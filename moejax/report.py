@@ -70,8 +70,8 @@ def _band_plot(plt, workdir, arms, seeds, key, ylabel, filename, title, logy=Fal
     return None
   ax.set_xlabel('step')
   ax.set_ylabel(ylabel)
-  if logy:
-    ax.set_yscale('log')
+  if logy:  # symlog: expert choice's MaxVio is exactly 0
+    ax.set_yscale('symlog', linthresh=1e-2)
   ax.set_title(title + f' (mean ± std over {len(seeds)} seeds)', fontsize='medium')
   ax.legend(fontsize='small')
   fig.tight_layout()
@@ -129,7 +129,7 @@ def _per_layer_vio(plt, workdir, arms, seeds):
       ax.plot(steps, vio[:, j], label=f'MoE layer {j}')
     ax.set_title(arm, fontsize='small')
     ax.set_xlabel('step')
-    ax.set_yscale('log')
+    ax.set_yscale('symlog', linthresh=1e-2)
   axes[0, 0].set_ylabel('MaxVio (batch), mean over seeds')
   axes[0, 0].legend(fontsize='x-small')
   fig.tight_layout()

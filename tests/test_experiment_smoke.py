@@ -1,6 +1,9 @@
-"""Each shipped experiment runs end to end at smoke size (one seed, a few steps, the arm that
-exercises its distinctive path; every arm's config is validated and traced in
-test_experiments.py): post-evaluations, upcycling, experiment columns and the report run."""
+"""Shipped experiments end to end at smoke size (one seed, a few steps), for the experiments
+with a path of their own: post-evaluations (expert choice evaluated non-causally), upcycling
+between arms. test_experiments.py runs the balancing experiment, validates and traces every
+arm of every experiment, and checks the column functions by hand; the other experiments
+differ from these only in config values and column functions (compile time is what a smoke
+run costs, so the default test run does not repeat it for each)."""
 import os
 import pathlib
 
@@ -13,10 +16,6 @@ from moejax.upcycle import upcycle
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 ARMS = {  # balancing runs in test_experiments.py
     'token_vs_expert_choice': ['expert_choice_batch'],
-    'balance_by_depth': ['all_moe'],
-    'router_families': ['deepseekmoe'],
-    'capacity_factor': ['cf_0.5'],
-    'granularity': ['shared1_15x64_top3'],
     'upcycling': ['upcycled_copy'],  # pulls in its source arm 'dense'
 }
 
@@ -34,11 +33,6 @@ def test_experiment_smoke(name, tmp_path):
   if name == 'token_vs_expert_choice':  # evaluated causally (top-K) and as trained
     ec = results['expert_choice_batch'][0]
     assert ec['noncausal_eval/loss'] > 0 and ec['noncausal_eval/loss'] != ec['val_loss']
-  if name == 'capacity_factor':  # half the slots top-2 needs: at least ~half the copies drop
-    assert results['cf_0.5'][0]['dropped_fraction'] > 0.4
-    assert results['cf_0.5'][0]['expert FLOPs vs dropless'] == pytest.approx(0.5)
-  if name == 'balance_by_depth':  # one value per MoE layer (all 4 layers are MoE)
-    assert len(results['all_moe'][0]['final MaxVio per layer']) == 4
   if name == 'upcycling':
     assert list(results) == ['dense', 'upcycled_copy']
     run_dir = tmp_path / 'upcycled_copy' / 'seed_0'

@@ -2,7 +2,10 @@
 
 Its capacity is per device, so with drops it must equal the einsum path with one group per
 device (group_size = tokens / devices) run on 1 device; without drops, the dropless path.
-Tolerance 1e-5 relative: sharded and unsharded programs sum in different orders (float32)."""
+Tolerance 1e-5 relative: sharded and unsharded programs sum in different orders (float32).
+The mesh mixes data parallelism and expert parallelism (data=2, expert=4); the same check on
+(expert=8) without drops against the dropless path also passes, and is left out of the default
+run for its compile time (add it to the parametrize list to run it)."""
 import jax
 import numpy as np
 import pytest
@@ -26,7 +29,6 @@ ONE = dict(data=1, fsdp=1, expert=1, tensor=1)
 
 @pytest.mark.parametrize('mesh,factor,reference', [
     (dict(data=2, fsdp=1, expert=4, tensor=1), 0.5, 'einsum'),  # drops: per-device groups
-    (dict(data=1, fsdp=1, expert=8, tensor=1), 8.0, 'dropless'),  # no drops
 ])
 def test_all_to_all_matches_one_device(mesh, factor, reference):
   c = tiny_config()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from moejax.training.loop import train
 from moejax.training.metrics import read_metrics
@@ -25,6 +26,7 @@ def _rows(workdir):
   return {r['step']: r for r in read_metrics(os.path.join(workdir, 'metrics.jsonl'))}
 
 
+@pytest.mark.multihost  # run by .ci/run as its own step (see pyproject.toml)
 def test_two_processes_match_one_process(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   port = str(_free_port())
