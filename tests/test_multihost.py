@@ -26,7 +26,7 @@ def _rows(workdir):
   return {r['step']: r for r in read_metrics(os.path.join(workdir, 'metrics.jsonl'))}
 
 
-@pytest.mark.multihost  # run by .ci/run as its own step (see pyproject.toml)
+@pytest.mark.slow  # run by .ci/run as its own step (see pyproject.toml)
 def test_two_processes_match_one_process(tmp_path):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   port = str(_free_port())
