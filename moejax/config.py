@@ -138,6 +138,21 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   return c
 
 
+def set_fields(config, overrides: dict):
+  """Set dotted fields, e.g. {'model.moe.num_experts': 16}; an unknown field is an error."""
+  for key, value in overrides.items():
+    *path, last = key.split('.')
+    node = config
+    for part in path:
+      if part not in node:
+        raise ConfigError(f'override {key!r}: config has no field {part!r}')
+      node = node[part]
+    if last not in node:
+      raise ConfigError(f'override {key!r}: config has no field {last!r}')
+    node[last] = value
+  return config
+
+
 def _merge(node, d: dict):
   for k, v in d.items():
     if k in node and isinstance(node[k], ml_collections.ConfigDict) and isinstance(v, dict):

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from moejax import config as config_lib
+from moejax.config import set_fields
 from moejax.training.metrics import read_metrics
 
 
@@ -54,19 +55,6 @@ class Experiment:
   def arm(self, name: str) -> Arm:
     a = self.arms[name]
     return a if isinstance(a, Arm) else Arm(dict(a))
-
-
-def set_fields(config, overrides: dict):
-  for key, value in overrides.items():
-    node, *path = [config] + key.split('.')
-    for part in path[:-1]:
-      if part not in node:
-        raise config_lib.ConfigError(f'override {key!r}: config has no field {part!r}')
-      node = node[part]
-    if path[-1] not in node:
-      raise config_lib.ConfigError(f'override {key!r}: config has no field {path[-1]!r}')
-    node[path[-1]] = value
-  return config
 
 
 def load_module(path: str):

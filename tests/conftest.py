@@ -39,6 +39,19 @@ def tiny_config(**moe):
   return c
 
 
+def trainer_on(c, sizes: dict):
+  """A Trainer for config c on a mesh of these axis sizes, over the first devices."""
+  import numpy as np
+  from moejax.config import mesh_shape, validate
+  from moejax.parallel.sharding import make_mesh
+  from moejax.training.step import Trainer
+  n = int(np.prod(list(sizes.values())))
+  for axis, size in sizes.items():
+    c.mesh[axis] = size
+  validate(c, n)
+  return Trainer(c, make_mesh(mesh_shape(c, n), jax.devices()[:n]))
+
+
 @pytest.fixture
 def config():
   return tiny_config()

@@ -10,19 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from moejax.config import mesh_shape, validate
-from moejax.parallel.sharding import make_mesh
-from moejax.training.step import Trainer
-
-
-def _trainer(c, sizes):
-  n = int(np.prod(list(sizes.values())))
-  for a, v in sizes.items():
-    c.mesh[a] = v
-  validate(c, n)
-  return Trainer(c, make_mesh(mesh_shape(c, n), jax.devices()[:n]))
-
+from conftest import tiny_config, trainer_on
 
 ONE = dict(data=1, fsdp=1, expert=1, tensor=1)
 
@@ -39,8 +27,8 @@ def test_all_to_all_matches_one_device(mesh, factor, reference):
   ref.model.moe.dispatch.name = reference
   ref.model.moe.dispatch.group_size = 8 * 16 // 8  # batch 8 x seq 16 over 8 devices
   c.model.moe.dispatch.name = 'all_to_all'
-  one = _trainer(ref, ONE)
-  eight = _trainer(c, mesh)
+  one = trainer_on(ref, ONE)
+  eight = trainer_on(c, mesh)
   state1 = one.init(0)
   state8 = jax.device_put(jax.device_get(state1), eight.state_sharding)
   rng = np.random.default_rng(0)

@@ -6,12 +6,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.config import mesh_shape, validate
 from moejax.model.transformer import Transformer, layer_plan
-from moejax.parallel.sharding import make_mesh
-from moejax.training.step import Trainer
 
-from conftest import tiny_config
+from conftest import tiny_config, trainer_on
 
 
 def test_shapes_and_parameter_tree():
@@ -48,14 +45,6 @@ def test_causality():
   assert not np.allclose(la[0, 10:], lb[0, 10:])
 
 
-def _trainer(c, sizes):
-  n = int(np.prod(list(sizes.values())))
-  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = (sizes[a] for a in
-                                                            ('data', 'fsdp', 'expert', 'tensor'))
-  validate(c, n)
-  return Trainer(c, make_mesh(mesh_shape(c, n), jax.devices()[:n]))
-
-
 @pytest.mark.parametrize('dispatch,mesh,deepseek_v3', [
     ('dropless', dict(data=2, fsdp=1, expert=4, tensor=1), True),
     ('capacity', dict(data=1, fsdp=2, expert=2, tensor=2), False),
@@ -75,8 +64,8 @@ def test_eight_devices_match_one_device(dispatch, mesh, deepseek_v3):
     r, b = c.model.moe.router, c.model.moe.balance
     r.score_fn, r.routed_scaling_factor, r.num_groups, r.topk_groups = 'sigmoid', 2.5, 4, 2
     b.bias_update_rate, b.seq_aux_loss_weight = 1e-3, 1e-4
-  one = _trainer(c.copy_and_resolve_references(), dict(data=1, fsdp=1, expert=1, tensor=1))
-  eight = _trainer(c.copy_and_resolve_references(), mesh)
+  one = trainer_on(c.copy_and_resolve_references(), dict(data=1, fsdp=1, expert=1, tensor=1))
+  eight = trainer_on(c.copy_and_resolve_references(), mesh)
   state1 = one.init(0)
   state8 = jax.device_put(jax.device_get(state1), eight.state_sharding)  # a copy: steps donate
   # The expert weights really are split over the expert axis.

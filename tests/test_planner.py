@@ -1,6 +1,7 @@
 """The memory and device planner (moejax/planner.py), against hand counts."""
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -69,8 +70,8 @@ def test_plan_device_counts_and_errors():
 def test_cli_deepseek_v3():
   out = subprocess.run([sys.executable, '-m', 'moejax.params', '--config=configs/deepseek_v3.py',
                         '--mesh=expert=64,tensor=8', '--device-memory=80'],
-                       capture_output=True, text=True, check=True, cwd=str(
-                           __import__('pathlib').Path(__file__).resolve().parents[1]))
+                       capture_output=True, text=True, check=True,
+                       cwd=str(pathlib.Path(__file__).resolve().parents[1]))
   counts, planned = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
   assert planned['kv_numbers_per_token_per_layer'] == 576  # the issue's DeepSeek-V3 figure
   assert planned['devices'] == 512 and planned['bf16']['inference_fits']

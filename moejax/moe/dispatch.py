@@ -52,46 +52,69 @@ def capacity_slots(expert_index, num_experts: int, capacity: int, priority: str,
   return jnp.zeros((t * k,), jnp.int32).at[serve].set(slots).reshape(t, k)  # [T, K]
 
 
+def pack_slots(x, slots, num_slots: int):
+  """x [T, D], slots [T, K] -> the [num_slots, D] buffer rows (zeros where a slot is empty)."""
+  t, k = slots.shape
+  token_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k))
+  # Which token fills each slot (T: an empty slot, reads the zero row).
+  slot_token = jnp.full((num_slots + 1,), t, jnp.int32).at[slots.reshape(-1)].set(
+      token_ids.reshape(-1))[:num_slots]  # [num_slots]
+  return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[slot_token]
+
+
+def combine_slots(y_buf, slots, weights):
+  """y_buf [num_slots, D] -> y [T, D] = sum_k w[t, k] * y_buf[slots[t, k]] (0 if dropped)."""
+  y_pad = jnp.concatenate([y_buf, jnp.zeros((1, y_buf.shape[1]), y_buf.dtype)])
+  return jnp.einsum('tkd,tk->td', y_pad[slots], weights.astype(y_pad.dtype))
+
+
+def drop_stats(slots, num_slots: int):
+  """[dropped fraction of (token, choice) pairs, fraction of tokens that lost every choice]."""
+  dropped = slots == num_slots
+  return jnp.stack([jnp.mean(dropped.astype(jnp.float32)),
+                    jnp.mean(jnp.all(dropped, axis=-1).astype(jnp.float32))])
+
+
+def stats_dict(stats):
+  return {'dropped_fraction': stats[0], 'zero_expert_fraction': stats[1]}
+
+
 @dataclasses.dataclass(frozen=True)
-class CapacityDispatch:
-  """Token dropping: each expert takes at most C tokens; the rest pass through the residual."""
+class _TokenDropping:
+  """The settings every capacity-bounded dispatcher shares."""
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
   priority: str = 'choice'
+
+  def capacity(self, tokens: int, k: int, num_experts: int, train: bool) -> int:
+    factor = self.capacity_factor if train else self.eval_capacity_factor
+    return expert_capacity(tokens, k, num_experts, factor, self.min_capacity)
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityDispatch(_TokenDropping):
+  """Token dropping: each expert takes at most C tokens; the rest pass through the residual."""
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
     t, d = x.shape
     k = r.expert_index.shape[1]
     n = experts.num_experts
-    factor = self.capacity_factor if train else self.eval_capacity_factor
-    c = expert_capacity(t, k, n, factor, self.min_capacity)
+    c = self.capacity(t, k, n, train)
     slots = capacity_slots(r.expert_index, n, c, self.priority, r.combine_weights)  # [T, K]
-    token_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k))
-    # Which token fills each slot (T: an empty slot, reads the zero row).
-    slot_token = jnp.full((n * c + 1,), t, jnp.int32).at[slots.reshape(-1)].set(
-        token_ids.reshape(-1))[:n * c]  # [N*C]
-    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
-    buffers = x_pad[slot_token].reshape(n, c, d)  # [N, C, D]
+    buffers = pack_slots(x, slots, n * c).reshape(n, c, d)  # [N, C, D]
     y_buf = experts.capacity(buffers).reshape(n * c, d)
-    y_pad = jnp.concatenate([y_buf, jnp.zeros((1, d), y_buf.dtype)])
-    y = jnp.einsum('tkd,tk->td', y_pad[slots], r.combine_weights.astype(y_pad.dtype))
-    dropped = slots == n * c  # [T, K]
-    return y, {'dropped_fraction': jnp.mean(dropped.astype(jnp.float32)),
-               'zero_expert_fraction': jnp.mean(jnp.all(dropped, axis=-1).astype(jnp.float32))}
+    return (combine_slots(y_buf, slots, r.combine_weights),
+            stats_dict(drop_stats(slots, n * c)))
 
 
 @dataclasses.dataclass(frozen=True)
-class EinsumDispatch:
+class EinsumDispatch(_TokenDropping):
   """GShard's form: per group of `group_size` tokens, one-hot dispatch and combine tensors
   [G, S, N, C] moved by einsums into [N, G*C, D] expert buffers and back. No gathers or
   scatters, so GSPMD shards it from annotations alone; the dispatch tensors hold
   T * N * C = T * S * K * factor numbers, bounded by the group size, not by the batch."""
   group_size: int = 512
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  min_capacity: int = 4
-  priority: str = 'choice'
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
     t, d = x.shape
@@ -102,8 +125,7 @@ class EinsumDispatch:
       raise ValueError(f'config.model.moe.dispatch.group_size={self.group_size}: must divide '
                        f'the {t} tokens of a batch (batch_size * seq_len); pick a divisor')
     g = t // s
-    factor = self.capacity_factor if train else self.eval_capacity_factor
-    c = expert_capacity(s, k, n, factor, self.min_capacity)
+    c = self.capacity(s, k, n, train)
     slots = jax.vmap(lambda e, w: capacity_slots(e, n, c, self.priority, w))(
         r.expert_index.reshape(g, s, k), r.combine_weights.reshape(g, s, k))  # [G, S, K]
     onehot = jax.nn.one_hot(slots, n * c + 1, dtype=x.dtype)[..., :n * c]  # [G, S, K, N*C]
@@ -114,9 +136,7 @@ class EinsumDispatch:
     buffers = jnp.einsum('gsnc,gsd->ngcd', dispatch, x.reshape(g, s, d))  # [N, G, C, D]
     y_buf = experts.capacity(buffers.reshape(n, g * c, d)).reshape(n, g, c, d)
     y = jnp.einsum('gsnc,ngcd->gsd', combine.astype(y_buf.dtype), y_buf).reshape(t, d)
-    dropped = slots == n * c  # [G, S, K]
-    return y, {'dropped_fraction': jnp.mean(dropped.astype(jnp.float32)),
-               'zero_expert_fraction': jnp.mean(jnp.all(dropped, axis=-1).astype(jnp.float32))}
+    return y, stats_dict(drop_stats(slots, n * c))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,27 +17,17 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.moe.dispatch import capacity_slots, expert_capacity
-from moejax.moe.experts import RoutedExperts
+from moejax.moe.dispatch import (_TokenDropping, capacity_slots, combine_slots, drop_stats,
+                                 pack_slots, stats_dict)
+from moejax.moe.experts import RoutedExperts, swiglu_experts
 from moejax.moe.routers import RouterOutput
-
-BATCH_AXES = ('data', 'fsdp', 'expert')  # the batch is split over these (parallel/sharding.py)
-
-
-def _swiglu(x, wi_0, wi_1, wo):  # x [E, R, D], weights [E, ...] -> [E, R, D]
-  h = jax.nn.silu(jnp.einsum('erd,edf->erf', x, wi_0)) * jnp.einsum('erd,edf->erf', x, wi_1)
-  return jnp.einsum('erf,efd->erd', h, wo)
+from moejax.parallel.sharding import BATCH_AXES
 
 
 @dataclasses.dataclass(frozen=True)
-class AllToAllDispatch:
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
-  min_capacity: int = 4
-  priority: str = 'choice'
+class AllToAllDispatch(_TokenDropping):
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
     t, d = x.shape
@@ -50,29 +40,20 @@ class AllToAllDispatch:
     if t % groups or n % ep:
       raise ValueError(f'all_to_all dispatch: {t} tokens over {groups} devices and {n} experts '
                        f'over expert={ep} must both divide evenly (train.batch_size, mesh.*)')
-    factor = self.capacity_factor if train else self.eval_capacity_factor
-    c = expert_capacity(t // groups, k, n, factor, self.min_capacity)
+    c = self.capacity(t // groups, k, n, train)
     weights = experts._weights()
 
-    def local(x, index, gate, wi_0, wi_1, wo):
-      tl = x.shape[0]  # this device's tokens
+    def local(x, index, gate, wi_0, wi_1, wo):  # this device's tokens and experts
       slots = capacity_slots(index, n, c, self.priority, gate)  # [Tl, K]
-      ids = jnp.broadcast_to(jnp.arange(tl, dtype=jnp.int32)[:, None], (tl, k))
-      slot_token = jnp.full((n * c + 1,), tl, jnp.int32).at[slots.reshape(-1)].set(
-          ids.reshape(-1))[:n * c]  # [N*C] which token fills each slot (tl: empty)
-      x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
-      send = x_pad[slot_token].reshape(ep, n // ep, c, d)  # block j -> expert rank j
+      send = pack_slots(x, slots, n * c).reshape(ep, n // ep, c, d)  # block j -> expert rank j
       recv = jax.lax.all_to_all(send, 'expert', 0, 0) if ep > 1 else send  # [EP src, N/EP, C, D]
       rows = recv.transpose(1, 0, 2, 3).reshape(n // ep, ep * c, d)
-      out = _swiglu(rows.astype(wi_0.dtype), wi_0, wi_1, wo)  # [N/EP, EP*C, D]
+      out = swiglu_experts(rows.astype(wi_0.dtype), wi_0, wi_1, wo)  # [N/EP, EP*C, D]
       out = out.reshape(n // ep, ep, c, d).transpose(1, 0, 2, 3)  # [EP dst, N/EP, C, D]
       back = jax.lax.all_to_all(out, 'expert', 0, 0) if ep > 1 else out  # my tokens' outputs
-      y_pad = jnp.concatenate([back.reshape(n * c, d), jnp.zeros((1, d), back.dtype)])
-      y = jnp.einsum('tkd,tk->td', y_pad[slots], gate.astype(y_pad.dtype))
-      dropped = slots == n * c
-      stats = jnp.stack([jnp.mean(dropped.astype(jnp.float32)),
-                         jnp.mean(jnp.all(dropped, axis=-1).astype(jnp.float32))])
-      return y, (jax.lax.pmean(stats, axes) if axes else stats)
+      stats = drop_stats(slots, n * c)
+      return (combine_slots(back.reshape(n * c, d), slots, gate),
+              jax.lax.pmean(stats, axes) if axes else stats)
 
     args = (x, r.expert_index, r.combine_weights, *weights)
     if axes:
@@ -80,4 +61,4 @@ class AllToAllDispatch:
       local = jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (expert,) * 3,
                             out_specs=(tokens, P()))
     y, stats = local(*args)
-    return y, {'dropped_fraction': stats[0], 'zero_expert_fraction': stats[1]}
+    return y, stats_dict(stats)

@@ -39,10 +39,8 @@ class RoutedExperts(nn.Module):
     return tuple(jnp.asarray(w, self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
 
   def capacity(self, buffers):
-    wi_0, wi_1, wo = self._weights()
     x = nn.with_logical_constraint(buffers.astype(self.dtype), ('expert', None, 'act_embed'))
-    h = jax.nn.silu(jnp.einsum('ecd,edf->ecf', x, wi_0)) * jnp.einsum('ecd,edf->ecf', x, wi_1)
-    return jnp.einsum('ecf,efd->ecd', h, wo)  # [N, C, D]
+    return swiglu_experts(x, *self._weights())  # [N, C, D]
 
   def grouped(self, x_sorted, group_sizes):
     wi_0, wi_1, wo = self._weights()
@@ -53,6 +51,12 @@ class RoutedExperts(nn.Module):
       h = jax.nn.silu(rd(x_sorted, wi_0)) * rd(x_sorted, wi_1)
       return rd(h, wo)
     return blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, self.block_size)
+
+
+def swiglu_experts(x, wi_0, wi_1, wo):
+  """Every expert on its own rows: x [E, R, D], weights [E, D, F] / [E, F, D] -> [E, R, D]."""
+  h = jax.nn.silu(jnp.einsum('erd,edf->erf', x, wi_0)) * jnp.einsum('erd,edf->erf', x, wi_1)
+  return jnp.einsum('erf,efd->erd', h, wo)
 
 
 def resolve_backend(backend: str) -> str:
