@@ -13,7 +13,6 @@ DeepSeek-V3 MoE block on the same shape and our speed-up over it; and one 'all_t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from moejax import cli
 from moejax.config import base_config
 from moejax.model.layers import SwiGLU
 from moejax.moe.layer import MoEFFN
@@ -115,8 +115,8 @@ def all_to_all_rows(a):
            'dtype': 'bf16', **{k: v for k, v in out.items() if k != 'moe_layers'}}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m moejax.bench')
+def _main(argv=None):
+  p = cli.ArgumentParser(prog='python -m moejax.bench')
   sub = p.add_subparsers(dest='what', required=True)
   m = sub.add_parser('moe', help='MoE layer vs dense FFN, forward + backward')
   m.add_argument('--tokens', type=int, default=8192)
@@ -140,8 +140,23 @@ def main(argv=None):
   m.add_argument('--reps', type=int, default=3)
   m.add_argument('--json', action='store_true', help='one JSON object per line (default)')
   a = p.parse_args(argv)
+  for name in ('tokens', 'seq', 'd_model', 'experts', 'expert_dim', 'top_k', 'block_size',
+               'reps'):
+    if getattr(a, name) < 1:
+      p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
+  if a.shared < 0 or a.group_size < 0:
+    p.error('--shared and --group-size must be >= 0')
+  if a.top_k > a.experts:
+    p.error(f'--top-k={a.top_k} exceeds --experts={a.experts}')
+  if a.dtype not in ('float32', 'bfloat16'):
+    p.error(f"--dtype={a.dtype}: use float32 or bfloat16")
+  if any(not f > 0 for f in a.capacity_factors):
+    p.error('--capacity-factors must be positive')
   if a.tokens % a.seq and a.tokens > a.seq:
     p.error(f'--tokens={a.tokens} must be a multiple of --seq={a.seq}')
+  from moejax.planner import parse_mesh
+  for spec in a.meshes:
+    parse_mesh(spec)
   ours = {}
   for row in bench_moe(a):
     ours[row['case']] = row['ms']
@@ -155,6 +170,10 @@ def main(argv=None):
       print(json.dumps(row), flush=True)
   for row in all_to_all_rows(a):
     print(json.dumps(row), flush=True)
+
+
+def main(argv=None):
+  return cli.run(_main, argv)
 
 
 if __name__ == '__main__':

@@ -120,6 +120,13 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.progress = True
   t.stop_after = 0  # stop (with a checkpoint) after this step, as if preempted; 0: never.
+  # Divergence guard: a step whose loss, gradient norm or new parameters are not finite is never
+  # applied (checked on device). Then 'stop' ends the run with exit code 3 naming the step (the
+  # default: a diverged run is a result to see, not to paper over); 'skip' drops that batch's
+  # update and goes on; 'rollback' restores the last checkpoint and skips every batch from it
+  # up to the bad one (PaLM's remedy for loss spikes).
+  t.nonfinite = 'stop'
+  t.max_nonfinite = 5  # skip: bad steps in a row; rollback: rollbacks without a new checkpoint.
 
   # Mesh axis sizes; -1 takes the devices the others leave. Product must equal the devices.
   c.mesh = ms = ml_collections.ConfigDict()
@@ -172,6 +179,7 @@ DISPATCH_NAMES = ('capacity', 'einsum', 'all_to_all', 'dropless')
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
 PRIORITIES = ('choice', 'position', 'probability')
 DTYPES = ('float32', 'bfloat16')
+NONFINITE = ('stop', 'skip', 'rollback')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
@@ -184,6 +192,15 @@ def _positive(c, fields: str, allow_zero: bool = False):
     v = _get(c, f)
     if not isinstance(v, (int, float)) or v < 0 or (v == 0 and not allow_zero):
       _fail(f, v, 'must be a positive number' if not allow_zero else 'must be >= 0')
+
+
+def _finite(c, prefix: str = ''):
+  """NaN and inf pass every comparison check (NaN < 0 is False), so refuse them everywhere."""
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      _finite(v, f'{prefix}{k}.')
+    elif isinstance(v, float) and not math.isfinite(v):
+      _fail(f'{prefix}{k}', v, 'must be a finite number')
 
 
 def _get(c, dotted: str):
@@ -228,6 +245,7 @@ def moe_layer_ids(m) -> list[int]:
 def validate(c, num_devices: int) -> dict[str, int]:
   """Check the whole config before anything is built; return the resolved mesh shape."""
   m, moe, t, dt = c.model, c.model.moe, c.train, c.data
+  _finite(c)
   _positive(c, 'model.vocab_size model.d_model model.num_layers model.num_heads '
             'model.num_kv_heads model.head_dim model.ffn_dim model.max_seq_len '
             'model.rope_theta model.norm_eps model.moe_layer_freq '
@@ -253,6 +271,8 @@ def validate(c, num_devices: int) -> dict[str, int]:
   if t.warmup_steps >= t.steps:
     _fail('train.warmup_steps', t.warmup_steps, f'must be below train.steps={t.steps}')
   _one_of(c, 'model.dtype', DTYPES)
+  _one_of(c, 'train.nonfinite', NONFINITE)
+  _positive(c, 'train.max_nonfinite')
   _one_of(c, 'model.attention', ('gqa', 'mla'))
   _positive(c, 'model.mtp.depth model.mtp.loss_weight', allow_zero=True)
   if m.mtp.depth >= dt.seq_len:

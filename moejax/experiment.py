@@ -10,10 +10,9 @@ holds the table (mean +/- std over seeds) and DIR/*.png the plots (moejax/report
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import importlib.util
+import importlib.resources
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from moejax import cli
 from moejax import config as config_lib
 from moejax.config import set_fields
 from moejax.training.metrics import read_metrics
@@ -58,24 +58,45 @@ class Experiment:
 
 
 def load_module(path: str):
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(f'{path!r} does not exist: pass an experiment or config file')
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f'moejax_user_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-  try:
-    spec.loader.exec_module(module)
-  finally:
-    sys.path.pop(0)
-  return module
+  """An experiment (or any Python) file by path."""
+  return cli.load_module(path, what='experiment')
 
 
-def load_config_file(spec: str):
-  """'configs/x.py' or 'configs/x.py:arg' -> the config its get_config() returns."""
-  path, _, arg = spec.partition(':')
-  module = load_module(path)
-  return module.get_config(arg) if arg else module.get_config()
+def experiment_path(spec: str) -> str:
+  """'experiments/x.py' or the name of a shipped experiment ('balancing')."""
+  if os.path.isfile(spec):
+    return spec
+  if os.sep not in spec and not spec.endswith('.py'):
+    shipped = importlib.resources.files('moejax.experiments') / f'{spec}.py'
+    if shipped.is_file():
+      return str(shipped)
+  names = sorted(f.name[:-3] for f in importlib.resources.files('moejax.experiments').iterdir()
+                 if f.name.endswith('.py') and f.name not in _NOT_EXPERIMENTS)
+  raise config_lib.ConfigError(f'experiment {spec!r}: no such file, and no shipped experiment of '
+                               f'that name; give a path or one of {names}')
+
+
+_NOT_EXPERIMENTS = ('__init__.py', 'common.py', 'metrics.py')
+
+
+def load_experiment(spec: str) -> 'Experiment':
+  module = load_module(experiment_path(spec))
+  if not hasattr(module, 'get_experiment'):
+    raise config_lib.ConfigError(f'experiment {spec!r}: the file defines no get_experiment()')
+  return module.get_experiment()
+
+
+def override_base(exp: 'Experiment', overrides: list) -> 'Experiment':
+  """--config.x=v on the command line: set on the base every arm shares. A field an arm
+  varies cannot be overridden (the comparison would silently change)."""
+  for key, _ in overrides:
+    for name in exp.arms:
+      if key in exp.arm(name).overrides:
+        raise config_lib.ConfigError(
+            f'--config.{key}: arm {name!r} sets this field (it is what the experiment compares); '
+            'drop the override, or choose arms with --arms')
+  cli.apply_overrides(exp.base, overrides)
+  return exp
 
 
 def run_config(exp: Experiment, arm: str, seed: int, smoke: bool):
@@ -145,7 +166,7 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, '.jax_cache'))
   bar = None
   if progress:
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
     bar = tqdm(total=len(configs), desc=exp.name, unit='run', dynamic_ncols=True)
   results = {}
   for (arm, seed), c in configs.items():
@@ -177,21 +198,37 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   return results
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m moejax.experiment',
-                              description='Run an experiment file: arms x seeds, then a report.')
-  p.add_argument('experiment', help='experiments/NAME.py')
+def _main(argv=None) -> int:
+  p = cli.ArgumentParser(prog='python -m moejax.experiment',
+                         description='Run an experiment file: arms x seeds, then a report.',
+                         epilog='--config.SECTION.FIELD=VALUE overrides a field of the base '
+                         'config every arm shares (not one an arm varies); fields and defaults: '
+                         'moejax/config.py (base_config).')
+  p.add_argument('experiment', help='experiments/NAME.py, or a shipped experiment\'s name')
   p.add_argument('--workdir', required=True)
   p.add_argument('--smoke', action='store_true', help='seconds-long version (for tests)')
   p.add_argument('--arms', default='', help='comma-separated subset of arms')
   p.add_argument('--seeds', type=int, default=0, help='use only the first N seeds')
-  args = p.parse_args(argv)
-  exp = load_module(args.experiment).get_experiment()
+  p.add_argument('--print_config', action='store_true',
+                 help="print the base config (after overrides) and exit")
+  rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else list(argv))
+  args = p.parse_args(rest)
+  if args.seeds < 0:
+    raise config_lib.ConfigError(f'--seeds={args.seeds}: must be >= 0 (0: all seeds)')
+  exp = override_base(load_experiment(args.experiment), overrides)
+  if args.print_config:
+    print(exp.base)
+    return 0
   seeds = list(exp.seeds)[:args.seeds] if args.seeds else None
   arms = [a for a in args.arms.split(',') if a] or None
   run(exp, args.workdir, args.smoke, arms, seeds)
   print(os.path.join(args.workdir, 'results.md'))
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(_main, argv)
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -10,7 +10,6 @@ evaluated as expert choice are refused.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -91,46 +90,66 @@ def generate(model_cfg, variables, prompt: np.ndarray, max_new_tokens: int, temp
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
-  """(config, variables) of the latest (or given) checkpoint in workdir, on this machine."""
+  """(config, variables) of the newest intact (or the given) checkpoint in workdir."""
   from moejax import config as config_lib
   from moejax.parallel.sharding import make_mesh
-  from moejax.training.checkpoint import Checkpointer
+  from moejax.training.checkpoint import Checkpointer, CorruptCheckpoint
   from moejax.training.step import Trainer
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileNotFoundError(f'--workdir={workdir}: no checkpoint (no {workdir}/checkpoints)')
+    raise ConfigError(f'--workdir={workdir}: no checkpoint (no {workdir}/checkpoints); train '
+                      'first with python -m moejax.main')
   ckpt = Checkpointer(workdir, keep=1_000_000)
-  step = step or ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'--workdir={workdir}: no checkpoint in {ckpt.directory}')
-  config = config_lib.from_dict(ckpt.read_config(step))
+  steps = ckpt.all_steps()
+  if not steps:
+    raise ConfigError(f'--workdir={workdir}: no checkpoint in {ckpt.directory}')
+  if step is not None and step not in steps:
+    raise ConfigError(f'--step={step}: {workdir} has checkpoints at steps {steps}')
+  config = config_lib.from_dict(ckpt.read_config(step or steps[-1]))
   config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = -1, 1, 1, 1
   trainer = Trainer(config, make_mesh(config_lib.validate(config, jax.device_count())))
-  state, _ = ckpt.restore(step, trainer.abstract_state)
+  if step is None:
+    # Read-only: a corrupt newer checkpoint is reported and passed over, not moved.
+    step, state, _ = ckpt.restore_intact(trainer.abstract_state, move=False)
+  else:
+    try:
+      state, _ = ckpt.restore(step, trainer.abstract_state)
+    except CorruptCheckpoint as e:
+      raise ConfigError(f'--step={step}: that checkpoint is corrupt: {e}') from None
   ckpt.close()
   return config, {'params': state.params, **state.model_state}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m moejax.generate')
-  p.add_argument('--workdir', required=True)
+def _main(argv=None) -> int:
+  from moejax import cli
+  p = cli.ArgumentParser(prog='python -m moejax.generate', description=__doc__.split('\n')[0])
+  p.add_argument('--workdir', required=True, help='a training run (its newest intact checkpoint)')
   p.add_argument('--prompt', default='')
   p.add_argument('--max_new_tokens', type=int, default=200)
   p.add_argument('--temperature', type=float, default=0.8)
   p.add_argument('--top_p', type=float, default=0.95)
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--step', type=int, default=None)
+  p.add_argument('--step', type=int, default=None, help='a checkpoint step (default: newest)')
   a = p.parse_args(argv)
-  try:
-    config, variables = load_checkpoint(a.workdir, a.step)
-    tok = ByteTokenizer()
-    prompt = tok.encode(a.prompt) if a.prompt else np.array([tok.eos_id], np.int32)
-    ids = generate(config.model, variables, prompt[None], a.max_new_tokens, a.temperature,
-                   a.top_p, a.seed)
-  except (ConfigError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  if a.max_new_tokens < 1:
+    raise ConfigError(f'--max_new_tokens={a.max_new_tokens}: must be at least 1')
+  if not (np.isfinite(a.temperature) and a.temperature >= 0):
+    raise ConfigError(f'--temperature={a.temperature}: must be a finite number >= 0')
+  if not 0 < a.top_p <= 1:
+    raise ConfigError(f'--top_p={a.top_p}: must be in (0, 1]')
+  if os.path.exists(a.workdir) and not os.path.isdir(a.workdir):
+    raise ConfigError(f'--workdir={a.workdir} is a file; give a training run\'s directory')
+  config, variables = load_checkpoint(a.workdir, a.step)
+  tok = ByteTokenizer()
+  prompt = tok.encode(a.prompt) if a.prompt else np.array([tok.eos_id], np.int32)
+  ids = generate(config.model, variables, prompt[None], a.max_new_tokens, a.temperature,
+                 a.top_p, a.seed)
   print(a.prompt + tok.decode(ids[0]))
   return 0
+
+
+def main(argv=None) -> int:
+  from moejax import cli
+  return cli.run(_main, argv)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,8 @@
 """Train a model: python -m moejax.main --config=configs/quickstart.py --workdir=DIR [--config.x=v]
 
-Resumes automatically from the latest checkpoint in DIR/checkpoints.
+Resumes automatically from the latest intact checkpoint in DIR/checkpoints; a finished run says
+so and exits. Exit codes: 0 done, 2 a user error (one line naming the field or file), 3 the run
+diverged (a non-finite loss or gradient; see config.train.nonfinite).
 
 Several hosts (JAX's multi-controller runtime: every host runs this same command):
   --distributed                     jax.distributed.initialize() finds its peers itself (TPU
@@ -13,54 +15,57 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
+from moejax import cli
 from moejax.config import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (get_config()).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Join the other hosts with '
-                                 'jax.distributed.initialize() auto-detection.')
-_COORDINATOR = flags.DEFINE_string('coordinator', '', 'HOST:PORT of process 0 (explicit setup).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the run (explicit setup).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (0..N-1, explicit setup).')
-flags.mark_flags_as_required(['config', 'workdir'])
 
-
-def init_distributed():
+def init_distributed(args):
   """Join the multi-controller run before any JAX computation, if asked to."""
-  if not (_DISTRIBUTED.value or _COORDINATOR.value):
+  if not (args.distributed or args.coordinator):
     return
   import jax
   # CPU hosts reduce across processes through gloo; GPU/TPU use their own collectives.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if _COORDINATOR.value:
-    if _NUM_PROCESSES.value < 1 or not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-      raise ConfigError(f'--coordinator={_COORDINATOR.value} needs --num_processes >= 1 and '
-                        f'0 <= --process_id < --num_processes (got {_NUM_PROCESSES.value}, '
-                        f'{_PROCESS_ID.value})')
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  if args.coordinator:
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+      raise ConfigError(f'--coordinator={args.coordinator} needs --num_processes >= 1 and '
+                        f'0 <= --process_id < --num_processes (got {args.num_processes}, '
+                        f'{args.process_id})')
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
   else:
     jax.distributed.initialize()
 
 
-def main(argv):
-  del argv
+def parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog='python -m moejax.main', description=__doc__.split('\n')[0],
+                         formatter_class=cli.argparse.RawDescriptionHelpFormatter)
+  cli.add_config_args(p)
+  p.add_argument('--workdir', help='directory for checkpoints, metrics and plots (required)')
+  p.add_argument('--distributed', action='store_true', help='join the other hosts with '
+                 'jax.distributed.initialize() auto-detection')
+  p.add_argument('--coordinator', default='', help='HOST:PORT of process 0 (explicit setup)')
+  p.add_argument('--num_processes', type=int, default=0, help='processes in the run')
+  p.add_argument('--process_id', type=int, default=-1, help='this process (0..N-1)')
+  return p
+
+
+def _main(argv=None) -> int:
+  args, config = cli.parse(parser(), argv)
+  if not args.workdir:
+    raise ConfigError('--workdir is required: the directory for checkpoints, metrics and plots')
+  from absl import logging
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
-  from moejax.training.loop import train
-  try:
-    init_distributed()
-    last = train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  summary = {k: v if k == 'step' else round(float(v), 4) for k, v in last.items()
-             if k == 'step' or getattr(v, 'ndim', 0) == 0 and not isinstance(v, list)}
-  print('final:', summary)
+  from moejax.training.loop import train, summary_line
+  init_distributed(args)
+  last = train(config, args.workdir)
+  print(summary_line(last, config))
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(_main, argv)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

@@ -9,27 +9,21 @@ a second JSON line: memory per device, devices needed and all-to-all bytes (moej
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
 from flax import linen as nn
-from ml_collections import config_flags
 
+from moejax import cli
+from moejax.config import ConfigError, validate
 from moejax.model.transformer import Transformer
 from moejax.planner import parse_mesh, plan
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.')
-_MESH = flags.DEFINE_string('mesh', '', 'Plan memory on this mesh, e.g. expert=64,tensor=8 '
-                            '(axes data, fsdp, expert, tensor; unnamed axes are 1).')
-_MEMORY = flags.DEFINE_float('device-memory', 80.0, 'GiB of memory per device.')
-_CONTEXT = flags.DEFINE_integer('context', 4096, 'Tokens per sequence held in the KV cache.')
-_BATCH = flags.DEFINE_integer('decode-batch', 32, 'Sequences decoded at once (KV cache).')
-_TOKENS = flags.DEFINE_integer('tokens-per-device', 4096, 'Tokens each device routes per MoE '
-                               'layer and step (for the all-to-all bytes per device).')
 
 # First matching path component decides the category.
 _CATEGORIES = (('experts', 'routed_experts'), ('shared', 'shared_experts'), ('router', 'router'),
@@ -65,15 +59,37 @@ def count_params(model_cfg) -> dict:
           'active_without_input_embedding': active - table + model_cfg.d_model, **split}
 
 
-def main(argv):
-  del argv
-  model_cfg = _CONFIG.value.model
-  print(json.dumps(count_params(model_cfg)))
-  if _MESH.value:
-    mesh = parse_mesh(_MESH.value)
-    print(json.dumps(plan(model_cfg, mesh, _MEMORY.value, _CONTEXT.value, _BATCH.value,
-                          _TOKENS.value)))
+def _main(argv=None) -> int:
+  p = cli.ArgumentParser(prog='python -m moejax.params', description=__doc__.split('\n')[0])
+  cli.add_config_args(p)
+  p.add_argument('--mesh', default='', help='plan memory on this mesh, e.g. expert=64,tensor=8 '
+                 '(axes data, fsdp, expert, tensor; unnamed axes are 1)')
+  p.add_argument('--device-memory', type=float, default=80.0, help='GiB of memory per device')
+  p.add_argument('--context', type=int, default=4096,
+                 help='tokens per sequence held in the KV cache')
+  p.add_argument('--decode-batch', type=int, default=32,
+                 help='sequences decoded at once (KV cache)')
+  p.add_argument('--tokens-per-device', type=int, default=4096, help='tokens each device '
+                 'routes per MoE layer and step (for the all-to-all bytes per device)')
+  args, config = cli.parse(p, argv)
+  for name in ('device_memory', 'context', 'decode_batch', 'tokens_per_device'):
+    value = getattr(args, name)
+    if not (math.isfinite(value) and value > 0):
+      raise ConfigError(f"--{name.replace('_', '-')}={value}: must be a positive number")
+  checked = copy.deepcopy(config)  # the model's fields; a plan's mesh comes from --mesh
+  checked.mesh.data, checked.mesh.fsdp, checked.mesh.expert, checked.mesh.tensor = -1, 1, 1, 1
+  validate(checked, 1)
+  print(json.dumps(count_params(config.model)))
+  if args.mesh:
+    mesh = parse_mesh(args.mesh)
+    print(json.dumps(plan(config.model, mesh, args.device_memory, args.context,
+                          args.decode_batch, args.tokens_per_device)))
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run(_main, argv)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

@@ -19,9 +19,9 @@ run of N + M steps on the same data order.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from flax import linen as nn
 from moejax import config as config_lib
 from moejax.config import ConfigError
 from moejax.parallel import sharding
-from moejax.training.checkpoint import Checkpointer
+from moejax.training.checkpoint import Checkpointer, CorruptCheckpoint
 from moejax.training.step import Trainer, TrainState
 
 MODES = ('copy', 'slice')
@@ -115,6 +115,8 @@ def upcycle_params(dense: dict, fresh: dict, moe_model, mode: str) -> dict:
 def upcycle(config, dense_workdir: str, workdir: str, mode: str = 'copy',
             step: int | None = None) -> int:
   """Write the upcycled MoE checkpoint into workdir; returns its step."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir={workdir} is a file; give a new directory')
   if not os.path.isdir(os.path.join(dense_workdir, 'checkpoints')):
     raise ConfigError(f'--dense_workdir={dense_workdir!r} holds no checkpoints/: point it at a '
                       'finished dense run')
@@ -130,7 +132,11 @@ def upcycle(config, dense_workdir: str, workdir: str, mode: str = 'copy',
   dense = config_lib.from_dict(source.read_config(step))
   check(dense, config, mode)
   mesh = sharding.make_mesh(config_lib.validate(config, jax.device_count()))
-  dense_state, data_state = source.restore(step, Trainer(dense, mesh).abstract_state)
+  try:
+    dense_state, data_state = source.restore(step, Trainer(dense, mesh).abstract_state)
+  except CorruptCheckpoint as e:
+    raise ConfigError(f'--dense_workdir={dense_workdir}: checkpoint step {step} is corrupt: '
+                      f'{e}; pass an intact one with --step') from None
   source.close()
   trainer = Trainer(config, mesh)
   fresh = trainer.init(config.seed)
@@ -151,20 +157,26 @@ def upcycle(config, dense_workdir: str, workdir: str, mode: str = 'copy',
   return step
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m moejax.upcycle', description=__doc__.split('\n')[0])
-  p.add_argument('--config', required=True, help='MoE config file (path[:arg])')
+def _main(argv=None) -> int:
+  from moejax import cli
+  p = cli.ArgumentParser(prog='python -m moejax.upcycle', description=__doc__.split('\n')[0])
+  cli.add_config_args(p, what='MoE config')
   p.add_argument('--dense_workdir', required=True)
   p.add_argument('--workdir', required=True)
   p.add_argument('--mode', default='copy', choices=MODES)
   p.add_argument('--step', type=int, default=None, help='dense checkpoint step (default latest)')
-  args = p.parse_args(argv)
-  from moejax.experiment import load_config_file
-  step = upcycle(load_config_file(args.config), args.dense_workdir, args.workdir, args.mode,
-                 args.step)
+  args, config = cli.parse(p, argv)
+  step = upcycle(config, args.dense_workdir, args.workdir, args.mode, args.step)
   print(f'upcycled {args.dense_workdir} step {step} -> {args.workdir} ({args.mode}); continue '
-        f'with: python -m moejax.main --config={args.config} --workdir={args.workdir}')
+        f'with: python -m moejax.main --config={args.config} --workdir={args.workdir}'
+        ' (and the same --config.x=v overrides)')
+  return 0
+
+
+def main(argv=None) -> int:
+  from moejax import cli
+  return cli.run(_main, argv)
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

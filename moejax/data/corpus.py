@@ -14,6 +14,8 @@ import sysconfig
 
 import numpy as np
 
+from moejax.config import ConfigError
+
 # Bundled third-party code and generated test data are not the standard library's own prose.
 _STDLIB_SKIP = ('site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test')
 
@@ -36,19 +38,27 @@ def _walk(root: str, pattern: str, skip=()) -> list[tuple[str, str]]:
 
 def list_files(source: str, paths: str = '', pattern: str = '*.py') -> list[tuple[str, str]]:
   if source == 'stdlib':
-    return _walk(stdlib_root(), pattern, _STDLIB_SKIP)
-  files = []
+    files = _walk(stdlib_root(), pattern, _STDLIB_SKIP)
+    if not files:
+      raise ConfigError(f'config.data.file_glob={pattern!r}: matches no file of the Python '
+                        f'standard library ({stdlib_root()}); use e.g. \'*.py\'')
+    return files
+  files, folders = [], 0
   for p in (p for p in paths.split(',') if p):
     if not os.path.exists(p):
-      raise FileNotFoundError(f'config.data.paths: {p!r} does not exist; point it at text files '
-                              'or folders')
+      raise ConfigError(f'config.data.paths: {p!r} does not exist; point it at text files '
+                        'or folders')
     if os.path.isdir(p):
+      folders += 1
       files += [(os.path.join(os.path.basename(os.path.normpath(p)), rel), full)
                 for rel, full in _walk(p, pattern)]
     else:
       files.append((os.path.basename(p), p))
   if not files:
-    raise FileNotFoundError(f'config.data.paths={paths!r} (glob {pattern!r}) matched no files')
+    if folders:
+      raise ConfigError(f'config.data.file_glob={pattern!r}: matches no file in the folders of '
+                        f'config.data.paths={paths!r}; change the glob (e.g. \'*.txt\')')
+    raise ConfigError(f'config.data.paths={paths!r}: names no file')
   return files
 
 
@@ -63,8 +73,8 @@ def split_files(files, val_percent: float):
   if not train or not val:
     # Tiny user corpora (a single file) still get both splits: the last file is validation.
     if len(files) < 2:
-      raise ValueError(f'the corpus has {len(files)} file(s); the train/validation split is by '
-                       'file, so give config.data.paths at least two files')
+      raise ConfigError(f'config.data.paths: the corpus has {len(files)} file(s); the train/'
+                        'validation split is by file, so give at least two files')
     train, val = files[:-1], files[-1:]
   return train, val
 

@@ -14,6 +14,7 @@ import grain
 import jax
 import numpy as np
 
+from moejax.config import ConfigError
 from moejax.data import corpus
 from moejax.data.tokenizer import ByteTokenizer
 
@@ -21,10 +22,11 @@ from moejax.data.tokenizer import ByteTokenizer
 class PackedChunks:
   """Random-access source: chunk i is tokens[i*L : i*L + L + 1]."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  def __init__(self, tokens: np.ndarray, seq_len: int, split: str = 'train'):
     if len(tokens) < seq_len + 1:
-      raise ValueError(f'the corpus split has {len(tokens)} tokens, fewer than one sequence of '
-                       f'config.data.seq_len + 1 = {seq_len + 1}; add text or lower seq_len')
+      raise ConfigError(f'config.data.seq_len={seq_len}: the {split} split has {len(tokens)} '
+                        f'tokens, fewer than one sequence of seq_len + 1; add text to '
+                        'config.data.paths (or raise data.max_bytes) or lower data.seq_len')
     self.tokens, self.seq_len = tokens, seq_len
 
   def __len__(self):
@@ -61,7 +63,8 @@ def load_splits(data_cfg, seed: int) -> Splits:
   if data_cfg.max_bytes:
     train = train[:data_cfg.max_bytes]
   val = pack(corpus.read_bytes(val_files))
-  return Splits(PackedChunks(train, data_cfg.seq_len), PackedChunks(val, data_cfg.seq_len),
+  return Splits(PackedChunks(train, data_cfg.seq_len),
+                PackedChunks(val, data_cfg.seq_len, 'validation'),
                 len(train_files), len(val_files))
 
 

@@ -1,7 +1,9 @@
-"""The training loop: resume, train, evaluate, log, checkpoint, plot."""
+"""The training loop: lock the workdir, resume from the newest intact checkpoint, train with
+the divergence guard, evaluate, log, checkpoint, plot."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
@@ -10,8 +12,11 @@ import numpy as np
 from moejax import config as config_lib
 from moejax.data import pipeline
 from moejax.parallel import sharding
+from moejax.cli import Diverged
+from moejax.config import ConfigError
 from moejax.training.checkpoint import Checkpointer
-from moejax.training.metrics import MetricWriter, plot_expert_load
+from moejax.training.lock import WorkdirLock
+from moejax.training.metrics import MetricWriter, plot_expert_load, read_metrics
 from moejax.training.step import Trainer
 
 
@@ -35,31 +40,107 @@ def evaluate(trainer: Trainer, state, batches) -> dict:
   return result
 
 
+def _make_workdir(workdir: str):
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir={workdir} is a file; give a directory (new or of this run)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'--workdir={workdir}: cannot create it ({e.strerror})') from None
+
+
 def train(config, workdir: str) -> dict:
-  """Train (or resume) the run in workdir. Returns the last logged metrics."""
+  """Train (or resume) the run in workdir. Returns the last logged metrics ('finished': True
+  when the run had already finished and nothing was done)."""
   mesh_sizes = config_lib.validate(config, jax.device_count())  # before anything compiles
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
+  splits = pipeline.load_splits(config.data, config.seed)  # corpus errors, also before compiling
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir, mesh_sizes, splits)
+
+
+def _finished_metrics(workdir: str, step: int) -> dict:
+  """The last metrics of a run that had already reached train.steps."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  rows = read_metrics(path) if os.path.exists(path) else []
+  last = {}
+  for key in ('train/loss', 'eval/loss'):  # the last training row, then the last evaluation
+    last.update(next((r for r in reversed(rows) if key in r), {}))
+  last['step'], last['finished'] = step, True
+  return last
+
+
+class _Guard:
+  """What the loop does with a step whose update the train step refused (not finite)."""
+
+  def __init__(self, t):
+    self.mode, self.limit = t.nonfinite, t.max_nonfinite
+    self.in_a_row = self.rollbacks = self.skipped = 0
+    self.last_saved = None
+
+  def ok(self, step: int, metrics) -> bool:
+    """False asks for a rollback; raises Diverged when the run must stop."""
+    if bool(jax.device_get(metrics['train/finite'])):
+      self.in_a_row = 0
+      return True
+    loss, norm = (float(jax.device_get(metrics[k])) for k in ('train/loss', 'train/grad_norm'))
+    where = (f'step {step}: the loss ({loss}) or gradient norm ({norm}) is not finite; the '
+             'update was not applied')
+    saved = ('no checkpoint was written' if self.last_saved is None else
+             f'the newest checkpoint is step {self.last_saved}')
+    fix = 'lower train.lr or raise train.warmup_steps'
+    if self.mode == 'stop':
+      raise Diverged(f'{where} and the run stopped ({saved}, nothing non-finite was written). '
+                     f'To go on: {fix}, or set train.nonfinite=skip or rollback')
+    self.in_a_row += 1
+    if self.mode == 'skip':
+      self.skipped += 1
+      if self.in_a_row > self.limit:
+        raise Diverged(f'{where}; {self.in_a_row} steps in a row were not finite (more than '
+                       f'train.max_nonfinite={self.limit}), so the run stopped ({saved}). {fix}')
+      print(f'warning: {where}: batch skipped (train.nonfinite=skip)', file=sys.stderr)
+      return True
+    self.rollbacks += 1
+    if self.rollbacks > self.limit:
+      raise Diverged(f'{where}; {self.rollbacks - 1} rollbacks did not reach a new checkpoint '
+                     f'(train.max_nonfinite={self.limit}), so the run stopped ({saved}). {fix}')
+    return False
+
+  def saved(self, step: int):
+    self.last_saved, self.rollbacks = step, 0
+
+
+def _train(config, workdir: str, mesh_sizes, splits) -> dict:
   t = config.train
   checkpointer = Checkpointer(workdir, t.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    checkpointer.check_compatible(latest, config.to_dict())
-
-  splits = pipeline.load_splits(config.data, config.seed)
   mesh = sharding.make_mesh(mesh_sizes)
   trainer = Trainer(config, mesh)
-  train_iter = iter(pipeline.train_dataset(splits.train, t.batch_size, config.seed))
   val_batches = pipeline.eval_batches(splits.val, t.batch_size, t.eval_batches)
+  guard = _Guard(t)
 
-  if latest is not None:
-    state, data_state = checkpointer.restore(latest, trainer.abstract_state)
-    train_iter.set_state(data_state)
-  else:
-    state = trainer.init(config.seed)
+  def resume():
+    """(step, state, data iterator) of the newest intact checkpoint, or of a fresh start."""
+    it = iter(pipeline.train_dataset(splits.train, t.batch_size, config.seed))
+    restored = checkpointer.restore_intact(trainer.abstract_state, config.to_dict())
+    if restored is None:
+      return None, trainer.init(config.seed), it
+    step, state, data_state = restored
+    it.set_state(data_state)
+    guard.saved(step)
+    return step, state, it
+
+  restored_step, state, train_iter = resume()
+  if restored_step is not None and restored_step >= t.steps:
+    checkpointer.close()  # finished (its last checkpoint verified): nothing to do
+    return _finished_metrics(workdir, restored_step)
   start = int(jax.device_get(state.step))
 
   is_main = jax.process_index() == 0
-  writer = MetricWriter(workdir, enabled=is_main, resume_step=start if latest is not None else None)
+  if restored_step is not None and is_main:
+    print(f'resuming from checkpoint step {restored_step}', file=sys.stderr)
+  writer = MetricWriter(workdir, enabled=is_main,
+                        resume_step=-1 if restored_step is None else restored_step,
+                        config_text=str(config))
   if start == 0:
     writer.write(0, {
         'data/unigram_entropy_val': pipeline.unigram_entropy(splits.val.tokens),
@@ -69,42 +150,117 @@ def train(config, workdir: str) -> dict:
         'train/routing_causal': float(config_lib.routing_is_causal(config.model, train=True)),
         'eval/routing_causal': float(config_lib.routing_is_causal(config.model, train=False))})
 
+  def rollback(bad_step: int):
+    """Back to the newest intact checkpoint; its batches up to bad_step are skipped."""
+    nonlocal train_iter
+    checkpointer.wait()
+    step, new_state, train_iter = resume()
+    step = step or 0
+    for _ in range(bad_step - step):
+      next(train_iter)
+    writer.truncate(step)
+    print(f'warning: step {bad_step} was not finite: rolled back to step {step}, skipping '
+          f'batches {step + 1}-{bad_step} (train.nonfinite=rollback)', file=sys.stderr)
+    return step, new_state
+
+  def check(step: int, metrics) -> bool:
+    try:
+      return guard.ok(step, metrics)
+    except Diverged:
+      writer.write(step, jax.device_get(metrics))  # the diverged step's row, NaN and all
+      raise
+
   eval_causal = float(config_lib.routing_is_causal(config.model, train=False))
   tokens_per_step = t.batch_size * config.data.seq_len
   bar = None
   if t.progress and is_main:
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
     bar = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True)
-  last, tick, ticked_step = {}, time.perf_counter(), start
-  for step in range(start + 1, t.steps + 1):
-    state, metrics = trainer.train_step(state, next(train_iter))
-    if step % t.log_every == 0 or step == t.steps:
-      metrics = jax.device_get(metrics)
-      now = time.perf_counter()
-      metrics['perf/tokens_per_sec'] = tokens_per_step * (step - ticked_step) / (now - tick)
-      tick, ticked_step = now, step
-      if step % t.eval_every == 0 or step == t.steps:
-        metrics.update(evaluate(trainer, state, val_batches))
-        metrics['eval/routing_causal'] = eval_causal
-        tick = time.perf_counter()  # evaluation time does not count against training speed
-      writer.write(step, metrics)
-      last = {'step': step, **metrics}
+  try:
+    last, tick, ticked_step = {}, time.perf_counter(), start
+    step, pending = start, None  # pending: (step, metrics) whose finite flag is still unread
+    while step < t.steps:
+      step += 1
+      state, metrics = trainer.train_step(state, next(train_iter))
+      # The previous step's guard flag is read while this step runs (no pipeline stall).
+      if pending is not None and not check(*pending):
+        step, state = rollback(pending[0])
+        pending = None
+        continue
+      pending = (step, metrics)
+      stopping = step == t.stop_after
+      logging = step % t.log_every == 0 or step == t.steps
+      saving = step % t.checkpoint_every == 0 or step == t.steps or stopping
+      if logging or saving:
+        if not check(*pending):
+          step, state = rollback(step)
+          pending = None
+          continue
+        pending = None
+      if logging:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        metrics['perf/tokens_per_sec'] = tokens_per_step * (step - ticked_step) / (now - tick)
+        tick, ticked_step = now, step
+        if guard.skipped:
+          metrics['train/skipped_steps'] = guard.skipped
+        if step % t.eval_every == 0 or step == t.steps:
+          metrics.update(evaluate(trainer, state, val_batches))
+          metrics['eval/routing_causal'] = eval_causal
+          tick = time.perf_counter()  # evaluation time does not count against training speed
+        writer.write(step, metrics)
+        last = {'step': step, **metrics}
+        if bar is not None:
+          bar.set_postfix(loss=f"{float(metrics['train/loss']):.3f}",
+                          tok_s=f"{metrics['perf/tokens_per_sec']:.0f}")
+      if saving:
+        checkpointer.save(step, state, train_iter.get_state(), config.to_dict())
+        guard.saved(step)
       if bar is not None:
-        bar.set_postfix(loss=f"{float(metrics['train/loss']):.3f}",
-                        tok_s=f"{metrics['perf/tokens_per_sec']:.0f}")
-    stopping = step == t.stop_after
-    if step % t.checkpoint_every == 0 or step == t.steps or stopping:
-      checkpointer.save(step, state, train_iter.get_state(), config.to_dict())
+        bar.n = step
+        bar.refresh()
+      if stopping:
+        break
+  finally:
+    # Also when the run stops (divergence, an error, Ctrl-C): a checkpoint being written in
+    # the background is finished, never left half-written.
     if bar is not None:
-      bar.update(1)
-    if stopping:
-      break
-  if bar is not None:
-    bar.close()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+      bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
   if is_main:
     plot_expert_load(writer.path, os.path.join(workdir, 'expert_load.png'),
                      config_lib.moe_layer_ids(config.model))
   return last
+
+
+# Each loss metric and the config field that turns it on (the summary lists only those on).
+_LOSSES = (('moe/aux_loss', 'model.moe.balance.aux_loss_weight'),
+           ('moe/z_loss', 'model.moe.balance.z_loss_weight'),
+           ('moe/seq_aux_loss', 'model.moe.balance.seq_aux_loss_weight'),
+           ('moe/device_loss', 'model.moe.balance.device_loss_weight'),
+           ('moe/comm_loss', 'model.moe.balance.comm_loss_weight'),
+           ('moe/importance_loss', 'model.moe.balance.importance_loss_weight'),
+           ('moe/load_loss', 'model.moe.balance.load_loss_weight'),
+           ('train/mtp_loss', 'model.mtp.depth'))
+
+
+def summary_line(last: dict, config) -> str:
+  """The command's last line: the losses that are on, evaluation, speed."""
+  if last.get('finished'):
+    return (f"finished: this run already reached step {last['step']} (train.steps="
+            f'{config.train.steps}); raise --config.train.steps to train further. Last: '
+            + _pairs(last, config))
+  return f"final: step {last.get('step')}: " + _pairs(last, config)
+
+
+def _pairs(last: dict, config) -> str:
+  keys = ['train/loss', 'train/ce_loss']
+  for key, field in _LOSSES:
+    if config_lib._get(config, field):
+      keys.append(key)
+  keys += ['moe/max_vio', 'moe/dropped_fraction', 'train/skipped_steps', 'eval/loss',
+           'eval/max_vio_global', 'perf/tokens_per_sec']
+  return ', '.join(f'{k} {float(last[k]):.4g}' for k in keys if k in last
+                   and getattr(last[k], 'ndim', 0) == 0 and not isinstance(last[k], list))

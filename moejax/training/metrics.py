@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -13,18 +14,32 @@ def _plain(v):
 
 
 class MetricWriter:
-  """Appends to metrics.jsonl and TensorBoard event files (only on JAX process 0)."""
+  """Appends to metrics.jsonl and TensorBoard event files (only on JAX process 0).
 
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+  `resume_step` is the step of the checkpoint the run restarts from (-1 for a fresh start):
+  rows logged after it are removed first (and a torn last line dropped), so every step appears
+  exactly once, and TensorBoard is told to purge its events after that step.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = -1,
+               config_text: str = ''):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.tb = None
     if not enabled:
       return
-    if resume_step is not None:
-      truncate_after(self.path, resume_step)
+    self.truncate(resume_step)
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                            purge_step=resume_step + 1 if resume_step >= 0 else None)
+    if config_text:
+      # Markdown code block: TensorBoard's text tab shows the resolved config as written.
+      self.tb.add_text('config', '    ' + config_text.replace('\n', '\n    '),
+                       max(resume_step, 0))
+
+  def truncate(self, step: int):
+    if self.enabled:
+      truncate_after(self.path, step)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -35,8 +50,11 @@ class MetricWriter:
     for k, v in row.items():
       if k == 'step':
         continue
-      if isinstance(v, (int, float)):
-        self.tb.add_scalar(k, v, step)
+      if isinstance(v, bool):
+        self.tb.add_scalar(k, float(v), step)
+      elif isinstance(v, (int, float)):
+        if np.isfinite(v):  # a diverged step's NaN stays in metrics.jsonl only
+          self.tb.add_scalar(k, v, step)
       elif '/per_layer/' in k:
         for layer, x in enumerate(v):
           self.tb.add_scalar(f'{k}/moe_layer_{layer}', x, step)
@@ -51,22 +69,34 @@ class MetricWriter:
 
 
 def truncate_after(path: str, step: int):
-  """Drop rows logged after `step` (a run resumed from there will log them again)."""
+  """Keep only whole rows logged at or before `step` (a run resumed from there logs the rest
+  again); step -1 empties the file. Written to a temporary file, then renamed over it."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    rows = [line for line in f if line.strip()]
-  kept = [r for r in rows if json.loads(r).get('step', 0) <= step]
-  if len(kept) != len(rows):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+  rows = read_metrics(path)
+  kept = [r for r in rows if r.get('step', 0) <= step]
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in kept)
+  os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict]:
+  """The rows of metrics.jsonl. A line that does not parse (a write cut short by a kill or a
+  full disk) is dropped with a warning."""
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  for i, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      where = 'its last line' if i == len(lines) else f'line {i}'
+      print(f'warning: {path}: dropped {where}, which is not a whole JSON row (a write cut '
+            'short)', file=sys.stderr)
+  return rows
 
 
 def plot_expert_load(metrics_path: str, out_path: str, moe_layer_ids=None) -> str | None:

@@ -167,10 +167,18 @@ class Trainer:
         state.params, state.model_state, batch, rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'train/loss': loss, **metrics, 'train/grad_norm': optax.tree.norm(grads),
+    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+    # The divergence guard: a step whose loss, gradients or new parameters are not finite
+    # leaves the state as it was (the step counter still advances past its batch); the loop
+    # reads `train/finite` and stops, skips or rolls back (config.train.nonfinite).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {'train/loss': loss, **metrics, 'train/grad_norm': grad_norm,
+               'train/param_norm': param_norm, 'train/finite': finite,
                'train/lr': learning_rate(self.config.train)(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                      model_state=model_state), metrics
+    return TrainState(step=state.step + 1, params=keep(params, state.params),
+                      opt_state=keep(opt_state, state.opt_state),
+                      model_state=keep(model_state, state.model_state)), metrics
 
   def _eval_step_fn(self, params, model_state, batch):
     logits, aux = self.eval_model.apply({'params': params, **model_state}, batch['inputs'])

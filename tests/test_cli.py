@@ -1,0 +1,146 @@
+"""Every command reports a user error in one line (`error: ...`, naming the field or file and
+the fix) with exit code 2, before anything compiles; --help, --print_config, named configs."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from moejax import bench, experiment, generate, main as main_cmd, params, upcycle
+from moejax.cli import apply_overrides, load_config, parse_value
+from moejax.config import ConfigError, base_config
+from moejax.training.loop import summary_line
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICK = f'--config={ROOT / "configs" / "quickstart.py"}'
+
+
+def _one_line_error(capsys, fn, argv, *expected):
+  code = fn(argv)
+  out, err = capsys.readouterr()
+  lines = err.strip().splitlines()
+  assert code == 2, (code, err)
+  assert len(lines) == 1 and lines[0].startswith('error: '), err
+  for text in expected:
+    assert text in lines[0], (text, lines[0])
+  return lines[0]
+
+
+def test_main_user_errors(capsys, tmp_path):
+  wd = f'--workdir={tmp_path / "run"}'
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  cases = [
+      ([QUICK, wd, '--config.train.stpes=10'], 'train.stpes', 'did you mean config.train.steps?'),
+      ([QUICK, wd, '--config.model.moe.nmu_experts=4'],
+       'did you mean config.model.moe.num_experts?'),
+      (['--config=missing/conf.py', wd], 'no such file'),
+      (['--config=quikstart', wd], "no shipped config of that name", "'quickstart'"),
+      ([QUICK, f'--workdir={a_file}'], 'is a file'),
+      ([QUICK, wd, '--config.train.lr=nan'], 'config.train.lr=nan', 'finite'),
+      ([QUICK, wd, '--config.train.lr=inf'], 'config.train.lr=inf', 'finite'),
+      ([QUICK, wd, '--config.train.steps=abc'], 'must be a whole number'),
+      ([QUICK, wd, '--config.train.nonfinite=ignore'], 'config.train.nonfinite'),
+      ([QUICK, wd, '--config.data.source=files', f'--config.data.paths={empty}'],
+       'config.data.file_glob', 'matches no file'),
+      ([QUICK, wd, '--config.data.source=files', f'--config.data.paths={a_file}'],
+       'config.data.paths', 'at least two files'),
+      ([QUICK, wd, '--config.data.file_glob=*.nothing'], 'config.data.file_glob'),
+      ([QUICK], '--workdir is required'),
+      ([wd], '--config is required'),
+      ([QUICK, wd, '--bogus'], 'unrecognized arguments: --bogus'),
+  ]
+  for argv, *expected in cases:
+    _one_line_error(capsys, main_cmd.main, argv, *expected)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()  # refused before anything was written
+
+
+def test_other_commands_user_errors(capsys, tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  cases = [
+      (generate.main, ['--workdir', str(tmp_path / 'none')], 'no checkpoint'),
+      (generate.main, ['--workdir', str(a_file)], 'is a file'),
+      (generate.main, ['--workdir', str(tmp_path), '--top_p=2'], '--top_p=2'),
+      (params.main, [QUICK, '--config.model.d_modle=3'],
+       'did you mean config.model.d_model?'),
+      (params.main, [QUICK, '--mesh=experts=4'], "--mesh='experts=4'"),
+      (experiment.main, ['nonexistent', '--workdir', str(tmp_path)],
+       'no shipped experiment', "'balancing'"),
+      (experiment.main, ['balancing', '--workdir', str(tmp_path),
+                         '--config.model.moe.balance.aux_loss_weight=0.5'],
+       'arm ', 'what the experiment compares'),
+      (experiment.main, ['balancing', '--workdir', str(tmp_path), '--config.train.stps=5'],
+       'did you mean config.train.steps?'),
+      (upcycle.main, [QUICK, '--dense_workdir', str(tmp_path / 'nope'), '--workdir',
+                      str(tmp_path / 'up')], '--dense_workdir', 'no checkpoints'),
+      (upcycle.main, [QUICK, '--config.model.moe.num_expert=4', '--dense_workdir', 'x',
+                      '--workdir', 'y'], 'did you mean config.model.moe.num_experts?'),
+      (bench.main, ['moe', '--top-k', '99', '--experts', '8'], '--top-k=99'),
+      (bench.main, ['moe', '--meshes', 'expert=x'], '--mesh='),
+  ]
+  for fn, argv, *expected in cases:
+    _one_line_error(capsys, fn, argv, *expected)
+
+
+def test_experiment_overrides_reach_every_arm(tmp_path, capsys):
+  assert experiment.main(['balancing', '--workdir', str(tmp_path), '--config.train.steps=7',
+                          '--print_config']) == 0
+  assert 'steps: 7' in capsys.readouterr().out
+  exp = experiment.override_base(experiment.load_experiment('balancing'),
+                                 [('train.steps', '7')])
+  assert all(experiment.run_config(exp, a, 0, False).train.steps == 7 for a in exp.arms)
+
+
+def test_help_print_config_and_named_configs():
+  """Through `python -m` as a user runs it (one subprocess for the three)."""
+  code = ('import sys, runpy; sys.argv = sys.argv[1:]; runpy.run_module("moejax.main", '
+          'run_name="__main__")')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run([sys.executable, '-c', code, 'moejax.main', '--help'], env=env,
+                       capture_output=True, text=True, cwd='/')
+  assert out.returncode == 0 and 'moejax/config.py' in out.stdout
+  out = subprocess.run([sys.executable, '-m', 'moejax.main', '--config=deepseek_v3:tiny',
+                        '--config.train.steps=77', '--print_config'], env=env,
+                       capture_output=True, text=True, cwd='/')  # no checkout in the cwd
+  assert out.returncode == 0, out.stderr
+  assert 'steps: 77' in out.stdout and "attention: mla" in out.stdout
+  out = subprocess.run([sys.executable, '-m', 'moejax.main', '--config=quickstart',
+                        '--workdir=/nonexistent/x', '--config.model.moe.nmu_experts=4'], env=env,
+                       capture_output=True, text=True, cwd='/')
+  assert out.returncode == 2 and out.stdout == ''
+  assert out.stderr.strip().splitlines() == [
+      "error: --config.model.moe.nmu_experts: config has no field 'model.moe.nmu_experts'; "
+      'did you mean config.model.moe.num_experts?']
+
+
+def test_override_values_are_typed():
+  c = base_config()
+  apply_overrides(c, [('train.steps', '12'), ('train.lr', '1e-4'), ('train.progress', 'false'),
+                      ('model.moe.router.name', 'hash'), ('train.warmup_steps', '5.0')])
+  assert (c.train.steps, c.train.lr, c.train.progress, c.model.moe.router.name,
+          c.train.warmup_steps) == (12, 1e-4, False, 'hash', 5)
+  with pytest.raises(ConfigError, match='must be true or false'):
+    parse_value('train.progress', 'maybe', True)
+  with pytest.raises(ConfigError, match='whole number'):
+    parse_value('train.steps', '2.5', 3)
+  with pytest.raises(ConfigError, match='did you mean config.model.moe'):
+    apply_overrides(c, [('model.mo.num_experts', '4')])
+  assert load_config('deepseek_v3:tiny').model.attention == 'mla'
+
+
+def test_summary_lists_only_the_losses_that_are_on():
+  c = base_config()
+  c.model.moe.balance.aux_loss_weight, c.model.moe.balance.z_loss_weight = 0.0, 1e-3
+  c.model.moe.balance.seq_aux_loss_weight = 1e-2
+  last = {'step': 5, 'train/loss': 2.0, 'train/ce_loss': 1.9, 'moe/aux_loss': 1.0,
+          'moe/z_loss': 3.0, 'moe/seq_aux_loss': 0.5, 'moe/device_loss': 1.0, 'eval/loss': 2.1}
+  line = summary_line(last, c)
+  assert line.startswith('final: step 5: train/loss 2')
+  assert 'moe/z_loss 3' in line and 'moe/seq_aux_loss 0.5' in line and 'eval/loss 2.1' in line
+  assert 'aux_loss 1' not in line and 'device_loss' not in line
+  assert summary_line({**last, 'finished': True}, c).startswith(
+      'finished: this run already reached step 5')
