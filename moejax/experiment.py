@@ -135,7 +135,7 @@ def post_evaluate(config, run_dir: str, overrides: dict) -> float:
   mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
   trainer = Trainer(c, mesh)
   ck = Checkpointer(run_dir, c.train.keep_checkpoints)
-  state, _ = ck.restore(ck.latest_step(), trainer.abstract_state)
+  _, state, _ = ck.restore_intact(trainer.abstract_state, move=False)
   ck.close()
   splits = pipeline.load_splits(c.data, c.seed)
   batches = pipeline.eval_batches(splits.val, c.train.batch_size, c.train.eval_batches)

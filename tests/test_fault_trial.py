@@ -74,12 +74,15 @@ def test_random_kills_change_nothing(tmp_path):
       kind = ('write', 'steps', 'time')[kills % 3]
       # Rows past the checkpoint are only removed once the life has restored it: count new
       # steps from the highest logged so far.
-      target_step = max(expected_resume or 0, _last_step(workdir)) + rng.randint(1, 4)
+      base = max(expected_resume or 0, _last_step(workdir))
+      target_step = base + rng.randint(1, 4)
       deadline = time.monotonic() + rng.uniform(0.2, 0.4) * duration
       while proc.poll() is None:
+        last = _last_step(workdir)
         if ((kind == 'write' and _writing(workdir)) or
-            (kind == 'steps' and _last_step(workdir) >= target_step) or
-            time.monotonic() >= deadline):  # every kind: a random moment at the latest
+            (kind == 'steps' and last >= target_step) or
+            time.monotonic() >= deadline or  # every kind: a random moment at the latest,
+            last >= base + 6):  # and after 6 new steps, so 20 kills fit in the run
           during_write += _writing(workdir)
           proc.kill()
           killed = True
@@ -103,7 +106,7 @@ def test_random_kills_change_nothing(tmp_path):
   assert kills == KILLS and during_write >= KILLS // 4, (kills, during_write)
   got = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   want = read_metrics(os.path.join(reference, 'metrics.jsonl'))
-  assert [r['step'] for r in got] == list(range(121))  # each step exactly once
+  assert [r['step'] for r in got] == list(range(201))  # each step exactly once
   for a, b in zip(got, want):
     for key in ('train/loss', 'train/grad_norm', 'moe/max_vio', 'eval/loss'):
       assert a.get(key) == b.get(key), (a['step'], key)

@@ -118,3 +118,23 @@ def test_generate_from_checkpoint(runs, capsys, tmp_path):
   assert capsys.readouterr().out == first  # same seed, same text
   assert generate.main(['--workdir', str(tmp_path / 'empty')]) == 2
   assert 'no checkpoint' in capsys.readouterr().err
+
+
+def test_stop_after_checkpoints_that_step_and_retention_keeps_the_newest(runs):
+  """The resumed run stopped after step 4 (train.stop_after): it wrote a checkpoint there,
+  and after resuming to 6 with keep_checkpoints=3 the newest three remain: 3, 4, 6."""
+  _, resumed = runs
+  assert sorted(os.listdir(os.path.join(resumed, 'checkpoints')), key=int) == ['3', '4', '6']
+
+
+def test_logged_learning_rate_is_the_one_applied(runs):
+  """Step s applies the schedule at optimizer count s - 1 (0 at the first step): lr 3e-3,
+  warmup 2, 6 steps, end ratio .1 -> 0, 1.5e-3, 3e-3, then a cosine over counts 2-6:
+  count 3: 3e-4 + 2.7e-3 * .5 (1 + cos(pi / 4)) = 2.604594e-3; count 4: 1.65e-3;
+  count 5: 6.95406e-4."""
+  full, _ = runs
+  rows = {r['step']: r['train/lr'] for r in read_metrics(os.path.join(full, 'metrics.jsonl'))
+          if 'train/lr' in r}
+  c = np.cos(np.pi / 4)
+  want = [0.0, 1.5e-3, 3e-3, 3e-4 + 1.35e-3 * (1 + c), 1.65e-3, 3e-4 + 1.35e-3 * (1 - c)]
+  np.testing.assert_allclose([rows[s] for s in range(1, 7)], want, rtol=1e-5, atol=1e-9)

@@ -1,0 +1,136 @@
+"""Formulas with a rounding, a grouping or a boundary, on cases chosen so that the plausible
+wrong variants (floor for ceil, round for ceil, the batch for the sequence, K forgotten, the
+warmup shifted by a step) give different numbers. Every number is worked by hand in a comment."""
+import math
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from moejax.config import base_config
+from moejax.data import pipeline
+from moejax.moe import balance
+from moejax.moe.dispatch import capacity_slots, expert_capacity
+from moejax.moe.routers import ExpertChoiceRouter, RouterOutput
+from moejax.moe.routers.expert_choice import expert_choice_capacity
+from moejax.training.step import learning_rate
+
+
+# ---- Capacity: C = ceil(factor * K * T / N), at least min_capacity, at most T.
+
+@pytest.mark.parametrize('t,k,n,factor,min_c,want', [
+    (11, 2, 10, 1.0, 1, 3),   # 2.2: ceil 3; floor 2; round 2
+    (10, 2, 8, 1.0, 1, 3),    # 2.5: ceil 3; floor 2; round (half to even) 2
+    (10, 2, 8, 1.1, 1, 3),    # 2.75: ceil 3; floor 2; without K: ceil(1.375) = 2
+    (12, 1, 8, 1.25, 1, 2),   # 1.875: ceil 2; floor 1
+    (12, 1, 8, 1.25, 3, 3),   # min_capacity wins (3 > 2)
+    (5, 2, 2, 4.0, 1, 5),     # 20 > T = 5: at most T
+])
+def test_expert_capacity_rounds_up(t, k, n, factor, min_c, want):
+  assert expert_capacity(t, k, n, factor, min_c) == want
+
+
+def test_capacity_dispatch_keeps_ceil_many_per_expert():
+  """T = 10 tokens, K = 1, all to expert 0, N = 4, factor 1.0: C = ceil(2.5) = 3, so exactly
+  the first 3 tokens (position priority) keep a slot; floor would keep 2."""
+  index = jnp.zeros((10, 1), jnp.int32)
+  c = expert_capacity(10, 1, 4, 1.0, 1)
+  slots = np.asarray(capacity_slots(index, 4, c, 'position'))[:, 0]
+  np.testing.assert_array_equal(slots, [0, 1, 2] + [4 * 3] * 7)
+
+
+@pytest.mark.parametrize('tokens,n,factor,want', [
+    (10, 4, 1.0, 3),  # 2.5: ceil 3; floor 2
+    (9, 4, 1.0, 3),   # 2.25: ceil 3; round 2
+    (3, 8, 1.0, 1),   # 0.375: at least 1
+    (4, 1, 2.0, 4),   # 8 > T = 4: at most T
+])
+def test_expert_choice_capacity_rounds_up(tokens, n, factor, want):
+  assert expert_choice_capacity(tokens, n, factor) == want
+
+
+def test_expert_choice_router_takes_ceil_tokens_per_expert():
+  """T = 10, N = 4, c = 1.0: every expert takes C = ceil(10 / 4) = 3 distinct tokens."""
+  moe = base_config().model.moe
+  moe.router.name, moe.router.ec_capacity_factor = 'expert_choice', 1.0
+  router = ExpertChoiceRouter(num_experts=4, k=2, cfg=ml_collections.FrozenConfigDict(moe.router),
+                              balance=ml_collections.FrozenConfigDict(moe.balance), batch=1)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 4)), jnp.float32)
+  ec = router.apply({'params': {'w': jnp.eye(4)}}, x, train=True).expert_choice
+  assert ec.token_index.shape == (4, 3)
+
+
+# ---- Balance losses on several sequences and non-uniform probabilities.
+
+def _out(index, probs, k=None):
+  index, probs = jnp.asarray(index, jnp.int32), jnp.asarray(probs, jnp.float32)
+  w = jnp.full(index.shape, 1.0 / index.shape[1])
+  return RouterOutput(index, w, probs, jnp.log(probs))
+
+
+def test_sequence_aux_loss_groups_by_sequence():
+  """B = 2 sequences of S = 2 tokens, K = 1, N = 2.
+  Sequence 0 routes (0, 0), affinities (.9, .1), (.6, .4): f = N/(K S) (2, 0) = (2, 0),
+  P = (.75, .25) -> 1.5. Sequence 1 routes (0, 1), affinities (.7, .3), (.2, .8): f = (1, 1),
+  P = (.45, .55) -> 1.0. Mean over sequences: 1.25.
+  Wrong variants: over the whole batch, f = 2/4 (3, 1) = (1.5, .5), P = (.6, .4) -> 1.1;
+  normalised by K B S instead of K S: (.75 + .5) / 2 = .625."""
+  r = _out([[0], [0], [0], [1]], [[.9, .1], [.6, .4], [.7, .3], [.2, .8]])
+  assert float(balance.sequence_aux_loss(r, 2, 2)) == pytest.approx(1.25, abs=1e-6)
+
+
+def test_switch_aux_loss_counts_k_choices():
+  """T = 3, K = 2, N = 3, index (0, 1), (0, 2), (1, 0): counts (3, 2, 1), f = counts / (K T)
+  = (1/2, 1/3, 1/6). P = column means of (.5 .3 .2), (.4 .2 .4), (.3 .6 .1) = (.4, 11/30,
+  7/30). N sum f P = 3 (.2 + 11/90 + 7/180) = 1.083333. Without K in f: 2.166667."""
+  r = _out([[0, 1], [0, 2], [1, 0]], [[.5, .3, .2], [.4, .2, .4], [.3, .6, .1]])
+  assert float(balance.switch_aux_loss(r, 3)) == pytest.approx(13 / 12, abs=1e-6)
+
+
+def test_device_loss_averages_f_over_a_devices_experts():
+  """N = 4 on D = 2 devices, K = 1, T = 4, index (0, 1, 1, 3): f = N/(K T) counts = (1, 2, 0, 1),
+  f' = per-device mean = (1.5, .5). P = column means = (.2125, .3125, .1875, .2875), P' =
+  per-device sum = (.525, .475). Loss = 1.5 * .525 + .5 * .475 = 1.025; with the sum of f
+  instead of the mean: 3 * .525 + 1 * .475 = 2.05."""
+  probs = [[.4, .3, .2, .1], [.1, .6, .1, .2], [.25, .25, .25, .25], [.1, .1, .2, .6]]
+  r = _out([[0], [1], [1], [3]], probs)
+  assert float(balance.device_balance_loss(r, 4, 2)) == pytest.approx(1.025, abs=1e-6)
+
+
+def test_max_vio_and_cv_on_uneven_counts():
+  """counts (5, 1, 0, 2): mean 2, MaxVio = (5 - 2) / 2 = 1.5; population std =
+  sqrt((9 + 1 + 4 + 0) / 4) = sqrt(3.5), CV = 0.935414; load shares (5, 1, 0, 2) / 8."""
+  stats = balance.load_stats(jnp.array([5., 1., 0., 2.]), jnp.full((2, 4), .25))
+  assert float(stats['max_vio']) == pytest.approx(1.5)
+  assert float(stats['cv']) == pytest.approx(math.sqrt(3.5) / 2, abs=1e-6)
+  np.testing.assert_allclose(stats['expert_load'], [5 / 8, 1 / 8, 0, 2 / 8])
+
+
+# ---- The learning-rate schedule: warmup, peak, cosine, end.
+
+def test_learning_rate_schedule_hand_worked():
+  """lr 1, warmup 4, 20 steps, end ratio .1: linear from 0 (step 0) to 1 (step 4), then a
+  cosine over steps 4-20 down to .1: at step 12 (half way) .1 + .9 * .5 = .55; at step 8 (a
+  quarter) .1 + .45 (1 + cos(pi/4)) = .868198. A warmup shifted by one step gives .2 / .75."""
+  t = base_config().train
+  t.lr, t.warmup_steps, t.steps, t.min_lr_ratio = 1.0, 4, 20, 0.1
+  lr = learning_rate(t)
+  want = {0: 0.0, 1: .25, 3: .75, 4: 1.0, 8: .1 + .45 * (1 + math.cos(math.pi / 4)), 12: .55,
+          20: .1}
+  for step, value in want.items():
+    assert float(lr(step)) == pytest.approx(value, abs=1e-6), step
+
+
+# ---- Evaluation covers exactly train.eval_batches fixed batches.
+
+def test_eval_batches_are_the_first_n_in_order():
+  """5 chunks of 4 + 1 tokens, batch 2, 3 batches: chunks (0, 1), (2, 3), (4, 0) (the split
+  repeats when it runs out), the same at every call."""
+  tokens = np.arange(21, dtype=np.uint16)
+  chunks = pipeline.PackedChunks(tokens, 4)
+  batches = pipeline.eval_batches(chunks, 2, 3)
+  assert len(batches) == 3
+  firsts = [b['inputs'][:, 0].tolist() for b in batches]
+  assert firsts == [[0, 4], [8, 12], [16, 0]]
+  np.testing.assert_array_equal(batches[0]['targets'][0], [1, 2, 3, 4])
