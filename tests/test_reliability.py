@@ -284,3 +284,14 @@ def test_finished_run_is_reported_and_tensorboard_records_the_config(full_run):
             for f in os.listdir(os.path.join(full_run, 'tensorboard'))]
   blob = b''.join(open(e, 'rb').read() for e in events)
   assert b'nonfinite: stop' in blob and b'num_experts: 8' in blob
+
+
+def test_rollback_gives_up_when_every_retry_diverges(tmp_path, capfd):
+  """Checkpoints at steps 1 and 2, step 3 diverges: back to step 2 (batch 3 skipped), and
+  again on each retry; after max_nonfinite=2 rollbacks without a new checkpoint it stops
+  (a restore is not progress, so the count is not reset by it)."""
+  c = _diverging(nonfinite='rollback', max_nonfinite=2, checkpoint_every=1)
+  with pytest.raises(Diverged, match='2 rollbacks did not reach a new checkpoint'):
+    train(c, str(tmp_path / 'run'))
+  err = capfd.readouterr().err
+  assert err.count('rolled back to step 2') == 2, err

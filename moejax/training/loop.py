@@ -126,7 +126,7 @@ def _train(config, workdir: str, mesh_sizes, splits) -> dict:
       return None, trainer.init(config.seed), it
     step, state, data_state = restored
     it.set_state(data_state)
-    guard.saved(step)
+    guard.last_saved = step  # a restore is no progress: the rollback count stays
     return step, state, it
 
   restored_step, state, train_iter = resume()
