@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
   moe.dispatch = d = ml_collections.ConfigDict()
   d.name = 'dropless'  # 'capacity' (indexed, token dropping), 'einsum' (GShard one-hot, token
   # dropping, per group of group_size tokens), 'all_to_all' (capacity per device, shard_map
-  # all-to-all over the expert mesh axis) or 'dropless'.
+  # all-to-all over the expert mesh axis), 'dropless', or 'ring' (dropless expert parallelism:
+  # tokens all-gathered along the expert axis, outputs reduce-scattered back).
   d.group_size = 512  # einsum path: tokens per group (capacity is per group); divides the batch.
   d.capacity_factor = 1.25  # C = ceil(capacity_factor * K * T / N), K included (MaxText).
   d.eval_capacity_factor = 2.0
@@ -175,7 +176,7 @@ SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
 BIAS_UPDATES = ('sign', 'proportional')
-DISPATCH_NAMES = ('capacity', 'einsum', 'all_to_all', 'dropless')
+DISPATCH_NAMES = ('capacity', 'einsum', 'all_to_all', 'dropless', 'ring')
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
 PRIORITIES = ('choice', 'position', 'probability')
 DTYPES = ('float32', 'bfloat16')

@@ -108,10 +108,23 @@ def all_to_all(model_cfg, mesh: dict[str, int], tokens_per_device: int, dtype: s
   remote = reached * (ep - 1) / ep if ep > 1 else 0.0  # the home rank's copy stays local
   per_token = 2 * remote * model_cfg.d_model * BYTES[dtype]
   layers = len(moe_layer_ids(model_cfg))
+  ring = ring_bytes_per_token(model_cfg, ep, dtype)
   return {'expert_ranks_reached_per_token': round(reached, 3),
           'a2a_bytes_per_token_per_layer': round(per_token),
           'a2a_bytes_per_device_per_layer': round(per_token * tokens_per_device),
-          'a2a_bytes_per_token_all_layers': round(per_token * layers), 'moe_layers': layers}
+          'a2a_bytes_per_token_all_layers': round(per_token * layers),
+          'ring_bytes_per_token_per_layer': round(ring),
+          'ring_bytes_per_device_per_layer': round(ring * tokens_per_device),
+          'moe_layers': layers}
+
+
+def ring_bytes_per_token(model_cfg, ep: int, dtype: str) -> float:
+  """Bytes a device sends per token of its own, per MoE layer, in the ring of experts (dispatch
+  'ring'): the all-gather passes each token's activations, K expert ids and K gates (int32,
+  float32) to the EP - 1 other ranks, and the reduce-scatter returns EP - 1 partial outputs
+  of every token: (EP - 1) (2 D b + 8 K), whatever the routing (ring algorithms)."""
+  k = model_cfg.moe.num_experts_per_tok
+  return (ep - 1) * (2 * model_cfg.d_model * BYTES[dtype] + 8 * k)
 
 
 def plan(model_cfg, mesh: dict[str, int], device_memory_gib: float, context: int,

@@ -52,6 +52,25 @@ def trainer_on(c, sizes: dict):
   return Trainer(c, make_mesh(mesh_shape(c, n), jax.devices()[:n]))
 
 
+def train_side_by_side(one, other, keys, steps: int = 2, rtol=1e-5, atol=1e-6):
+  """Train two Trainers (e.g. 1 device and 8) from the same initial state on the same random
+  batches and compare the metrics `keys` after every step; returns the two final states and
+  the last metrics (m_one, m_other)."""
+  import numpy as np
+  state1 = one.init(0)
+  state2 = jax.device_put(jax.device_get(state1), other.state_sharding)  # a copy: steps donate
+  rng = np.random.default_rng(0)
+  for _ in range(steps):
+    tokens = rng.integers(0, 256, (8, 17)).astype(np.int32)
+    batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+    state1, m1 = one.train_step(state1, batch)
+    state2, m2 = other.train_step(state2, batch)
+    m1, m2 = jax.device_get((m1, m2))
+    for k in keys:
+      np.testing.assert_allclose(m2[k], m1[k], rtol=rtol, atol=atol, err_msg=k)
+  return state1, state2, m1, m2
+
+
 @pytest.fixture
 def config():
   return tiny_config()

@@ -41,7 +41,7 @@ class AllToAllDispatch(_TokenDropping):
       raise ValueError(f'all_to_all dispatch: {t} tokens over {groups} devices and {n} experts '
                        f'over expert={ep} must both divide evenly (train.batch_size, mesh.*)')
     c = self.capacity(t // groups, k, n, train)
-    weights = experts._weights()
+    weights = experts.weights()
 
     def local(x, index, gate, wi_0, wi_1, wo):  # this device's tokens and experts
       slots = capacity_slots(index, n, c, self.priority, gate)  # [Tl, K]

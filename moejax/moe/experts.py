@@ -35,22 +35,30 @@ class RoutedExperts(nn.Module):
     self.wi_1 = param_with_axes(self, 'wi_1', (e, d, f), ('expert', 'embed', 'expert_mlp'), init_in)
     self.wo = param_with_axes(self, 'wo', (e, f, d), ('expert', 'expert_mlp', 'embed'), init_out)
 
-  def _weights(self):
+  def weights(self):
+    """(wi_0 [N, D, F], wi_1 [N, D, F], wo [N, F, D]) in the compute dtype, for dispatchers
+    that run the experts on a shard of them (e.g. inside shard_map)."""
     return tuple(jnp.asarray(w, self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
 
   def capacity(self, buffers):
     x = nn.with_logical_constraint(buffers.astype(self.dtype), ('expert', None, 'act_embed'))
-    return swiglu_experts(x, *self._weights())  # [N, C, D]
+    return swiglu_experts(x, *self.weights())  # [N, C, D]
 
   def grouped(self, x_sorted, group_sizes):
-    wi_0, wi_1, wo = self._weights()
-    x_sorted = x_sorted.astype(self.dtype)
-    backend = resolve_backend(self.backend)
-    if backend == 'ragged_dot':
-      rd = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes)
-      h = jax.nn.silu(rd(x_sorted, wi_0)) * rd(x_sorted, wi_1)
-      return rd(h, wo)
-    return blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, self.block_size)
+    return grouped_swiglu(x_sorted.astype(self.dtype), group_sizes, *self.weights(),
+                          backend=self.backend, block_size=self.block_size)
+
+
+def grouped_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, backend: str = 'auto',
+                   block_size: int = 128):
+  """Rows sorted by expert [M, D], group e holds group_sizes[e] rows -> [M, D]. Rows past
+  sum(group_sizes) belong to no expert and come out zero (dispatchers park rows there)."""
+  if resolve_backend(backend) == 'ragged_dot':
+    rd = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes)
+    h = jax.nn.silu(rd(x_sorted, wi_0)) * rd(x_sorted, wi_1)
+    valid = jnp.arange(x_sorted.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(valid[:, None], rd(h, wo), 0)
+  return blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, block_size)
 
 
 def swiglu_experts(x, wi_0, wi_1, wo):
@@ -73,15 +81,21 @@ def blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, block: int):
   blocks_per = (group_sizes + block - 1) // block  # [N]
   block_end = jnp.cumsum(blocks_per)  # [N]
   row_start = jnp.cumsum(group_sizes) - group_sizes  # [N]
-  row_expert = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side='right')  # [M]
-  dest = (block_end - blocks_per)[row_expert] * block + jnp.arange(m) - row_start[row_expert]
-  src = jnp.full((num_blocks * block,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))
+  rows = jnp.arange(m)
+  row_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes), rows, side='right'),
+                           e - 1)  # [M]
+  dest = (block_end - blocks_per)[row_expert] * block + rows - row_start[row_expert]
+  # Rows past every group go to one extra slot, which reads zeros and is never computed.
+  dest = jnp.where(rows < jnp.sum(group_sizes), dest, num_blocks * block)
+  src = jnp.full((num_blocks * block + 1,), m, jnp.int32).at[dest].set(
+      jnp.arange(m, dtype=jnp.int32))[:-1]
   block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side='right'),
                              e - 1).astype(jnp.int32)  # [num_blocks]
   x_pad = jnp.concatenate([x_sorted, jnp.zeros((1, d), x_sorted.dtype)])[src]
   y_pad = _block_ffn(x_pad.reshape(num_blocks, block, d), block_expert, block_end[-1],
                      wi_0, wi_1, wo)
-  return y_pad.reshape(num_blocks * block, d)[dest]  # [M, D]
+  y_pad = jnp.concatenate([y_pad.reshape(num_blocks * block, d), jnp.zeros((1, d), y_pad.dtype)])
+  return y_pad[dest]  # [M, D]
 
 
 def _block_forward(xb, w0, w1, wo):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch, EinsumDispatch
 from moejax.moe.expert_parallel import AllToAllDispatch
+from moejax.moe.ring import RingDispatch
 from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, SinkhornRouter,
                                  TopKRouter)
 
@@ -31,6 +32,7 @@ DISPATCHERS = {
         capacity_factor=d.capacity_factor, eval_capacity_factor=d.eval_capacity_factor,
         min_capacity=d.min_capacity, priority=d.priority),
     'dropless': lambda d: DroplessDispatch(),
+    'ring': lambda d: RingDispatch(),
 }
 
 
