@@ -84,8 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   moe.dispatch = d = ml_collections.ConfigDict()
   d.name = 'dropless'  # 'capacity' (indexed, token dropping), 'einsum' (GShard one-hot, token
   # dropping, per group of group_size tokens), 'all_to_all' (capacity per device, shard_map
-  # all-to-all over the expert mesh axis), 'dropless', or 'ring' (dropless expert parallelism:
-  # tokens all-gathered along the expert axis, outputs reduce-scattered back).
+  # all-to-all over the expert mesh axis), 'dropless', 'ring' (dropless expert parallelism:
+  # tokens all-gathered along the expert axis, outputs reduce-scattered back), or
+  # 'ragged_all_to_all' (dropless, exact-size exchanges; TPU/GPU only).
   d.group_size = 512  # einsum path: tokens per group (capacity is per group); divides the batch.
   d.capacity_factor = 1.25  # C = ceil(capacity_factor * K * T / N), K included (MaxText).
   d.eval_capacity_factor = 2.0
@@ -176,7 +177,7 @@ SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
 BIAS_UPDATES = ('sign', 'proportional')
-DISPATCH_NAMES = ('capacity', 'einsum', 'all_to_all', 'dropless', 'ring')
+DISPATCH_NAMES = ('capacity', 'einsum', 'all_to_all', 'dropless', 'ring', 'ragged_all_to_all')
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
 PRIORITIES = ('choice', 'position', 'probability')
 DTYPES = ('float32', 'bfloat16')
@@ -338,6 +339,12 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _one_of(c, 'model.moe.router.dtype', DTYPES)
     _one_of(c, 'model.moe.dispatch.name', DISPATCH_NAMES)
     _one_of(c, 'model.moe.dispatch.priority', PRIORITIES)
+    if m.moe.dispatch.name == 'ragged_all_to_all':
+      import jax
+      if jax.default_backend() == 'cpu':
+        _fail('model.moe.dispatch.name', 'ragged_all_to_all', "XLA:CPU has no ragged-all-to-all "
+              "(it runs on TPU and GPU); on CPU use 'ring' (dropless across devices) or "
+              "'dropless'")
     if m.moe.dispatch.name == 'einsum':
       _positive(c, 'model.moe.dispatch.group_size')
       tokens = c.train.batch_size * c.data.seq_len

@@ -115,7 +115,16 @@ def all_to_all(model_cfg, mesh: dict[str, int], tokens_per_device: int, dtype: s
           'a2a_bytes_per_token_all_layers': round(per_token * layers),
           'ring_bytes_per_token_per_layer': round(ring),
           'ring_bytes_per_device_per_layer': round(ring * tokens_per_device),
+          'ragged_bytes_per_token_per_layer': round(ragged_bytes_per_token(model_cfg, ep, dtype)),
           'moe_layers': layers}
+
+
+def ragged_bytes_per_token(model_cfg, ep: int, dtype: str) -> float:
+  """Bytes per token and MoE layer of the exact-size exchange (dispatch 'ragged_all_to_all'):
+  each of the K (token, expert) pairs goes to its expert's rank and back, not deduplicated;
+  a pair stays home with probability 1 / EP under uniform routing."""
+  k = model_cfg.moe.num_experts_per_tok
+  return 2 * k * (ep - 1) / ep * model_cfg.d_model * BYTES[dtype]
 
 
 def ring_bytes_per_token(model_cfg, ep: int, dtype: str) -> float:

@@ -60,13 +60,15 @@ def test_rows_past_the_groups_are_zero(backend):
 
 
 def test_planner_ring_bytes_hand_worked():
-  """d_model 32, K 2, bf16, EP 8: (8 - 1) (2 * 32 * 2 + 8 * 2) = 7 * 144 = 1008 bytes per
+  """d_model 32, K 2, bf16, EP 8, ring: (8 - 1) (2 * 32 * 2 + 8 * 2) = 7 * 144 = 1008 bytes per
   token and layer; 100 tokens per device: 100800. EP 1: nothing moves."""
   m = base_config().model
   m.d_model, m.moe.num_experts, m.moe.num_experts_per_tok = 32, 8, 2
   out = all_to_all(m, parse_mesh('expert=8'), 100, 'bf16')
   assert out['ring_bytes_per_token_per_layer'] == 1008
   assert out['ring_bytes_per_device_per_layer'] == 100800
+  # Exact-size exchange: K = 2 pairs out and back, 7/8 of them remote: 2 * 2 * 7/8 * 32 * 2.
+  assert out['ragged_bytes_per_token_per_layer'] == 224
   assert all_to_all(m, parse_mesh('data=8'), 100, 'bf16')['ring_bytes_per_token_per_layer'] == 0
 
 

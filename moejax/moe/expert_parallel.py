@@ -15,15 +15,80 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax.moe.dispatch import (_TokenDropping, capacity_slots, combine_slots, drop_stats,
-                                 pack_slots, stats_dict)
-from moejax.moe.experts import RoutedExperts, swiglu_experts
+                                 dropless_combine, pack_slots, stats_dict)
+from moejax.moe.experts import RoutedExperts, grouped_swiglu, swiglu_experts
 from moejax.moe.routers import RouterOutput
 from moejax.parallel.sharding import BATCH_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class EPLayout:
+  """How the tokens and experts of one MoE call lie on the mesh of the current trace."""
+  mesh: Any
+  axes: tuple  # the batch axes present: tokens are split over all of them
+  groups: int  # devices the tokens are split over
+  ep: int  # size of the 'expert' axis: experts are split over it
+
+  def per_device(self, local, out_specs, check_vma: bool = True):
+    """local(x, expert_index, gates, wi_0, wi_1, wo) on every device's tokens and experts
+    (shard_map), or called as it is outside a mesh."""
+    if not self.axes:
+      return local
+    tokens, expert = P(self.axes), P('expert' if self.ep > 1 else None)
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(tokens,) * 3 + (expert,) * 3,
+                         out_specs=out_specs(tokens), check_vma=check_vma)
+
+
+def ep_layout(name: str, tokens: int, num_experts: int) -> EPLayout:
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
+  groups = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  ep = mesh.shape['expert'] if 'expert' in axes else 1
+  if tokens % groups or num_experts % ep:
+    raise ValueError(f'{name} dispatch: {tokens} tokens over {groups} devices and {num_experts} '
+                     f'experts over expert={ep} must both divide evenly (train.batch_size, '
+                     'mesh.*)')
+  return EPLayout(mesh, axes, groups, ep)
+
+
+@dataclasses.dataclass(frozen=True)
+class DroplessEP:
+  """Dropless dispatch with the experts split over the 'expert' axis. A subclass gives the
+  exchange: `exchange(x, expert_index, gates, run, num_experts, ep)` on one device's tokens
+  inside shard_map returns their MoE output, where run(x_sorted, group_sizes) runs this
+  device's N / EP experts on rows sorted by expert (rows past the groups give 0)."""
+  name = ''
+
+  def exchange(self, x, index, gates, run, num_experts: int, ep: int):
+    raise NotImplementedError
+
+  def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
+    del train
+    n = experts.num_experts
+    layout = ep_layout(self.name, x.shape[0], n)
+
+    def local(x, index, gates, wi_0, wi_1, wo):
+      def run(xs, sizes):
+        return grouped_swiglu(xs.astype(wi_0.dtype), sizes, wi_0, wi_1, wo,
+                              backend=experts.backend, block_size=experts.block_size)
+      if layout.ep == 1:
+        return dropless_combine(x, index, gates, n, 0, run)
+      return self.exchange(x, index, gates, run, n, layout.ep)
+
+    # check_vma=False: the blocked backend's hand-written VJP starts its gradient carry from
+    # the weights (varying over 'expert' only) and adds token terms (varying over the batch
+    # axes) under lax.cond; the gradients are tested against one device instead.
+    local = layout.per_device(local, lambda tokens: tokens, check_vma=False)
+    y = local(x, r.expert_index, r.combine_weights, *experts.weights())
+    return y, {'dropped_fraction': jnp.zeros((), jnp.float32),
+               'zero_expert_fraction': jnp.zeros((), jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +98,8 @@ class AllToAllDispatch(_TokenDropping):
     t, d = x.shape
     k = r.expert_index.shape[1]
     n = experts.num_experts
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
-    groups = math.prod(mesh.shape[a] for a in axes) if axes else 1
-    ep = mesh.shape['expert'] if 'expert' in axes else 1
-    if t % groups or n % ep:
-      raise ValueError(f'all_to_all dispatch: {t} tokens over {groups} devices and {n} experts '
-                       f'over expert={ep} must both divide evenly (train.batch_size, mesh.*)')
+    layout = ep_layout('all_to_all', t, n)
+    axes, groups, ep = layout.axes, layout.groups, layout.ep
     c = self.capacity(t // groups, k, n, train)
     weights = experts.weights()
 
@@ -55,10 +115,6 @@ class AllToAllDispatch(_TokenDropping):
       return (combine_slots(back.reshape(n * c, d), slots, gate),
               jax.lax.pmean(stats, axes) if axes else stats)
 
-    args = (x, r.expert_index, r.combine_weights, *weights)
-    if axes:
-      tokens, expert = P(axes), P('expert' if ep > 1 else None)
-      local = jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + (expert,) * 3,
-                            out_specs=(tokens, P()))
-    y, stats = local(*args)
+    local = layout.per_device(local, lambda tokens: (tokens, P()))
+    y, stats = local(x, r.expert_index, r.combine_weights, *weights)
     return y, stats_dict(stats)

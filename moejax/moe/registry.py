@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch, EinsumDispatch
 from moejax.moe.expert_parallel import AllToAllDispatch
+from moejax.moe.ragged import RaggedAllToAllDispatch
 from moejax.moe.ring import RingDispatch
 from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, SinkhornRouter,
                                  TopKRouter)
@@ -33,6 +34,7 @@ DISPATCHERS = {
         min_capacity=d.min_capacity, priority=d.priority),
     'dropless': lambda d: DroplessDispatch(),
     'ring': lambda d: RingDispatch(),
+    'ragged_all_to_all': lambda d: RaggedAllToAllDispatch(),
 }
 
 
