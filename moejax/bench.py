@@ -1,4 +1,5 @@
-"""Benchmarks. `python -m moejax.bench moe --json` times the MoE layer's forward + backward
+"""Benchmarks. `python -m moejax.bench train --json`: the whole train step, MoE against dense
+(moejax/bench_train.py). `python -m moejax.bench moe --json` times the MoE layer's forward + backward
 under jax.jit for each dispatch path, and in the same run a dense SwiGLU FFN with the same
 active parameters (hidden = (K + shared) * expert width), printing one JSON row per case.
 
@@ -139,7 +140,25 @@ def _main(argv=None):
                  help='meshes for the all-to-all rows')
   m.add_argument('--reps', type=int, default=3)
   m.add_argument('--json', action='store_true', help='one JSON object per line (default)')
+  tr = sub.add_parser('train', help='whole train step: MoE vs dense of equal active params')
+  tr.add_argument('--batch', type=int, default=16)
+  tr.add_argument('--seq', type=int, default=128)
+  tr.add_argument('--d-model', type=int, default=128)
+  tr.add_argument('--heads', type=int, default=4)
+  tr.add_argument('--layers', type=int, default=4)
+  tr.add_argument('--experts', type=int, default=16)
+  tr.add_argument('--expert-dim', type=int, default=64)
+  tr.add_argument('--top-k', type=int, default=4)
+  tr.add_argument('--shared', type=int, default=1)
+  tr.add_argument('--block-size', type=int, default=256)
+  tr.add_argument('--dispatches', nargs='+', default=['dropless', 'capacity', 'einsum'])
+  tr.add_argument('--depths', type=int, nargs='*', default=[4, 16, 64],
+                  help='layer counts whose compile time is measured')
+  tr.add_argument('--reps', type=int, default=5)
+  tr.add_argument('--json', action='store_true', help='one JSON object per line (default)')
   a = p.parse_args(argv)
+  if a.what == 'train':
+    return _train(p, a)
   for name in ('tokens', 'seq', 'd_model', 'experts', 'expert_dim', 'top_k', 'block_size',
                'reps'):
     if getattr(a, name) < 1:
@@ -170,6 +189,22 @@ def _main(argv=None):
       print(json.dumps(row), flush=True)
   for row in all_to_all_rows(a):
     print(json.dumps(row), flush=True)
+
+
+def _train(p, a):
+  for name in ('batch', 'seq', 'd_model', 'heads', 'layers', 'experts', 'expert_dim', 'top_k',
+               'block_size', 'reps'):
+    if getattr(a, name) < 1:
+      p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
+  if a.top_k > a.experts or a.shared < 0 or any(d < 1 for d in a.depths):
+    p.error('need 1 <= --top-k <= --experts, --shared >= 0 and --depths >= 1')
+  if a.d_model % a.heads or (a.d_model // a.heads) % 2 or a.heads % 2:
+    p.error(f'--d-model={a.d_model} / --heads={a.heads} must give an even head width, with '
+            'an even number of heads')
+  from moejax.bench_train import bench_train
+  for row in bench_train(a):
+    print(json.dumps(row), flush=True)
+  return 0
 
 
 def main(argv=None):

@@ -24,3 +24,18 @@ def test_bench_moe_smoke(capsys):
   # 8 experts on 8 ranks, top-2: 2 distinct ranks, 7/8 of them remote, dispatch + combine, bf16.
   assert a2a[0]['a2a_bytes_per_token_per_layer'] == round(2 * 2 * 7 / 8 * 32 * 2)
   assert a2a[0]['tokens_per_device'] == 32 and 'skipped' in a2a[1]
+
+
+def test_bench_train_smoke(capsys):
+  """The whole-step benchmark at a tiny shape: one row per case, then the depth sweep."""
+  main(['train', '--batch', '4', '--seq', '16', '--d-model', '32', '--heads', '2',
+        '--layers', '2', '--experts', '4', '--expert-dim', '8', '--top-k', '2', '--reps', '1',
+        '--block-size', '8', '--dispatches', 'dropless', 'capacity', '--depths', '1', '3'])
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r['case'] for r in rows] == ['dense', 'moe_dropless', 'moe_capacity',
+                                       'compile_depth', 'compile_depth']
+  assert rows[0]['ratio_to_dense'] == 1.0
+  for r in rows[:3]:
+    assert r['ms'] > 0 and r['tokens_per_sec'] > 0 and r['compile_s'] > 0 and r['temp_bytes'] > 0
+    assert r['tokens_per_step'] == 64
+  assert [r['layers'] for r in rows[3:]] == [1, 3]
