@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import difflib
 import importlib.resources
 import importlib.util
 import os
@@ -19,7 +18,7 @@ import sys
 
 import ml_collections
 
-from moejax.config import ConfigError
+from moejax.config import ConfigError, field_parent
 
 CONFIG_HELP = ('Every config field, its default and what it means: moejax/config.py '
                '(base_config). Override any of them with --config.SECTION.FIELD=VALUE, e.g. '
@@ -37,23 +36,35 @@ class ArgumentParser(argparse.ArgumentParser):
     raise ConfigError(f'{message} (see {self.prog} --help)')
 
 
+def shipped_names(package: str, skip=()) -> list[str]:
+  """The modules a package of moejax ships (its configs, its experiments), by name."""
+  return sorted(f.name[:-3] for f in importlib.resources.files(package).iterdir()
+                if f.name.endswith('.py') and f.name not in ('__init__.py', *skip))
+
+
+def shipped_path(spec: str, package: str, what: str, skip=()) -> str:
+  """A file path as it is, or the name of a module `package` ships -> its file."""
+  if os.path.isfile(spec):
+    return spec
+  if os.sep not in spec and not spec.endswith('.py'):
+    shipped = importlib.resources.files(package) / f'{spec}.py'
+    if shipped.is_file():
+      return str(shipped)
+  raise ConfigError(f'{what}={spec}: no such file, and no shipped {what.lstrip("-")} of that '
+                    f'name; give a path or one of {shipped_names(package, skip)}')
+
+
 def named_configs() -> list[str]:
-  files = importlib.resources.files('moejax.configs').iterdir()
-  return sorted(f.name[:-3] for f in files if f.name.endswith('.py') and f.name not in (
-      '__init__.py', 'published.py'))
+  return shipped_names('moejax.configs', _NOT_CONFIGS)
+
+
+_NOT_CONFIGS = ('published.py',)
 
 
 def config_path(spec: str) -> tuple[str, str]:
   """'configs/x.py[:arg]' or a shipped config's name 'x[:arg]' -> (file path, arg)."""
   path, _, arg = spec.partition(':')
-  if os.path.isfile(path):
-    return path, arg
-  if os.sep not in path and not path.endswith('.py'):
-    shipped = importlib.resources.files('moejax.configs') / f'{path}.py'
-    if shipped.is_file():
-      return str(shipped), arg
-  raise ConfigError(f'--config={spec}: no such file, and no shipped config of that name; give a '
-                    f'path to a config file or one of {named_configs()}')
+  return shipped_path(path, 'moejax.configs', '--config', _NOT_CONFIGS), arg
 
 
 def load_module(path: str, what: str = '--config'):
@@ -90,26 +101,6 @@ def _one_line(e: BaseException) -> str:
   if isinstance(e, SyntaxError):
     where = f' (line {e.lineno})'
   return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}{where}'
-
-
-def field_names(config, prefix: str = '') -> list[str]:
-  out = []
-  for k, v in config.items():
-    name = f'{prefix}{k}'
-    out += field_names(v, name + '.') if isinstance(v, ml_collections.ConfigDict) else [name]
-  return out
-
-
-def _unknown(key: str, config) -> ConfigError:
-  names = field_names(config)
-  close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-  if not close:  # a typo in the last part: compare with the fields of the same section
-    section, _, last = key.rpartition('.')
-    near = [n for n in names if n.rpartition('.')[0] == section]
-    close = difflib.get_close_matches(f'{section}.{last}', near, n=1, cutoff=0.5)
-  hint = f'; did you mean config.{close[0]}?' if close else (
-      '; the fields are listed by --print_config')
-  return ConfigError(f'--config.{key}: config has no field {key!r}{hint}')
 
 
 def parse_value(key: str, text: str, current):
@@ -157,14 +148,7 @@ def parse_value(key: str, text: str, current):
 def apply_overrides(config, overrides: list[tuple[str, str]]):
   """Set each dotted field from its command-line text; unknown fields get 'did you mean'."""
   for key, text in overrides:
-    *path, last = key.split('.')
-    node = config
-    for part in path:
-      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise _unknown(key, config)
-      node = node[part]
-    if last not in node or isinstance(node[last], ml_collections.ConfigDict):
-      raise _unknown(key, config)
+    node, last = field_parent(config, key, f'--config.{key}')
     node[last] = parse_value(key, text, node[last])
   return config
 

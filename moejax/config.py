@@ -147,17 +147,46 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   return c
 
 
+def field_names(config, prefix: str = '') -> list[str]:
+  """Every leaf field of a config, dotted."""
+  out = []
+  for k, v in config.items():
+    name = f'{prefix}{k}'
+    out += field_names(v, name + '.') if isinstance(v, ml_collections.ConfigDict) else [name]
+  return out
+
+
+def field_parent(config, key: str, what: str = 'override'):
+  """(section node, last name) of the leaf field `key` ('train.steps'); an unknown field is a
+  ConfigError naming the closest existing one."""
+  *path, last = key.split('.')
+  node = config
+  for part in path:
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise _unknown(key, config, what)
+    node = node[part]
+  if last not in node or isinstance(node[last], ml_collections.ConfigDict):
+    raise _unknown(key, config, what)
+  return node, last
+
+
+def _unknown(key: str, config, what: str) -> ConfigError:
+  import difflib
+  names = field_names(config)
+  close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+  if not close:  # a typo in the last part: compare with the fields of the same section
+    section = key.rpartition('.')[0]
+    near = [n for n in names if n.rpartition('.')[0] == section]
+    close = difflib.get_close_matches(key, near, n=1, cutoff=0.5)
+  hint = f'; did you mean config.{close[0]}?' if close else (
+      '; the fields are listed by --print_config')
+  return ConfigError(f'{what}: config has no field {key!r}{hint}')
+
+
 def set_fields(config, overrides: dict):
   """Set dotted fields, e.g. {'model.moe.num_experts': 16}; an unknown field is an error."""
   for key, value in overrides.items():
-    *path, last = key.split('.')
-    node = config
-    for part in path:
-      if part not in node:
-        raise ConfigError(f'override {key!r}: config has no field {part!r}')
-      node = node[part]
-    if last not in node:
-      raise ConfigError(f'override {key!r}: config has no field {last!r}')
+    node, last = field_parent(config, key, f'override {key!r}')
     node[last] = value
   return config
 

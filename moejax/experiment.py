@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.resources
 import json
 import os
 import sys
@@ -64,19 +63,7 @@ def load_module(path: str):
 
 def experiment_path(spec: str) -> str:
   """'experiments/x.py' or the name of a shipped experiment ('balancing')."""
-  if os.path.isfile(spec):
-    return spec
-  if os.sep not in spec and not spec.endswith('.py'):
-    shipped = importlib.resources.files('moejax.experiments') / f'{spec}.py'
-    if shipped.is_file():
-      return str(shipped)
-  names = sorted(f.name[:-3] for f in importlib.resources.files('moejax.experiments').iterdir()
-                 if f.name.endswith('.py') and f.name not in _NOT_EXPERIMENTS)
-  raise config_lib.ConfigError(f'experiment {spec!r}: no such file, and no shipped experiment of '
-                               f'that name; give a path or one of {names}')
-
-
-_NOT_EXPERIMENTS = ('__init__.py', 'common.py', 'metrics.py')
+  return cli.shipped_path(spec, 'moejax.experiments', 'experiment', ('common.py', 'metrics.py'))
 
 
 def load_experiment(spec: str) -> 'Experiment':

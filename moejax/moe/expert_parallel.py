@@ -13,6 +13,7 @@ weights split by fsdp/tensor are gathered onto the expert shards by GSPMD before
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any
@@ -59,15 +60,16 @@ def ep_layout(name: str, tokens: int, num_experts: int) -> EPLayout:
 
 
 @dataclasses.dataclass(frozen=True)
-class DroplessEP:
+class DroplessEP(abc.ABC):
   """Dropless dispatch with the experts split over the 'expert' axis. A subclass gives the
   exchange: `exchange(x, expert_index, gates, run, num_experts, ep)` on one device's tokens
   inside shard_map returns their MoE output, where run(x_sorted, group_sizes) runs this
   device's N / EP experts on rows sorted by expert (rows past the groups give 0)."""
   name = ''
 
+  @abc.abstractmethod
   def exchange(self, x, index, gates, run, num_experts: int, ep: int):
-    raise NotImplementedError
+    """This device's MoE output [Tl, D] (see the class docstring)."""
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
     del train

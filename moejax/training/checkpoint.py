@@ -128,8 +128,9 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))['config']
 
-  def check_compatible(self, step: int, config_dict: dict):
-    saved = from_dict(self.read_config(step)).to_dict()
+  def check_compatible(self, step: int, config_dict: dict, saved: dict | None = None):
+    """A ConfigError listing the differences if `step` holds another model than config_dict."""
+    saved = from_dict(self.read_config(step) if saved is None else saved).to_dict()
     diffs = []
     for section in _STATE_SECTIONS:
       diffs += _diff(saved.get(section, {}), config_dict[section], section)
@@ -138,6 +139,12 @@ class Checkpointer:
           f'the workdir {self.workdir} holds a checkpoint (step {step}) of a '
           f'different model: ' + '; '.join(diffs) + '. Use a new --workdir, or run with the '
           'config that wrote it.')
+
+  def _saved_config(self, step: int) -> dict:
+    try:
+      return self.read_config(step)
+    except Exception as e:  # noqa: BLE001  Orbax's errors for a missing or broken file
+      raise CorruptCheckpoint(f'its config does not read ({_last_line(e)})') from e
 
   def restore(self, step: int, abstract_state):
     """(state, data state) of `step`, verified; CorruptCheckpoint names what is wrong."""
@@ -168,13 +175,8 @@ class Checkpointer:
     failures = []
     for step in reversed(steps):
       try:
-        if config_dict is not None:
-          try:
-            self.check_compatible(step, config_dict)
-          except ConfigError:
-            raise
-          except Exception as e:  # noqa: BLE001
-            raise CorruptCheckpoint(f'its config does not read ({_last_line(e)})') from e
+        if config_dict is not None:  # another model is refused, not passed over
+          self.check_compatible(step, config_dict, self._saved_config(step))
         state, data = self.restore(step, abstract_state)
       except CorruptCheckpoint as e:
         failures.append((step, str(e)))
