@@ -3,7 +3,8 @@
 under jax.jit for each dispatch path, and in the same run a dense SwiGLU FFN with the same
 active parameters (hidden = (K + shared) * expert width), printing one JSON row per case.
 
-Rows: case, ms (median of --reps timed runs after one warm-up run), ratio_to_dense, active GFLOP/s
+Rows: case ('experts_floor': the same matmuls as N evenly loaded experts with no routing and no
+dispatch, the bound any dispatch path meets at this shape), ms (median of --reps timed runs after one warm-up run), ratio_to_dense, active GFLOP/s
 (the FLOPs a token really needs: 3 matmuls forward, x3 for forward + backward, over its K
 routed and its shared experts, plus the router), temp_bytes (compiled temporary memory from
 memory_analysis()) and its ratio to the dense FFN's, and dropped_fraction.
@@ -27,6 +28,7 @@ from flax import linen as nn
 from moejax import cli
 from moejax.config import base_config
 from moejax.model.layers import SwiGLU
+from moejax.moe.experts import RoutedExperts
 from moejax.moe.layer import MoEFFN
 
 
@@ -58,6 +60,32 @@ def _moe_cfg(a, dispatch: str, backend: str = 'auto', factor: float = 1.25):
   return ml_collections.FrozenConfigDict(moe)
 
 
+class ExpertsFloor(nn.Module):
+  """What the MoE layer's matmuls alone cost at this shape: the T*K (token, choice) rows split
+  evenly over the N experts as one batched SwiGLU [N, T*K/N, D], plus the shared experts; no
+  router, no dispatch, no imbalance. Its ratio to the dense FFN is the price of running the
+  same FLOPs as N small matmuls instead of one large one."""
+  num_experts: int
+  top_k: int
+  expert_dim: int
+  shared: int
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, s, d = x.shape
+    t, n = b * s, self.num_experts
+    rows = jnp.tile(x.reshape(t, d), (self.top_k, 1))  # [T*K, D]
+    per = -(-rows.shape[0] // n)
+    rows = jnp.pad(rows, ((0, n * per - rows.shape[0]), (0, 0)))
+    experts = RoutedExperts(n, d, self.expert_dim, self.dtype, name='experts')
+    y = experts.capacity(rows.reshape(n, per, d)).reshape(n * per, d)[:t * self.top_k]
+    y = y.reshape(self.top_k, t, d).sum(0).reshape(b, s, d)
+    if self.shared:
+      y = y + SwiGLU(self.shared * self.expert_dim, self.dtype, name='shared')(x)
+    return y
+
+
 def bench_moe(a):
   """Yields one row per case, as soon as it is measured."""
   dtype = jnp.dtype(a.dtype)
@@ -67,7 +95,8 @@ def bench_moe(a):
   active = a.top_k + a.shared
   flops = 3 * 2 * 3 * a.tokens * a.d_model * a.expert_dim * active  # SwiGLU, fwd + bwd
   flops += 3 * 2 * a.tokens * a.d_model * a.experts  # router
-  cases = [('dense_ffn', SwiGLU(active * a.expert_dim, dtype))]
+  cases = [('dense_ffn', SwiGLU(active * a.expert_dim, dtype)),
+           ('experts_floor', ExpertsFloor(a.experts, a.top_k, a.expert_dim, a.shared, dtype))]
   cases.append(('dropless_blocked', MoEFFN(_moe_cfg(a, 'dropless', 'blocked'), a.d_model, dtype)))
   if a.ragged_dot:
     cases.append(('dropless_ragged_dot',

@@ -40,7 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.tie_embeddings = False
   m.dtype = 'float32'  # activation/compute dtype; params are kept in float32.
-  m.remat = False  # rematerialise each block in the backward pass.
+  # Rematerialisation of each block in the backward pass: 'none' (keep every activation),
+  # 'full' (keep only each block's input, recompute the rest), 'names' (keep the activations
+  # named in remat_save, recompute the rest; the names are in REMAT_NAMES).
+  m.remat = 'none'
+  m.remat_save = ()  # with remat='names', e.g. ('attn_out', 'ffn_out').
   m.first_k_dense = 1  # the first layers use a dense FFN (DeepSeekMoE).
   m.moe_layer_freq = 1  # after those, every moe_layer_freq-th layer is MoE.
 
@@ -207,6 +211,13 @@ GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
 BIAS_UPDATES = ('sign', 'proportional')
 DISPATCH_NAMES = ('capacity', 'einsum', 'all_to_all', 'dropless', 'ring', 'ragged_all_to_all')
+REMAT = ('none', 'full', 'names')
+# Activations tagged with jax.ad_checkpoint.checkpoint_name, which remat='names' can keep:
+# a block's normed attention input, its query/key/value projections (GQA; MLA: the query and
+# the key-value latent), the attention output, the normed FFN input, the dense SwiGLU hidden
+# activation, and the FFN (dense or MoE) output.
+REMAT_NAMES = ('attn_in', 'query_proj', 'key_proj', 'value_proj', 'kv_latent', 'attn_out',
+               'ffn_in', 'ffn_hidden', 'ffn_out')
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
 PRIORITIES = ('choice', 'position', 'probability')
 DTYPES = ('float32', 'bfloat16')
@@ -302,6 +313,15 @@ def validate(c, num_devices: int) -> dict[str, int]:
   if t.warmup_steps >= t.steps:
     _fail('train.warmup_steps', t.warmup_steps, f'must be below train.steps={t.steps}')
   _one_of(c, 'model.dtype', DTYPES)
+  _one_of(c, 'model.remat', REMAT)
+  if m.remat == 'names':
+    unknown = [n for n in m.remat_save if n not in REMAT_NAMES]
+    if unknown or not m.remat_save:
+      _fail('model.remat_save', m.remat_save, f"remat='names' keeps these activations; name "
+            f"one or more of {', '.join(REMAT_NAMES)}")
+  elif m.remat_save:
+    _fail('model.remat_save', m.remat_save, f"is used only with model.remat='names' (it is "
+          f"{m.remat!r}); set model.remat='names' or leave remat_save empty")
   _one_of(c, 'train.nonfinite', NONFINITE)
   _positive(c, 'train.max_nonfinite')
   _one_of(c, 'model.attention', ('gqa', 'mla'))

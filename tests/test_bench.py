@@ -1,7 +1,25 @@
 """The benchmark command runs and prints one well-formed JSON row per case (tiny shape)."""
 import json
 
-from moejax.bench import main
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from moejax.bench import ExpertsFloor, main
+
+
+def test_experts_floor_is_k_expert_passes_plus_shared():
+  """With every expert holding the same weights, the floor's output is K times that SwiGLU of
+  each token plus the shared one (8 tokens x K 3 = 24 rows over 5 experts: padded to 25)."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 6))
+  floor = ExpertsFloor(num_experts=5, top_k=3, expert_dim=4, shared=1)
+  p = nn.unbox(floor.init(jax.random.key(1), x))['params']
+  e = {k: jnp.broadcast_to(v[:1], v.shape) for k, v in p['experts'].items()}
+  y = floor.apply({'params': {**p, 'experts': e}}, x)
+  swiglu = lambda w, x: (jax.nn.silu(x @ w['wi_0']) * (x @ w['wi_1'])) @ w['wo']  # noqa
+  want = 3 * swiglu({k: v[0] for k, v in e.items()}, x) + swiglu(p['shared'], x)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
 def test_bench_moe_smoke(capsys):
@@ -10,9 +28,10 @@ def test_bench_moe_smoke(capsys):
         '--group-size', '64', '--hf', '--meshes', 'expert=8', 'expert=16'])
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r['case'] for r in rows] == [
-      'dense_ffn', 'dropless_blocked', 'capacity_cf0.5', 'einsum_g64_cf0.5', 'hf_torch_dense_ffn',
-      'hf_deepseek_v3_grouped_mm', 'hf_deepseek_v3_eager', 'all_to_all', 'all_to_all']
-  ours, hf, a2a = rows[:4], rows[4:7], rows[7:]
+      'dense_ffn', 'experts_floor', 'dropless_blocked', 'capacity_cf0.5', 'einsum_g64_cf0.5',
+      'hf_torch_dense_ffn', 'hf_deepseek_v3_grouped_mm', 'hf_deepseek_v3_eager', 'all_to_all',
+      'all_to_all']
+  ours, hf, a2a = [rows[0]] + rows[2:5], rows[5:8], rows[8:]
   assert ours[0]['ratio_to_dense'] == 1.0
   for r in ours:
     assert r['ms'] > 0 and r['temp_bytes'] >= 0 and r['active_gflops_per_s'] > 0
@@ -20,7 +39,7 @@ def test_bench_moe_smoke(capsys):
   assert ours[2]['dropped_fraction'] > 0.3  # factor 0.5 cannot hold every choice
   assert ours[3]['dropped_fraction'] > 0.3
   for r in hf[1:]:
-    assert r['ms'] > 0 and set(r['moejax_speedup']) == {c['case'] for c in ours[1:]}
+    assert r['ms'] > 0 and set(r['moejax_speedup']) == {c['case'] for c in rows[1:5]}
   # 8 experts on 8 ranks, top-2: 2 distinct ranks, 7/8 of them remote, dispatch + combine, bf16.
   assert a2a[0]['a2a_bytes_per_token_per_layer'] == round(2 * 2 * 7 / 8 * 32 * 2)
   assert a2a[0]['tokens_per_device'] == 32 and 'skipped' in a2a[1]

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.config import ConfigError, validate
-from moejax.moe.dispatch import dropless_combine
+from moejax.moe.experts import dropless_combine
 from moejax.moe.experts import grouped_swiglu
 from moejax.moe.ragged import emulate_ragged_all_to_all, exchange_plan, ragged_local
 

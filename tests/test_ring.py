@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from moejax.config import base_config
-from moejax.moe.dispatch import dropless_combine
-from moejax.moe.experts import grouped_swiglu
+from moejax.moe.experts import dropless_swiglu, grouped_swiglu
 from moejax.planner import all_to_all, parse_mesh
 
 from conftest import tiny_config, train_side_by_side, trainer_on
@@ -40,10 +39,8 @@ def test_expert_ranks_sum_to_the_loop_reference(backend, ranks):
   for rank in range(ranks):
     sl = slice(rank * per, (rank + 1) * per)
     mine = [jnp.asarray(w[name][sl]) for name in ('wi_0', 'wi_1', 'wo')]
-    grouped = lambda xs, sizes: grouped_swiglu(xs, sizes, *mine, backend=backend,  # noqa
-                                               block_size=4)
-    total = total + dropless_combine(jnp.asarray(x), jnp.asarray(index), jnp.asarray(gates),
-                                     per, rank * per, grouped)
+    total = total + dropless_swiglu(jnp.asarray(x), jnp.asarray(index), jnp.asarray(gates),
+                                    per, rank * per, mine, backend, 4)
   np.testing.assert_allclose(total, loop_reference(x, index, gates, w), rtol=2e-5, atol=2e-6)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 constrain = nn.with_logical_constraint
@@ -80,9 +81,12 @@ class GroupedQueryAttention(nn.Module):
     wo = param_with_axes(self, 'wo', (h, hd, d), ('heads', 'head_dim', 'embed'),
                          nn.initializers.normal(stddev=(h * hd) ** -0.5))
     x = x.astype(self.dtype)
-    q = jnp.einsum('bsd,dhk->bshk', x, wq.astype(self.dtype))  # [b, s, h, hd]
-    k = jnp.einsum('bsd,dhk->bshk', x, wk.astype(self.dtype))  # [b, s, kv, hd]
-    v = jnp.einsum('bsd,dhk->bshk', x, wv.astype(self.dtype))  # [b, s, kv, hd]
+    q = checkpoint_name(jnp.einsum('bsd,dhk->bshk', x, wq.astype(self.dtype)),
+                        'query_proj')  # [b, s, h, hd]
+    k = checkpoint_name(jnp.einsum('bsd,dhk->bshk', x, wk.astype(self.dtype)),
+                        'key_proj')  # [b, s, kv, hd]
+    v = checkpoint_name(jnp.einsum('bsd,dhk->bshk', x, wv.astype(self.dtype)),
+                        'value_proj')  # [b, s, kv, hd]
     q = constrain(apply_rope(q, positions, self.rope_theta), ('batch', 'length', 'act_heads', None))
     k = apply_rope(k, positions, self.rope_theta)
     key_pos = positions  # [b, s]
@@ -112,5 +116,5 @@ class SwiGLU(nn.Module):
     wo = param_with_axes(self, 'wo', (self.hidden, d), ('mlp', 'embed'))
     x = x.astype(self.dtype)
     h = jax.nn.silu(x @ wi_0.astype(self.dtype)) * (x @ wi_1.astype(self.dtype))
-    h = constrain(h, ('batch', 'length', 'act_mlp'))
+    h = checkpoint_name(constrain(h, ('batch', 'length', 'act_mlp')), 'ffn_hidden')
     return constrain(h @ wo.astype(self.dtype), ('batch', 'length', 'act_embed'))

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.model.layers import RMSNorm, apply_rope, constrain, param_with_axes, update_cache
 
@@ -42,9 +43,11 @@ class MultiHeadLatentAttention(nn.Module):
                                                  ('q_lora', 'heads', 'head_dim')))
     else:
       q = jnp.einsum('bsd,dhk->bshk', x, w('wq', (d, h, nope + rope), ('embed', 'heads', 'head_dim')))
+    q = checkpoint_name(q, 'query_proj')
     q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], positions, self.rope_theta)
 
-    kv = x @ w('wkv_a', (d, m.kv_lora_rank + rope), ('embed', 'kv_lora'))  # [b, s, r + rope]
+    kv = checkpoint_name(x @ w('wkv_a', (d, m.kv_lora_rank + rope), ('embed', 'kv_lora')),
+                         'kv_latent')  # [b, s, r + rope]
     c_kv = RMSNorm(self.norm_eps, self.dtype, name='kv_norm')(kv[..., :m.kv_lora_rank])
     k_rope = apply_rope(kv[..., None, m.kv_lora_rank:], positions, self.rope_theta)  # [b,s,1,rope]
     key_pos = positions  # [b, s]

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.config import moe_layer_ids
 from moejax.model.layers import GroupedQueryAttention, RMSNorm, SwiGLU, param_with_axes
@@ -30,21 +31,21 @@ class Block(nn.Module):
   def __call__(self, x, positions, token_ids, replay=None):
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
-    h = RMSNorm(c.norm_eps, dtype, name='attn_norm')(x)
+    h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='attn_norm')(x), 'attn_in')
     if c.attention == 'mla':
       attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.norm_eps, dtype,
                                       self.cache_len, name='attn')
     else:
       attn = GroupedQueryAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype,
                                    self.cache_len, name='attn')
-    x = x + attn(h, positions)
-    h = RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x)
+    x = x + checkpoint_name(attn(h, positions), 'attn_out')
+    h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x), 'ffn_in')
     if self.moe:
       f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name='moe')(h, token_ids, self.train,
                                                                         replay)
     else:
       f, aux = SwiGLU(c.ffn_dim, dtype, name='ffn')(h), None
-    return x + f, aux
+    return x + checkpoint_name(f, 'ffn_out'), aux
 
 
 class Period(nn.Module):
@@ -76,10 +77,21 @@ class DenseStack(nn.Module):
     return x, None
 
 
-def _scanned(cls, cfg, length: int, remat: bool, name: str, per_layer_input: bool = False,
-             **kwargs):
-  if remat:
-    cls = nn.remat(cls, prevent_cse=False)
+def remat_policy(cfg):
+  """The jax.checkpoint policy of model.remat ('full': None, save nothing but the inputs)."""
+  if cfg.remat == 'names':
+    return jax.checkpoint_policies.save_only_these_names(*cfg.remat_save)
+  return None
+
+
+def _rematted(cls, cfg):
+  if cfg.remat == 'none':
+    return cls
+  return nn.remat(cls, prevent_cse=False, policy=remat_policy(cfg))
+
+
+def _scanned(cls, cfg, length: int, name: str, per_layer_input: bool = False, **kwargs):
+  cls = _rematted(cls, cfg)
   # 'moe_state' (the loss-free bias) is per layer like the params; the router rng differs per
   # layer too.
   scan = nn.scan(cls, variable_axes={'params': 0, 'moe_state': 0, 'cache': 0},
@@ -125,17 +137,17 @@ class Transformer(nn.Module):
     prefix, periods, tail = layer_plan(c)
     auxes = []
     if prefix:
-      x, _ = _scanned(DenseStack, c, prefix, c.remat, 'dense_layers', train=self.train,
+      x, _ = _scanned(DenseStack, c, prefix, 'dense_layers', train=self.train,
                       cache_len=self.cache_len)(x, positions, tokens)
     if periods:
-      x, aux = _scanned(Period, c, periods, c.remat, 'moe_layers', per_layer_input=True,
+      x, aux = _scanned(Period, c, periods, 'moe_layers', per_layer_input=True,
                         num_dense=c.moe_layer_freq - 1, train=self.train,
                         cache_len=self.cache_len)(
                             x, positions, tokens, None if replay is None else replay[:periods])
       auxes.append(aux)  # each leaf [periods, ...]
     if tail:
-      x, aux = Period(c, num_dense=tail - 1, train=self.train, cache_len=self.cache_len,
-                      name='tail_layers')(
+      x, aux = _rematted(Period, c)(c, num_dense=tail - 1, train=self.train,
+                                    cache_len=self.cache_len, name='tail_layers')(
           x, positions, tokens, None if replay is None else replay[-1])
       auxes.append(jax_tree_expand(aux))
 

@@ -145,27 +145,9 @@ class DroplessDispatch:
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
     del train
-    y = dropless_combine(x, r.expert_index, r.combine_weights, experts.num_experts, 0,
-                         experts.grouped)
+    y = experts.dropless(x, r.expert_index, r.combine_weights)
     return y, {'dropped_fraction': jnp.zeros((), jnp.float32),
                'zero_expert_fraction': jnp.zeros((), jnp.float32)}
-
-
-def dropless_combine(x, expert_index, gates, num_local: int, first, grouped):
-  """Dropless over the experts first .. first + num_local - 1 (all of them: first 0, num_local
-  N): x [T, D], expert_index and gates [T, K] -> sum over each token's choices among those
-  experts of gate * expert(x) [T, D]; choices of other experts add nothing. `grouped(x_sorted,
-  group_sizes)` runs the local experts on rows sorted by expert (rows past the groups give 0)."""
-  t, k = expert_index.shape
-  local = expert_index - first
-  mine = (local >= 0) & (local < num_local)
-  flat = jnp.where(mine, local, num_local).reshape(-1)  # [T*K]; not mine sorts last
-  order = jnp.argsort(flat, stable=True)
-  group_sizes = jnp.zeros((num_local,), jnp.int32).at[flat].add(1, mode='drop')
-  y_sorted = grouped(x[order // k], group_sizes)  # [T*K, D]
-  y_assign = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
-  y_assign = y_assign.reshape(t, k, -1)  # [T, K, D]
-  return jnp.einsum('tkd,tk->td', y_assign, gates.astype(y_assign.dtype))
 
 
 def expert_choice_dispatch(x, ec, experts: RoutedExperts):

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax.moe.dispatch import (_TokenDropping, capacity_slots, combine_slots, drop_stats,
-                                 dropless_combine, pack_slots, stats_dict)
-from moejax.moe.experts import RoutedExperts, grouped_swiglu, swiglu_experts
+                                 pack_slots, stats_dict)
+from moejax.moe.experts import RoutedExperts, dropless_swiglu, grouped_swiglu, swiglu_experts
 from moejax.moe.routers import RouterOutput
 from moejax.parallel.sharding import BATCH_AXES
 
@@ -60,15 +60,35 @@ def ep_layout(name: str, tokens: int, num_experts: int) -> EPLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class LocalExperts:
+  """One device's N / EP experts inside shard_map: weights (wi_0, wi_1, wo) [N / EP, ...]."""
+  weights: tuple
+  backend: str
+  block_size: int
+
+  def grouped(self, x_sorted, group_sizes):
+    """Rows sorted by local expert -> their outputs (rows past the groups give 0)."""
+    return grouped_swiglu(x_sorted.astype(self.weights[0].dtype), group_sizes, *self.weights,
+                          backend=self.backend, block_size=self.block_size)
+
+  def dropless(self, x, index, gates, first):
+    """sum over each token's choices of the local experts (global ids first ..
+    first + N / EP - 1) of gate * expert(x) [T, D]."""
+    return dropless_swiglu(x.astype(self.weights[0].dtype), index, gates,
+                           self.weights[0].shape[0], first, self.weights, self.backend,
+                           self.block_size)
+
+
+@dataclasses.dataclass(frozen=True)
 class DroplessEP(abc.ABC):
   """Dropless dispatch with the experts split over the 'expert' axis. A subclass gives the
-  exchange: `exchange(x, expert_index, gates, run, num_experts, ep)` on one device's tokens
-  inside shard_map returns their MoE output, where run(x_sorted, group_sizes) runs this
-  device's N / EP experts on rows sorted by expert (rows past the groups give 0)."""
+  exchange: `exchange(x, expert_index, gates, local, num_experts, ep)` on one device's tokens
+  inside shard_map returns their MoE output, where `local` (LocalExperts) runs this device's
+  N / EP experts."""
   name = ''
 
   @abc.abstractmethod
-  def exchange(self, x, index, gates, run, num_experts: int, ep: int):
+  def exchange(self, x, index, gates, local: LocalExperts, num_experts: int, ep: int):
     """This device's MoE output [Tl, D] (see the class docstring)."""
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
@@ -77,12 +97,10 @@ class DroplessEP(abc.ABC):
     layout = ep_layout(self.name, x.shape[0], n)
 
     def local(x, index, gates, wi_0, wi_1, wo):
-      def run(xs, sizes):
-        return grouped_swiglu(xs.astype(wi_0.dtype), sizes, wi_0, wi_1, wo,
-                              backend=experts.backend, block_size=experts.block_size)
+      mine = LocalExperts((wi_0, wi_1, wo), experts.backend, experts.block_size)
       if layout.ep == 1:
-        return dropless_combine(x, index, gates, n, 0, run)
-      return self.exchange(x, index, gates, run, n, layout.ep)
+        return mine.dropless(x, index, gates, 0)
+      return self.exchange(x, index, gates, mine, n, layout.ep)
 
     # check_vma=False: the blocked backend's hand-written VJP starts its gradient carry from
     # the weights (varying over 'expert' only) and adds token terms (varying over the batch

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moejax.model.layers import param_with_axes
+from moejax.moe.blocked import blocked_swiglu, fused_dropless
 
 
 class RoutedExperts(nn.Module):
@@ -48,6 +49,11 @@ class RoutedExperts(nn.Module):
     return grouped_swiglu(x_sorted.astype(self.dtype), group_sizes, *self.weights(),
                           backend=self.backend, block_size=self.block_size)
 
+  def dropless(self, x, expert_index, gates):
+    """Dropless output of all experts: x [T, D], expert_index and gates [T, K] -> [T, D]."""
+    return dropless_swiglu(x.astype(self.dtype), expert_index, gates, self.num_experts, 0,
+                           self.weights(), self.backend, self.block_size)
+
 
 def grouped_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, backend: str = 'auto',
                    block_size: int = 128):
@@ -61,6 +67,36 @@ def grouped_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, backend: str = 'auto',
   return blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, block_size)
 
 
+def dropless_swiglu(x, expert_index, gates, num_local: int, first, weights, backend: str,
+                    block_size: int):
+  """sum over each token's choices among experts first .. first + num_local - 1 (weights
+  (wi_0, wi_1, wo) of those experts) of gate * SwiGLU_e(x) [T, D]; other choices add nothing.
+  'blocked' runs the fused kernel (tokens gathered per block, no sorted copies); 'ragged_dot'
+  sorts the assignments and runs the grouped matmul."""
+  if resolve_backend(backend) == 'blocked':
+    return fused_dropless(x, expert_index, gates, num_local, first, *weights, block_size)
+  run = functools.partial(grouped_swiglu, wi_0=weights[0], wi_1=weights[1], wo=weights[2],
+                          backend=backend)
+  return dropless_combine(x, expert_index, gates, num_local, first, run)
+
+
+def dropless_combine(x, expert_index, gates, num_local: int, first, grouped):
+  """Dropless by sorting: x [T, D], expert_index and gates [T, K] -> sum over each token's
+  choices among experts first .. first + num_local - 1 of gate * expert(x) [T, D]; choices of
+  other experts add nothing. `grouped(x_sorted, group_sizes)` runs the local experts on rows
+  sorted by expert (rows past the groups give 0)."""
+  t, k = expert_index.shape
+  local = expert_index - first
+  mine = (local >= 0) & (local < num_local)
+  flat = jnp.where(mine, local, num_local).reshape(-1)  # [T*K]; not mine sorts last
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.zeros((num_local,), jnp.int32).at[flat].add(1, mode='drop')
+  y_sorted = grouped(x[order // k], group_sizes)  # [T*K, D]
+  y_assign = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+  y_assign = y_assign.reshape(t, k, -1)  # [T, K, D]
+  return jnp.einsum('tkd,tk->td', y_assign, gates.astype(y_assign.dtype))
+
+
 def swiglu_experts(x, wi_0, wi_1, wo):
   """Every expert on its own rows: x [E, R, D], weights [E, D, F] / [E, F, D] -> [E, R, D]."""
   h = jax.nn.silu(jnp.einsum('erd,edf->erf', x, wi_0)) * jnp.einsum('erd,edf->erf', x, wi_1)
@@ -71,80 +107,3 @@ def resolve_backend(backend: str) -> str:
   if backend != 'auto':
     return backend
   return 'blocked' if jax.default_backend() == 'cpu' else 'ragged_dot'
-
-
-def blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, block: int):
-  """Grouped SwiGLU: pad each expert's rows to whole blocks and run one expert per block."""
-  m, d = x_sorted.shape
-  e = group_sizes.shape[0]
-  num_blocks = -(-m // block) + e  # static bound: sum_e ceil(g_e / B) <= ceil(M / B) + N.
-  blocks_per = (group_sizes + block - 1) // block  # [N]
-  block_end = jnp.cumsum(blocks_per)  # [N]
-  row_start = jnp.cumsum(group_sizes) - group_sizes  # [N]
-  rows = jnp.arange(m)
-  row_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes), rows, side='right'),
-                           e - 1)  # [M]
-  dest = (block_end - blocks_per)[row_expert] * block + rows - row_start[row_expert]
-  # Rows past every group go to one extra slot, which reads zeros and is never computed.
-  dest = jnp.where(rows < jnp.sum(group_sizes), dest, num_blocks * block)
-  src = jnp.full((num_blocks * block + 1,), m, jnp.int32).at[dest].set(
-      jnp.arange(m, dtype=jnp.int32))[:-1]
-  block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(num_blocks), side='right'),
-                             e - 1).astype(jnp.int32)  # [num_blocks]
-  x_pad = jnp.concatenate([x_sorted, jnp.zeros((1, d), x_sorted.dtype)])[src]
-  y_pad = _block_ffn(x_pad.reshape(num_blocks, block, d), block_expert, block_end[-1],
-                     wi_0, wi_1, wo)
-  y_pad = jnp.concatenate([y_pad.reshape(num_blocks * block, d), jnp.zeros((1, d), y_pad.dtype)])
-  return y_pad[dest]  # [M, D]
-
-
-def _block_forward(xb, w0, w1, wo):
-  a, c = xb @ w0, xb @ w1
-  return (jax.nn.silu(a) * c) @ wo
-
-
-@jax.custom_vjp
-def _block_ffn(xb, block_expert, used, wi_0, wi_1, wo):
-  def body(_, inp):
-    x, ex, i = inp
-    y = jax.lax.cond(i < used, lambda: _block_forward(x, wi_0[ex], wi_1[ex], wo[ex]),
-                     lambda: jnp.zeros_like(x))
-    return None, y
-  _, y = jax.lax.scan(body, None, (xb, block_expert, jnp.arange(xb.shape[0])))
-  return y
-
-
-def _block_ffn_fwd(xb, block_expert, used, wi_0, wi_1, wo):
-  return _block_ffn(xb, block_expert, used, wi_0, wi_1, wo), (xb, block_expert, used, wi_0, wi_1, wo)
-
-
-def _block_ffn_bwd(res, gy):
-  # Weight gradients are accumulated in place, one expert slice per block; activations are
-  # recomputed per block, so the only residual is the padded input.
-  xb, block_expert, used, wi_0, wi_1, wo = res
-
-  def body(grads, inp):
-    x, g, ex, i = inp
-
-    def compute(grads):
-      d0, d1, do = grads
-      w0, w1, w2 = wi_0[ex], wi_1[ex], wo[ex]
-      a, c = x @ w0, x @ w1
-      sig = jax.nn.sigmoid(a)
-      sa = a * sig
-      dh = g @ w2.T
-      da = dh * c * sig * (1 + a * (1 - sig))  # silu'(a)
-      dc = dh * sa
-      d0 = d0.at[ex].add(x.T @ da)
-      d1 = d1.at[ex].add(x.T @ dc)
-      do = do.at[ex].add((sa * c).T @ g)
-      return (d0, d1, do), da @ w0.T + dc @ w1.T
-
-    return jax.lax.cond(i < used, compute, lambda gr: (gr, jnp.zeros_like(x)), grads)
-
-  zeros = tuple(jnp.zeros_like(w) for w in (wi_0, wi_1, wo))
-  grads, dx = jax.lax.scan(body, zeros, (xb, gy, block_expert, jnp.arange(xb.shape[0])))
-  return (dx, None, None) + grads
-
-
-_block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)

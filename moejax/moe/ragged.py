@@ -91,5 +91,5 @@ class RaggedAllToAllDispatch(DroplessEP):
   collective: Callable = jax.lax.ragged_all_to_all
   name = 'ragged_all_to_all'
 
-  def exchange(self, x, index, gates, run, num_experts: int, ep: int):
-    return ragged_local(x, index, gates, num_experts, ep, self.collective, run)
+  def exchange(self, x, index, gates, local, num_experts: int, ep: int):
+    return ragged_local(x, index, gates, num_experts, ep, self.collective, local.grouped)

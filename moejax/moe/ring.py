@@ -9,9 +9,9 @@ planner.ring_bytes_per_token, printed by `params --mesh` and `bench moe` next to
 figures). Only all_gather and psum_scatter are used, which every backend has (the approach
 Marin found fastest on GPUs).
 
-Buffers are static: a device's sorted buffer holds all EP x T_device x K pairs, the pairs of
-other devices' experts parked past its groups, which the grouped matmul leaves at zero and does
-not compute (blocked backend) or masks (ragged_dot).
+Buffers are static: a device's layout holds all EP x T_device x K pairs, the pairs of other
+devices' experts parked past its groups, which the blocked backend never computes and
+ragged_dot masks.
 
 Outside a mesh (or with expert=1) it is the dropless path on this device's tokens.
 """
@@ -21,19 +21,18 @@ import dataclasses
 
 import jax
 
-from moejax.moe.dispatch import dropless_combine
-from moejax.moe.expert_parallel import DroplessEP
+from moejax.moe.expert_parallel import DroplessEP, LocalExperts
 
 
 @dataclasses.dataclass(frozen=True)
 class RingDispatch(DroplessEP):
   name = 'ring'
 
-  def exchange(self, x, index, gates, run, num_experts: int, ep: int):
+  def exchange(self, x, index, gates, local: LocalExperts, num_experts: int, ep: int):
     # The expert group's tokens and routing [EP * Tl, ...].
     x, index, gates = (jax.lax.all_gather(a, 'expert', axis=0, tiled=True)
                        for a in (x, index, gates))
     per = num_experts // ep
-    y = dropless_combine(x, index, gates, per, jax.lax.axis_index('expert') * per, run)
+    y = local.dropless(x, index, gates, jax.lax.axis_index('expert') * per)
     # Sum the devices' partial outputs; keep my tokens' rows.
     return jax.lax.psum_scatter(y, 'expert', scatter_dimension=0, tiled=True)
