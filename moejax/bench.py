@@ -157,7 +157,7 @@ def _main(argv=None):
   m.add_argument('--top-k', type=int, default=6)
   m.add_argument('--shared', type=int, default=1)
   m.add_argument('--dtype', default='float32')
-  m.add_argument('--block-size', type=int, default=128)
+  m.add_argument('--block-size', type=int, default=0, help='0: automatic (config default)')
   m.add_argument('--capacity-factors', type=float, nargs='*', default=[1.25])
   m.add_argument('--ragged-dot', action='store_true',
                  help='also time jax.lax.ragged_dot (very slow on CPU)')
@@ -179,7 +179,7 @@ def _main(argv=None):
   tr.add_argument('--expert-dim', type=int, default=64)
   tr.add_argument('--top-k', type=int, default=4)
   tr.add_argument('--shared', type=int, default=1)
-  tr.add_argument('--block-size', type=int, default=256)
+  tr.add_argument('--block-size', type=int, default=0, help='0: automatic (config default)')
   tr.add_argument('--dispatches', nargs='+', default=['dropless', 'capacity', 'einsum'])
   tr.add_argument('--depths', type=int, nargs='*', default=[4, 16, 64],
                   help='layer counts whose compile time is measured')
@@ -188,12 +188,11 @@ def _main(argv=None):
   a = p.parse_args(argv)
   if a.what == 'train':
     return _train(p, a)
-  for name in ('tokens', 'seq', 'd_model', 'experts', 'expert_dim', 'top_k', 'block_size',
-               'reps'):
+  for name in ('tokens', 'seq', 'd_model', 'experts', 'expert_dim', 'top_k', 'reps'):
     if getattr(a, name) < 1:
       p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
-  if a.shared < 0 or a.group_size < 0:
-    p.error('--shared and --group-size must be >= 0')
+  if a.shared < 0 or a.group_size < 0 or a.block_size < 0:
+    p.error('--shared, --group-size and --block-size must be >= 0')
   if a.top_k > a.experts:
     p.error(f'--top-k={a.top_k} exceeds --experts={a.experts}')
   if a.dtype not in ('float32', 'bfloat16'):
@@ -222,11 +221,11 @@ def _main(argv=None):
 
 def _train(p, a):
   for name in ('batch', 'seq', 'd_model', 'heads', 'layers', 'experts', 'expert_dim', 'top_k',
-               'block_size', 'reps'):
+               'reps'):
     if getattr(a, name) < 1:
       p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
-  if a.top_k > a.experts or a.shared < 0 or any(d < 1 for d in a.depths):
-    p.error('need 1 <= --top-k <= --experts, --shared >= 0 and --depths >= 1')
+  if a.top_k > a.experts or min(a.shared, a.block_size) < 0 or any(d < 1 for d in a.depths):
+    p.error('need 1 <= --top-k <= --experts, --shared >= 0, --block-size >= 0 and --depths >= 1')
   if a.d_model % a.heads or (a.d_model // a.heads) % 2 or a.heads % 2:
     p.error(f'--d-model={a.d_model} / --heads={a.heads} must give an even head width, with '
             'an even number of heads')

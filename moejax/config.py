@@ -99,7 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'probability' (highest router weight first).
   d.backend = 'auto'  # dropless grouped matmul: 'auto' (blocked on CPU, else ragged_dot),
   # 'ragged_dot' or 'blocked'.
-  d.block_size = 128  # rows per block of the 'blocked' backend.
+  # Rows per block of the 'blocked' backend; 0: the mean rows per expert (T*K/N) rounded up to
+  # a power of two, at most 2^16 / d_model rows, at least 16 (moe/blocked.py auto_block).
+  d.block_size = 0
 
   c.data = dt = ml_collections.ConfigDict()
   dt.source = 'stdlib'  # 'stdlib' (Python's own library sources) or 'files'.
@@ -401,6 +403,7 @@ def validate(c, num_devices: int) -> dict[str, int]:
         _fail('model.moe.dispatch.group_size', m.moe.dispatch.group_size,
               f'must divide the {tokens} tokens of a batch (train.batch_size * data.seq_len)')
     _one_of(c, 'model.moe.dispatch.backend', DROPLESS_BACKENDS)
+    _positive(c, 'model.moe.dispatch.block_size', allow_zero=True)
 
   if dt.source == 'files':
     if not dt.paths:

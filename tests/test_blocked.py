@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.moe.blocked import fused_dropless
+from moejax.moe.blocked import auto_block, fused_dropless
 
 from test_dispatch import loop_reference
 
@@ -64,3 +64,19 @@ def test_fused_gradients_match_dense_autodiff(block, first, num_local):
   for name, a, b in zip(('x', 'gates', 'wi_0', 'wi_1', 'wo'), got, want):
     assert np.abs(np.asarray(b)).max() > 0, name  # every gradient is exercised
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('rows,experts,width,want', [
+    (49152, 8, 512, 128), (49152, 256, 128, 256), (49152, 384, 128, 128), (8192, 16, 128, 512),
+    (8192, 16, 100, 512), (8192, 16, 7168, 16), (96, 8, 32, 16), (3, 8, 32, 16)])
+def test_auto_block_hand_worked(rows, experts, width, want):
+  """Mean rows per expert rounded up to a power of two (6144 -> 8192, 192 -> 256, 128 -> 128,
+  512 -> 512, 12 -> 16), capped at the power of two <= 65536 / width (512: 128; 128: 512;
+  100: 655 -> 512; 7168: 9 -> 8), at least 16."""
+  assert auto_block(rows, experts, width) == want
+
+
+def test_auto_block_output_equals_explicit_block():
+  x, index, gates, w = _problem()
+  args = (jnp.asarray(x), jnp.asarray(index), jnp.asarray(gates), 6, 0) + tuple(map(jnp.asarray, w))
+  np.testing.assert_allclose(fused_dropless(*args, 0), fused_dropless(*args, 16), rtol=1e-6)

@@ -20,6 +20,17 @@ import jax
 import jax.numpy as jnp
 
 
+def auto_block(rows: int, num_experts: int, width: int, lo: int = 16) -> int:
+  """block_size 0: the mean rows per expert rounded up to a power of two (fewer, fuller blocks
+  fetch each expert's weights fewer times, and padding stays below one block per expert), but
+  at most 2^16 / width rows (a power of two), so a block of inputs stays within 256 KB of
+  float32 and in cache; at least `lo`. At d_model 512 that is 128 rows, at 128 it is 512
+  (measured: `python -m moejax.bench moe|train --block-size B`, README)."""
+  mean = max(1, -(-rows // num_experts))
+  cache = 1 << max(0, (65536 // max(width, 1)).bit_length() - 1)
+  return max(lo, min(1 << (mean - 1).bit_length(), cache))
+
+
 def block_plan(group_sizes, num_rows: int, block: int):
   """Block layout of `num_rows` rows sorted by expert, group e holding group_sizes[e] of them.
 
@@ -45,6 +56,7 @@ def block_plan(group_sizes, num_rows: int, block: int):
 def blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, block: int):
   """Grouped SwiGLU of rows sorted by expert [M, D] -> [M, D]; rows past the groups give 0."""
   m, d = x_sorted.shape
+  block = block or auto_block(m, group_sizes.shape[0], d)
   dest, block_expert, used, num_blocks = block_plan(group_sizes, m, block)
   # Rows past every group go to one extra slot, which reads zeros and is never computed.
   src = jnp.full((num_blocks * block + 1,), m, jnp.int32).at[dest].set(
@@ -55,13 +67,16 @@ def blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, block: int):
   return y_pad[dest]  # [M, D]
 
 
-def fused_dropless(x, expert_index, gates, num_local: int, first, wi_0, wi_1, wo, block: int):
+def fused_dropless(x, expert_index, gates, num_local: int, first, wi_0, wi_1, wo, block: int,
+                   num_experts: int | None = None):
   """sum over each token's choices among experts first .. first + num_local - 1 of
   gate * SwiGLU_e(x): x [T, D], expert_index and gates [T, K], weights of those experts
-  [num_local, ...] -> [T, D]. Choices of other experts add nothing (expert parallelism)."""
+  [num_local, ...] -> [T, D]. Choices of other experts add nothing (expert parallelism).
+  block 0: auto_block over the num_experts (default num_local) experts the choices go to."""
   t, d = x.shape
   k = expert_index.shape[1]
   pairs = t * k
+  block = block or auto_block(pairs, num_experts or num_local, d)
   local = expert_index - first
   flat = jnp.where((local >= 0) & (local < num_local), local, num_local).reshape(-1)  # [P]
   order = jnp.argsort(flat, stable=True)  # pair ids sorted by expert, other experts' last

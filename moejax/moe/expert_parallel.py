@@ -65,6 +65,7 @@ class LocalExperts:
   weights: tuple
   backend: str
   block_size: int
+  num_experts: int  # N, over all devices
 
   def grouped(self, x_sorted, group_sizes):
     """Rows sorted by local expert -> their outputs (rows past the groups give 0)."""
@@ -76,7 +77,7 @@ class LocalExperts:
     first + N / EP - 1) of gate * expert(x) [T, D]."""
     return dropless_swiglu(x.astype(self.weights[0].dtype), index, gates,
                            self.weights[0].shape[0], first, self.weights, self.backend,
-                           self.block_size)
+                           self.block_size, self.num_experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ class DroplessEP(abc.ABC):
     layout = ep_layout(self.name, x.shape[0], n)
 
     def local(x, index, gates, wi_0, wi_1, wo):
-      mine = LocalExperts((wi_0, wi_1, wo), experts.backend, experts.block_size)
+      mine = LocalExperts((wi_0, wi_1, wo), experts.backend, experts.block_size, n)
       if layout.ep == 1:
         return mine.dropless(x, index, gates, 0)
       return self.exchange(x, index, gates, mine, n, layout.ep)

@@ -26,7 +26,7 @@ class RoutedExperts(nn.Module):
   d_ff: int
   dtype: jnp.dtype = jnp.float32
   backend: str = 'auto'
-  block_size: int = 128
+  block_size: int = 0  # 0: blocked.auto_block
 
   def setup(self):
     e, d, f = self.num_experts, self.d_model, self.d_ff
@@ -56,7 +56,7 @@ class RoutedExperts(nn.Module):
 
 
 def grouped_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, backend: str = 'auto',
-                   block_size: int = 128):
+                   block_size: int = 0):
   """Rows sorted by expert [M, D], group e holds group_sizes[e] rows -> [M, D]. Rows past
   sum(group_sizes) belong to no expert and come out zero (dispatchers park rows there)."""
   if resolve_backend(backend) == 'ragged_dot':
@@ -68,13 +68,15 @@ def grouped_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, backend: str = 'auto',
 
 
 def dropless_swiglu(x, expert_index, gates, num_local: int, first, weights, backend: str,
-                    block_size: int):
+                    block_size: int, num_experts: int | None = None):
   """sum over each token's choices among experts first .. first + num_local - 1 (weights
   (wi_0, wi_1, wo) of those experts) of gate * SwiGLU_e(x) [T, D]; other choices add nothing.
   'blocked' runs the fused kernel (tokens gathered per block, no sorted copies); 'ragged_dot'
-  sorts the assignments and runs the grouped matmul."""
+  sorts the assignments and runs the grouped matmul. num_experts: all the experts the choices
+  go to (default num_local), for the automatic block size."""
   if resolve_backend(backend) == 'blocked':
-    return fused_dropless(x, expert_index, gates, num_local, first, *weights, block_size)
+    return fused_dropless(x, expert_index, gates, num_local, first, *weights, block_size,
+                          num_experts)
   run = functools.partial(grouped_swiglu, wi_0=weights[0], wi_1=weights[1], wo=weights[2],
                           backend=backend)
   return dropless_combine(x, expert_index, gates, num_local, first, run)
