@@ -1,12 +1,14 @@
 """The routed experts: N SwiGLU FFNs held as stacked weights [N, ...].
 
-Two entry points, one per dispatch family:
+Entry points, by dispatch family:
 - `capacity(buffers [N, C, D])`: every expert processes a fixed-size buffer (batched einsum).
+- `dropless(x [T, D], expert_index, gates [T, K])`: the whole dropless output.
 - `grouped(x_sorted [M, D], group_sizes [N])`: rows sorted by expert, group e has
-  group_sizes[e] rows (dropless). Backends: 'ragged_dot' (jax.lax.ragged_dot, the TPU/GPU
-  grouped matmul) and 'blocked' (rows padded per expert to blocks of `block_size` rows and a
-  loop over blocks; the exact path for CPU, where ragged_dot is much slower than a dense matmul
-  of the same FLOPs and its backward pass runs out of memory at `moejax.bench`'s shape).
+  group_sizes[e] rows (the ragged all-to-all path receives rows so).
+Backends of the last two: 'ragged_dot' (jax.lax.ragged_dot, the TPU/GPU grouped matmul) and
+'blocked' (moe/blocked.py: blocks of `block_size` rows of one expert each and a scan over
+blocks; the exact path for CPU, where ragged_dot is much slower than a dense matmul of the same
+FLOPs and its backward pass runs out of memory at `moejax.bench`'s shape).
 """
 from __future__ import annotations
 
