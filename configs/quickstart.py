@@ -16,7 +16,6 @@ def get_config():
   m.moe.num_shared_experts = 1
   m.moe.router.norm_topk_prob = False  # DeepSeekMoE: gate weights are the softmax scores.
   m.moe.dispatch.name = 'dropless'
-  m.moe.dispatch.block_size = 256  # ~512 rows per expert per step: two blocks each.
   c.data.seq_len = 128
   c.train.steps, c.train.batch_size, c.train.lr, c.train.warmup_steps = 240, 16, 3e-3, 24
   c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 10, 80, 80

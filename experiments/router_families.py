@@ -9,7 +9,7 @@ from metrics import tail_mean
 from moejax.experiment import Experiment
 
 TOP1 = {'model.moe.num_experts': 8, 'model.moe.expert_ffn_dim': 256,
-        'model.moe.num_experts_per_tok': 1, 'model.moe.router.norm_topk_prob': False}
+        'model.moe.num_experts_per_tok': 1}
 
 
 def get_experiment():
@@ -20,7 +20,8 @@ def get_experiment():
             'hash_top1': {**TOP1, 'model.moe.router.name': 'hash',
                           'model.moe.balance.aux_loss_weight': 0.0,
                           'model.moe.balance.z_loss_weight': 0.0},
-            'switch_top1': TOP1,
+            # Switch: the gate is the softmax probability itself (not renormalised to 1).
+            'switch_top1': {**TOP1, 'model.moe.router.norm_topk_prob': False},
             'gshard_top2': {'model.moe.num_experts': 16, 'model.moe.expert_ffn_dim': 128,
                             'model.moe.num_experts_per_tok': 2},
             'deepseekmoe': {'model.moe.num_experts': 31, 'model.moe.expert_ffn_dim': 64,

@@ -27,7 +27,7 @@ from flax import linen as nn
 
 from moejax import cli
 from moejax.config import base_config
-from moejax.model.layers import SwiGLU
+from moejax.nn.layers import SwiGLU
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.layer import MoEFFN
 

@@ -31,14 +31,16 @@ def _config(a, dispatch: str | None, layers: int):
   m.head_dim = a.d_model // a.heads
   m.moe.num_experts, m.moe.num_experts_per_tok = a.experts, a.top_k
   m.moe.expert_ffn_dim, m.moe.num_shared_experts = a.expert_dim, a.shared
-  m.moe.dispatch.block_size = a.block_size
+  if dispatch in ('dropless', 'ring'):
+    m.moe.dispatch.block_size = a.block_size
   m.first_k_dense = 0
   if dispatch is None:  # dense: the same active FFN width in every layer
     m.first_k_dense = layers
     m.ffn_dim = (a.top_k + a.shared) * a.expert_dim
   else:
     m.moe.dispatch.name = dispatch
-    m.moe.dispatch.group_size = min(512, a.batch * a.seq)
+    if dispatch == 'einsum':
+      m.moe.dispatch.group_size = min(512, a.batch * a.seq)
   c.data.seq_len, m.max_seq_len = a.seq, max(a.seq, 8)
   c.train.batch_size, c.train.steps, c.train.warmup_steps = a.batch, 1000, 10
   c.mesh.data = 1

@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   moe.expert_ffn_dim = 128
   moe.num_shared_experts = 1
   moe.router = r = ml_collections.ConfigDict()
-  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice' (registry.py).
+  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice' (moe/registry.py;
+  # each router reads only some of the fields below, and a field it ignores may not be set).
   r.score_fn = 'softmax'  # 'softmax', or 'sigmoid' (DeepSeek-V3 affinities).
   r.norm_topk_prob = True  # False: DeepSeek-V1/V2 weights p_i; True: Mixtral/Qwen3/V3 renormalised.
   r.routed_scaling_factor = 1.0  # multiplies the gate weights (2.5 in DeepSeek-V3).
@@ -205,14 +206,12 @@ def _merge(node, d: dict):
       node[k] = v
 
 
-ROUTER_NAMES = ('topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice')
 EC_SCOPES = ('batch', 'sequence')
 EC_EVALS = ('topk', 'expert_choice')
 SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
 BIAS_UPDATES = ('sign', 'proportional')
-DISPATCH_NAMES = ('capacity', 'einsum', 'all_to_all', 'dropless', 'ring', 'ragged_all_to_all')
 REMAT = ('none', 'full', 'names')
 # Activations tagged with jax.ad_checkpoint.checkpoint_name, which remat='names' can keep:
 # a block's normed attention input, its query/key/value projections (GQA; MLA: the query and
@@ -363,47 +362,17 @@ def validate(c, num_devices: int) -> dict[str, int]:
     if groups and moe.num_experts % groups:
       _fail('model.moe.balance.num_devices', groups,
             f'must divide model.moe.num_experts={moe.num_experts}')
-    r = moe.router
-    if moe.num_experts % r.num_groups:
-      _fail('model.moe.router.num_groups', r.num_groups,
-            f'must divide model.moe.num_experts={moe.num_experts}')
-    if r.topk_groups > r.num_groups:
-      _fail('model.moe.router.topk_groups', r.topk_groups,
-            f'cannot exceed model.moe.router.num_groups={r.num_groups}')
-    reachable = r.topk_groups * moe.num_experts // r.num_groups
-    if r.num_groups > 1 and moe.num_experts_per_tok > reachable:
-      _fail('model.moe.router.topk_groups', r.topk_groups,
-            f'the kept groups hold {reachable} experts, fewer than num_experts_per_tok='
-            f'{moe.num_experts_per_tok}; keep more groups')
     _one_of(c, 'model.moe.router.group_score', GROUP_SCORES)
-    if (r.num_groups > 1 and moe.num_experts // r.num_groups < 2 and
-        (r.group_score == 'top2_sum' or (r.group_score == 'auto' and r.score_fn == 'sigmoid'))):
-      _fail('model.moe.router.group_score', r.group_score,
-            "'top2_sum' needs at least 2 experts per group; use 'max' or fewer groups")
     _one_of(c, 'model.moe.router.hash_kind', HASH_KINDS)
     _one_of(c, 'model.moe.balance.bias_update', BIAS_UPDATES)
-    if r.name == 'hash' and r.score_fn != 'softmax':
-      _fail('model.moe.router.score_fn', r.score_fn, "the hash router has no scores; leave "
-            "it 'softmax'")
-    _one_of(c, 'model.moe.router.name', ROUTER_NAMES)
     _one_of(c, 'model.moe.router.score_fn', SCORE_FNS)
     _one_of(c, 'model.moe.router.dtype', DTYPES)
-    _one_of(c, 'model.moe.dispatch.name', DISPATCH_NAMES)
     _one_of(c, 'model.moe.dispatch.priority', PRIORITIES)
-    if m.moe.dispatch.name == 'ragged_all_to_all':
-      import jax
-      if jax.default_backend() == 'cpu':
-        _fail('model.moe.dispatch.name', 'ragged_all_to_all', "XLA:CPU has no ragged-all-to-all "
-              "(it runs on TPU and GPU); on CPU use 'ring' (dropless across devices) or "
-              "'dropless'")
-    if m.moe.dispatch.name == 'einsum':
-      _positive(c, 'model.moe.dispatch.group_size')
-      tokens = c.train.batch_size * c.data.seq_len
-      if tokens % min(m.moe.dispatch.group_size, tokens):
-        _fail('model.moe.dispatch.group_size', m.moe.dispatch.group_size,
-              f'must divide the {tokens} tokens of a batch (train.batch_size * data.seq_len)')
     _one_of(c, 'model.moe.dispatch.backend', DROPLESS_BACKENDS)
     _positive(c, 'model.moe.dispatch.block_size', allow_zero=True)
+    # The pieces' own contracts: names, their checks, and no setting they ignore.
+    from moejax.moe import registry
+    registry.check(c, _fail, base_config().model.moe)
 
   if dt.source == 'files':
     if not dt.paths:
@@ -429,20 +398,11 @@ def validate(c, num_devices: int) -> dict[str, int]:
 
 
 def routing_is_causal(m, train: bool) -> bool:
-  """Whether a token's routed output can depend on later tokens of the batch.
-
-  Expert choice (unless evaluated as token-choice top-K) and capacity dispatch that serves all
-  first choices before second choices, or the highest router weights first, let later tokens
-  change earlier tokens' routing.
-  """
+  """Whether a token's routed output can depend on later tokens of the batch (each router and
+  dispatcher declares its own causality; moe/registry.py combines them). E.g. expert choice
+  (unless evaluated as token-choice top-K), Sinkhorn in training, and capacity dispatch that
+  serves all first choices before second choices, or the highest router weights first."""
   if not moe_layer_ids(m):
     return True
-  r, d = m.moe.router, m.moe.dispatch
-  if r.name == 'expert_choice' and (train or r.ec_eval == 'expert_choice'):
-    return False
-  if r.name == 'sinkhorn' and train:
-    return False
-  dropping = d.name in ('capacity', 'einsum', 'all_to_all')
-  if dropping and d.priority == 'probability':
-    return False
-  return not (dropping and d.priority == 'choice' and m.moe.num_experts_per_tok > 1)
+  from moejax.moe import registry
+  return registry.routing_is_causal(m.moe, train)

@@ -29,7 +29,6 @@ def tiny_config(**moe):
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 32, 3, 4, 2, 8
   m.ffn_dim, m.first_k_dense = 64, 1
   m.moe.num_experts, m.moe.num_experts_per_tok, m.moe.expert_ffn_dim = 8, 2, 16
-  m.moe.dispatch.block_size = 8
   for k, v in moe.items():
     m.moe[k] = v
   c.data.seq_len, c.data.max_bytes = 16, 200_000

@@ -9,7 +9,6 @@ def get_config():
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 32, 3, 4, 2, 8
   m.ffn_dim, m.first_k_dense = 64, 1
   m.moe.num_experts, m.moe.num_experts_per_tok, m.moe.expert_ffn_dim = 8, 2, 16
-  m.moe.dispatch.block_size = 8
   m.moe.balance.bias_update_rate = 1e-2  # global counts must agree across processes
   c.mesh.data, c.mesh.expert = 2, 4  # experts split 4 ways, batch over both processes
   c.data.seq_len, c.data.max_bytes = 16, 200_000

@@ -10,7 +10,7 @@ from moejax.moe.dispatch import (CapacityDispatch, EinsumDispatch, capacity_slot
                                  expert_capacity)
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.layer import MoEFFN
-from moejax.moe.routers import RouterOutput
+from moejax.moe.types import RouterOutput
 
 from conftest import tiny_config
 

@@ -1,6 +1,5 @@
-"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
-
-Parameters are float32 and carry logical axis names; computation runs in `dtype`.
+"""Attention building blocks: rotary embeddings, the decoding cache, grouped-query attention.
+(RMSNorm, SwiGLU and the parameter helpers are leaf modules in moejax/nn/layers.py.)
 """
 from __future__ import annotations
 
@@ -11,25 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-Dtype = Any
-constrain = nn.with_logical_constraint
-
-
-def param_with_axes(module: nn.Module, name: str, shape, axes, init=None):
-  init = init or nn.initializers.normal(stddev=shape[0] ** -0.5 if len(shape) > 1 else 1.0)
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-
-
-class RMSNorm(nn.Module):
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = param_with_axes(self, 'scale', (x.shape[-1],), ('norm',), nn.initializers.ones)
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (xf * scale).astype(self.dtype)
+from moejax.nn.layers import Dtype, RMSNorm, SwiGLU, constrain, param_with_axes  # noqa: F401
 
 
 def apply_rope(x, positions, theta: float):
@@ -101,20 +82,3 @@ class GroupedQueryAttention(nn.Module):
     out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v).reshape(b, s, h, hd)
     out = jnp.einsum('bshk,hkd->bsd', out, wo.astype(self.dtype))
     return constrain(out, ('batch', 'length', 'act_embed'))
-
-
-class SwiGLU(nn.Module):
-  """Dense FFN: wo(silu(x wi_0) * (x wi_1))."""
-  hidden: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    wi_0 = param_with_axes(self, 'wi_0', (d, self.hidden), ('embed', 'mlp'))
-    wi_1 = param_with_axes(self, 'wi_1', (d, self.hidden), ('embed', 'mlp'))
-    wo = param_with_axes(self, 'wo', (self.hidden, d), ('mlp', 'embed'))
-    x = x.astype(self.dtype)
-    h = jax.nn.silu(x @ wi_0.astype(self.dtype)) * (x @ wi_1.astype(self.dtype))
-    h = checkpoint_name(constrain(h, ('batch', 'length', 'act_mlp')), 'ffn_hidden')
-    return constrain(h @ wo.astype(self.dtype), ('batch', 'length', 'act_embed'))

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.model.layers import RMSNorm, apply_rope, constrain, param_with_axes, update_cache
+from moejax.model.layers import apply_rope, update_cache
+from moejax.nn.layers import RMSNorm, constrain, param_with_axes
 
 
 class MultiHeadLatentAttention(nn.Module):

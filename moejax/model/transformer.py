@@ -15,8 +15,8 @@ import ml_collections
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.config import moe_layer_ids
-from moejax.model.layers import GroupedQueryAttention, RMSNorm, SwiGLU, param_with_axes
+from moejax.model.layers import GroupedQueryAttention
+from moejax.nn.layers import RMSNorm, SwiGLU, param_with_axes
 from moejax.model.mla import MultiHeadLatentAttention
 from moejax.moe.layer import MoEFFN
 
@@ -177,7 +177,7 @@ class Transformer(nn.Module):
     balance losses of their MoE blocks."""
     dtype = jnp.dtype(c.dtype)
     all_logits, moe_loss = [], jnp.zeros((), jnp.float32)
-    has_moe = bool(moe_layer_ids(c))  # the MTP block is MoE when the model's blocks are
+    has_moe = any(layer_plan(c)[1:])  # the MTP block is MoE when the model's blocks are
     for k in range(1, c.mtp.depth + 1):
       s = tokens.shape[1] - k
       h_prev = RMSNorm(c.norm_eps, dtype, name=f'mtp_{k}_hnorm')(h[:, :s])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.routers import RouterOutput
+from moejax.moe.types import RouterOutput
 
 
 def expert_counts(expert_index, num_experts: int):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moejax.moe.experts import RoutedExperts
-from moejax.moe.routers import RouterOutput
+from moejax.moe.types import RouterOutput
 
 
 def expert_capacity(num_tokens: int, k: int, num_experts: int, factor: float,
@@ -62,6 +62,7 @@ def pack_slots(x, slots, num_slots: int):
   return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[slot_token]
 
 
+@jax.named_scope('combine')
 def combine_slots(y_buf, slots, weights):
   """y_buf [num_slots, D] -> y [T, D] = sum_k w[t, k] * y_buf[slots[t, k]] (0 if dropped)."""
   y_pad = jnp.concatenate([y_buf, jnp.zeros((1, y_buf.shape[1]), y_buf.dtype)])
@@ -79,13 +80,46 @@ def stats_dict(stats):
   return {'dropped_fraction': stats[0], 'zero_expert_fraction': stats[1]}
 
 
+class Dispatcher:
+  """The contract every dispatcher declares (the registry builds it and derives the config
+  checks from it). Its dataclass fields are the config section's (model.moe.dispatch) keyword
+  arguments; `READS` adds the fields it reads through the experts (their kernel settings);
+  `check(config, fail)` holds its own checks; `causal(moe)` says whether a token's output
+  ignores later tokens."""
+  READS: tuple = ()
+
+  @classmethod
+  def reads(cls) -> tuple:
+    return tuple(f'dispatch.{f.name}' for f in dataclasses.fields(cls) if f.init) + cls.READS
+
+  @classmethod
+  def check(cls, config, fail):
+    """fail(field, value, fix) for a setting this dispatcher cannot work with."""
+
+  @classmethod
+  def causal(cls, moe) -> bool:
+    del moe
+    return True
+
+
+# The experts' kernel settings, read by the dispatchers that run the grouped experts.
+GROUPED_KERNEL = ('dispatch.backend', 'dispatch.block_size')
+
+
 @dataclasses.dataclass(frozen=True)
-class _TokenDropping:
+class _TokenDropping(Dispatcher):
   """The settings every capacity-bounded dispatcher shares."""
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
   priority: str = 'choice'
+
+  @classmethod
+  def causal(cls, moe) -> bool:
+    # Serving all first choices before second ones, or the highest weights first, lets later
+    # tokens take an earlier token's slot; position priority serves tokens in order.
+    p = moe.dispatch.priority
+    return not (p == 'probability' or (p == 'choice' and moe.num_experts_per_tok > 1))
 
   def capacity(self, tokens: int, k: int, num_experts: int, train: bool) -> int:
     factor = self.capacity_factor if train else self.eval_capacity_factor
@@ -116,6 +150,16 @@ class EinsumDispatch(_TokenDropping):
   T * N * C = T * S * K * factor numbers, bounded by the group size, not by the batch."""
   group_size: int = 512
 
+  @classmethod
+  def check(cls, config, fail):
+    g = config.model.moe.dispatch.group_size
+    if g < 1:
+      fail('model.moe.dispatch.group_size', g, 'must be at least 1')
+    tokens = config.train.batch_size * config.data.seq_len
+    if tokens % min(g, tokens):
+      fail('model.moe.dispatch.group_size', g,
+           f'must divide the {tokens} tokens of a batch (train.batch_size * data.seq_len)')
+
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
     t, d = x.shape
     k = r.expert_index.shape[1]
@@ -140,8 +184,9 @@ class EinsumDispatch(_TokenDropping):
 
 
 @dataclasses.dataclass(frozen=True)
-class DroplessDispatch:
-  """No token is dropped: assignments are sorted by expert and run as a grouped matmul."""
+class DroplessDispatch(Dispatcher):
+  """No token is dropped: every (token, choice) pair runs on its expert (experts.dropless)."""
+  READS = GROUPED_KERNEL
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
     del train

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.moe.dispatch import (_TokenDropping, capacity_slots, combine_slots, drop_stats,
-                                 pack_slots, stats_dict)
+from moejax.moe.dispatch import (GROUPED_KERNEL, Dispatcher, _TokenDropping, capacity_slots,
+                                 combine_slots, drop_stats, pack_slots, stats_dict)
 from moejax.moe.experts import RoutedExperts, dropless_swiglu, grouped_swiglu, swiglu_experts
-from moejax.moe.routers import RouterOutput
+from moejax.moe.types import RouterOutput
 from moejax.parallel.sharding import BATCH_AXES
 
 
@@ -81,12 +81,13 @@ class LocalExperts:
 
 
 @dataclasses.dataclass(frozen=True)
-class DroplessEP(abc.ABC):
+class DroplessEP(Dispatcher, abc.ABC):
   """Dropless dispatch with the experts split over the 'expert' axis. A subclass gives the
   exchange: `exchange(x, expert_index, gates, local, num_experts, ep)` on one device's tokens
   inside shard_map returns their MoE output, where `local` (LocalExperts) runs this device's
   N / EP experts."""
   name = ''
+  READS = GROUPED_KERNEL
 
   @abc.abstractmethod
   def exchange(self, x, index, gates, local: LocalExperts, num_experts: int, ep: int):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.model.layers import param_with_axes
+from moejax.nn.layers import param_with_axes
 from moejax.moe.blocked import blocked_swiglu, fused_dropless
 
 
@@ -44,17 +44,21 @@ class RoutedExperts(nn.Module):
     return tuple(jnp.asarray(w, self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
 
   def capacity(self, buffers):
-    x = nn.with_logical_constraint(buffers.astype(self.dtype), ('expert', None, 'act_embed'))
-    return swiglu_experts(x, *self.weights())  # [N, C, D]
+    with jax.named_scope('experts'):
+      x = nn.with_logical_constraint(buffers.astype(self.dtype), ('expert', None, 'act_embed'))
+      return swiglu_experts(x, *self.weights())  # [N, C, D]
 
   def grouped(self, x_sorted, group_sizes):
-    return grouped_swiglu(x_sorted.astype(self.dtype), group_sizes, *self.weights(),
-                          backend=self.backend, block_size=self.block_size)
+    with jax.named_scope('experts'):
+      return grouped_swiglu(x_sorted.astype(self.dtype), group_sizes, *self.weights(),
+                            backend=self.backend, block_size=self.block_size)
 
   def dropless(self, x, expert_index, gates):
-    """Dropless output of all experts: x [T, D], expert_index and gates [T, K] -> [T, D]."""
-    return dropless_swiglu(x.astype(self.dtype), expert_index, gates, self.num_experts, 0,
-                           self.weights(), self.backend, self.block_size)
+    """Dropless output of all experts: x [T, D], expert_index and gates [T, K] -> [T, D]
+    (gather, experts and combine fused on the blocked backend)."""
+    with jax.named_scope('experts'):
+      return dropless_swiglu(x.astype(self.dtype), expert_index, gates, self.num_experts, 0,
+                             self.weights(), self.backend, self.block_size)
 
 
 def grouped_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, backend: str = 'auto',

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.model.layers import SwiGLU
+from moejax.nn.layers import SwiGLU
 from moejax.moe import balance, registry
 from moejax.moe.dispatch import expert_choice_dispatch
 from moejax.moe.experts import RoutedExperts
@@ -52,31 +53,38 @@ class MoEFFN(nn.Module):
     tokens = x.reshape(b * s, d)  # [T, D]
     ids = None if token_ids is None else token_ids.reshape(b * s)
     router = registry.make_router(cfg, self.vocab_size, b)
-    if replay is None:
-      routing = router(tokens, ids, train)
-    elif cfg.router.name == 'topk':
-      routing = router(tokens, ids, train, replay=replay)
-    else:
-      raise ValueError(f"replaying recorded routing needs router.name='topk', not "
-                       f"{cfg.router.name!r}")
+    with jax.named_scope('route'):
+      if replay is None:
+        routing = router(tokens, ids, train)
+      elif router.REPLAY:
+        routing = router(tokens, ids, train, replay=replay)
+      else:
+        raise ValueError(f'replaying recorded routing needs a router that can replay '
+                         f'({", ".join(registry.replaying_routers())}), not {cfg.router.name!r}')
     experts = RoutedExperts(num_experts=n, d_model=d, d_ff=cfg.expert_ffn_dim, dtype=self.dtype,
                             backend=cfg.dispatch.backend, block_size=cfg.dispatch.block_size,
                             name='experts')
     if routing.expert_choice is not None:
       ec = routing.expert_choice
-      y, stats = expert_choice_dispatch(tokens, ec, experts)
+      with jax.named_scope('dispatch'):
+        y, stats = expert_choice_dispatch(tokens, ec, experts)
       # Every expert takes exactly C tokens: the balance losses have nothing to balance.
       losses = {k: jnp.zeros((), jnp.float32) for k in _LOSS_WEIGHTS if k != 'z_loss'}
       counts = jnp.full((n,), ec.token_index.shape[1], jnp.float32)  # C tokens each
     else:
-      y, stats = registry.make_dispatcher(cfg)(tokens, routing, experts, train)
-      losses = token_choice_losses(routing, cfg, b)
-      counts = balance.expert_counts(routing.expert_index, n)
-    losses['z_loss'] = balance.router_z_loss(routing)
+      with jax.named_scope('dispatch'):
+        y, stats = registry.make_dispatcher(cfg)(tokens, routing, experts, train)
+      with jax.named_scope('balance'):
+        losses = token_choice_losses(routing, cfg, b)
+        counts = balance.expert_counts(routing.expert_index, n)
+    with jax.named_scope('balance'):
+      losses['z_loss'] = balance.router_z_loss(routing)
     y = y.reshape(b, s, d).astype(self.dtype)
     if cfg.num_shared_experts:
       # The shared experts are fused into one SwiGLU of width num_shared * expert width.
-      y = y + SwiGLU(cfg.num_shared_experts * cfg.expert_ffn_dim, self.dtype, name='shared')(x)
+      with jax.named_scope('shared_experts'):
+        y = y + SwiGLU(cfg.num_shared_experts * cfg.expert_ffn_dim, self.dtype,
+                       name='shared')(x)
     aux = {
         'loss': sum(cfg.balance[w] * losses[k] for k, w in _LOSS_WEIGHTS.items()),
         **losses,

@@ -91,5 +91,16 @@ class RaggedAllToAllDispatch(DroplessEP):
   collective: Callable = jax.lax.ragged_all_to_all
   name = 'ragged_all_to_all'
 
+  @classmethod
+  def reads(cls) -> tuple:
+    return cls.READS  # `collective` is not a config field
+
+  @classmethod
+  def check(cls, config, fail):
+    if jax.default_backend() == 'cpu':
+      fail('model.moe.dispatch.name', 'ragged_all_to_all', "XLA:CPU has no ragged-all-to-all "
+           "(it runs on TPU and GPU); on CPU use 'ring' (dropless across devices) or "
+           "'dropless'")
+
   def exchange(self, x, index, gates, local, num_experts: int, ep: int):
     return ragged_local(x, index, gates, num_experts, ep, self.collective, local.grouped)

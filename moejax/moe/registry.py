@@ -1,10 +1,15 @@
-"""Config name -> implementation, for routers and dispatchers.
+"""Config name -> implementation, for routers and dispatchers, and the MoE part of config
+validation, derived from what each piece declares.
 
-Adding a router: write its module under moe/routers/ (returning a RouterOutput), add one entry
-here and its name to config.ROUTER_NAMES, and its tests. The MoE layer only ever goes through
-these two functions.
+Adding a router: write its module under moe/routers/ (a `Router` returning a RouterOutput, with
+its `READS`, and `check` / `causal` / `uses_dispatch` if the defaults do not fit), add one entry
+to ROUTERS, and its tests. Adding a dispatcher: a `Dispatcher` dataclass whose fields are
+config fields of model.moe.dispatch, one entry in DISPATCHERS. The MoE layer only ever goes
+through make_router and make_dispatcher; config.validate through check.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch, EinsumDispatch
 from moejax.moe.expert_parallel import AllToAllDispatch
@@ -22,20 +27,16 @@ ROUTERS = {
 }
 
 DISPATCHERS = {
-    'capacity': lambda d: CapacityDispatch(
-        capacity_factor=d.capacity_factor, eval_capacity_factor=d.eval_capacity_factor,
-        min_capacity=d.min_capacity, priority=d.priority),
-    'einsum': lambda d: EinsumDispatch(
-        group_size=d.group_size, capacity_factor=d.capacity_factor,
-        eval_capacity_factor=d.eval_capacity_factor, min_capacity=d.min_capacity,
-        priority=d.priority),
-    'all_to_all': lambda d: AllToAllDispatch(
-        capacity_factor=d.capacity_factor, eval_capacity_factor=d.eval_capacity_factor,
-        min_capacity=d.min_capacity, priority=d.priority),
-    'dropless': lambda d: DroplessDispatch(),
-    'ring': lambda d: RingDispatch(),
-    'ragged_all_to_all': lambda d: RaggedAllToAllDispatch(),
+    'capacity': CapacityDispatch,
+    'einsum': EinsumDispatch,
+    'all_to_all': AllToAllDispatch,
+    'dropless': DroplessDispatch,
+    'ring': RingDispatch,
+    'ragged_all_to_all': RaggedAllToAllDispatch,
 }
+
+# Fields under model.moe every MoE layer reads, whichever pieces are chosen.
+ALWAYS_READ = ('num_experts', 'expert_ffn_dim', 'num_shared_experts', 'router.name')
 
 
 def make_router(moe_cfg, vocab_size: int, batch: int = 1):
@@ -49,5 +50,80 @@ def make_router(moe_cfg, vocab_size: int, batch: int = 1):
              cfg=moe_cfg.router, balance=moe_cfg.balance, name='router', **extra)
 
 
+def replaying_routers() -> list[str]:
+  """The routers that can route as recorded in an earlier pass (Router.REPLAY)."""
+  return [name for name, cls in ROUTERS.items() if cls.REPLAY]
+
+
 def make_dispatcher(moe_cfg):
-  return DISPATCHERS[moe_cfg.dispatch.name](moe_cfg.dispatch)
+  """The dispatcher built from its config section: the constructor is the schema."""
+  cls = DISPATCHERS[moe_cfg.dispatch.name]
+  d = moe_cfg.dispatch
+  return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.init and f.name in d})
+
+
+def _leaves(node, prefix=''):
+  for key, value in node.items():
+    if hasattr(value, 'items'):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _get(node, dotted: str):
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def check(config, fail, defaults):
+  """The MoE part of validation: known names, each piece's own checks, and no field set away
+  from its default (`defaults`: base_config().model.moe) that the chosen pieces do not read."""
+  moe = config.model.moe
+  if moe.router.name not in ROUTERS:
+    fail('model.moe.router.name', moe.router.name, f'must be one of {list(ROUTERS)}')
+  if moe.dispatch.name not in DISPATCHERS:
+    fail('model.moe.dispatch.name', moe.dispatch.name, f'must be one of {list(DISPATCHERS)}')
+  router, dispatcher = ROUTERS[moe.router.name], DISPATCHERS[moe.dispatch.name]
+  reads = {f: f"the {moe.router.name!r} router" for f in ALWAYS_READ + router.reads(moe)}
+  if router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False):
+    for f in ('dispatch.name',) + dispatcher.reads():
+      reads.setdefault(f, f"the {moe.dispatch.name!r} dispatcher")
+  for field, value in _leaves(moe):
+    if field not in reads and value != _get(defaults, field) and not _off(field, value):
+      pieces = f"the {moe.router.name!r} router"
+      if router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False):
+        pieces += f" and the {moe.dispatch.name!r} dispatcher"
+      fail(f'model.moe.{field}', value, f'is not read by {pieces}; remove the setting (default '
+           f'{_get(defaults, field)!r}) or choose a {_piece_kind(field)} that reads it'
+           f'{_readers(field)}')
+  router.check(moe, fail)
+  if router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False):
+    dispatcher.check(config, fail)
+
+
+def _off(field: str, value) -> bool:
+  """A loss weight or bias rate of 0 turns its feature off, whichever pieces are chosen."""
+  return (field.endswith('_weight') or field == 'balance.bias_update_rate') and value == 0
+
+
+def _piece_kind(field: str) -> str:
+  return 'dispatcher' if field.startswith('dispatch.') else 'router'
+
+
+def _readers(field: str) -> str:
+  """' (name, name)': the routers or dispatchers that read the field."""
+  if field.startswith('dispatch.'):
+    names = [n for n, cls in DISPATCHERS.items() if field in cls.reads()]
+  else:
+    names = [n for n, cls in ROUTERS.items() if field in cls.READS]
+  return f" ({', '.join(names)})" if names else ''
+
+
+def routing_is_causal(moe, train: bool) -> bool:
+  """Whether a token's routed output ignores later tokens of the batch: the router's routing
+  is causal and, if its routing goes through the dispatcher, so is the dispatcher's."""
+  router = ROUTERS[moe.router.name]
+  if not router.causal(moe, train):
+    return False
+  return not router.uses_dispatch(moe, train) or DISPATCHERS[moe.dispatch.name].causal(moe)

@@ -1,5 +1,5 @@
 """Routers. Each module holds one family; `moe.registry` maps config names to them."""
-from moejax.moe.routers.base import RouterOutput
+from moejax.moe.types import RouterOutput
 from moejax.moe.routers.expert_choice import ExpertChoiceRouter
 from moejax.moe.routers.hashing import HashRouter
 from moejax.moe.routers.noisy import NoisyTopKRouter

@@ -12,29 +12,82 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax import struct
+from moejax.moe.types import RouterOutput  # noqa: F401 (routers return it)
+from moejax.nn.layers import param_with_axes
 
-from moejax.model.layers import param_with_axes
 
-
-@struct.dataclass
-class RouterOutput:
-  expert_index: jax.Array  # [T, K] int32: chosen experts, best first.
-  combine_weights: jax.Array  # [T, K] float32: gate weight of each choice.
-  probs: jax.Array  # [T, N] float32: normalised scores over all experts (balance losses).
-  logits: jax.Array  # [T, N] float32: raw router logits (z-loss).
-  # Expert-major routing (expert choice): set instead of a fixed K per token.
-  expert_choice: Any = None
-  # [N] differentiable expected load (noisy top-K in training), for Shazeer's load loss.
-  soft_load: Any = None
+# The config fields (under model.moe) a router reads, by what reads them.
+LOGITS = ('router.dtype', 'router.jitter', 'router.freeze')  # router_logits
+SELECTION = ('num_experts_per_tok', 'router.num_groups', 'router.topk_groups',
+             'router.group_score', 'balance.bias_update_rate', 'balance.bias_update')
+# The MoE layer's balance losses of a token-choice routing (moe/layer.py).
+TOKEN_CHOICE_LOSSES = ('balance.aux_loss_weight', 'balance.z_loss_weight',
+                       'balance.seq_aux_loss_weight', 'balance.device_loss_weight',
+                       'balance.comm_loss_weight', 'balance.num_devices',
+                       'balance.importance_loss_weight', 'balance.load_loss_weight')
 
 
 class Router(nn.Module):
-  """Common fields: N experts, K per token, the router and balance config sections."""
+  """Common fields: N experts, K per token, the router and balance config sections.
+
+  The contract every router class declares (the registry derives the config checks from it):
+  `reads(moe)`, the fields under model.moe it reads (any other field set away from its
+  default is refused, naming the router); `check(moe, fail)`, its own checks;
+  `causal(moe, train)`, whether a token's routing ignores later tokens; and
+  `uses_dispatch(moe, train)`, whether its routing goes through the configured dispatcher;
+  `REPLAY`, whether its call takes `replay` (route as recorded in an earlier pass).
+  """
   num_experts: int
   k: int
   cfg: Any  # model.moe.router
   balance: Any  # model.moe.balance
+
+  READS = LOGITS + SELECTION + TOKEN_CHOICE_LOSSES
+  REPLAY = False
+
+  @classmethod
+  def reads(cls, moe) -> tuple:
+    del moe
+    return cls.READS
+
+  @classmethod
+  def check(cls, moe, fail):
+    """fail(field, value, fix) for a setting this router cannot work with."""
+
+  @classmethod
+  def causal(cls, moe, train: bool) -> bool:
+    del moe, train
+    return True
+
+  @classmethod
+  def uses_dispatch(cls, moe, train: bool) -> bool:
+    del moe, train
+    return True
+
+
+def check_groups(moe, fail):
+  """The checks of group-limited selection (routers that read SELECTION)."""
+  r, n = moe.router, moe.num_experts
+  if n % r.num_groups:
+    fail('model.moe.router.num_groups', r.num_groups, f'must divide model.moe.num_experts={n}')
+  if r.topk_groups > r.num_groups:
+    fail('model.moe.router.topk_groups', r.topk_groups,
+         f'cannot exceed model.moe.router.num_groups={r.num_groups}')
+  reachable = r.topk_groups * n // r.num_groups
+  if r.num_groups > 1 and moe.num_experts_per_tok > reachable:
+    fail('model.moe.router.topk_groups', r.topk_groups,
+         f'the kept groups hold {reachable} experts, fewer than num_experts_per_tok='
+         f'{moe.num_experts_per_tok}; keep more groups')
+  if r.num_groups > 1 and n // r.num_groups < 2 and resolve_group_score(r) == 'top2_sum':
+    fail('model.moe.router.group_score', r.group_score,
+         "'top2_sum' needs at least 2 experts per group; use 'max' or fewer groups")
+
+
+def resolve_group_score(cfg) -> str:
+  """'auto': 'top2_sum' (DeepSeek-V3) for sigmoid scores, else 'max' (DeepSeek-V2)."""
+  if cfg.group_score == 'auto':
+    return 'top2_sum' if cfg.score_fn == 'sigmoid' else 'max'
+  return cfg.group_score
 
 
 def router_logits(module: nn.Module, x, num_experts: int, cfg, train: bool):
@@ -88,10 +141,7 @@ def select_experts(module: nn.Module, scores, k: int, cfg, balance_cfg, train: b
   if rate > 0:
     bias = module.variable('moe_state', 'bias', lambda: jnp.zeros((n,), jnp.float32))
     choice = scores + bias.value
-  group_score = cfg.group_score
-  if group_score == 'auto':
-    group_score = 'top2_sum' if cfg.score_fn == 'sigmoid' else 'max'
-  choice = group_limited(choice, cfg.num_groups, cfg.topk_groups, group_score)
+  choice = group_limited(choice, cfg.num_groups, cfg.topk_groups, resolve_group_score(cfg))
   _, index = jax.lax.top_k(jax.lax.stop_gradient(choice), k)  # [T, K]
   if rate > 0 and train and not module.is_initializing():
     counts = jnp.zeros((n,), jnp.float32).at[index.reshape(-1)].add(1.0)

@@ -15,18 +15,13 @@ ran as eval/routing_causal, so no comparison silently benefits from leakage.
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax import struct
 
-from moejax.moe.routers.base import Router, RouterOutput, router_logits
-
-
-@struct.dataclass
-class ExpertChoice:
-  token_index: jax.Array  # [N, C] int32: the tokens each expert took, best first.
-  weights: jax.Array  # [N, C] float32: S[token, expert].
+from moejax.moe.routers.base import LOGITS, Router, router_logits
+from moejax.moe.types import ExpertChoice, RouterOutput
 
 
 def expert_choice_capacity(tokens_in_scope: int, num_experts: int, factor: float) -> int:
@@ -35,6 +30,20 @@ def expert_choice_capacity(tokens_in_scope: int, num_experts: int, factor: float
 
 class ExpertChoiceRouter(Router):
   batch: int = 1  # sequences in the call (for the per-sequence scope)
+
+  # C does K's job; every expert takes exactly C tokens, so of the balance losses only the
+  # z-loss trains anything. (At evaluation with ec_eval='topk' the routing is token choice,
+  # through the dispatcher, K = round(c).)
+  READS = LOGITS + ('router.ec_capacity_factor', 'router.ec_scope', 'router.ec_eval',
+                    'balance.z_loss_weight')
+
+  @classmethod
+  def causal(cls, moe, train: bool) -> bool:
+    return not (train or moe.router.ec_eval == 'expert_choice')
+
+  @classmethod
+  def uses_dispatch(cls, moe, train: bool) -> bool:
+    return not train and moe.router.ec_eval == 'topk'
 
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:

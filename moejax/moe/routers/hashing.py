@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from moejax.moe.routers.base import Router, RouterOutput
+from moejax.moe.routers.base import TOKEN_CHOICE_LOSSES, Router, RouterOutput
 
 
 def hash_table(vocab_size: int, num_experts: int, k: int, kind: str, seed: int) -> np.ndarray:
@@ -26,6 +26,8 @@ def hash_table(vocab_size: int, num_experts: int, k: int, kind: str, seed: int) 
 
 class HashRouter(Router):
   vocab_size: int = 258
+  # No weights and no scores: the logits' settings, score_fn and the selection's do not apply.
+  READS = ('num_experts_per_tok', 'router.hash_kind', 'router.hash_seed') + TOKEN_CHOICE_LOSSES
 
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:

@@ -10,11 +10,15 @@ import jax.numpy as jnp
 import jax.scipy.stats  # noqa: F401  (norm.cdf)
 from flax import linen as nn
 
-from moejax.model.layers import param_with_axes
-from moejax.moe.routers.base import Router, RouterOutput, router_logits, select_experts
+from moejax.nn.layers import param_with_axes
+from moejax.moe.routers.base import (LOGITS, SELECTION, TOKEN_CHOICE_LOSSES, Router, RouterOutput,
+                                     check_groups, router_logits, select_experts)
 
 
 class NoisyTopKRouter(Router):
+  READS = LOGITS + SELECTION + TOKEN_CHOICE_LOSSES
+  check = classmethod(lambda cls, moe, fail: check_groups(moe, fail))
+
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
     del token_ids

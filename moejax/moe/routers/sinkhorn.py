@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import Router, RouterOutput, router_logits
+from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, RouterOutput, router_logits
 
 
 def sinkhorn(logits, iterations: int):
@@ -29,6 +29,13 @@ def sinkhorn(logits, iterations: int):
 
 
 class SinkhornRouter(Router):
+  READS = LOGITS + TOKEN_CHOICE_LOSSES + (
+      'num_experts_per_tok', 'router.sinkhorn_iters', 'router.norm_topk_prob')
+
+  @classmethod
+  def causal(cls, moe, train: bool) -> bool:
+    return not train  # the balancing iterations mix the whole batch's scores
+
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
     del token_ids

@@ -14,10 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import Router, RouterOutput, router_logits, select_experts
+from moejax.moe.routers.base import (LOGITS, SELECTION, TOKEN_CHOICE_LOSSES, Router, RouterOutput,
+                                     check_groups, router_logits, select_experts)
 
 
 class TopKRouter(Router):
+  READS = LOGITS + SELECTION + TOKEN_CHOICE_LOSSES + (
+      'router.score_fn', 'router.norm_topk_prob', 'router.routed_scaling_factor')
+  check = classmethod(lambda cls, moe, fail: check_groups(moe, fail))
+  REPLAY = True
+
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True, replay=None) -> RouterOutput:
     """replay [T, K]: use these experts instead of selecting (recorded from an earlier pass);

@@ -1,0 +1,1 @@
+"""Leaf modules shared by model/ and moe/ (they import nothing from moejax)."""
