@@ -54,8 +54,7 @@ def test_expert_choice_router_takes_ceil_tokens_per_expert():
   """T = 10, N = 4, c = 1.0: every expert takes C = ceil(10 / 4) = 3 distinct tokens."""
   moe = base_config().model.moe
   moe.router.name, moe.router.ec_capacity_factor = 'expert_choice', 1.0
-  router = ExpertChoiceRouter(num_experts=4, k=2, cfg=ml_collections.FrozenConfigDict(moe.router),
-                              balance=ml_collections.FrozenConfigDict(moe.balance), batch=1)
+  router = ExpertChoiceRouter(num_experts=4, k=2, cfg=ml_collections.FrozenConfigDict(moe.router), batch=1)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 4)), jnp.float32)
   ec = router.apply({'params': {'w': jnp.eye(4)}}, x, train=True).expert_choice
   assert ec.token_index.shape == (4, 3)

@@ -167,3 +167,29 @@ def test_profiles_read_by_stage(dispatch, scopes):
   text = jax.jit(lambda p, x: jax.tree.leaves(layer.apply(p, x))).lower(params, x).as_text(
       debug_info=True)
   assert scopes <= set(re.findall(r'(route|dispatch|experts|combine|balance)/', text))
+
+
+def test_the_bias_update_is_returned_and_applied_by_the_train_step():
+  """Balance in one room: the forward pass leaves the selection bias as it is and returns its
+  update (collection 'bias_updates', the sign rule on the global counts); the train step
+  adds it; eval returns none. An existing bias with updates off is used and stays fixed."""
+  from moejax.moe import balance
+  c = _config(balance__bias_update_rate=1e-2)
+  layer = MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), c.model.d_model)
+  x = jax.random.normal(jax.random.key(0), (2, 8, c.model.d_model))
+  v = layer.init(jax.random.key(1), x)
+  assert 'bias_updates' not in v
+  (_, aux), upd = layer.apply(v, x, train=True, mutable=['bias_updates'])
+  counts = balance.expert_counts(aux['expert_index'], c.model.moe.num_experts)
+  want = 1e-2 * jnp.sign(jnp.mean(counts) - counts)
+  assert jnp.array_equal(upd['bias_updates']['bias'], want) and jnp.any(want != 0)
+  (_, _), upd_eval = layer.apply(v, x, train=False, mutable=['bias_updates'])
+  assert not upd_eval
+  new = balance.apply_bias_updates({k: v[k] for k in v if k != 'params'}, upd)
+  assert jnp.array_equal(new['moe_state']['bias'], v['moe_state']['bias'] + want)
+  # Updates off, bias present (e.g. imported): selection uses it, nothing is returned.
+  fixed = _config()
+  layer0 = MoEFFN(ml_collections.FrozenConfigDict(fixed.model.moe), fixed.model.d_model)
+  v0 = {'params': v['params'], 'moe_state': {'bias': jnp.zeros(8).at[3].set(10.0)}}
+  (_, aux0), upd0 = layer0.apply(v0, x, train=True, mutable=['bias_updates'])
+  assert not upd0 and bool(jnp.all(jnp.any(aux0['expert_index'] == 3, axis=-1)))

@@ -19,8 +19,7 @@ def _router(n, batch=1, **router):
   moe.router.name = 'expert_choice'
   for k, v in router.items():
     moe.router[k] = v
-  return ExpertChoiceRouter(num_experts=n, k=2, cfg=ml_collections.FrozenConfigDict(moe.router),
-                            balance=ml_collections.FrozenConfigDict(moe.balance), batch=batch)
+  return ExpertChoiceRouter(num_experts=n, k=2, cfg=ml_collections.FrozenConfigDict(moe.router), batch=batch)
 
 
 def test_hand_worked_selection():

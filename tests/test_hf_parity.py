@@ -74,10 +74,10 @@ def test_mixtral_sparse_moe_block():
 def _routing(layer, x, train):
   from moejax.moe import registry
   tokens = x.reshape(-1, x.shape[-1])
+  bias = layer.variables.get('moe_state', {}).get('bias')  # the layer's selection bias
   return layer.variables and registry.make_router(layer.moe, 258).apply(
-      {'params': layer.variables['params']['router'],
-       **({'moe_state': layer.variables['moe_state']['router']}
-          if 'moe_state' in layer.variables else {})}, tokens, None, train).expert_index
+      {'params': layer.variables['params']['router']}, tokens, None, train,
+      **({} if bias is None else {'bias': bias})).expert_index
 
 
 def _same_sets(ours, theirs):
@@ -117,7 +117,7 @@ def test_deepseek_v3_moe_block(bias_seed):
                  'experts': _experts_params(block.experts),
                  'shared': {'wi_0': _t(s.gate_proj.weight).T, 'wi_1': _t(s.up_proj.weight).T,
                             'wo': _t(s.down_proj.weight).T}},
-      'moe_state': {'router': {'bias': _t(block.gate.e_score_correction_bias)}}}
+      'moe_state': {'bias': _t(block.gate.e_score_correction_bias)}}
   y, _ = layer.apply(variables, jnp.asarray(_t(x)), train=False)
   assert _rel_err(np.asarray(y), ref) <= 1e-5
   ours = layer.apply(variables, jnp.asarray(_t(x)), train=False, method=_routing)

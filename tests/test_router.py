@@ -25,8 +25,7 @@ def make_router(k=2, **router):
   moe = base_config().model.moe
   for key, v in router.items():
     moe.router[key] = v
-  return TopKRouter(num_experts=4, k=k, cfg=ml_collections.FrozenConfigDict(moe.router),
-                    balance=ml_collections.FrozenConfigDict(moe.balance))
+  return TopKRouter(num_experts=4, k=k, cfg=ml_collections.FrozenConfigDict(moe.router))
 
 
 def route(norm):

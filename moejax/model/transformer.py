@@ -92,9 +92,10 @@ def _rematted(cls, cfg):
 
 def _scanned(cls, cfg, length: int, name: str, per_layer_input: bool = False, **kwargs):
   cls = _rematted(cls, cfg)
-  # 'moe_state' (the loss-free bias) is per layer like the params; the router rng differs per
-  # layer too.
-  scan = nn.scan(cls, variable_axes={'params': 0, 'moe_state': 0, 'cache': 0},
+  # 'moe_state' (the loss-free bias) and its 'bias_updates' are per layer like the params;
+  # the router rng differs per layer too.
+  axes = {'params': 0, 'moe_state': 0, 'bias_updates': 0, 'cache': 0}
+  scan = nn.scan(cls, variable_axes=axes,
                  split_rngs={'params': True, 'router': True},
                  in_axes=(nn.broadcast, nn.broadcast) + ((0,) if per_layer_input else ()),
                  length=length,

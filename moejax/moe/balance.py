@@ -11,6 +11,36 @@ import jax.numpy as jnp
 from moejax.moe.types import RouterOutput
 
 
+def selection_bias(module, num_experts: int, balance_cfg):
+  """The auxiliary-loss-free selection bias [N] of a MoE layer (Wang 2024; DeepSeek-V3), or
+  None. It lives in the layer's 'moe_state' collection, is added to the scores for selection
+  only (never to the gate weights) and gets no gradient. It exists when bias updates are on
+  (balance.bias_update_rate > 0) or when the state already holds one (e.g. imported), which
+  then stays fixed."""
+  if balance_cfg.bias_update_rate <= 0 and not module.has_variable('moe_state', 'bias'):
+    return None
+  return module.variable('moe_state', 'bias',
+                         lambda: jnp.zeros((num_experts,), jnp.float32)).value
+
+
+def bias_update(counts, rate: float, rule: str):
+  """The step of the selection bias after a training step, from the expert counts [N] of the
+  whole (global) batch: every expert moves toward the mean load, b_i += u * sign(mean - c_i),
+  or, 'proportional', b_i += u * (mean - c_i) / mean. The layer returns it (collection
+  'bias_updates'); the train step applies it (apply_bias_updates)."""
+  gap = jnp.mean(counts) - counts
+  step = jnp.sign(gap) if rule == 'sign' else gap / jnp.mean(counts)
+  return rate * step
+
+
+def apply_bias_updates(model_state: dict, updates: dict) -> dict:
+  """model_state with every layer's bias moved by the update its forward pass returned."""
+  if not updates.get('bias_updates'):
+    return model_state
+  return {**model_state, 'moe_state': jax.tree.map(jnp.add, model_state['moe_state'],
+                                                   updates['bias_updates'])}
+
+
 def expert_counts(expert_index, num_experts: int):
   """Tokens routed to each expert (before any capacity drop): [N] float32."""
   return jnp.zeros((num_experts,), jnp.float32).at[expert_index.reshape(-1)].add(1.0)

@@ -53,11 +53,13 @@ class MoEFFN(nn.Module):
     tokens = x.reshape(b * s, d)  # [T, D]
     ids = None if token_ids is None else token_ids.reshape(b * s)
     router = registry.make_router(cfg, self.vocab_size, b)
+    bias = balance.selection_bias(self, n, cfg.balance)
+    extra = {} if bias is None else {'bias': bias}
     with jax.named_scope('route'):
       if replay is None:
-        routing = router(tokens, ids, train)
+        routing = router(tokens, ids, train, **extra)
       elif router.REPLAY:
-        routing = router(tokens, ids, train, replay=replay)
+        routing = router(tokens, ids, train, replay=replay, **extra)
       else:
         raise ValueError(f'replaying recorded routing needs a router that can replay '
                          f'({", ".join(registry.replaying_routers())}), not {cfg.router.name!r}')
@@ -77,6 +79,12 @@ class MoEFFN(nn.Module):
       with jax.named_scope('balance'):
         losses = token_choice_losses(routing, cfg, b)
         counts = balance.expert_counts(routing.expert_index, n)
+        rate = cfg.balance.bias_update_rate
+        if (bias is not None and rate > 0 and train and not self.is_initializing() and
+            self.is_mutable_collection('bias_updates')):
+          # Returned, not applied: the train step adds it to the state (MaxText's way).
+          self.put_variable('bias_updates', 'bias',
+                            balance.bias_update(counts, rate, cfg.balance.bias_update))
     with jax.named_scope('balance'):
       losses['z_loss'] = balance.router_z_loss(routing)
     y = y.reshape(b, s, d).astype(self.dtype)

@@ -47,7 +47,7 @@ def make_router(moe_cfg, vocab_size: int, batch: int = 1):
   if cls is ExpertChoiceRouter:
     extra['batch'] = batch
   return cls(num_experts=moe_cfg.num_experts, k=moe_cfg.num_experts_per_tok,
-             cfg=moe_cfg.router, balance=moe_cfg.balance, name='router', **extra)
+             cfg=moe_cfg.router, name='router', **extra)
 
 
 def replaying_routers() -> list[str]:

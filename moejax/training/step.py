@@ -12,6 +12,7 @@ from flax import linen as nn
 from flax import struct
 
 from moejax.model.transformer import Transformer
+from moejax.moe import balance
 from moejax.parallel import sharding
 
 
@@ -150,11 +151,13 @@ class Trainer:
       return self._init(jax.random.key(seed))
 
   def loss_fn(self, params, model_state, batch, rng):
-    # model_state is updated by the forward pass itself (the loss-free bias moves after seeing
-    # this step's global expert counts); it is returned, never differentiated.
-    (logits, aux), new_state = self.model.apply(
+    # The forward pass returns each MoE layer's loss-free bias update (from this step's global
+    # expert counts) in the collection 'bias_updates'; the step applies it, never
+    # differentiated.
+    (logits, aux), updates = self.model.apply(
         {'params': params, **model_state}, batch['inputs'], rngs={'router': rng},
-        mutable=list(model_state))
+        mutable=['bias_updates'])
+    new_state = balance.apply_bias_updates(model_state, updates)
     ce = cross_entropy(logits, batch['targets'])
     moe_loss = jnp.sum(aux['loss']) if 'loss' in aux else 0.0
     metrics = {'train/ce_loss': ce, **moe_metrics(aux)}

@@ -28,7 +28,9 @@ TOKEN_CHOICE_LOSSES = ('balance.aux_loss_weight', 'balance.z_loss_weight',
 
 
 class Router(nn.Module):
-  """Common fields: N experts, K per token, the router and balance config sections.
+  """Common fields: N experts, K per token, the router's config section. (The selection bias
+  of loss-free balancing is the balance strategy's, moe/balance.py; routers that select by
+  score take it as the call's `bias` argument.)
 
   The contract every router class declares (the registry derives the config checks from it):
   `reads(moe)`, the fields under model.moe it reads (any other field set away from its
@@ -40,7 +42,6 @@ class Router(nn.Module):
   num_experts: int
   k: int
   cfg: Any  # model.moe.router
-  balance: Any  # model.moe.balance
 
   READS = LOGITS + SELECTION + TOKEN_CHOICE_LOSSES
   REPLAY = False
@@ -126,26 +127,10 @@ def group_limited(choice, num_groups: int, topk_groups: int, group_score: str):
   return jnp.where(kept[:, :, None], grouped, -jnp.inf).reshape(t, n)
 
 
-def select_experts(module: nn.Module, scores, k: int, cfg, balance_cfg, train: bool):
-  """Top-K of (scores + bias) after group limiting; returns index [T, K].
-
-  The bias is the auxiliary-loss-free balancing state (Wang 2024; DeepSeek-V3): it lives in
-  the 'moe_state' collection, changes selection only (never the gate weights), gets no
-  gradient, and after each training step moves every expert toward the mean load computed
-  over the whole (global) batch: b_i += u * sign(mean - c_i), or, 'proportional',
-  b_i += u * (mean - c_i) / mean.
-  """
-  n = scores.shape[-1]
-  choice = scores
-  rate = balance_cfg.bias_update_rate
-  if rate > 0:
-    bias = module.variable('moe_state', 'bias', lambda: jnp.zeros((n,), jnp.float32))
-    choice = scores + bias.value
+def select_experts(scores, k: int, cfg, bias=None):
+  """Top-K of (scores + selection bias [N]) after group limiting; returns index [T, K]. The
+  bias (the loss-free balancing state, moe/balance.py) changes selection only."""
+  choice = scores if bias is None else scores + bias
   choice = group_limited(choice, cfg.num_groups, cfg.topk_groups, resolve_group_score(cfg))
   _, index = jax.lax.top_k(jax.lax.stop_gradient(choice), k)  # [T, K]
-  if rate > 0 and train and not module.is_initializing():
-    counts = jnp.zeros((n,), jnp.float32).at[index.reshape(-1)].add(1.0)
-    gap = jnp.mean(counts) - counts
-    step = jnp.sign(gap) if balance_cfg.bias_update == 'sign' else gap / jnp.mean(counts)
-    bias.value = bias.value + rate * step
   return index.astype(jnp.int32)

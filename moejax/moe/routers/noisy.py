@@ -20,7 +20,7 @@ class NoisyTopKRouter(Router):
   check = classmethod(lambda cls, moe, fail: check_groups(moe, fail))
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
+  def __call__(self, x, token_ids=None, train: bool = True, bias=None) -> RouterOutput:
     del token_ids
     logits = router_logits(self, x, self.num_experts, self.cfg, train)  # [T, N] clean
     w_noise = param_with_axes(self, 'w_noise', (x.shape[-1], self.num_experts),
@@ -29,7 +29,7 @@ class NoisyTopKRouter(Router):
     if train:
       scale = jax.nn.softplus(jnp.dot(x.astype(jnp.float32), w_noise))  # [T, N]
       h = logits + jax.random.normal(self.make_rng('router'), logits.shape) * scale
-    index = select_experts(self, h, self.k, self.cfg, self.balance, train)  # [T, K]
+    index = select_experts(h, self.k, self.cfg, bias)  # [T, K]
     weights = jax.nn.softmax(jnp.take_along_axis(h, index, axis=-1), axis=-1)  # [T, K]
     soft_load = None
     if train and self.k < self.num_experts:

@@ -25,9 +25,11 @@ class TopKRouter(Router):
   REPLAY = True
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True, replay=None) -> RouterOutput:
+  def __call__(self, x, token_ids=None, train: bool = True, replay=None,
+               bias=None) -> RouterOutput:
     """replay [T, K]: use these experts instead of selecting (recorded from an earlier pass);
-    the weights are still computed from this pass's scores, so gradients flow as usual."""
+    the weights are still computed from this pass's scores, so gradients flow as usual.
+    bias [N]: the selection bias (loss-free balancing), added to the scores for selection."""
     del token_ids
     logits = router_logits(self, x, self.num_experts, self.cfg, train)  # [T, N]
     if self.cfg.score_fn == 'sigmoid':
@@ -36,7 +38,7 @@ class TopKRouter(Router):
     else:
       scores = probs = jax.nn.softmax(logits, axis=-1)  # [T, N]
     if replay is None:
-      index = select_experts(self, scores, self.k, self.cfg, self.balance, train)  # [T, K]
+      index = select_experts(scores, self.k, self.cfg, bias)  # [T, K]
     else:
       index = replay.astype(jnp.int32)
     weights = jnp.take_along_axis(scores, index, axis=-1)  # [T, K]
