@@ -78,6 +78,13 @@ def test_settings_a_chosen_piece_reads_are_accepted(fields):
   validate(_config(**fields), 1)
 
 
+def test_expert_choice_dispatch_is_the_routers_own():
+  with pytest.raises(ConfigError, match=r"dispatch.name='expert_choice': is chosen by router"):
+    validate(_config(dispatch__name='expert_choice'), 1)
+  with pytest.raises(ConfigError, match=r"dispatch.name='expert_choice': is chosen by router"):
+    validate(_config(router__name='expert_choice', dispatch__name='expert_choice'), 1)
+
+
 def test_unknown_names_list_the_registry():
   with pytest.raises(ConfigError, match=r"router.name='nope': must be one of \['topk'"):
     validate(_config(router__name='nope'), 1)

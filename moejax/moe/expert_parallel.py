@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.moe.dispatch import (GROUPED_KERNEL, Dispatcher, _TokenDropping, capacity_slots,
                                  combine_slots, drop_stats, pack_slots, stats_dict)
-from moejax.moe.experts import RoutedExperts, dropless_swiglu, grouped_swiglu, swiglu_experts
+from moejax.moe.experts import ExpertShard, RoutedExperts
 from moejax.moe.types import RouterOutput
 from moejax.parallel.sharding import BATCH_AXES
 
@@ -60,37 +60,16 @@ def ep_layout(name: str, tokens: int, num_experts: int) -> EPLayout:
 
 
 @dataclasses.dataclass(frozen=True)
-class LocalExperts:
-  """One device's N / EP experts inside shard_map: weights (wi_0, wi_1, wo) [N / EP, ...]."""
-  weights: tuple
-  backend: str
-  block_size: int
-  num_experts: int  # N, over all devices
-
-  def grouped(self, x_sorted, group_sizes):
-    """Rows sorted by local expert -> their outputs (rows past the groups give 0)."""
-    return grouped_swiglu(x_sorted.astype(self.weights[0].dtype), group_sizes, *self.weights,
-                          backend=self.backend, block_size=self.block_size)
-
-  def dropless(self, x, index, gates, first):
-    """sum over each token's choices of the local experts (global ids first ..
-    first + N / EP - 1) of gate * expert(x) [T, D]."""
-    return dropless_swiglu(x.astype(self.weights[0].dtype), index, gates,
-                           self.weights[0].shape[0], first, self.weights, self.backend,
-                           self.block_size, self.num_experts)
-
-
-@dataclasses.dataclass(frozen=True)
 class DroplessEP(Dispatcher, abc.ABC):
   """Dropless dispatch with the experts split over the 'expert' axis. A subclass gives the
   exchange: `exchange(x, expert_index, gates, local, num_experts, ep)` on one device's tokens
-  inside shard_map returns their MoE output, where `local` (LocalExperts) runs this device's
-  N / EP experts."""
+  inside shard_map returns their MoE output, where `local` (the expert block's ExpertShard)
+  runs this device's N / EP experts."""
   name = ''
   READS = GROUPED_KERNEL
 
   @abc.abstractmethod
-  def exchange(self, x, index, gates, local: LocalExperts, num_experts: int, ep: int):
+  def exchange(self, x, index, gates, local: ExpertShard, num_experts: int, ep: int):
     """This device's MoE output [Tl, D] (see the class docstring)."""
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
@@ -98,8 +77,8 @@ class DroplessEP(Dispatcher, abc.ABC):
     n = experts.num_experts
     layout = ep_layout(self.name, x.shape[0], n)
 
-    def local(x, index, gates, wi_0, wi_1, wo):
-      mine = LocalExperts((wi_0, wi_1, wo), experts.backend, experts.block_size, n)
+    def local(x, index, gates, *weights):
+      mine = experts.shard(weights)
       if layout.ep == 1:
         return mine.dropless(x, index, gates, 0)
       return self.exchange(x, index, gates, mine, n, layout.ep)
@@ -125,12 +104,12 @@ class AllToAllDispatch(_TokenDropping):
     c = self.capacity(t // groups, k, n, train)
     weights = experts.weights()
 
-    def local(x, index, gate, wi_0, wi_1, wo):  # this device's tokens and experts
+    def local(x, index, gate, *weights):  # this device's tokens and experts
       slots = capacity_slots(index, n, c, self.priority, gate)  # [Tl, K]
       send = pack_slots(x, slots, n * c).reshape(ep, n // ep, c, d)  # block j -> expert rank j
       recv = jax.lax.all_to_all(send, 'expert', 0, 0) if ep > 1 else send  # [EP src, N/EP, C, D]
       rows = recv.transpose(1, 0, 2, 3).reshape(n // ep, ep * c, d)
-      out = swiglu_experts(rows.astype(wi_0.dtype), wi_0, wi_1, wo)  # [N/EP, EP*C, D]
+      out = experts.shard(weights).capacity(rows)  # [N/EP, EP*C, D]
       out = out.reshape(n // ep, ep, c, d).transpose(1, 0, 2, 3)  # [EP dst, N/EP, C, D]
       back = jax.lax.all_to_all(out, 'expert', 0, 0) if ep > 1 else out  # my tokens' outputs
       stats = drop_stats(slots, n * c)

@@ -12,6 +12,7 @@ FLOPs and its backward pass runs out of memory at `moejax.bench`'s shape).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -39,26 +40,55 @@ class RoutedExperts(nn.Module):
     self.wo = param_with_axes(self, 'wo', (e, f, d), ('expert', 'expert_mlp', 'embed'), init_out)
 
   def weights(self):
-    """(wi_0 [N, D, F], wi_1 [N, D, F], wo [N, F, D]) in the compute dtype, for dispatchers
-    that run the experts on a shard of them (e.g. inside shard_map)."""
+    """The stacked weights (wi_0 [N, D, F], wi_1 [N, D, F], wo [N, F, D]) in the compute
+    dtype, each with the expert axis first, to be split over devices (shard_map in_specs)."""
     return tuple(jnp.asarray(w, self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
 
+  def shard(self, weights) -> 'ExpertShard':
+    """The expert block's public per-shard call: this device's slice of weights() (the
+    expert axis split), for dispatchers running inside shard_map."""
+    return ExpertShard(tuple(weights), self.backend, self.block_size, self.num_experts)
+
   def capacity(self, buffers):
-    with jax.named_scope('experts'):
-      x = nn.with_logical_constraint(buffers.astype(self.dtype), ('expert', None, 'act_embed'))
-      return swiglu_experts(x, *self.weights())  # [N, C, D]
+    """[N, C, D] buffers, one per expert -> their outputs (batched einsum)."""
+    x = nn.with_logical_constraint(buffers.astype(self.dtype), ('expert', None, 'act_embed'))
+    return self.shard(self.weights()).capacity(x)  # [N, C, D]
 
   def grouped(self, x_sorted, group_sizes):
-    with jax.named_scope('experts'):
-      return grouped_swiglu(x_sorted.astype(self.dtype), group_sizes, *self.weights(),
-                            backend=self.backend, block_size=self.block_size)
+    return self.shard(self.weights()).grouped(x_sorted, group_sizes)
 
   def dropless(self, x, expert_index, gates):
     """Dropless output of all experts: x [T, D], expert_index and gates [T, K] -> [T, D]
     (gather, experts and combine fused on the blocked backend)."""
+    return self.shard(self.weights()).dropless(x, expert_index, gates, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertShard:
+  """One device's N / EP experts inside shard_map: weights (wi_0, wi_1, wo) [N / EP, ...]."""
+  weights: tuple
+  backend: str
+  block_size: int
+  num_experts: int  # N, over all devices
+
+  def capacity(self, buffers):
+    """[N / EP, C, D] buffers, one per local expert -> their outputs."""
     with jax.named_scope('experts'):
-      return dropless_swiglu(x.astype(self.dtype), expert_index, gates, self.num_experts, 0,
-                             self.weights(), self.backend, self.block_size)
+      return swiglu_experts(buffers.astype(self.weights[0].dtype), *self.weights)
+
+  def grouped(self, x_sorted, group_sizes):
+    """Rows sorted by local expert -> their outputs (rows past the groups give 0)."""
+    with jax.named_scope('experts'):
+      return grouped_swiglu(x_sorted.astype(self.weights[0].dtype), group_sizes, *self.weights,
+                            backend=self.backend, block_size=self.block_size)
+
+  def dropless(self, x, index, gates, first):
+    """sum over each token's choices of the local experts (global ids first ..
+    first + N / EP - 1) of gate * expert(x) [T, D]."""
+    with jax.named_scope('experts'):
+      return dropless_swiglu(x.astype(self.weights[0].dtype), index, gates,
+                             self.weights[0].shape[0], first, self.weights, self.backend,
+                             self.block_size, self.num_experts)
 
 
 def grouped_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, backend: str = 'auto',

@@ -9,7 +9,6 @@ from flax import linen as nn
 
 from moejax.nn.layers import SwiGLU
 from moejax.moe import balance, registry
-from moejax.moe.dispatch import expert_choice_dispatch
 from moejax.moe.experts import RoutedExperts
 
 
@@ -66,16 +65,14 @@ class MoEFFN(nn.Module):
     experts = RoutedExperts(num_experts=n, d_model=d, d_ff=cfg.expert_ffn_dim, dtype=self.dtype,
                             backend=cfg.dispatch.backend, block_size=cfg.dispatch.block_size,
                             name='experts')
+    dispatch = None if router.uses_dispatch(cfg, train) else router.OWN_DISPATCH
+    with jax.named_scope('dispatch'):
+      y, stats = registry.make_dispatcher(cfg, dispatch)(tokens, routing, experts, train)
     if routing.expert_choice is not None:
-      ec = routing.expert_choice
-      with jax.named_scope('dispatch'):
-        y, stats = expert_choice_dispatch(tokens, ec, experts)
       # Every expert takes exactly C tokens: the balance losses have nothing to balance.
       losses = {k: jnp.zeros((), jnp.float32) for k in _LOSS_WEIGHTS if k != 'z_loss'}
-      counts = jnp.full((n,), ec.token_index.shape[1], jnp.float32)  # C tokens each
+      counts = jnp.full((n,), routing.expert_choice.token_index.shape[1], jnp.float32)
     else:
-      with jax.named_scope('dispatch'):
-        y, stats = registry.make_dispatcher(cfg)(tokens, routing, experts, train)
       with jax.named_scope('balance'):
         losses = token_choice_losses(routing, cfg, b)
         counts = balance.expert_counts(routing.expert_index, n)

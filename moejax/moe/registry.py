@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.moe.dispatch import CapacityDispatch, DroplessDispatch, EinsumDispatch
+from moejax.moe.dispatch import (CapacityDispatch, DroplessDispatch, EinsumDispatch,
+                                 ExpertChoiceDispatch)
 from moejax.moe.expert_parallel import AllToAllDispatch
 from moejax.moe.ragged import RaggedAllToAllDispatch
 from moejax.moe.ring import RingDispatch
@@ -33,6 +34,7 @@ DISPATCHERS = {
     'dropless': DroplessDispatch,
     'ring': RingDispatch,
     'ragged_all_to_all': RaggedAllToAllDispatch,
+    'expert_choice': ExpertChoiceDispatch,  # chosen by the expert-choice router itself
 }
 
 # Fields under model.moe every MoE layer reads, whichever pieces are chosen.
@@ -55,9 +57,10 @@ def replaying_routers() -> list[str]:
   return [name for name, cls in ROUTERS.items() if cls.REPLAY]
 
 
-def make_dispatcher(moe_cfg):
-  """The dispatcher built from its config section: the constructor is the schema."""
-  cls = DISPATCHERS[moe_cfg.dispatch.name]
+def make_dispatcher(moe_cfg, name: str | None = None):
+  """The dispatcher `name` (default: dispatch.name) built from its config section: the
+  constructor is the schema."""
+  cls = DISPATCHERS[name or moe_cfg.dispatch.name]
   d = moe_cfg.dispatch
   return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.init and f.name in d})
 

@@ -21,14 +21,15 @@ import dataclasses
 
 import jax
 
-from moejax.moe.expert_parallel import DroplessEP, LocalExperts
+from moejax.moe.expert_parallel import DroplessEP
+from moejax.moe.experts import ExpertShard
 
 
 @dataclasses.dataclass(frozen=True)
 class RingDispatch(DroplessEP):
   name = 'ring'
 
-  def exchange(self, x, index, gates, local: LocalExperts, num_experts: int, ep: int):
+  def exchange(self, x, index, gates, local: ExpertShard, num_experts: int, ep: int):
     # The expert group's tokens and routing [EP * Tl, ...].
     x, index, gates = (jax.lax.all_gather(a, 'expert', axis=0, tiled=True)
                        for a in (x, index, gates))

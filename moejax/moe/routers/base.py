@@ -36,7 +36,8 @@ class Router(nn.Module):
   `reads(moe)`, the fields under model.moe it reads (any other field set away from its
   default is refused, naming the router); `check(moe, fail)`, its own checks;
   `causal(moe, train)`, whether a token's routing ignores later tokens; and
-  `uses_dispatch(moe, train)`, whether its routing goes through the configured dispatcher;
+  `uses_dispatch(moe, train)`, whether its routing goes through the configured dispatcher,
+  and if not, `OWN_DISPATCH`, the registry name of the dispatcher it goes through instead;
   `REPLAY`, whether its call takes `replay` (route as recorded in an earlier pass).
   """
   num_experts: int
@@ -45,6 +46,7 @@ class Router(nn.Module):
 
   READS = LOGITS + SELECTION + TOKEN_CHOICE_LOSSES
   REPLAY = False
+  OWN_DISPATCH = None
 
   @classmethod
   def reads(cls, moe) -> tuple:

@@ -36,6 +36,7 @@ class ExpertChoiceRouter(Router):
   # through the dispatcher, K = round(c).)
   READS = LOGITS + ('router.ec_capacity_factor', 'router.ec_scope', 'router.ec_eval',
                     'balance.z_loss_weight')
+  OWN_DISPATCH = 'expert_choice'
 
   @classmethod
   def causal(cls, moe, train: bool) -> bool:
