@@ -55,8 +55,8 @@ def _moe_cfg(a, dispatch: str, backend: str = 'auto', factor: float = 1.25):
   moe.dispatch.group_size = a.group_size
   moe.num_experts, moe.num_experts_per_tok = a.experts, a.top_k
   moe.expert_ffn_dim, moe.num_shared_experts = a.expert_dim, a.shared
-  moe.dispatch.name, moe.dispatch.backend = dispatch, backend
-  moe.dispatch.capacity_factor, moe.dispatch.block_size = factor, a.block_size
+  moe.dispatch.name, moe.experts.backend = dispatch, backend
+  moe.dispatch.capacity_factor, moe.experts.block_size = factor, a.block_size
   return ml_collections.FrozenConfigDict(moe)
 
 

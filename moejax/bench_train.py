@@ -32,7 +32,7 @@ def _config(a, dispatch: str | None, layers: int):
   m.moe.num_experts, m.moe.num_experts_per_tok = a.experts, a.top_k
   m.moe.expert_ffn_dim, m.moe.num_shared_experts = a.expert_dim, a.shared
   if dispatch in ('dropless', 'ring'):
-    m.moe.dispatch.block_size = a.block_size
+    m.moe.experts.block_size = a.block_size
   m.first_k_dense = 0
   if dispatch is None:  # dense: the same active FFN width in every layer
     m.first_k_dense = layers

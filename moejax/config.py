@@ -98,11 +98,13 @@ def base_config() -> ml_collections.ConfigDict:
   d.min_capacity = 4
   d.priority = 'choice'  # capacity drop order: 'choice' (all top-1 first), 'position' or
   # 'probability' (highest router weight first).
-  d.backend = 'auto'  # dropless grouped matmul: 'auto' (blocked on CPU, else ragged_dot),
+  moe.experts = ex = ml_collections.ConfigDict()
+  ex.name = 'swiglu'  # the routed expert block (moe/registry.py EXPERTS).
+  ex.backend = 'auto'  # its dropless kernels: 'auto' (blocked on CPU, else ragged_dot),
   # 'ragged_dot' or 'blocked'.
   # Rows per block of the 'blocked' backend; 0: the mean rows per expert (T*K/N) rounded up to
   # a power of two, at most 2^16 / d_model rows, at least 16 (moe/blocked.py auto_block).
-  d.block_size = 0
+  ex.block_size = 0
 
   c.data = dt = ml_collections.ConfigDict()
   dt.source = 'stdlib'  # 'stdlib' (Python's own library sources) or 'files'.
@@ -368,8 +370,8 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _one_of(c, 'model.moe.router.score_fn', SCORE_FNS)
     _one_of(c, 'model.moe.router.dtype', DTYPES)
     _one_of(c, 'model.moe.dispatch.priority', PRIORITIES)
-    _one_of(c, 'model.moe.dispatch.backend', DROPLESS_BACKENDS)
-    _positive(c, 'model.moe.dispatch.block_size', allow_zero=True)
+    _one_of(c, 'model.moe.experts.backend', DROPLESS_BACKENDS)
+    _positive(c, 'model.moe.experts.block_size', allow_zero=True)
     # The pieces' own contracts: names, their checks, and no setting they ignore.
     from moejax.moe import registry
     registry.check(c, _fail, base_config().model.moe)

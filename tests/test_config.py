@@ -69,7 +69,7 @@ def test_mesh_must_divide_heads():
 
 @pytest.mark.parametrize('field,value', [('model.moe.router.name', 'nonsense'),
                                          ('model.moe.dispatch.name', 'teleport'),
-                                         ('model.moe.dispatch.backend', 'magic')])
+                                         ('model.moe.experts.backend', 'magic')])
 def test_unknown_names(field, value):
   c = base_config()
   section, key = field.rsplit('.', 1)

@@ -41,13 +41,13 @@ def _config(**fields):
     ({'router__name': 'expert_choice', 'balance__aux_loss_weight': 0.1},
      'balance.aux_loss_weight', "'expert_choice' router"),
     ({'router__name': 'expert_choice', 'router__ec_eval': 'expert_choice',
-      'dispatch__block_size': 0, 'dispatch__name': 'capacity'}, 'dispatch.name',
+      'experts__block_size': 0, 'dispatch__name': 'capacity'}, 'dispatch.name',
      "'expert_choice' router"),
     ({'router__name': 'topk', 'router__sinkhorn_iters': 3}, 'router.sinkhorn_iters',
      "'topk' router"),
     ({'dispatch__name': 'dropless', 'dispatch__capacity_factor': 2.0},
      'dispatch.capacity_factor', "'dropless' dispatcher"),
-    ({'dispatch__name': 'capacity', 'dispatch__block_size': 64}, 'dispatch.block_size',
+    ({'dispatch__name': 'capacity', 'experts__block_size': 64}, 'experts.block_size',
      "'capacity' dispatcher"),
     ({'dispatch__name': 'capacity', 'dispatch__group_size': 16}, 'dispatch.group_size',
      "'capacity' dispatcher"),
@@ -72,7 +72,7 @@ def test_the_message_names_the_pieces_that_read_it():
      'dispatch__capacity_factor': 3.0},
     {'router__name': 'sinkhorn', 'router__norm_topk_prob': False},
     {'dispatch__name': 'einsum', 'dispatch__group_size': 16, 'dispatch__priority': 'position'},
-    {'dispatch__name': 'ring', 'dispatch__block_size': 16},
+    {'dispatch__name': 'ring', 'experts__block_size': 16},
 ])
 def test_settings_a_chosen_piece_reads_are_accepted(fields):
   validate(_config(**fields), 1)
@@ -139,16 +139,28 @@ def test_a_router_is_one_class_and_one_registry_line(monkeypatch):
   assert aux['expert_index'][:, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
 
 
-def test_dispatchers_are_built_from_their_config_section():
+def test_pieces_are_built_from_their_config_sections():
   """The constructor is the schema: the dataclass fields are the config fields."""
   c = _config(dispatch__name='einsum', dispatch__group_size=16, dispatch__priority='position')
   d = registry.make_dispatcher(ml_collections.FrozenConfigDict(c.model.moe))
   assert d.group_size == 16 and d.priority == 'position'
   for cls in registry.DISPATCHERS.values():
-    for f in cls.reads():
-      assert f.split('.')[1] in c.model.moe.dispatch, (cls, f)
+    for f in cls.reads():  # every declared field exists in the schema
+      section, name = f.split('.')
+      assert name in c.model.moe[section], (cls, f)
+  for cls in registry.ROUTERS.values():
+    for f in cls.READS:
+      node = c.model.moe
+      for part in f.split('.'):
+        assert part in node, (cls, f)
+        node = node[part]
   assert issubclass(registry.DISPATCHERS['capacity'], _TokenDropping)
   assert {f.name for f in dataclasses.fields(registry.DISPATCHERS['dropless'])} == set()
+  c.model.moe.experts.block_size = 24
+  experts = registry.make_experts(ml_collections.FrozenConfigDict(c.model.moe), 32, jnp.float32)
+  assert (experts.block_size, experts.backend, experts.d_ff) == (24, 'auto', 16)
+  with pytest.raises(ConfigError, match=r"experts.name='gelu': must be one of \['swiglu'\]"):
+    validate(_config(experts__name='gelu'), 1)
 
 
 def test_readme_override_of_the_quickstart_validates():

@@ -108,7 +108,7 @@ def test_einsum_output_drops_exactly_the_hand_worked_choices(group_size, keep):
 def _layer(dispatch, backend='auto'):
   c = tiny_config()
   c.model.moe.dispatch.name = dispatch
-  c.model.moe.dispatch.backend = backend
+  c.model.moe.experts.backend = backend
   c.model.moe.dispatch.capacity_factor = 100.0  # large enough that nothing drops
   c.model.moe.dispatch.group_size = 16  # einsum: the 48 tokens of layer_case in 3 groups
   c.model.moe.num_shared_experts = 1

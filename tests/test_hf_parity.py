@@ -34,7 +34,7 @@ def _moe_cfg(n, k, shared, **router):
   moe = base_config().model.moe
   moe.num_experts, moe.num_experts_per_tok, moe.expert_ffn_dim = n, k, F
   moe.num_shared_experts = shared
-  moe.dispatch.name, moe.dispatch.block_size = 'dropless', 8
+  moe.dispatch.name, moe.experts.block_size = 'dropless', 8
   for key, v in router.items():
     moe.router[key] = v
   return moe

@@ -103,7 +103,7 @@ class Dispatcher:
 
 
 # The experts' kernel settings, read by the dispatchers that run the grouped experts.
-GROUPED_KERNEL = ('dispatch.backend', 'dispatch.block_size')
+GROUPED_KERNEL = ('experts.backend', 'experts.block_size')
 
 
 @dataclasses.dataclass(frozen=True)

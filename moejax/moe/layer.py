@@ -9,7 +9,6 @@ from flax import linen as nn
 
 from moejax.nn.layers import SwiGLU
 from moejax.moe import balance, registry
-from moejax.moe.experts import RoutedExperts
 
 
 def token_choice_losses(routing, cfg, batch: int) -> dict:
@@ -62,9 +61,7 @@ class MoEFFN(nn.Module):
       else:
         raise ValueError(f'replaying recorded routing needs a router that can replay '
                          f'({", ".join(registry.replaying_routers())}), not {cfg.router.name!r}')
-    experts = RoutedExperts(num_experts=n, d_model=d, d_ff=cfg.expert_ffn_dim, dtype=self.dtype,
-                            backend=cfg.dispatch.backend, block_size=cfg.dispatch.block_size,
-                            name='experts')
+    experts = registry.make_experts(cfg, d, self.dtype)
     dispatch = None if router.uses_dispatch(cfg, train) else router.OWN_DISPATCH
     with jax.named_scope('dispatch'):
       y, stats = registry.make_dispatcher(cfg, dispatch)(tokens, routing, experts, train)

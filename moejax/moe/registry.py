@@ -14,6 +14,7 @@ import dataclasses
 from moejax.moe.dispatch import (CapacityDispatch, DroplessDispatch, EinsumDispatch,
                                  ExpertChoiceDispatch)
 from moejax.moe.expert_parallel import AllToAllDispatch
+from moejax.moe.experts import RoutedExperts
 from moejax.moe.ragged import RaggedAllToAllDispatch
 from moejax.moe.ring import RingDispatch
 from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, SinkhornRouter,
@@ -37,8 +38,17 @@ DISPATCHERS = {
     'expert_choice': ExpertChoiceDispatch,  # chosen by the expert-choice router itself
 }
 
+# The routed expert blocks. A block has weights() (expert axis first) and shard(weights) -> an
+# object with capacity(buffers), grouped(x_sorted, sizes) and dropless(x, index, gates, first)
+# (experts.ExpertShard), which is all a dispatcher calls; its dataclass fields other than the
+# shape are config fields of model.moe.experts.
+EXPERTS = {
+    'swiglu': RoutedExperts,
+}
+
 # Fields under model.moe every MoE layer reads, whichever pieces are chosen.
-ALWAYS_READ = ('num_experts', 'expert_ffn_dim', 'num_shared_experts', 'router.name')
+ALWAYS_READ = ('num_experts', 'expert_ffn_dim', 'num_shared_experts', 'router.name',
+               'experts.name')
 
 
 def make_router(moe_cfg, vocab_size: int, batch: int = 1):
@@ -50,6 +60,16 @@ def make_router(moe_cfg, vocab_size: int, batch: int = 1):
     extra['batch'] = batch
   return cls(num_experts=moe_cfg.num_experts, k=moe_cfg.num_experts_per_tok,
              cfg=moe_cfg.router, name='router', **extra)
+
+
+def make_experts(moe_cfg, d_model: int, dtype):
+  """The expert block of model.moe.experts, its settings from that section."""
+  cls = EXPERTS[moe_cfg.experts.name]
+  section = moe_cfg.experts
+  settings = {f.name: section[f.name] for f in dataclasses.fields(cls)
+              if f.name in section and f.name != 'name'}
+  return cls(num_experts=moe_cfg.num_experts, d_model=d_model, d_ff=moe_cfg.expert_ffn_dim,
+             dtype=dtype, name='experts', **settings)
 
 
 def replaying_routers() -> list[str]:
@@ -87,6 +107,8 @@ def check(config, fail, defaults):
     fail('model.moe.router.name', moe.router.name, f'must be one of {list(ROUTERS)}')
   if moe.dispatch.name not in DISPATCHERS:
     fail('model.moe.dispatch.name', moe.dispatch.name, f'must be one of {list(DISPATCHERS)}')
+  if moe.experts.name not in EXPERTS:
+    fail('model.moe.experts.name', moe.experts.name, f'must be one of {list(EXPERTS)}')
   router, dispatcher = ROUTERS[moe.router.name], DISPATCHERS[moe.dispatch.name]
   reads = {f: f"the {moe.router.name!r} router" for f in ALWAYS_READ + router.reads(moe)}
   if router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False):
@@ -111,12 +133,12 @@ def _off(field: str, value) -> bool:
 
 
 def _piece_kind(field: str) -> str:
-  return 'dispatcher' if field.startswith('dispatch.') else 'router'
+  return 'dispatcher' if field.startswith(('dispatch.', 'experts.')) else 'router'
 
 
 def _readers(field: str) -> str:
   """' (name, name)': the routers or dispatchers that read the field."""
-  if field.startswith('dispatch.'):
+  if field.startswith(('dispatch.', 'experts.')):
     names = [n for n, cls in DISPATCHERS.items() if field in cls.reads()]
   else:
     names = [n for n, cls in ROUTERS.items() if field in cls.READS]
