@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from moejax.config import ConfigError, routing_is_causal, validate
 from moejax.moe import registry
-from moejax.moe.dispatch import _TokenDropping
+from moejax.moe.dispatch import TokenDropping
 from moejax.moe.layer import MoEFFN
 from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, RouterOutput, router_logits
 
@@ -154,7 +154,7 @@ def test_pieces_are_built_from_their_config_sections():
       for part in f.split('.'):
         assert part in node, (cls, f)
         node = node[part]
-  assert issubclass(registry.DISPATCHERS['capacity'], _TokenDropping)
+  assert issubclass(registry.DISPATCHERS['capacity'], TokenDropping)
   assert {f.name for f in dataclasses.fields(registry.DISPATCHERS['dropless'])} == set()
   c.model.moe.experts.block_size = 24
   experts = registry.make_experts(ml_collections.FrozenConfigDict(c.model.moe), 32, jnp.float32)

@@ -1,4 +1,5 @@
-"""Balance losses and routing statistics, computed from a RouterOutput.
+"""Balance in one room: the balance losses and their weights, the loss-free selection bias
+and its update, and the routing statistics, computed from a RouterOutput.
 
 Counts are taken over every token the layer sees in one call. Under jit with a sharded batch
 these are global sums (GSPMD inserts the reductions), so statistics do not depend on the mesh.
@@ -132,3 +133,27 @@ def load_stats(counts, probs) -> dict:
 
 def token_choice_stats(r: RouterOutput, num_experts: int) -> dict:
   return load_stats(expert_counts(r.expert_index, num_experts), r.probs)
+
+
+def token_choice_losses(routing, cfg, batch: int) -> dict:
+  """Unweighted balance losses of a token-choice routing."""
+  n, r, bal = cfg.num_experts, cfg.router, cfg.balance
+  devices = bal.num_devices or 1
+  # M, the devices a token can reach: the kept groups (device-limited routing) or K experts.
+  reach = r.topk_groups if r.num_groups > 1 else cfg.num_experts_per_tok
+  max_devices = min(reach, devices)
+  return {
+      'aux_loss': switch_aux_loss(routing, n),
+      'seq_aux_loss': sequence_aux_loss(routing, n, batch),
+      'device_loss': device_balance_loss(routing, n, devices),
+      'comm_loss': comm_balance_loss(routing, n, devices, max_devices),
+      'importance_loss': importance_loss(routing, n),
+      'load_loss': load_loss(routing, n),
+  }
+
+
+# Each loss of a MoE layer and the balance config field holding its weight.
+LOSS_WEIGHTS = {'aux_loss': 'aux_loss_weight', 'z_loss': 'z_loss_weight',
+                'seq_aux_loss': 'seq_aux_loss_weight', 'device_loss': 'device_loss_weight',
+                'comm_loss': 'comm_loss_weight', 'importance_loss': 'importance_loss_weight',
+                'load_loss': 'load_loss_weight'}

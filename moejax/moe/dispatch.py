@@ -107,7 +107,7 @@ GROUPED_KERNEL = ('experts.backend', 'experts.block_size')
 
 
 @dataclasses.dataclass(frozen=True)
-class _TokenDropping(Dispatcher):
+class TokenDropping(Dispatcher):
   """The settings every capacity-bounded dispatcher shares."""
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
@@ -127,7 +127,7 @@ class _TokenDropping(Dispatcher):
 
 
 @dataclasses.dataclass(frozen=True)
-class CapacityDispatch(_TokenDropping):
+class CapacityDispatch(TokenDropping):
   """Token dropping: each expert takes at most C tokens; the rest pass through the residual."""
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
@@ -143,7 +143,7 @@ class CapacityDispatch(_TokenDropping):
 
 
 @dataclasses.dataclass(frozen=True)
-class EinsumDispatch(_TokenDropping):
+class EinsumDispatch(TokenDropping):
   """GShard's form: per group of `group_size` tokens, one-hot dispatch and combine tensors
   [G, S, N, C] moved by einsums into [N, G*C, D] expert buffers and back. No gathers or
   scatters, so GSPMD shards it from annotations alone; the dispatch tensors hold

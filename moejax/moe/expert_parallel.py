@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.moe.dispatch import (GROUPED_KERNEL, Dispatcher, _TokenDropping, capacity_slots,
+from moejax.moe.dispatch import (GROUPED_KERNEL, Dispatcher, TokenDropping, capacity_slots,
                                  combine_slots, drop_stats, pack_slots, stats_dict)
 from moejax.moe.experts import ExpertShard, RoutedExperts
 from moejax.moe.types import RouterOutput
@@ -93,7 +93,7 @@ class DroplessEP(Dispatcher, abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True)
-class AllToAllDispatch(_TokenDropping):
+class AllToAllDispatch(TokenDropping):
 
   def __call__(self, x, r: RouterOutput, experts: RoutedExperts, train: bool):
     t, d = x.shape

@@ -11,29 +11,6 @@ from moejax.nn.layers import SwiGLU
 from moejax.moe import balance, registry
 
 
-def token_choice_losses(routing, cfg, batch: int) -> dict:
-  """Unweighted balance losses of a token-choice routing."""
-  n, r, bal = cfg.num_experts, cfg.router, cfg.balance
-  devices = bal.num_devices or 1
-  # M, the devices a token can reach: the kept groups (device-limited routing) or K experts.
-  reach = r.topk_groups if r.num_groups > 1 else cfg.num_experts_per_tok
-  max_devices = min(reach, devices)
-  return {
-      'aux_loss': balance.switch_aux_loss(routing, n),
-      'seq_aux_loss': balance.sequence_aux_loss(routing, n, batch),
-      'device_loss': balance.device_balance_loss(routing, n, devices),
-      'comm_loss': balance.comm_balance_loss(routing, n, devices, max_devices),
-      'importance_loss': balance.importance_loss(routing, n),
-      'load_loss': balance.load_loss(routing, n),
-  }
-
-
-_LOSS_WEIGHTS = {'aux_loss': 'aux_loss_weight', 'z_loss': 'z_loss_weight',
-                 'seq_aux_loss': 'seq_aux_loss_weight', 'device_loss': 'device_loss_weight',
-                 'comm_loss': 'comm_loss_weight', 'importance_loss': 'importance_loss_weight',
-                 'load_loss': 'load_loss_weight'}
-
-
 class MoEFFN(nn.Module):
   """Returns (y [b, s, d], aux) with aux holding this layer's losses and routing statistics."""
   moe: Any  # the model.moe ConfigDict (hashable frozen copy)
@@ -67,11 +44,11 @@ class MoEFFN(nn.Module):
       y, stats = registry.make_dispatcher(cfg, dispatch)(tokens, routing, experts, train)
     if routing.expert_choice is not None:
       # Every expert takes exactly C tokens: the balance losses have nothing to balance.
-      losses = {k: jnp.zeros((), jnp.float32) for k in _LOSS_WEIGHTS if k != 'z_loss'}
+      losses = {k: jnp.zeros((), jnp.float32) for k in balance.LOSS_WEIGHTS if k != 'z_loss'}
       counts = jnp.full((n,), routing.expert_choice.token_index.shape[1], jnp.float32)
     else:
       with jax.named_scope('balance'):
-        losses = token_choice_losses(routing, cfg, b)
+        losses = balance.token_choice_losses(routing, cfg, b)
         counts = balance.expert_counts(routing.expert_index, n)
         rate = cfg.balance.bias_update_rate
         if (bias is not None and rate > 0 and train and not self.is_initializing() and
@@ -88,7 +65,7 @@ class MoEFFN(nn.Module):
         y = y + SwiGLU(cfg.num_shared_experts * cfg.expert_ffn_dim, self.dtype,
                        name='shared')(x)
     aux = {
-        'loss': sum(cfg.balance[w] * losses[k] for k, w in _LOSS_WEIGHTS.items()),
+        'loss': sum(cfg.balance[w] * losses[k] for k, w in balance.LOSS_WEIGHTS.items()),
         **losses,
         **balance.load_stats(counts, routing.probs),
         **stats,
