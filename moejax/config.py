@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.ec_eval = 'topk'  # expert choice at eval: 'topk' (causal) or 'expert_choice' (leaks).
   moe.balance = b = ml_collections.ConfigDict()
   b.aux_loss_weight = 1e-2  # Switch/GShard alpha * N * sum f_i P_i, per MoE layer.
+  # Tokens that loss averages over: 'global' (the whole batch), 'micro_batch' (each
+  # data-parallel rank's share, as plain data parallelism computes it) or 'sequence'.
+  b.aux_loss_scope = 'global'
   b.z_loss_weight = 1e-3  # ST-MoE router z-loss, per MoE layer.
   b.seq_aux_loss_weight = 0.0  # DeepSeek-V3 sequence-wise loss on normalised affinities.
   b.bias_update_rate = 0.0  # aux-loss-free bias step u (1e-3 in DeepSeek-V3); 0: off.
@@ -214,6 +217,7 @@ SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
 BIAS_UPDATES = ('sign', 'proportional')
+LOSS_SCOPES = ('global', 'micro_batch', 'sequence')
 REMAT = ('none', 'full', 'names')
 # Activations tagged with jax.ad_checkpoint.checkpoint_name, which remat='names' can keep:
 # a block's normed attention input, its query/key/value projections (GQA; MLA: the query and
@@ -367,6 +371,7 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _one_of(c, 'model.moe.router.group_score', GROUP_SCORES)
     _one_of(c, 'model.moe.router.hash_kind', HASH_KINDS)
     _one_of(c, 'model.moe.balance.bias_update', BIAS_UPDATES)
+    _one_of(c, 'model.moe.balance.aux_loss_scope', LOSS_SCOPES)
     _one_of(c, 'model.moe.router.score_fn', SCORE_FNS)
     _one_of(c, 'model.moe.router.dtype', DTYPES)
     _one_of(c, 'model.moe.dispatch.priority', PRIORITIES)

@@ -47,16 +47,39 @@ def expert_counts(expert_index, num_experts: int):
   return jnp.zeros((num_experts,), jnp.float32).at[expert_index.reshape(-1)].add(1.0)
 
 
-def switch_aux_loss(r: RouterOutput, num_experts: int):
-  """Switch/GShard: N * sum_i f_i P_i, with f_i = count_i / (K T) and P_i = mean_t p_{t,i}.
-
-  Equals 1 under uniform routing (multiply by the weight alpha).
+def switch_aux_loss(r: RouterOutput, num_experts: int, groups: int = 1):
+  """Switch/GShard: N * sum_i f_i P_i, with f_i = count_i / (K T) and P_i = mean_t p_{t,i},
+  computed over each of `groups` equal, consecutive slices of the tokens and averaged: 1 is the
+  global batch, the number of sequences is per sequence, the data-parallel size is per
+  micro-batch (the scopes compared in arXiv:2501.11873). Equals 1 under uniform routing
+  (multiply by the weight alpha).
   """
   t, k = r.expert_index.shape
-  f = expert_counts(r.expert_index, num_experts) / (k * t)  # [N]
-  p = jnp.mean(r.probs, axis=0)  # [N]
+  index = r.expert_index.reshape(groups, (t // groups) * k)  # [G, T/G * K]
+  counts = jax.vmap(lambda i: jnp.zeros((num_experts,), jnp.float32).at[i].add(1.0))(index)
+  f = counts / (k * t // groups)  # [G, N]
+  p = jnp.mean(r.probs.reshape(groups, t // groups, num_experts), axis=1)  # [G, N]
   # f comes from a discrete choice: it carries no gradient, P does (as in the papers).
-  return num_experts * jnp.sum(jax.lax.stop_gradient(f) * p)
+  return num_experts * jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, axis=-1))
+
+
+def scope_groups(scope: str, batch: int) -> int:
+  """Token groups of a balance-loss scope: 'global' 1, 'sequence' the batch's sequences,
+  'micro_batch' the data-parallel ranks of the current mesh (the batch axes it splits the
+  batch over; 1 outside a mesh), so the loss sees what each rank sees."""
+  if scope == 'global':
+    return 1
+  if scope == 'sequence':
+    return batch
+  from moejax.parallel.sharding import BATCH_AXES
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  groups = 1
+  for axis in BATCH_AXES:
+    if axis in mesh.axis_names:
+      groups *= mesh.shape[axis]
+  return groups
 
 
 def sequence_aux_loss(r: RouterOutput, num_experts: int, batch: int):
@@ -143,7 +166,7 @@ def token_choice_losses(routing, cfg, batch: int) -> dict:
   reach = r.topk_groups if r.num_groups > 1 else cfg.num_experts_per_tok
   max_devices = min(reach, devices)
   return {
-      'aux_loss': switch_aux_loss(routing, n),
+      'aux_loss': switch_aux_loss(routing, n, scope_groups(bal.aux_loss_scope, batch)),
       'seq_aux_loss': sequence_aux_loss(routing, n, batch),
       'device_loss': device_balance_loss(routing, n, devices),
       'comm_loss': comm_balance_loss(routing, n, devices, max_devices),

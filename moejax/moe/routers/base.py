@@ -21,8 +21,9 @@ LOGITS = ('router.dtype', 'router.jitter', 'router.freeze')  # router_logits
 SELECTION = ('num_experts_per_tok', 'router.num_groups', 'router.topk_groups',
              'router.group_score', 'balance.bias_update_rate', 'balance.bias_update')
 # The MoE layer's balance losses of a token-choice routing (moe/layer.py).
-TOKEN_CHOICE_LOSSES = ('balance.aux_loss_weight', 'balance.z_loss_weight',
-                       'balance.seq_aux_loss_weight', 'balance.device_loss_weight',
+TOKEN_CHOICE_LOSSES = ('balance.aux_loss_weight', 'balance.aux_loss_scope',
+                       'balance.z_loss_weight', 'balance.seq_aux_loss_weight',
+                       'balance.device_loss_weight',
                        'balance.comm_loss_weight', 'balance.num_devices',
                        'balance.importance_loss_weight', 'balance.load_loss_weight')
 
