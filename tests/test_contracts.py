@@ -13,7 +13,8 @@ from moejax.config import ConfigError, routing_is_causal, validate
 from moejax.moe import registry
 from moejax.moe.dispatch import TokenDropping
 from moejax.moe.layer import MoEFFN
-from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, RouterOutput, router_logits
+from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, router_logits
+from moejax.moe.types import RouterOutput
 
 from conftest import tiny_config
 

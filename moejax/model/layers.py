@@ -3,14 +3,12 @@
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.nn.layers import Dtype, RMSNorm, SwiGLU, constrain, param_with_axes  # noqa: F401
+from moejax.nn.layers import Dtype, constrain, param_with_axes
 
 
 def apply_rope(x, positions, theta: float):

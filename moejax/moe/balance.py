@@ -47,6 +47,12 @@ def expert_counts(expert_index, num_experts: int):
   return jnp.zeros((num_experts,), jnp.float32).at[expert_index.reshape(-1)].add(1.0)
 
 
+def group_counts(expert_index, num_experts: int, groups: int):
+  """expert_counts of each of `groups` equal, consecutive slices of the tokens: [G, N]."""
+  index = expert_index.reshape(groups, -1)
+  return jax.vmap(lambda i: expert_counts(i, num_experts))(index)
+
+
 def switch_aux_loss(r: RouterOutput, num_experts: int, groups: int = 1):
   """Switch/GShard: N * sum_i f_i P_i, with f_i = count_i / (K T) and P_i = mean_t p_{t,i},
   computed over each of `groups` equal, consecutive slices of the tokens and averaged: 1 is the
@@ -55,9 +61,7 @@ def switch_aux_loss(r: RouterOutput, num_experts: int, groups: int = 1):
   (multiply by the weight alpha).
   """
   t, k = r.expert_index.shape
-  index = r.expert_index.reshape(groups, (t // groups) * k)  # [G, T/G * K]
-  counts = jax.vmap(lambda i: jnp.zeros((num_experts,), jnp.float32).at[i].add(1.0))(index)
-  f = counts / (k * t // groups)  # [G, N]
+  f = group_counts(r.expert_index, num_experts, groups) / (k * t // groups)  # [G, N]
   p = jnp.mean(r.probs.reshape(groups, t // groups, num_experts), axis=1)  # [G, N]
   # f comes from a discrete choice: it carries no gradient, P does (as in the papers).
   return num_experts * jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, axis=-1))
@@ -71,15 +75,8 @@ def scope_groups(scope: str, batch: int) -> int:
     return 1
   if scope == 'sequence':
     return batch
-  from moejax.parallel.sharding import BATCH_AXES
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  groups = 1
-  for axis in BATCH_AXES:
-    if axis in mesh.axis_names:
-      groups *= mesh.shape[axis]
-  return groups
+  from moejax.parallel.sharding import batch_axes_in_trace
+  return batch_axes_in_trace()[1]
 
 
 def sequence_aux_loss(r: RouterOutput, num_experts: int, batch: int):
@@ -88,8 +85,7 @@ def sequence_aux_loss(r: RouterOutput, num_experts: int, batch: int):
   affinities; averaged over sequences. Equals 1 under uniform routing (times its weight)."""
   t, k = r.expert_index.shape
   s = t // batch
-  index = r.expert_index.reshape(batch, s * k)
-  counts = jax.vmap(lambda i: jnp.zeros((num_experts,), jnp.float32).at[i].add(1.0))(index)
+  counts = group_counts(r.expert_index, num_experts, batch)
   f = jax.lax.stop_gradient(counts) * num_experts / (k * s)  # [B, N]
   p = jnp.mean(r.probs.reshape(batch, s, num_experts), axis=1)  # [B, N]
   return jnp.mean(jnp.sum(f * p, axis=-1))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -26,7 +25,7 @@ from moejax.moe.dispatch import (GROUPED_KERNEL, Dispatcher, TokenDropping, capa
                                  combine_slots, drop_stats, pack_slots, stats_dict)
 from moejax.moe.experts import ExpertShard, RoutedExperts
 from moejax.moe.types import RouterOutput
-from moejax.parallel.sharding import BATCH_AXES
+from moejax.parallel.sharding import batch_axes_in_trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +48,7 @@ class EPLayout:
 
 def ep_layout(name: str, tokens: int, num_experts: int) -> EPLayout:
   mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
-  groups = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  axes, groups = batch_axes_in_trace()
   ep = mesh.shape['expert'] if 'expert' in axes else 1
   if tokens % groups or num_experts % ep:
     raise ValueError(f'{name} dispatch: {tokens} tokens over {groups} devices and {num_experts} '

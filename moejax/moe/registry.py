@@ -110,20 +110,19 @@ def check(config, fail, defaults):
   if moe.experts.name not in EXPERTS:
     fail('model.moe.experts.name', moe.experts.name, f'must be one of {list(EXPERTS)}')
   router, dispatcher = ROUTERS[moe.router.name], DISPATCHERS[moe.dispatch.name]
-  reads = {f: f"the {moe.router.name!r} router" for f in ALWAYS_READ + router.reads(moe)}
-  if router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False):
-    for f in ('dispatch.name',) + dispatcher.reads():
-      reads.setdefault(f, f"the {moe.dispatch.name!r} dispatcher")
+  dispatches = router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False)
+  reads = set(ALWAYS_READ + router.reads(moe))
+  pieces = f"the {moe.router.name!r} router"
+  if dispatches:
+    reads |= {'dispatch.name', *dispatcher.reads()}
+    pieces += f" and the {moe.dispatch.name!r} dispatcher"
   for field, value in _leaves(moe):
-    if field not in reads and value != _get(defaults, field) and not _off(field, value):
-      pieces = f"the {moe.router.name!r} router"
-      if router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False):
-        pieces += f" and the {moe.dispatch.name!r} dispatcher"
+    default = _get(defaults, field)
+    if field not in reads and value != default and not _off(field, value):
       fail(f'model.moe.{field}', value, f'is not read by {pieces}; remove the setting (default '
-           f'{_get(defaults, field)!r}) or choose a {_piece_kind(field)} that reads it'
-           f'{_readers(field)}')
+           f'{default!r}) or choose a {_piece_kind(field)} that reads it{_readers(field)}')
   router.check(moe, fail)
-  if router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False):
+  if dispatches:
     dispatcher.check(config, fail)
 
 

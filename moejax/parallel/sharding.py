@@ -15,6 +15,14 @@ from moejax.config import MESH_AXES
 
 BATCH_AXES = ('data', 'fsdp', 'expert')
 
+
+def batch_axes_in_trace() -> tuple[tuple[str, ...], int]:
+  """The batch axes of the mesh being traced under (none outside a mesh) and how many
+  groups of devices they split the batch into."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
+  return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
 # (logical name, mesh axes). Activations' batch is split over every non-tensor axis;
 # parameters are split by fsdp on embed, by expert on the expert dim, by tensor on widths/heads.
 LOGICAL_RULES = (

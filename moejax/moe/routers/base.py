@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from moejax.moe.types import RouterOutput  # noqa: F401 (routers return it)
 from moejax.nn.layers import param_with_axes
 
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from moejax.moe.routers.base import TOKEN_CHOICE_LOSSES, Router, RouterOutput
+from moejax.moe.routers.base import TOKEN_CHOICE_LOSSES, Router
+from moejax.moe.types import RouterOutput
 
 
 def hash_table(vocab_size: int, num_experts: int, k: int, kind: str, seed: int) -> np.ndarray:

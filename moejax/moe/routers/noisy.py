@@ -11,8 +11,9 @@ import jax.scipy.stats  # noqa: F401  (norm.cdf)
 from flax import linen as nn
 
 from moejax.nn.layers import param_with_axes
-from moejax.moe.routers.base import (LOGITS, SELECTION, TOKEN_CHOICE_LOSSES, Router, RouterOutput,
+from moejax.moe.routers.base import (LOGITS, SELECTION, TOKEN_CHOICE_LOSSES, Router,
                                      check_groups, router_logits, select_experts)
+from moejax.moe.types import RouterOutput
 
 
 class NoisyTopKRouter(Router):

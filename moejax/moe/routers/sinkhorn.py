@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, RouterOutput, router_logits
+from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, router_logits
+from moejax.moe.types import RouterOutput
 
 
 def sinkhorn(logits, iterations: int):

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import (LOGITS, SELECTION, TOKEN_CHOICE_LOSSES, Router, RouterOutput,
+from moejax.moe.routers.base import (LOGITS, SELECTION, TOKEN_CHOICE_LOSSES, Router,
                                      check_groups, router_logits, select_experts)
+from moejax.moe.types import RouterOutput
 
 
 class TopKRouter(Router):
