@@ -1,5 +1,6 @@
 """Benchmarks. `python -m moejax.bench train --json`: the whole train step, MoE against dense
-(moejax/bench_train.py). `python -m moejax.bench moe --json` times the MoE layer's forward + backward
+(moejax/bench_train.py). `python -m moejax.bench data --json`: the input pipeline against the
+train step (moejax/bench_data.py). `python -m moejax.bench moe --json` times the MoE layer's forward + backward
 under jax.jit for each dispatch path, and in the same run a dense SwiGLU FFN with the same
 active parameters (hidden = (K + shared) * expert width), printing one JSON row per case.
 
@@ -185,9 +186,18 @@ def _main(argv=None):
                   help='layer counts whose compile time is measured')
   tr.add_argument('--reps', type=int, default=5)
   tr.add_argument('--json', action='store_true', help='one JSON object per line (default)')
+  d = sub.add_parser('data', help='input pipeline tokens/s against what the train step uses')
+  d.add_argument('--config', default='quickstart', help='the batch, sequence and model')
+  d.add_argument('--prepared_dir', default='',
+                 help='prepared shards to read (default: the stdlib, prepared in a temp folder)')
+  d.add_argument('--batches', type=int, default=200)
+  d.add_argument('--reps', type=int, default=5)
+  d.add_argument('--json', action='store_true', help='one JSON object per line (default)')
   a = p.parse_args(argv)
   if a.what == 'train':
     return _train(p, a)
+  if a.what == 'data':
+    return _data(p, a)
   for name in ('tokens', 'seq', 'd_model', 'experts', 'expert_dim', 'top_k', 'reps'):
     if getattr(a, name) < 1:
       p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
@@ -231,6 +241,16 @@ def _train(p, a):
             'an even number of heads')
   from moejax.bench_train import bench_train
   for row in bench_train(a):
+    print(json.dumps(row), flush=True)
+  return 0
+
+
+def _data(p, a):
+  if a.batches < 1 or a.reps < 1:
+    p.error('--batches and --reps must be at least 1')
+  from moejax.bench_data import bench_data
+  config = cli.load_config(a.config)
+  for row in bench_data(config, a.prepared_dir, a.batches, a.reps):
     print(json.dumps(row), flush=True)
   return 0
 

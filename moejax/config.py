@@ -110,12 +110,26 @@ def base_config() -> ml_collections.ConfigDict:
   ex.block_size = 0
 
   c.data = dt = ml_collections.ConfigDict()
-  dt.source = 'stdlib'  # 'stdlib' (Python's own library sources) or 'files'.
+  # 'stdlib' (Python's own library sources), 'files' (data.paths) or 'prepared' (token shards
+  # made by python -m moejax.prepare). The first two are read and tokenized in memory at start.
+  dt.source = 'stdlib'
   dt.paths = ''  # for source='files': comma-separated text files or folders.
   dt.file_glob = '*.py'  # files taken from folders (and from the stdlib).
   dt.val_percent = 5  # share of files (not bytes) that go to validation, chosen by path hash.
+  dt.max_bytes = 0  # cap on the training text in bytes (0: no cap); for quick tests.
+  # For 'stdlib' and 'files': 'bytes', a tokenizer.json (or its folder) or a SentencePiece
+  # .model file. A prepared corpus brings its own.
+  dt.tokenizer = 'bytes'
+  dt.prepared_dir = ''  # for source='prepared': the folder python -m moejax.prepare wrote.
+  # For source='prepared', instead of prepared_dir: several prepared folders sampled by weight,
+  # 'DIR=WEIGHT,DIR=WEIGHT' (one tokenizer); each one's validation split is evaluated by name.
+  dt.mixture = ''
+  # Further evaluation sets, 'NAME=DIR,...': the validation splits of prepared folders.
+  dt.eval_sets = ''
+  # model.vocab_size is the tokenizer's size or that size padded up to this multiple (e.g. 128:
+  # accelerators prefer matmul sizes in multiples of 128; the padded ids are never seen).
+  dt.vocab_multiple = 1
   dt.seq_len = 128
-  dt.max_bytes = 0  # cap on the training corpus size (0: no cap); for quick tests.
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 300
@@ -299,10 +313,10 @@ def validate(c, num_devices: int) -> dict[str, int]:
             'model.num_kv_heads model.head_dim model.ffn_dim model.max_seq_len '
             'model.rope_theta model.norm_eps model.moe_layer_freq '
             'data.seq_len train.steps train.batch_size train.lr train.log_every '
-            'train.eval_every train.eval_batches train.checkpoint_every train.keep_checkpoints')
+            'train.eval_every train.checkpoint_every train.keep_checkpoints data.vocab_multiple')
   _positive(c, 'model.first_k_dense train.warmup_steps train.weight_decay train.grad_clip '
-            'data.max_bytes train.stop_after', allow_zero=True)
-  if m.vocab_size < 258:
+            'data.max_bytes train.stop_after train.eval_batches', allow_zero=True)
+  if dt.source != 'prepared' and dt.tokenizer == 'bytes' and m.vocab_size < 258:
     _fail('model.vocab_size', m.vocab_size, 'the byte tokenizer needs at least 258 (256 bytes, '
           'EOS, PAD)')
   if m.num_heads % m.num_kv_heads:
@@ -381,14 +395,7 @@ def validate(c, num_devices: int) -> dict[str, int]:
     from moejax.moe import registry
     registry.check(c, _fail, base_config().model.moe)
 
-  if dt.source == 'files':
-    if not dt.paths:
-      _fail('data.paths', dt.paths, "data.source='files' needs comma-separated paths")
-    for p in dt.paths.split(','):
-      if not os.path.exists(p):
-        _fail('data.paths', p, 'this path does not exist; point it at text files or folders')
-  elif dt.source != 'stdlib':
-    _fail('data.source', dt.source, "must be 'stdlib' or 'files'")
+  _check_data(dt, _fail)
 
   sizes = mesh_shape(c, num_devices)
   if has_moe and moe.num_experts % sizes['expert']:
@@ -402,6 +409,35 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _fail('train.batch_size', t.batch_size, f'must be divisible by mesh data*fsdp*expert='
           f'{batch_shards}, over which the batch is split')
   return sizes
+
+
+# The data fields each source reads (besides data.seq_len and data.vocab_multiple).
+DATA_SOURCES = {'stdlib': ('file_glob', 'val_percent', 'max_bytes', 'tokenizer'),
+                'files': ('paths', 'file_glob', 'val_percent', 'max_bytes', 'tokenizer'),
+                'prepared': ('prepared_dir', 'mixture', 'eval_sets')}
+
+
+def _check_data(dt, fail) -> None:
+  if dt.source not in DATA_SOURCES:
+    fail('data.source', dt.source, f"must be one of {', '.join(DATA_SOURCES)}")
+  defaults = base_config().data
+  for field in sorted({f for fields in DATA_SOURCES.values() for f in fields}):
+    if field not in DATA_SOURCES[dt.source] and dt[field] != defaults[field]:
+      readers = [s for s, fields in DATA_SOURCES.items() if field in fields]
+      fail(f'data.{field}', dt[field], f"is not read by data.source={dt.source!r} (only by "
+           f"{' and '.join(repr(r) for r in readers)}); remove it or change data.source")
+  if dt.source == 'files':
+    if not dt.paths:
+      fail('data.paths', dt.paths, "data.source='files' needs comma-separated paths")
+    for p in dt.paths.split(','):
+      if not os.path.exists(p):
+        fail('data.paths', p, 'this path does not exist; point it at text files or folders')
+  if dt.source == 'prepared' and bool(dt.prepared_dir) == bool(dt.mixture):
+    fail('data.prepared_dir', dt.prepared_dir, "data.source='prepared' reads one of "
+         'data.prepared_dir (one corpus) and data.mixture (several); set exactly one')
+  if dt.source != 'prepared' and dt.tokenizer != 'bytes' and not os.path.exists(dt.tokenizer):
+    fail('data.tokenizer', dt.tokenizer, "no such file; give 'bytes', a tokenizer.json (or its "
+         'folder) or a SentencePiece .model file')
 
 
 def routing_is_causal(m, train: bool) -> bool:

@@ -102,6 +102,7 @@ def summarize_run(rows: list[dict], config, exp: Experiment, post: dict) -> dict
   last = evals[-1] if evals else {}
   out = {'final_step': rows[-1]['step'] if rows else 0,
          'val_loss': last.get('eval/loss'),
+         'val_bpb': last.get('eval/bpb'),
          'max_vio_global': last.get('eval/max_vio_global'),
          'dropped_fraction': last.get('eval/dropped_fraction'),
          'tokens_per_sec': float(np.median(speeds)) if speeds else None}
@@ -116,7 +117,7 @@ def post_evaluate(config, run_dir: str, overrides: dict) -> float:
   from moejax.data import pipeline
   from moejax.parallel import sharding
   from moejax.training.checkpoint import Checkpointer
-  from moejax.training.loop import evaluate
+  from moejax.training.loop import eval_sets, evaluate_all
   from moejax.training.step import Trainer
   c = set_fields(copy.deepcopy(config), overrides)
   mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
@@ -125,8 +126,8 @@ def post_evaluate(config, run_dir: str, overrides: dict) -> float:
   _, state, _ = ck.restore_intact(trainer.abstract_state, move=False)
   ck.close()
   splits = pipeline.load_splits(c.data, c.seed)
-  batches = pipeline.eval_batches(splits.val, c.train.batch_size, c.train.eval_batches)
-  return evaluate(trainer, state, batches)['eval/loss']
+  sets = eval_sets(splits, c.train.batch_size, c.train.eval_batches)
+  return evaluate_all(trainer, state, sets, splits.val_weights)['eval/loss']
 
 
 def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=None,

@@ -4,6 +4,7 @@ python -m moejax.generate --workdir=DIR --prompt='def main(' [--max_new_tokens=2
     [--temperature=0.8] [--top_p=0.95] [--seed=0]   (temperature 0: greedy)
 
 Grouped-query attention caches keys and values; MLA caches only its latent and rotary key.
+Text in, text out with the run's tokenizer (the training loop copies it into the workdir).
 Routing at decode time is the evaluation routing, which must be causal (see
 config.routing_is_causal): capacity dispatch with priority='choice' and expert choice
 evaluated as expert choice are refused.
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from moejax.config import ConfigError, routing_is_causal
+from moejax.data import tokenizer as tokenizers
 from moejax.data.tokenizer import ByteTokenizer
 from moejax.model.transformer import Transformer
 
@@ -57,8 +59,10 @@ def sample_token(logits, rng, temperature: float, top_p: float):
 
 
 def generate(model_cfg, variables, prompt: np.ndarray, max_new_tokens: int, temperature=0.8,
-             top_p=0.95, seed=0, stop_at_eos=True) -> np.ndarray:
-  """prompt [b, P] int -> generated ids [b, max_new_tokens] (EOS-padded after an EOS)."""
+             top_p=0.95, seed=0, stop_at_eos=True, eos_id: int = ByteTokenizer.eos_id,
+             num_tokens: int | None = None) -> np.ndarray:
+  """prompt [b, P] int -> generated ids [b, max_new_tokens] (EOS-padded after an EOS).
+  num_tokens: the tokenizer's size; ids past it (vocab_size padding) are never sampled."""
   if not routing_is_causal(model_cfg, train=False):
     raise ConfigError('this model routes non-causally at evaluation (capacity dispatch with '
                       "priority='choice', or expert choice with ec_eval='expert_choice'); "
@@ -74,18 +78,23 @@ def generate(model_cfg, variables, prompt: np.ndarray, max_new_tokens: int, temp
   logits, cache = decode(model, variables, cache, jnp.asarray(prompt), positions)
   rng = jax.random.key(seed)
   out, done = [], np.zeros((b,), bool)
-  last = logits[:, -1]
+  def trim(logits):
+    if num_tokens is None or num_tokens >= logits.shape[-1]:
+      return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < num_tokens, logits, -jnp.inf)
+
+  last = trim(logits[:, -1])
   for i in range(max_new_tokens):
     rng, sub = jax.random.split(rng)
     tok = np.asarray(sample_token(last, sub, temperature, top_p))
-    tok = np.where(done, ByteTokenizer.eos_id, tok)
+    tok = np.where(done, eos_id, tok)
     out.append(tok)
-    done |= tok == ByteTokenizer.eos_id
+    done |= tok == eos_id
     if stop_at_eos and done.all():
       break
     logits, cache = decode(model, variables, cache, jnp.asarray(tok)[:, None],
                            jnp.full((b, 1), p + i))
-    last = logits[:, -1]
+    last = trim(logits[:, -1])
   return np.stack(out, axis=1)
 
 
@@ -139,10 +148,12 @@ def _main(argv=None) -> int:
   if os.path.exists(a.workdir) and not os.path.isdir(a.workdir):
     raise ConfigError(f'--workdir={a.workdir} is a file; give a training run\'s directory')
   config, variables = load_checkpoint(a.workdir, a.step)
-  tok = ByteTokenizer()
+  tok = tokenizers.from_dir(a.workdir)  # the run's tokenizer (bytes when it has none)
   prompt = tok.encode(a.prompt) if a.prompt else np.array([tok.eos_id], np.int32)
+  if len(prompt) == 0:
+    prompt = np.array([tok.eos_id], np.int32)
   ids = generate(config.model, variables, prompt[None], a.max_new_tokens, a.temperature,
-                 a.top_p, a.seed)
+                 a.top_p, a.seed, eos_id=tok.eos_id, num_tokens=tok.vocab_size)
   print(a.prompt + tok.decode(ids[0]))
   return 0
 

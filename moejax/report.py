@@ -8,7 +8,8 @@ import numpy as np
 
 from moejax.training.metrics import read_metrics
 
-BASE_COLUMNS = (('val_loss', 'val loss'), ('max_vio_global', 'MaxVio global'),
+BASE_COLUMNS = (('val_loss', 'val loss'), ('val_bpb', 'val bits/byte'),
+                ('max_vio_global', 'MaxVio global'),
                 ('dropped_fraction', 'dropped'), ('tokens_per_sec', 'tokens/s'))
 
 
@@ -143,8 +144,10 @@ def write(exp, workdir: str, results: dict, arms, seeds, smoke: bool) -> str:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   plots = [
-      _band_plot(plt, workdir, arms, seeds, 'eval/loss', 'validation loss (nats/byte)',
+      _band_plot(plt, workdir, arms, seeds, 'eval/loss', 'validation loss (nats/token)',
                  'loss_curves.png', 'Validation loss'),
+      _band_plot(plt, workdir, arms, seeds, 'eval/bpb', 'validation bits per byte',
+                 'bpb_curves.png', 'Validation bits per byte'),
       _band_plot(plt, workdir, arms, seeds, 'moe/max_vio', 'MaxVio (batch)', 'max_vio.png',
                  'Load imbalance over training', logy=True),
       _per_layer_vio(plt, workdir, arms, seeds),

@@ -58,3 +58,29 @@ def test_bench_train_smoke(capsys):
     assert r['ms'] > 0 and r['tokens_per_sec'] > 0 and r['compile_s'] > 0 and r['temp_bytes'] > 0
     assert r['tokens_per_step'] == 64
   assert [r['layers'] for r in rows[3:]] == [1, 3]
+
+
+def test_bench_data_smoke(capsys, tmp_path):
+  from moejax.prepare import prepare
+  (tmp_path / 'text').mkdir()
+  for i in range(8):
+    (tmp_path / 'text' / f'{i}.txt').write_text(f'line {i} of some text\n' * 200)
+  prepare(str(tmp_path / 'text'), str(tmp_path / 'p'), '*.txt', fmt='bin', val_percent=20,
+          progress=False, log=lambda *_: None)
+  (tmp_path / 'cfg.py').write_text(
+      'from moejax.config import base_config\n'
+      'def get_config():\n'
+      '  c = base_config()\n'
+      '  m = c.model\n'
+      '  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 32, 2, 2, 1, 16\n'
+      '  m.ffn_dim, m.moe.num_experts, m.moe.expert_ffn_dim = 64, 4, 16\n'
+      '  c.data.seq_len, c.train.batch_size = 16, 4\n'
+      '  return c\n')
+  main(['data', '--config', str(tmp_path / 'cfg.py'), '--prepared_dir', str(tmp_path / 'p'),
+        '--batches', '20', '--reps', '2'])
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r['case'] for r in rows] == ['loader_bin', 'loader_memory', 'train_step']
+  for r in rows[:2]:
+    assert r['tokens_per_s'] > 0 and r['times_train_step'] == r['tokens_per_s'] / rows[2][
+        'tokens_per_s']
+    assert abs(r['tokens_per_s'] - r['batches_per_s'] * 4 * 16) <= 1e-9 * r['tokens_per_s']

@@ -33,8 +33,9 @@ def test_user_files_source(tmp_path):
   c = base_config().data
   c.source, c.paths, c.file_glob, c.seq_len = 'files', str(tmp_path), '*.txt', 16
   splits = pipeline.load_splits(c, seed=0)
-  assert splits.num_train_files == 1 and splits.num_val_files == 1
-  text = ByteTokenizer().decode(splits.train.tokens) + ByteTokenizer().decode(splits.val.tokens)
+  assert splits.num_train_docs == 1 and splits.num_val_docs == 1
+  text = (ByteTokenizer().decode(splits.train[0].tokens)
+          + ByteTokenizer().decode(splits.val[''].tokens))
   assert 'hello world' in text and 'goodbye moon' in text
 
 

@@ -46,7 +46,8 @@ def test_runner_table_plots_and_no_rerun(tmp_path, monkeypatch):
   assert results[arms[0]][0]['val_loss'] != results[arms[0]][1]['val_loss']
   md = open(os.path.join(workdir, 'results.md')).read()
   assert '| loss_free_1e-2 |' in md and '±' in md and 'smoke' in md
-  for png in ('loss_curves.png', 'max_vio.png', 'max_vio_per_layer.png', 'expert_load.png'):
+  for png in ('loss_curves.png', 'bpb_curves.png', 'max_vio.png', 'max_vio_per_layer.png',
+              'expert_load.png'):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000 and f']({png})' in md
   # Finished runs are not redone: a second call reads their results without training.
   monkeypatch.setattr('moejax.training.loop.train', lambda *a: pytest.fail('trained again'))

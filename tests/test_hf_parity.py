@@ -2,7 +2,7 @@
 float32, on the CPU, nothing downloaded). PyTorch weights are copied into moejax; outputs must
 agree to 1e-5 relative error and the selected experts must be the same sets.
 
-Needs the `torch` extra (pip install -e ".[dev,torch]"), which .ci/run installs.
+Needs the `torch` extra (pip install -e ".[dev,torch,data]"), which .ci/run installs.
 """
 import jax.numpy as jnp
 import ml_collections

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from moejax import config as config_lib
-from moejax.data import pipeline
+from moejax.data import pipeline, tokenizer as tokenizers
 from moejax.parallel import sharding
 from moejax.cli import Diverged
 from moejax.config import ConfigError
@@ -20,7 +20,7 @@ from moejax.training.metrics import MetricWriter, plot_expert_load, read_metrics
 from moejax.training.step import Trainer
 
 
-def evaluate(trainer: Trainer, state, batches) -> dict:
+def evaluate(trainer: Trainer, state, batches, bytes_per_token: float = 1.0) -> dict:
   losses, loads, dropped = [], [], []
   for b in batches:
     out = jax.device_get(trainer.eval_step(state, b))
@@ -28,7 +28,9 @@ def evaluate(trainer: Trainer, state, batches) -> dict:
     if 'expert_load' in out:
       loads.append(out['expert_load'])
       dropped.append(out['dropped_fraction'])
-  result = {'eval/loss': float(np.mean(losses))}
+  loss = float(np.mean(losses))
+  result = {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
+            'eval/bpb': pipeline.bits_per_byte(loss, bytes_per_token)}
   if loads:
     # Every batch routes the same number of tokens, so the mean of per-batch load shares is
     # the load share over the whole evaluation set.
@@ -38,6 +40,31 @@ def evaluate(trainer: Trainer, state, batches) -> dict:
     result['eval/per_layer/max_vio_global'] = vio.tolist()
     result['eval/dropped_fraction'] = float(np.mean(dropped))
   return result
+
+
+def eval_sets(splits, batch_size: int, num_batches: int) -> dict:
+  """{name: (batches, bytes per token)} of every evaluation set."""
+  return {name: (pipeline.eval_batches(chunks, batch_size, num_batches), chunks.bytes_per_token)
+          for name, chunks in splits.val.items()}
+
+
+def evaluate_all(trainer: Trainer, state, sets: dict, weights: dict) -> dict:
+  """Each named set's metrics as eval/NAME/...; the main set's (or, for a mixture, the
+  weight-averaged loss and bits per byte of its corpora's sets) as eval/..."""
+  out, mean = {}, {'eval/loss': 0.0, 'eval/bpb': 0.0}
+  for name, (batches, bpt) in sets.items():
+    result = evaluate(trainer, state, batches, bpt)
+    if name == '':
+      out.update(result)
+      continue
+    out.update({k.replace('eval/', f'eval/{name}/', 1): v for k, v in result.items()
+                if k in ('eval/loss', 'eval/bpb', 'eval/perplexity')})
+    if name in weights:
+      for k in mean:
+        mean[k] += weights[name] * result[k]
+  if '' not in sets:
+    out.update(mean, **{'eval/perplexity': float(np.exp(mean['eval/loss']))})
+  return out
 
 
 def _make_workdir(workdir: str):
@@ -54,7 +81,11 @@ def train(config, workdir: str) -> dict:
   when the run had already finished and nothing was done)."""
   mesh_sizes = config_lib.validate(config, jax.device_count())  # before anything compiles
   _make_workdir(workdir)
-  splits = pipeline.load_splits(config.data, config.seed)  # corpus errors, also before compiling
+  # Corpus and tokenizer errors, also before compiling.
+  splits = pipeline.load_splits(config.data, config.seed, config.model.vocab_size)
+  pipeline.check_batch(splits, config.train.batch_size, config.train.eval_batches)
+  if jax.process_index() == 0:
+    tokenizers.copy_files(splits.tokenizer, workdir)  # generate reads it from the run
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train(config, workdir, mesh_sizes, splits)
 
@@ -115,12 +146,12 @@ def _train(config, workdir: str, mesh_sizes, splits) -> dict:
   checkpointer = Checkpointer(workdir, t.keep_checkpoints)
   mesh = sharding.make_mesh(mesh_sizes)
   trainer = Trainer(config, mesh)
-  val_batches = pipeline.eval_batches(splits.val, t.batch_size, t.eval_batches)
+  val_sets = eval_sets(splits, t.batch_size, t.eval_batches)
   guard = _Guard(t)
 
   def resume():
     """(step, state, data iterator) of the newest intact checkpoint, or of a fresh start."""
-    it = iter(pipeline.train_dataset(splits.train, t.batch_size, config.seed))
+    it = iter(pipeline.train_dataset(splits.train, t.batch_size, config.seed, splits.weights))
     restored = checkpointer.restore_intact(trainer.abstract_state, config.to_dict())
     if restored is None:
       return None, trainer.init(config.seed), it
@@ -143,10 +174,12 @@ def _train(config, workdir: str, mesh_sizes, splits) -> dict:
                         config_text=str(config))
   if start == 0:
     writer.write(0, {
-        'data/unigram_entropy_val': pipeline.unigram_entropy(splits.val.tokens),
-        'data/train_tokens': len(splits.train.tokens),
-        'data/val_tokens': len(splits.val.tokens),
-        'data/train_files': splits.num_train_files, 'data/val_files': splits.num_val_files,
+        'data/unigram_entropy_val': pipeline.unigram_entropy(next(iter(splits.val.values()))
+                                                             .tokens),
+        'data/train_tokens': sum(len(c.stream) for c in splits.train),
+        'data/val_tokens': sum(len(c.stream) for c in splits.val.values()),
+        'data/bytes_per_token_val': next(iter(splits.val.values())).bytes_per_token,
+        'data/train_docs': splits.num_train_docs, 'data/val_docs': splits.num_val_docs,
         'train/routing_causal': float(config_lib.routing_is_causal(config.model, train=True)),
         'eval/routing_causal': float(config_lib.routing_is_causal(config.model, train=False))})
 
@@ -205,7 +238,7 @@ def _train(config, workdir: str, mesh_sizes, splits) -> dict:
         if guard.skipped:
           metrics['train/skipped_steps'] = guard.skipped
         if step % t.eval_every == 0 or step == t.steps:
-          metrics.update(evaluate(trainer, state, val_batches))
+          metrics.update(evaluate_all(trainer, state, val_sets, splits.val_weights))
           metrics['eval/routing_causal'] = eval_causal
           tick = time.perf_counter()  # evaluation time does not count against training speed
         writer.write(step, metrics)
@@ -260,7 +293,7 @@ def _pairs(last: dict, config) -> str:
   for key, field in _LOSSES:
     if config_lib._get(config, field):
       keys.append(key)
-  keys += ['moe/max_vio', 'moe/dropped_fraction', 'train/skipped_steps', 'eval/loss',
+  keys += ['moe/max_vio', 'moe/dropped_fraction', 'train/skipped_steps', 'eval/loss', 'eval/bpb',
            'eval/max_vio_global', 'perf/tokens_per_sec']
   return ', '.join(f'{k} {float(last[k]):.4g}' for k in keys if k in last
                    and getattr(last[k], 'ndim', 0) == 0 and not isinstance(last[k], list))
