@@ -310,3 +310,9 @@ def test_in_memory_sources_take_a_tokenizer_too(tmp_path):
   c.data.tokenizer = str(tmp_path / 'missing.json')
   with pytest.raises(ConfigError, match="config.data.tokenizer=.*missing.json': no such file"):
     validate(c, 1)
+
+
+def test_an_unreadable_input_file_is_named(tmp_path):
+  (tmp_path / 'bad.parquet').write_bytes(b'not parquet at all')
+  with pytest.raises(ConfigError, match=r'bad.parquet: cannot be read \(Arrow'):
+    prepare(str(tmp_path / 'bad.parquet'), str(tmp_path / 'out'), **_quiet())

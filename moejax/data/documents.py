@@ -106,17 +106,29 @@ def _parquet(name: str, path: str, field: str, skipped: Skipped):
 
 
 def read(files, text_field: str, skipped: Skipped):
-  """Yield (name, text, bytes read from disk) for every document, in input order."""
+  """Yield (name, text, bytes read from disk) for every document, in input order; a file that
+  cannot be read is one error line naming it."""
   for name, path in files:
-    if path.endswith('.jsonl'):
-      for doc in _jsonl(name, path, text_field, skipped):
-        yield *doc, 0
-      yield '', None, os.path.getsize(path)  # progress: the whole file is read
-    elif path.endswith('.parquet'):
-      for doc in _parquet(name, path, text_field, skipped):
-        yield *doc, 0
-      yield '', None, os.path.getsize(path)
-    else:
-      with open(path, 'rb') as f:
-        data = f.read()
-      yield name, data.decode('utf-8', errors='replace'), len(data)
+    try:
+      yield from _read_file(name, path, text_field, skipped)
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001  OSError, a Parquet or encoding error: name the file
+      raise ConfigError(f'{path}: cannot be read ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else ""}); fix or remove it, or '
+                        'narrow --inputs / --file_glob') from None
+
+
+def _read_file(name: str, path: str, text_field: str, skipped: Skipped):
+  if path.endswith('.jsonl'):
+    for doc in _jsonl(name, path, text_field, skipped):
+      yield *doc, 0
+    yield '', None, os.path.getsize(path)  # progress: the whole file is read
+  elif path.endswith('.parquet'):
+    for doc in _parquet(name, path, text_field, skipped):
+      yield *doc, 0
+    yield '', None, os.path.getsize(path)
+  else:
+    with open(path, 'rb') as f:
+      data = f.read()
+    yield name, data.decode('utf-8', errors='replace'), len(data)
