@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = 2  # grouped-query attention: num_heads % num_kv_heads == 0.
   m.head_dim = 32
   m.attention = 'gqa'  # 'gqa' (grouped-query) or 'mla' (multi-head latent, DeepSeek-V2/V3).
+  # gqa: RMSNorm of queries and keys before the rotation: 'none', 'head' (over each head's
+  # width: Qwen3) or 'full' (over the whole projection: OLMoE).
+  m.qk_norm = 'none'
   m.mla = mla = ml_collections.ConfigDict()
   mla.q_lora_rank = 0  # 0: queries projected directly.
   mla.kv_lora_rank = 64
@@ -242,6 +245,7 @@ REMAT_NAMES = ('attn_in', 'query_proj', 'key_proj', 'value_proj', 'kv_latent', '
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
 PRIORITIES = ('choice', 'position', 'probability')
 DTYPES = ('float32', 'bfloat16')
+QK_NORMS = ('none', 'head', 'full')
 NONFINITE = ('stop', 'skip', 'rollback')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
@@ -346,6 +350,10 @@ def validate(c, num_devices: int) -> dict[str, int]:
   _one_of(c, 'train.nonfinite', NONFINITE)
   _positive(c, 'train.max_nonfinite')
   _one_of(c, 'model.attention', ('gqa', 'mla'))
+  _one_of(c, 'model.qk_norm', QK_NORMS)
+  if m.attention == 'mla' and m.qk_norm != 'none':
+    _fail('model.qk_norm', m.qk_norm, "applies to attention='gqa' (MLA normalises its own "
+          "latents); set it to 'none'")
   _positive(c, 'model.mtp.depth model.mtp.loss_weight', allow_zero=True)
   if m.mtp.depth >= dt.seq_len:
     _fail('model.mtp.depth', m.mtp.depth, f'must be below data.seq_len={dt.seq_len}')

@@ -1,7 +1,8 @@
 """Train a model: python -m moejax.main --config=configs/quickstart.py --workdir=DIR [--config.x=v]
 
 Resumes automatically from the latest intact checkpoint in DIR/checkpoints; a finished run says
-so and exits. Exit codes: 0 done, 2 a user error (one line naming the field or file), 3 the run
+so and exits. Without --config, DIR/config.py is the config when there is one (a workdir made by
+python -m moejax.hf import). Exit codes: 0 done, 2 a user error (one line naming the field or file), 3 the run
 diverged (a non-finite loss or gradient; see config.train.nonfinite).
 
 Several hosts (JAX's multi-controller runtime: every host runs this same command):
@@ -51,6 +52,13 @@ def parser() -> cli.ArgumentParser:
 
 
 def _main(argv=None) -> int:
+  import os
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args, _ = parser().parse_known_args([a for a in argv if not a.startswith('--config.')])
+  own = args.workdir and os.path.exists(os.path.join(args.workdir, 'config.py'))
+  if not args.config and own:
+    # A workdir that carries its config (python -m moejax.hf import writes one) needs no flag.
+    argv.append(f'--config={os.path.join(args.workdir, "config.py")}')
   args, config = cli.parse(parser(), argv)
   if not args.workdir:
     raise ConfigError('--workdir is required: the directory for checkpoints, metrics and plots')

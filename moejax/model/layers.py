@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.nn.layers import Dtype, constrain, param_with_axes
+from moejax.nn.layers import Dtype, RMSNorm, constrain, param_with_axes
 
 
 def apply_rope(x, positions, theta: float):
@@ -49,6 +49,21 @@ class GroupedQueryAttention(nn.Module):
   rope_theta: float
   dtype: Dtype = jnp.float32
   cache_len: int = 0  # > 0: decoding with a key/value cache of this many positions
+  # RMSNorm of queries and keys before the rotation: 'head' (over each head's width, with one
+  # scale of head_dim shared by the heads), 'full' (over the whole projection, a scale per
+  # element) or 'none'.
+  qk_norm: str = 'none'
+  norm_eps: float = 1e-6
+
+  def _qk_norm(self, t, name: str):
+    """t [b, s, heads, hd] -> normalised as qk_norm says."""
+    if self.qk_norm == 'head':
+      return RMSNorm(self.norm_eps, self.dtype, name=name)(t)
+    if self.qk_norm == 'full':
+      b, s, h, hd = t.shape
+      return RMSNorm(self.norm_eps, self.dtype, name=name)(t.reshape(b, s, h * hd)).reshape(
+          b, s, h, hd)
+    return t
 
   @nn.compact
   def __call__(self, x, positions):
@@ -66,6 +81,7 @@ class GroupedQueryAttention(nn.Module):
                         'key_proj')  # [b, s, kv, hd]
     v = checkpoint_name(jnp.einsum('bsd,dhk->bshk', x, wv.astype(self.dtype)),
                         'value_proj')  # [b, s, kv, hd]
+    q, k = self._qk_norm(q, 'q_norm'), self._qk_norm(k, 'k_norm')
     q = constrain(apply_rope(q, positions, self.rope_theta), ('batch', 'length', 'act_heads', None))
     k = apply_rope(k, positions, self.rope_theta)
     key_pos = positions  # [b, s]

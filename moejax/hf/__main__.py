@@ -1,0 +1,62 @@
+"""python -m moejax.hf import --hf_dir=DIR --workdir=OUT [--dtype=float32|bfloat16]
+python -m moejax.hf export --workdir=OUT --hf_dir=DIR2 [--step=N] [--model_type=T] [--dtype=...]
+
+import: a Hugging Face folder (config.json + safetensors, one file or sharded with an index;
+the tokenizer when there is one) -> a moejax workdir (with --config.x=v settings of its own,
+e.g. --config.model.moe.router.freeze=true) (config.py, Orbax checkpoint at step 0)
+that `python -m moejax.main --workdir=OUT` fine-tunes and `python -m moejax.generate
+--workdir=OUT` samples from. export: a workdir's checkpoint -> a folder that
+transformers.AutoModelForCausalLM.from_pretrained loads. Families: moejax/hf/families.py.
+"""
+from __future__ import annotations
+
+import sys
+
+from moejax.config import ConfigError
+
+
+def _main(argv=None) -> int:
+  from moejax import cli
+  p = cli.ArgumentParser(prog='python -m moejax.hf', description=__doc__.split('\n')[0])
+  sub = p.add_subparsers(dest='what', required=True)
+  imp = sub.add_parser('import', help='Hugging Face folder -> moejax workdir')
+  imp.add_argument('--hf_dir', required=True)
+  imp.add_argument('--workdir', required=True)
+  imp.add_argument('--dtype', default='float32', help='compute dtype: float32 or bfloat16 '
+                   '(parameters stay float32 for training)')
+  exp = sub.add_parser('export', help='moejax workdir -> Hugging Face folder')
+  exp.add_argument('--workdir', required=True)
+  exp.add_argument('--hf_dir', required=True)
+  exp.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
+  exp.add_argument('--model_type', default='',
+                   help='the family, for a workdir not imported from Hugging Face')
+  exp.add_argument('--dtype', default='float32', help='float32 or bfloat16 weights')
+  exp.add_argument('--shard_gb', type=float, default=5.0, help='safetensors shard size')
+  argv = sys.argv[1:] if argv is None else list(argv)
+  rest, overrides = cli.split_overrides(argv)
+  a = p.parse_args(rest)
+  if overrides and a.what != 'import':
+    raise ConfigError(f'--config.{overrides[0][0]}: config overrides apply to import only')
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  from moejax.hf import convert
+  if a.what == 'import':
+    from moejax.config import base_config
+    values = {}
+    for key, text in overrides:  # typed as the field they set
+      node, last = cli.field_parent(base_config(), key, f'--config.{key}')
+      values[key] = cli.parse_value(key, text, node[last])
+    convert.import_workdir(a.hf_dir, a.workdir, a.dtype, overrides=values)
+  else:
+    convert.export_workdir(a.workdir, a.hf_dir, a.step, a.model_type, a.dtype,
+                           int(a.shard_gb * 2**30))
+  return 0
+
+
+def main(argv=None) -> int:
+  from moejax import cli
+  return cli.run(_main, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,296 @@
+"""Hugging Face <-> moejax: configs, parameters, workdirs.
+
+`load_pretrained(hf_dir)` -> (model, variables) for `model.apply(variables, ids)`;
+`import_workdir(hf_dir, workdir)` writes a workdir that `moejax.main` fine-tunes and
+`moejax.generate` samples from; `export_workdir(workdir, hf_dir)` writes a folder that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Memory: the Hugging Face weights are memory-mapped and read one tensor at a time, each moejax
+parameter is assembled from them in turn, so the converter holds one copy of the model (float32)
+plus one tensor; a workdir adds the optimizer's two moments (as at any training start). Export
+writes tensor by tensor from the restored parameters.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from moejax import config as config_lib
+from moejax.config import ConfigError
+from moejax.hf import families, tensor_files, weights
+
+DTYPES = {'float32': np.float32, 'bfloat16': jnp.bfloat16}
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isdir(hf_dir):
+    raise ConfigError(f'--hf_dir={hf_dir}: no such folder')
+  if not os.path.exists(path):
+    raise ConfigError(f'--hf_dir={hf_dir}: holds no config.json')
+  with open(path) as f:
+    hf = json.load(f)
+  quant = hf.get('quantization_config')
+  if quant:
+    raise ConfigError(f'--hf_dir={hf_dir}: the checkpoint is quantized '
+                      f'({quant.get("quant_method", "?")}); quantized weights are not read: '
+                      'convert a float16/bfloat16/float32 checkpoint')
+  return hf
+
+
+def moejax_config(hf: dict, where: str, dtype: str = 'float32'):
+  """base_config() with the checkpoint's model fields (and a model that only evaluates)."""
+  c = config_lib.base_config()
+  fields = families.model_fields(hf, where)
+  config_lib.set_fields(c, fields)
+  c.model.dtype = dtype
+  return c, fields
+
+
+def _abstract_params(model_cfg):
+  from moejax.model.transformer import Transformer
+  shapes = jax.eval_shape(
+      lambda: Transformer(model_cfg, train=False).init(jax.random.key(0),
+                                                       jnp.zeros((1, 2), jnp.int32)))
+  return nn.unbox(shapes)['params']
+
+
+def _paths(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _paths(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def import_params(reader, m, fam, dtype=np.float32) -> dict:
+  """The moejax params of a checkpoint, leaf by leaf."""
+  shapes = dict(_paths(_abstract_params(m)))
+  params = {}
+  tied = 'lm_head.weight' not in reader
+  for path, layers, template, to_moejax, to_hf, per_expert in weights.leaves(m, fam):
+    if path not in shapes:
+      raise AssertionError(f'no moejax parameter {path}')  # the layout table is wrong
+    if path == ('head',) and tied:  # tie_word_embeddings: the head is the embedding
+      template, to_moejax, to_hf = 'model.embed_tokens.weight', weights._t, weights._t
+    _set(params, path, weights.assemble(reader, m, fam, path, layers, template, to_moejax,
+                                        to_hf, per_expert, shapes.pop(path).shape, dtype))
+  if shapes:
+    raise AssertionError(f'parameters with no source: {sorted(shapes)}')
+  return params
+
+
+def load_pretrained(hf_dir: str, dtype: str = 'float32'):
+  """(model, variables) of a Hugging Face folder; model.apply(variables, ids) -> (logits,
+  aux). dtype: 'float32' or 'bfloat16' (parameters and computation)."""
+  from moejax.model.transformer import Transformer
+  if dtype not in DTYPES:
+    raise ConfigError(f'dtype={dtype!r}: one of {", ".join(DTYPES)}')
+  hf = read_hf_config(hf_dir)
+  c, _ = moejax_config(hf, f'{hf_dir}/config.json', dtype)
+  fam = families.family(hf, hf_dir)
+  params = import_params(tensor_files.Reader(hf_dir), c.model, fam, DTYPES[dtype])
+  return Transformer(c.model, train=False), {'params': params}
+
+
+def peak_memory_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _config_file(fields: dict, hf_dir: str, hf: dict, extra: dict) -> str:
+  lines = [f'"""Imported from Hugging Face: {os.path.abspath(hf_dir)} (model_type '
+           f'{hf.get("model_type")}).',
+           '',
+           'Fine-tune: python -m moejax.main --workdir=THIS_FOLDER (this file is its config);',
+           'sample: python -m moejax.generate --workdir=THIS_FOLDER.',
+           '"""',
+           'from moejax.config import base_config', '', '',
+           'def get_config():', '  c = base_config()']
+  for key, value in {**fields, **extra}.items():
+    lines.append(f'  c.{key} = {value!r}')
+  lines += ['  return c', '']
+  return '\n'.join(lines)
+
+
+def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
+                  overrides: dict | None = None) -> dict:
+  """Write workdir: config.py, the Hugging Face config (for export), the tokenizer when the
+  folder has one, and an Orbax checkpoint at step 0 (fresh optimizer state). overrides:
+  dotted config fields to set as well (e.g. {'model.moe.router.freeze': True}), written into
+  config.py; the model's shape fields come from the checkpoint."""
+  from moejax.data import tokenizer as tokenizers
+  from moejax.parallel import sharding
+  from moejax.training.checkpoint import Checkpointer
+  from moejax.training.step import Trainer, TrainState
+  if dtype not in DTYPES:
+    raise ConfigError(f'--dtype={dtype}: one of {", ".join(DTYPES)}')
+  hf = read_hf_config(hf_dir)
+  where = f'{hf_dir}/config.json'
+  c, fields = moejax_config(hf, where, dtype)
+  fam = families.family(hf, where)
+  if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    raise ConfigError(f'--workdir={workdir}: exists and is not empty; import into a new folder '
+                      '(nothing there was changed)')
+  reader = tensor_files.Reader(hf_dir)
+  extra = {}
+  tok = None
+  if any(os.path.exists(os.path.join(hf_dir, n)) for n in ('tokenizer.json', 'tokenizer.model')):
+    tok = tokenizers.from_dir(hf_dir)
+    extra['data.tokenizer'] = os.path.join(os.path.abspath(workdir), os.path.basename(
+        tok.files[0]) if isinstance(tok, tokenizers.HFTokenizer) else 'tokenizer.model')
+    if tok.vocab_size != c.model.vocab_size:
+      # The embedding has more rows than the tokenizer has tokens (padding): accepted as
+      # padding to a multiple of the embedding's size.
+      extra['data.vocab_multiple'] = c.model.vocab_size
+  # Fine-tuning defaults: a short run at a small learning rate.
+  extra.update({'train.lr': 1e-4, 'train.warmup_steps': 10, 'train.steps': 100})
+  shape = [k for k in (overrides or {}) if k in fields and k != 'model.dtype']
+  if shape:
+    raise ConfigError(f'--config.{shape[0]}: comes from the checkpoint\'s config.json and '
+                      'cannot be overridden at import')
+  extra.update(overrides or {})
+  config_lib.set_fields(c, extra)
+  mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
+  params = import_params(reader, c.model, fam)
+  os.makedirs(workdir, exist_ok=True)
+  if tok is not None:
+    tokenizers.copy_files(tok, workdir)
+  trainer = Trainer(c, mesh)
+  shard = trainer.state_sharding
+  with trainer.context():
+    params = jax.device_put(params, shard.params)
+    opt_state = jax.jit(trainer.tx.init, out_shardings=shard.opt_state)(params)
+    model_state = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                              trainer.abstract_state.model_state),
+                                 shard.model_state)
+  state = TrainState(step=jax.device_put(jnp.asarray(0, jnp.int32), shard.step), params=params,
+                     opt_state=opt_state, model_state=model_state)
+  import grain
+  data_state = iter(grain.MapDataset.range(1).repeat()).get_state()  # a fresh iterator's
+  ck = Checkpointer(workdir, c.train.keep_checkpoints)
+  ck.save(0, state, data_state, c.to_dict())
+  ck.wait()
+  ck.close()
+  with open(os.path.join(workdir, 'config.py'), 'w') as f:
+    f.write(_config_file(fields, hf_dir, hf, extra))
+  with open(os.path.join(workdir, 'hf_config.json'), 'w') as f:
+    json.dump(hf, f, indent=1)
+  n = sum(int(np.prod(v.shape)) for _, v in _paths(jax.device_get(params)))
+  report = {'parameters': n, 'peak_memory_mb': peak_memory_mb(), 'model_type': hf['model_type']}
+  log(f'imported {hf_dir} ({hf["model_type"]}, {n:,} parameters) -> {workdir}; peak memory '
+      f'{report["peak_memory_mb"]:.0f} MB. Fine-tune: python -m moejax.main --workdir={workdir}; '
+      f'sample: python -m moejax.generate --workdir={workdir}')
+  return report
+
+
+def hf_config_of(c, base: dict | None, model_type: str) -> dict:
+  """A Hugging Face config.json for moejax config c (over the imported one when there is)."""
+  m, moe = c.model, c.model.moe
+  fam = families.FAMILIES[model_type]
+  if m.qk_norm != fam.qk_norm or m.attention != 'gqa' or moe.num_shared_experts:
+    raise ConfigError(f'--model_type={model_type}: this model (qk_norm={m.qk_norm!r}, attention='
+                      f'{m.attention!r}, shared experts {moe.num_shared_experts}) is not a '
+                      f'{model_type} model')
+  hf = dict(base or {})
+  hf.update({
+      'model_type': model_type, 'vocab_size': m.vocab_size, 'hidden_size': m.d_model,
+      'num_hidden_layers': m.num_layers, 'num_attention_heads': m.num_heads,
+      'num_key_value_heads': m.num_kv_heads, 'head_dim': m.head_dim,
+      'intermediate_size': m.ffn_dim if model_type == 'qwen3_moe' else moe.expert_ffn_dim,
+      'max_position_embeddings': m.max_seq_len, 'rms_norm_eps': m.norm_eps,
+      'num_experts_per_tok': moe.num_experts_per_tok, 'tie_word_embeddings': False,
+      'hidden_act': 'silu', 'torch_dtype': 'float32'})
+  hf.pop('rope_scaling', None)
+  hf['rope_parameters'] = {'rope_theta': m.rope_theta, 'rope_type': 'default'}
+  hf.pop('rope_theta', None)
+  if model_type == 'mixtral':
+    hf['num_local_experts'] = moe.num_experts
+  else:
+    hf['num_experts'] = moe.num_experts
+    hf['norm_topk_prob'] = bool(moe.router.norm_topk_prob)
+  if model_type == 'qwen3_moe':
+    hf['moe_intermediate_size'] = moe.expert_ffn_dim
+    ids = config_lib.moe_layer_ids(m)
+    hf['decoder_sparse_step'] = 1
+    hf['mlp_only_layers'] = [i for i in range(m.num_layers) if i not in ids]
+  elif config_lib.moe_layer_ids(m) != list(range(m.num_layers)):
+    raise ConfigError(f'--model_type={model_type}: has a MoE FFN in every layer, but this model '
+                      f'has dense layers (first_k_dense={m.first_k_dense}, moe_layer_freq='
+                      f'{m.moe_layer_freq})')
+  hf.setdefault('architectures', [{'mixtral': 'MixtralForCausalLM',
+                                   'qwen3_moe': 'Qwen3MoeForCausalLM',
+                                   'olmoe': 'OlmoeForCausalLM'}[model_type]])
+  return hf
+
+
+def export_tensors(params, m, fam, dtype):
+  """(name, shape, dtype, producer) of every Hugging Face tensor, made on demand."""
+  out = []
+  for path, layers, template, _, to_hf, per_expert in weights.leaves(m, fam):
+    leaf = _get(params, path)
+    for layer, index in layers:
+      value = leaf if index is None else leaf[index]
+      if per_expert:
+        for e in range(m.moe.num_experts):
+          shape = to_hf(value[e], m).shape
+          out.append((weights.hf_name(template, layer, e), shape, dtype,
+                      lambda v=value, e=e, f=to_hf: f(np.asarray(v[e], np.float32), m)))
+      else:
+        shape = to_hf(value, m).shape
+        out.append((weights.hf_name(template, layer), shape, dtype,
+                    lambda v=value, f=to_hf: f(np.asarray(v, np.float32), m)))
+  return out
+
+
+def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_type: str = '',
+                   dtype: str = 'float32', shard_bytes: int = 5 << 30, log=print) -> dict:
+  from moejax.data import tokenizer as tokenizers
+  from moejax.generate import load_checkpoint
+  if dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f'--dtype={dtype}: one of float32, bfloat16')
+  base = None
+  if os.path.exists(os.path.join(workdir, 'hf_config.json')):
+    with open(os.path.join(workdir, 'hf_config.json')) as f:
+      base = json.load(f)
+    model_type = model_type or base['model_type']
+  if model_type not in families.FAMILIES:
+    raise ConfigError(f'--model_type={model_type!r}: give one of '
+                      f'{", ".join(sorted(families.FAMILIES))} (a workdir not imported from '
+                      'Hugging Face does not say which)')
+  if os.path.exists(hf_dir) and os.listdir(hf_dir):
+    raise ConfigError(f'--hf_dir={hf_dir}: exists and is not empty; export into a new folder')
+  config, variables = load_checkpoint(workdir, step)
+  hf = hf_config_of(config, base, model_type)
+  hf['torch_dtype'] = dtype
+  fam = families.FAMILIES[model_type]
+  params = jax.device_get(variables['params'])
+  np_dtype = np.float32 if dtype == 'float32' else jnp.bfloat16
+  names = tensor_files.write(hf_dir, export_tensors(params, config.model, fam, np_dtype),
+                             shard_bytes)
+  with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=1)
+  tok = tokenizers.from_dir(workdir)
+  if not isinstance(tok, tokenizers.ByteTokenizer):
+    tokenizers.copy_files(tok, hf_dir)
+  report = {'files': names, 'peak_memory_mb': peak_memory_mb()}
+  log(f'exported {workdir} -> {hf_dir} ({model_type}, {len(names)} file(s)); peak memory '
+      f'{report["peak_memory_mb"]:.0f} MB')
+  return report

@@ -1,0 +1,169 @@
+"""Hugging Face checkpoints in and out, per family, against transformers itself: tiny random
+models built here (nothing downloaded). Needs the torch extra."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+import jax.numpy as jnp  # noqa: E402
+
+from moejax import hf  # noqa: E402
+from moejax.config import ConfigError  # noqa: E402
+from moejax.generate import generate  # noqa: E402
+from moejax.hf.__main__ import main as hf_main  # noqa: E402
+from moejax.training.metrics import read_metrics  # noqa: E402
+
+COMMON = dict(vocab_size=320, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
+              eos_token_id=None, bos_token_id=None, pad_token_id=None)
+# Each family with what makes it differ: Mixtral renormalises its top-2; Qwen3-MoE has
+# per-head q/k norms, its own expert width and a dense first layer (mlp_only_layers);
+# OLMoE normalises the whole q/k projections and does not renormalise.
+FAMILIES = {
+    'mixtral': ('MixtralConfig', 'MixtralForCausalLM',
+                dict(intermediate_size=48, num_local_experts=4, rope_theta=1e6)),
+    'qwen3_moe': ('Qwen3MoeConfig', 'Qwen3MoeForCausalLM',
+                  dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                       head_dim=8, norm_topk_prob=True, mlp_only_layers=[0])),
+    'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM',
+              dict(intermediate_size=24, num_experts=8, norm_topk_prob=False)),
+}
+
+
+def _build(kind: str, folder, **kw):
+  cfg_cls, model_cls, extra = FAMILIES[kind]
+  torch.manual_seed(0)
+  cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **kw})
+  model = getattr(transformers, model_cls)(cfg).eval()
+  with torch.no_grad():  # random (non-unit) norm scales, so a misplaced norm shows
+    for name, p in model.named_parameters():
+      if 'norm' in name:
+        p.uniform_(0.5, 1.5)
+  model.save_pretrained(str(folder))
+  return model
+
+
+def _ids():
+  return torch.from_numpy(np.random.default_rng(0).integers(0, 320, (2, 12)))
+
+
+@pytest.fixture(scope='module', params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+  folder = tmp_path_factory.mktemp(request.param)
+  return request.param, folder, _build(request.param, folder)
+
+
+def test_logits_and_routing_equal_transformers(family):
+  kind, folder, ref_model = family
+  ids = _ids()
+  with torch.no_grad():
+    out = ref_model(ids, output_router_logits=True)
+  model, variables = hf.load_pretrained(str(folder))
+  logits, aux = model.apply(variables, jnp.asarray(ids.numpy()))
+  ref = out.logits.numpy()
+  assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
+  # The same experts chosen in every routed layer (as sets: ties aside, order is free).
+  k = ref_model.config.num_experts_per_tok
+  ref_sets = [np.sort(torch.topk(r, k, dim=-1).indices.numpy(), -1)
+              for r in out.router_logits if r is not None]
+  ours = np.sort(np.asarray(aux['expert_index']), -1)  # [moe layers, T, K]
+  assert len(ref_sets) == ours.shape[0] == (2 if kind == 'qwen3_moe' else 3)
+  for layer, want in enumerate(ref_sets):
+    np.testing.assert_array_equal(ours[layer], want.reshape(ours[layer].shape))
+
+
+def test_greedy_generation_equals_transformers(family):
+  kind, folder, ref_model = family
+  prompt = _ids()[:1, :5]
+  with torch.no_grad():
+    want = ref_model.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+  model, variables = hf.load_pretrained(str(folder))
+  got = generate(model.cfg, variables, prompt.numpy(), 16, temperature=0.0, stop_at_eos=False,
+                 eos_id=-1)  # no EOS: all 16 tokens
+  np.testing.assert_array_equal(got[0], want[0, 5:].numpy())
+
+
+def test_export_loads_in_transformers_with_the_same_logits(family, tmp_path):
+  kind, folder, ref_model = family
+  work, out = tmp_path / 'work', tmp_path / 'out'
+  hf.import_workdir(str(folder), str(work), log=lambda *_: None)
+  hf.export_workdir(str(work), str(out), log=lambda *_: None)
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  assert type(again) is type(ref_model)
+  ids = _ids()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(ids).logits.numpy(), ref_model(ids).logits.numpy(),
+                               rtol=0, atol=1e-6)
+
+
+def test_bfloat16_import_runs(family):
+  kind, folder, ref_model = family
+  model, variables = hf.load_pretrained(str(folder), dtype='bfloat16')
+  assert variables['params']['embedding'].dtype == jnp.bfloat16
+  logits, _ = model.apply(variables, jnp.asarray(_ids().numpy()))
+  with torch.no_grad():
+    ref = ref_model(_ids()).logits.numpy()
+  assert np.isfinite(np.asarray(logits)).all()
+  assert np.abs(np.asarray(logits) - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+  ref_model = _build('mixtral', tmp_path / 'one')
+  ref_model.save_pretrained(str(tmp_path / 'sharded'), max_shard_size='30KB')
+  assert os.path.exists(tmp_path / 'sharded' / 'model.safetensors.index.json')
+  import jax
+  a = hf.load_pretrained(str(tmp_path / 'one'))[1]
+  b = hf.load_pretrained(str(tmp_path / 'sharded'))[1]
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_imported_model_fine_tunes_with_the_router_frozen(tmp_path):
+  from moejax import main
+  _build('mixtral', tmp_path / 'hf')
+  work = tmp_path / 'work'
+  assert hf_main(['import', '--hf_dir', str(tmp_path / 'hf'), '--workdir', str(work),
+                  '--config.model.moe.router.freeze=true']) == 0
+  before = hf.load_pretrained(str(tmp_path / 'hf'))[1]['params']
+  args = ['--workdir', str(work), '--config.train.steps=30', '--config.train.lr=3e-3',
+          '--config.train.warmup_steps=2', '--config.train.progress=false',
+          '--config.train.log_every=5', '--config.train.eval_every=30',
+          '--config.data.max_bytes=200000', '--config.data.seq_len=32',
+          '--config.train.batch_size=8']
+  assert main.main(args) == 0
+  rows = [r for r in read_metrics(str(work / 'metrics.jsonl')) if 'train/loss' in r]
+  assert rows[-1]['train/loss'] < rows[0]['train/loss'] - 0.3
+  from moejax.generate import load_checkpoint
+  _, variables = load_checkpoint(str(work))
+  router = np.asarray(variables['params']['moe_layers']['moe_block']['moe']['router']['w'])
+  want = np.asarray(before['moe_layers']['moe_block']['moe']['router']['w'])
+  np.testing.assert_array_equal(router, want)  # frozen: not one bit moved
+  experts = np.asarray(variables['params']['moe_layers']['moe_block']['moe']['experts']['wo'])
+  assert not np.array_equal(experts, before['moe_layers']['moe_block']['moe']['experts']['wo'])
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+  _build('mixtral', tmp_path / 'hf')
+  cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  for change, match in (
+      ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: mixtral, olmoe, "
+                               'qwen3_moe'),
+      ({'quantization_config': {'quant_method': 'fp8'}}, 'quantized \\(fp8\\)'),
+      ({'hidden_size': 64}, r'tensor model.embed_tokens.weight: shape \[320, 32\], but this '
+                            r'config needs \[320, 64\]'),
+      ({'num_local_experts': 5}, r'tensor model.layers.0.block_sparse_moe.gate.weight: shape '
+                                 r'\[4, 32\], but this config needs \[5, 32\]'),
+      ({'num_hidden_layers': 4}, "no tensor 'model.layers.3.self_attn.q_proj.weight'"),
+  ):
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ConfigError, match=match):
+      hf.load_pretrained(str(tmp_path / 'hf'))
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps(cfg))
+  (tmp_path / 'busy').mkdir()
+  (tmp_path / 'busy' / 'x').write_text('keep me')
+  with pytest.raises(ConfigError, match='not empty'):
+    hf.import_workdir(str(tmp_path / 'hf'), str(tmp_path / 'busy'))
+  assert (tmp_path / 'busy' / 'x').read_text() == 'keep me'
