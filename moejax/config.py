@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   # gqa: RMSNorm of queries and keys before the rotation: 'none', 'head' (over each head's
   # width: Qwen3) or 'full' (over the whole projection: OLMoE).
   m.qk_norm = 'none'
+  m.qkv_bias = False  # gqa: biases on the query, key and value projections (Qwen2).
   m.mla = mla = ml_collections.ConfigDict()
   mla.q_lora_rank = 0  # 0: queries projected directly.
   mla.kv_lora_rank = 64
@@ -60,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   moe.num_experts_per_tok = 2
   moe.expert_ffn_dim = 128
   moe.num_shared_experts = 1
+  # Width of the shared experts' fused SwiGLU; 0: num_shared_experts * expert_ffn_dim.
+  moe.shared_expert_ffn_dim = 0
+  # Scale the shared experts' output per token by sigmoid(x . w_gate) (Qwen2-MoE's gate).
+  moe.shared_expert_gate = False
   moe.router = r = ml_collections.ConfigDict()
   r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice' (moe/registry.py;
   # each router reads only some of the fields below, and a field it ignores may not be set).
@@ -87,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   b.seq_aux_loss_weight = 0.0  # DeepSeek-V3 sequence-wise loss on normalised affinities.
   b.bias_update_rate = 0.0  # aux-loss-free bias step u (1e-3 in DeepSeek-V3); 0: off.
   b.bias_update = 'sign'  # 'sign' (u * sign(mean - c_i)) or 'proportional'.
+  # Keep a selection bias even without updates (rate 0): a fixed one, e.g. imported
+  # (DeepSeek-V3's e_score_correction_bias). A rate > 0 always keeps one.
+  b.selection_bias = False
   b.device_loss_weight = 0.0  # DeepSeekMoE device-level balance loss (a2).
   b.comm_loss_weight = 0.0  # DeepSeek-V2 communication balance loss (a3).
   b.num_devices = 0  # expert groups for the two above; 0: the mesh's expert axis size.
@@ -351,6 +359,8 @@ def validate(c, num_devices: int) -> dict[str, int]:
   _positive(c, 'train.max_nonfinite')
   _one_of(c, 'model.attention', ('gqa', 'mla'))
   _one_of(c, 'model.qk_norm', QK_NORMS)
+  if m.attention == 'mla' and m.qkv_bias:
+    _fail('model.qkv_bias', m.qkv_bias, "applies to attention='gqa'; set it to False")
   if m.attention == 'mla' and m.qk_norm != 'none':
     _fail('model.qk_norm', m.qk_norm, "applies to attention='gqa' (MLA normalises its own "
           "latents); set it to 'none'")
@@ -369,7 +379,8 @@ def validate(c, num_devices: int) -> dict[str, int]:
   if has_moe:
     _positive(c, 'model.moe.num_experts model.moe.num_experts_per_tok model.moe.expert_ffn_dim '
               'model.moe.dispatch.capacity_factor model.moe.dispatch.eval_capacity_factor')
-    _positive(c, 'model.moe.num_shared_experts model.moe.dispatch.min_capacity '
+    _positive(c, 'model.moe.num_shared_experts model.moe.shared_expert_ffn_dim '
+              'model.moe.dispatch.min_capacity '
               'model.moe.balance.aux_loss_weight model.moe.balance.z_loss_weight',
               allow_zero=True)
     if moe.num_experts_per_tok > moe.num_experts:

@@ -31,6 +31,25 @@ FAMILIES = {
                        head_dim=8, norm_topk_prob=True, mlp_only_layers=[0])),
     'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM',
               dict(intermediate_size=24, num_experts=8, norm_topk_prob=False)),
+    'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM',
+                  dict(intermediate_size=40, moe_intermediate_size=16, num_experts=6,
+                       shared_expert_intermediate_size=24, decoder_sparse_step=1,
+                       mlp_only_layers=[1], norm_topk_prob=False)),
+    # DeepSeek: MLA (V2 without a query latent, as V2-Lite), interleaved rotary dims, shared
+    # experts, a dense first layer; V2 softmax group-limited by the group max and scaled; V3
+    # sigmoid with e_score_correction_bias, groups by the top-2 sum, renormalised and scaled.
+    'deepseek_v2': ('DeepseekV2Config', 'DeepseekV2ForCausalLM',
+                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                         n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                         q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                         n_group=2, topk_group=1, topk_method='group_limited_greedy',
+                         routed_scaling_factor=1.5, num_key_value_heads=4)),
+    'deepseek_v3': ('DeepseekV3Config', 'DeepseekV3ForCausalLM',
+                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                         n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                         q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                         n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                         num_key_value_heads=4)),
 }
 
 
@@ -39,10 +58,15 @@ def _build(kind: str, folder, **kw):
   torch.manual_seed(0)
   cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **kw})
   model = getattr(transformers, model_cls)(cfg).eval()
-  with torch.no_grad():  # random (non-unit) norm scales, so a misplaced norm shows
+  with torch.no_grad():  # random norm scales and biases (not 1 and 0): a misplaced one shows
     for name, p in model.named_parameters():
       if 'norm' in name:
         p.uniform_(0.5, 1.5)
+      elif name.endswith('bias'):
+        p.uniform_(-0.5, 0.5)
+    for name, b in model.named_buffers():
+      if name.endswith('e_score_correction_bias'):  # a real selection bias changes the choice
+        b.uniform_(-0.3, 0.3)
   model.save_pretrained(str(folder))
   return model
 
@@ -60,19 +84,24 @@ def family(request, tmp_path_factory):
 def test_logits_and_routing_equal_transformers(family):
   kind, folder, ref_model = family
   ids = _ids()
+  chosen = []  # every routed layer's (T, K) expert indices, as transformers' routers return
+
+  def record(module, inputs, output):
+    chosen.append(np.sort(output[-1].numpy(), -1))
+  hooks = [mod.register_forward_hook(record) for name, mod in ref_model.named_modules()
+           if name.endswith('.gate') and hasattr(mod, 'weight') and mod.weight.ndim == 2
+           and mod.weight.shape[0] > 1]
   with torch.no_grad():
-    out = ref_model(ids, output_router_logits=True)
+    ref = ref_model(ids).logits.numpy()
+  for h in hooks:
+    h.remove()
   model, variables = hf.load_pretrained(str(folder))
   logits, aux = model.apply(variables, jnp.asarray(ids.numpy()))
-  ref = out.logits.numpy()
   assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
   # The same experts chosen in every routed layer (as sets: ties aside, order is free).
-  k = ref_model.config.num_experts_per_tok
-  ref_sets = [np.sort(torch.topk(r, k, dim=-1).indices.numpy(), -1)
-              for r in out.router_logits if r is not None]
   ours = np.sort(np.asarray(aux['expert_index']), -1)  # [moe layers, T, K]
-  assert len(ref_sets) == ours.shape[0] == (2 if kind == 'qwen3_moe' else 3)
-  for layer, want in enumerate(ref_sets):
+  assert len(chosen) == ours.shape[0] == (3 if kind in ('mixtral', 'olmoe') else 2)
+  for layer, want in enumerate(chosen):
     np.testing.assert_array_equal(ours[layer], want.reshape(ours[layer].shape))
 
 
@@ -149,8 +178,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   _build('mixtral', tmp_path / 'hf')
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for change, match in (
-      ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: mixtral, olmoe, "
-                               'qwen3_moe'),
+      ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: "
+                               'deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe'),
       ({'quantization_config': {'quant_method': 'fp8'}}, 'quantized \\(fp8\\)'),
       ({'hidden_size': 64}, r'tensor model.embed_tokens.weight: shape \[320, 32\], but this '
                             r'config needs \[320, 64\]'),

@@ -53,12 +53,12 @@ def moejax_config(hf: dict, where: str, dtype: str = 'float32'):
   return c, fields
 
 
-def _abstract_params(model_cfg):
+def _abstract_variables(model_cfg):
   from moejax.model.transformer import Transformer
   shapes = jax.eval_shape(
       lambda: Transformer(model_cfg, train=False).init(jax.random.key(0),
                                                        jnp.zeros((1, 2), jnp.int32)))
-  return nn.unbox(shapes)['params']
+  return nn.unbox(shapes)
 
 
 def _paths(tree, prefix=()):
@@ -81,21 +81,24 @@ def _get(tree, path):
   return tree
 
 
-def import_params(reader, m, fam, dtype=np.float32) -> dict:
-  """The moejax params of a checkpoint, leaf by leaf."""
-  shapes = dict(_paths(_abstract_params(m)))
-  params = {}
+def import_variables(reader, m, fam, dtype=np.float32, interleaved: bool = False) -> dict:
+  """The moejax variables ({'params': ..., 'moe_state': ...}) of a checkpoint, leaf by leaf;
+  the selection bias stays float32."""
+  shapes = dict(_paths(_abstract_variables(m)))
+  out = {}
   tied = 'lm_head.weight' not in reader
-  for path, layers, template, to_moejax, to_hf, per_expert in weights.leaves(m, fam):
+  for path, layers, template, to_moejax, to_hf, per_expert in weights.leaves(m, fam,
+                                                                             interleaved):
     if path not in shapes:
-      raise AssertionError(f'no moejax parameter {path}')  # the layout table is wrong
-    if path == ('head',) and tied:  # tie_word_embeddings: the head is the embedding
+      raise AssertionError(f'no moejax variable {path}')  # the layout table is wrong
+    if path == ('params', 'head') and tied:  # tie_word_embeddings: the head is the embedding
       template, to_moejax, to_hf = 'model.embed_tokens.weight', weights._t, weights._t
-    _set(params, path, weights.assemble(reader, m, fam, path, layers, template, to_moejax,
-                                        to_hf, per_expert, shapes.pop(path).shape, dtype))
+    leaf_dtype = dtype if path[0] == 'params' else np.float32
+    _set(out, path, weights.assemble(reader, m, fam, path, layers, template, to_moejax,
+                                     to_hf, per_expert, shapes.pop(path).shape, leaf_dtype))
   if shapes:
-    raise AssertionError(f'parameters with no source: {sorted(shapes)}')
-  return params
+    raise AssertionError(f'variables with no source: {sorted(shapes)}')
+  return out
 
 
 def load_pretrained(hf_dir: str, dtype: str = 'float32'):
@@ -107,8 +110,9 @@ def load_pretrained(hf_dir: str, dtype: str = 'float32'):
   hf = read_hf_config(hf_dir)
   c, _ = moejax_config(hf, f'{hf_dir}/config.json', dtype)
   fam = families.family(hf, hf_dir)
-  params = import_params(tensor_files.Reader(hf_dir), c.model, fam, DTYPES[dtype])
-  return Transformer(c.model, train=False), {'params': params}
+  variables = import_variables(tensor_files.Reader(hf_dir), c.model, fam, DTYPES[dtype],
+                               families.rope_interleaved(hf))
+  return Transformer(c.model, train=False), variables
 
 
 def peak_memory_mb() -> float:
@@ -169,7 +173,9 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   extra.update(overrides or {})
   config_lib.set_fields(c, extra)
   mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
-  params = import_params(reader, c.model, fam)
+  variables = import_variables(reader, c.model, fam,
+                               interleaved=families.rope_interleaved(hf))
+  params = variables['params']
   os.makedirs(workdir, exist_ok=True)
   if tok is not None:
     tokenizers.copy_files(tok, workdir)
@@ -178,8 +184,7 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   with trainer.context():
     params = jax.device_put(params, shard.params)
     opt_state = jax.jit(trainer.tx.init, out_shardings=shard.opt_state)(params)
-    model_state = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
-                                              trainer.abstract_state.model_state),
+    model_state = jax.device_put({k: v for k, v in variables.items() if k != 'params'},
                                  shard.model_state)
   state = TrainState(step=jax.device_put(jnp.asarray(0, jnp.int32), shard.step), params=params,
                      opt_state=opt_state, model_state=model_state)
@@ -201,61 +206,101 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   return report
 
 
+ARCHITECTURES = {'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
+                 'qwen2_moe': 'Qwen2MoeForCausalLM', 'olmoe': 'OlmoeForCausalLM',
+                 'deepseek_v2': 'DeepseekV2ForCausalLM', 'deepseek_v3': 'DeepseekV3ForCausalLM'}
+
+
 def hf_config_of(c, base: dict | None, model_type: str) -> dict:
   """A Hugging Face config.json for moejax config c (over the imported one when there is)."""
   m, moe = c.model, c.model.moe
   fam = families.FAMILIES[model_type]
-  if m.qk_norm != fam.qk_norm or m.attention != 'gqa' or moe.num_shared_experts:
-    raise ConfigError(f'--model_type={model_type}: this model (qk_norm={m.qk_norm!r}, attention='
-                      f'{m.attention!r}, shared experts {moe.num_shared_experts}) is not a '
-                      f'{model_type} model')
+  shared = bool(fam.shared_key) and moe.shared_expert_gate and moe.num_shared_experts == 1
+  mismatch = [f'{k}={v!r}' for k, v, ok in (
+      ('qk_norm', m.qk_norm, m.qk_norm == fam.qk_norm),
+      ('attention', m.attention, (m.attention == 'mla') == fam.latent_attention),
+      ('qkv_bias', m.qkv_bias, not m.qkv_bias or fam.qkv_bias_key),
+      ('shared_expert_gate', moe.shared_expert_gate, moe.shared_expert_gate == shared),
+      ('num_shared_experts', moe.num_shared_experts,
+       fam.latent_attention or bool(moe.num_shared_experts) == shared)) if not ok]
+  if mismatch:
+    raise ConfigError(f'--model_type={model_type}: this model ({", ".join(mismatch)}) is not '
+                      f'a {model_type} model')
   hf = dict(base or {})
   hf.update({
       'model_type': model_type, 'vocab_size': m.vocab_size, 'hidden_size': m.d_model,
       'num_hidden_layers': m.num_layers, 'num_attention_heads': m.num_heads,
       'num_key_value_heads': m.num_kv_heads, 'head_dim': m.head_dim,
-      'intermediate_size': m.ffn_dim if model_type == 'qwen3_moe' else moe.expert_ffn_dim,
-      'max_position_embeddings': m.max_seq_len, 'rms_norm_eps': m.norm_eps,
-      'num_experts_per_tok': moe.num_experts_per_tok, 'tie_word_embeddings': False,
-      'hidden_act': 'silu', 'torch_dtype': 'float32'})
-  hf.pop('rope_scaling', None)
+      'intermediate_size': m.ffn_dim, 'max_position_embeddings': m.max_seq_len,
+      'rms_norm_eps': m.norm_eps, 'num_experts_per_tok': moe.num_experts_per_tok,
+      'tie_word_embeddings': False, 'hidden_act': 'silu',
+      'norm_topk_prob': bool(moe.router.norm_topk_prob)})
+  for key in ('rope_scaling', 'rope_theta', 'num_local_experts', 'num_experts'):
+    hf.pop(key, None)
   hf['rope_parameters'] = {'rope_theta': m.rope_theta, 'rope_type': 'default'}
-  hf.pop('rope_theta', None)
+  ids = config_lib.moe_layer_ids(m)
   if model_type == 'mixtral':
-    hf['num_local_experts'] = moe.num_experts
+    hf.update(num_local_experts=moe.num_experts, intermediate_size=moe.expert_ffn_dim)
+  elif fam.latent_attention:
+    _latent_config(hf, m, model_type)
   else:
-    hf['num_experts'] = moe.num_experts
-    hf['norm_topk_prob'] = bool(moe.router.norm_topk_prob)
-  if model_type == 'qwen3_moe':
-    hf['moe_intermediate_size'] = moe.expert_ffn_dim
-    ids = config_lib.moe_layer_ids(m)
-    hf['decoder_sparse_step'] = 1
-    hf['mlp_only_layers'] = [i for i in range(m.num_layers) if i not in ids]
-  elif config_lib.moe_layer_ids(m) != list(range(m.num_layers)):
+    hf.update(num_experts=moe.num_experts)
+  if model_type in ('qwen3_moe', 'qwen2_moe'):
+    hf.update(moe_intermediate_size=moe.expert_ffn_dim, decoder_sparse_step=1,
+              mlp_only_layers=[i for i in range(m.num_layers) if i not in ids])
+  elif not fam.latent_attention and ids != list(range(m.num_layers)):
     raise ConfigError(f'--model_type={model_type}: has a MoE FFN in every layer, but this model '
                       f'has dense layers (first_k_dense={m.first_k_dense}, moe_layer_freq='
                       f'{m.moe_layer_freq})')
-  hf.setdefault('architectures', [{'mixtral': 'MixtralForCausalLM',
-                                   'qwen3_moe': 'Qwen3MoeForCausalLM',
-                                   'olmoe': 'OlmoeForCausalLM'}[model_type]])
+  if fam.qkv_bias_key:
+    hf[fam.qkv_bias_key] = bool(m.qkv_bias)
+  if fam.shared_key:
+    hf[fam.shared_key] = moe.shared_expert_ffn_dim or moe.expert_ffn_dim
+  hf.setdefault('architectures', [ARCHITECTURES[model_type]])
   return hf
 
 
-def export_tensors(params, m, fam, dtype):
+def _latent_config(hf: dict, m, model_type: str) -> None:
+  moe, mla = m.moe, m.mla
+  v3 = model_type == 'deepseek_v3'
+  score = 'sigmoid' if v3 else 'softmax'
+  if moe.router.score_fn != score or (moe.shared_expert_ffn_dim and moe.shared_expert_ffn_dim !=
+                                      moe.num_shared_experts * moe.expert_ffn_dim):
+    raise ConfigError(f'--model_type={model_type}: routes with score_fn={score!r} and shared '
+                      'experts of the routed width; this model does not')
+  groups = moe.router.num_groups
+  hf.update(q_lora_rank=mla.q_lora_rank or None, kv_lora_rank=mla.kv_lora_rank,
+            qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim,
+            v_head_dim=mla.v_head_dim, head_dim=mla.qk_rope_head_dim,
+            num_key_value_heads=m.num_heads, n_routed_experts=moe.num_experts,
+            n_shared_experts=moe.num_shared_experts, moe_intermediate_size=moe.expert_ffn_dim,
+            first_k_dense_replace=m.first_k_dense, moe_layer_freq=m.moe_layer_freq,
+            routed_scaling_factor=moe.router.routed_scaling_factor, n_group=groups,
+            topk_group=moe.router.topk_groups if groups > 1 else 1)
+  if v3:
+    hf.update(topk_method='noaux_tc', rope_interleave=False)  # written in moejax's halves
+  else:
+    hf['topk_method'] = 'group_limited_greedy' if groups > 1 else 'greedy'
+
+
+def export_tensors(variables, m, fam, dtype, interleaved: bool = False):
   """(name, shape, dtype, producer) of every Hugging Face tensor, made on demand."""
   out = []
-  for path, layers, template, _, to_hf, per_expert in weights.leaves(m, fam):
-    leaf = _get(params, path)
+  for path, layers, template, _, to_hf, per_expert in weights.leaves(m, fam, interleaved):
+    leaf = _get(variables, path)
+    if path[0] != 'params':
+      leaf_dtype = np.float32  # the selection bias is a float32 buffer in transformers too
     for layer, index in layers:
       value = leaf if index is None else leaf[index]
+      kind = dtype if path[0] == 'params' else leaf_dtype
       if per_expert:
         for e in range(m.moe.num_experts):
           shape = to_hf(value[e], m).shape
-          out.append((weights.hf_name(template, layer, e), shape, dtype,
+          out.append((weights.hf_name(template, layer, e), shape, kind,
                       lambda v=value, e=e, f=to_hf: f(np.asarray(v[e], np.float32), m)))
       else:
         shape = to_hf(value, m).shape
-        out.append((weights.hf_name(template, layer), shape, dtype,
+        out.append((weights.hf_name(template, layer), shape, kind,
                     lambda v=value, f=to_hf: f(np.asarray(v, np.float32), m)))
   return out
 
@@ -281,9 +326,10 @@ def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_typ
   hf = hf_config_of(config, base, model_type)
   hf['torch_dtype'] = dtype
   fam = families.FAMILIES[model_type]
-  params = jax.device_get(variables['params'])
+  variables = jax.device_get(variables)
   np_dtype = np.float32 if dtype == 'float32' else jnp.bfloat16
-  names = tensor_files.write(hf_dir, export_tensors(params, config.model, fam, np_dtype),
+  names = tensor_files.write(hf_dir, export_tensors(variables, config.model, fam, np_dtype,
+                                                    families.rope_interleaved(hf)),
                              shard_bytes)
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=1)

@@ -17,6 +17,11 @@ class Family:
   qk_norm: str = 'none'  # moejax model.qk_norm
   always_norm_topk: bool = False  # renormalise the K weights whatever the config says
   z_loss_key: str = ''  # config key of a router z-loss coefficient, if the family has one
+  qkv_bias_key: str = ''  # config key saying whether q/k/v projections have biases
+  qkv_bias_default: bool = False
+  shared_key: str = ''  # config key of the gated shared expert's width (0 or absent: none)
+  shared_module: str = 'shared_expert'  # the shared expert's module name in the MoE block
+  latent_attention: bool = False  # MLA (q_a/q_b/kv_a/kv_b projections)
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -24,6 +29,12 @@ FAMILIES = {f.model_type: f for f in (
     Family('qwen3_moe', 'mlp', ('gate_proj', 'up_proj', 'down_proj'), qk_norm='head'),
     Family('olmoe', 'mlp', ('gate_proj', 'up_proj', 'down_proj'), qk_norm='full',
            z_loss_key='router_z_loss_coef'),
+    Family('qwen2_moe', 'mlp', ('gate_proj', 'up_proj', 'down_proj'), qkv_bias_key='qkv_bias',
+           qkv_bias_default=True, shared_key='shared_expert_intermediate_size'),
+    Family('deepseek_v2', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
+           shared_module='shared_experts', latent_attention=True),
+    Family('deepseek_v3', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
+           shared_module='shared_experts', latent_attention=True),
 )}
 
 
@@ -45,8 +56,13 @@ def _rope_theta(hf: dict, where: str) -> float:
 
 
 def moe_layers(hf: dict) -> list[int]:
-  """Indices of the layers whose FFN is MoE (Qwen's decoder_sparse_step and mlp_only_layers)."""
-  n, step = hf['num_hidden_layers'], hf.get('decoder_sparse_step', 1) or 1
+  """Indices of the layers whose FFN is MoE: Qwen's decoder_sparse_step and mlp_only_layers,
+  DeepSeek's first_k_dense_replace and moe_layer_freq."""
+  n = hf['num_hidden_layers']
+  if 'first_k_dense_replace' in hf:
+    first, freq = hf['first_k_dense_replace'] or 0, hf.get('moe_layer_freq') or 1
+    return [i for i in range(n) if i >= first and (i - first) % freq == 0]
+  step = hf.get('decoder_sparse_step', 1) or 1
   dense = set(hf.get('mlp_only_layers') or [])
   return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
 
@@ -74,6 +90,7 @@ def model_fields(hf: dict, where: str) -> dict:
   for key, ok in (('hidden_act', 'silu'),):
     if hf.get(key, ok) != ok:
       raise ConfigError(f'{where}: {key}={hf[key]!r} is not supported (only {ok!r})')
+  qkv_bias = bool(hf.get(fam.qkv_bias_key, fam.qkv_bias_default)) if fam.qkv_bias_key else False
   if hf.get('attention_bias'):
     raise ConfigError(f'{where}: attention_bias=true is not supported (biased q/k/v projections)')
   if hf.get('clip_qkv') is not None:
@@ -82,7 +99,7 @@ def model_fields(hf: dict, where: str) -> dict:
     raise ConfigError(f'{where}: sliding_window={hf["sliding_window"]} (sliding-window '
                       'attention) is not supported')
   heads, d = hf['num_attention_heads'], hf['hidden_size']
-  experts = hf.get('num_local_experts') or hf.get('num_experts')
+  experts = hf.get('num_local_experts') or hf.get('num_experts') or hf.get('n_routed_experts')
   first, freq = schedule(hf, where)
   expert_width = hf.get('moe_intermediate_size') or hf['intermediate_size']
   f = {
@@ -99,6 +116,7 @@ def model_fields(hf: dict, where: str) -> dict:
       'model.moe.num_experts': experts,
       'model.moe.num_experts_per_tok': hf['num_experts_per_tok'],
       'model.moe.expert_ffn_dim': expert_width,
+      'model.qkv_bias': qkv_bias,
       'model.moe.num_shared_experts': 0,
       'model.moe.router.score_fn': 'softmax',
       'model.moe.router.norm_topk_prob': bool(fam.always_norm_topk or hf.get('norm_topk_prob')),
@@ -107,6 +125,55 @@ def model_fields(hf: dict, where: str) -> dict:
       'model.moe.balance.z_loss_weight': float(hf.get(fam.z_loss_key) or 0.0)
       if fam.z_loss_key else 0.0,
   }
+  shared = hf.get(fam.shared_key) if fam.shared_key else 0
+  if shared:
+    f.update({'model.moe.num_shared_experts': 1, 'model.moe.shared_expert_ffn_dim': shared,
+              'model.moe.shared_expert_gate': True})
+  if fam.latent_attention:
+    f.update(_latent(hf, where))
   if hf.get('router_jitter_noise'):
     f['model.moe.router.jitter'] = float(hf['router_jitter_noise'])
+  return f
+
+
+def rope_interleaved(hf: dict) -> bool:
+  """Whether the checkpoint's rotary dims are interleaved pairs (DeepSeek-V2 always; V3 unless
+  rope_interleave is false) rather than moejax's halves; import reorders them."""
+  kind = hf.get('model_type')
+  return kind == 'deepseek_v2' or (kind == 'deepseek_v3' and hf.get('rope_interleave', True))
+
+
+def _latent(hf: dict, where: str) -> dict:
+  """DeepSeek-V2/V3: MLA, the shared experts, and routing (softmax or sigmoid, greedy or
+  group-limited, scaled; V3's e_score_correction_bias as a fixed selection bias)."""
+  nope, rope = hf['qk_nope_head_dim'], hf['qk_rope_head_dim']
+  f = {'model.attention': 'mla', 'model.head_dim': nope + rope, 'model.num_kv_heads':
+       hf['num_attention_heads'],
+       'model.mla.q_lora_rank': hf.get('q_lora_rank') or 0,
+       'model.mla.kv_lora_rank': hf['kv_lora_rank'], 'model.mla.qk_nope_head_dim': nope,
+       'model.mla.qk_rope_head_dim': rope, 'model.mla.v_head_dim': hf['v_head_dim'],
+       'model.moe.num_shared_experts': hf.get('n_shared_experts') or 0,
+       'model.moe.router.routed_scaling_factor': float(hf.get('routed_scaling_factor') or 1.0),
+       'model.moe.router.norm_topk_prob': bool(hf.get('norm_topk_prob'))}
+  v3 = hf['model_type'] == 'deepseek_v3'
+  if not v3:  # DeepSeek-V2's router never renormalises its top-K weights
+    f['model.moe.router.norm_topk_prob'] = False
+  if hf.get('mlp_bias'):
+    raise ConfigError(f'{where}: mlp_bias=true is not supported')
+  scoring = hf.get('scoring_func') or ('sigmoid' if v3 else 'softmax')
+  method = hf.get('topk_method') or ('noaux_tc' if v3 else 'greedy')
+  if scoring not in ('sigmoid', 'softmax'):
+    raise ConfigError(f'{where}: scoring_func={scoring!r} is not supported')
+  f['model.moe.router.score_fn'] = scoring
+  groups, keep = hf.get('n_group') or 1, hf.get('topk_group') or 1
+  if method in ('group_limited_greedy', 'noaux_tc') and groups > 1:
+    f.update({'model.moe.router.num_groups': groups, 'model.moe.router.topk_groups': keep,
+              'model.moe.router.group_score': 'top2_sum' if method == 'noaux_tc' else 'max'})
+  elif method not in ('greedy', 'group_limited_greedy', 'noaux_tc'):
+    raise ConfigError(f'{where}: topk_method={method!r} is not supported')
+  if method == 'noaux_tc':
+    f['model.moe.balance.selection_bias'] = True
+    f['model.moe.balance.aux_loss_weight'] = 0.0
+  else:
+    f['model.moe.balance.aux_loss_weight'] = float(hf.get('aux_loss_alpha') or 0.0)
   return f

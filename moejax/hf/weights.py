@@ -67,6 +67,19 @@ QK_NORM = [
     (('attn', 'q_norm', 'scale'), 'self_attn.q_norm.weight', _same, _same),
     (('attn', 'k_norm', 'scale'), 'self_attn.k_norm.weight', _same, _same),
 ]
+def _bias_to_moejax(b, m):  # [H * hd] -> [H, hd]
+  return b.reshape(-1, m.head_dim)
+
+
+def _bias_to_hf(b, m):
+  return b.reshape(-1)
+
+
+QKV_BIAS = [
+    (('attn', 'bq'), 'self_attn.q_proj.bias', _bias_to_moejax, _bias_to_hf),
+    (('attn', 'bk'), 'self_attn.k_proj.bias', _bias_to_moejax, _bias_to_hf),
+    (('attn', 'bv'), 'self_attn.v_proj.bias', _bias_to_moejax, _bias_to_hf),
+]
 DENSE_FFN = [
     (('ffn', 'wi_0'), 'mlp.gate_proj.weight', _t, _t),
     (('ffn', 'wi_1'), 'mlp.up_proj.weight', _t, _t),
@@ -74,12 +87,87 @@ DENSE_FFN = [
 ]
 
 
-def block_tensors(m, fam, moe: bool) -> list:
+def _rope_order(rope: int, interleaved: bool):
+  """Index order taking the rotary dims from Hugging Face's layout to moejax's half-split one
+  (DeepSeek's rope_interleave pairs (x0, x1), (x2, x3), ...: evens first, then odds)."""
+  return (np.concatenate([np.arange(0, rope, 2), np.arange(1, rope, 2)]) if interleaved
+          else np.arange(rope))
+
+
+def _mla_query(m, interleaved: bool):
+  """q_b_proj / q_proj [H * (nope + rope), r] <-> [r, H, nope + rope], rope dims reordered."""
+  nope, rope = m.mla.qk_nope_head_dim, m.mla.qk_rope_head_dim
+  order = np.concatenate([np.arange(nope), nope + _rope_order(rope, interleaved)])
+
+  def to_moejax(w, m):
+    return w.reshape(m.num_heads, nope + rope, -1)[:, order].transpose(2, 0, 1)
+
+  def to_hf(w, m):
+    out = np.empty_like(w.transpose(1, 2, 0))
+    out[:, order] = w.transpose(1, 2, 0)
+    return out.reshape(-1, w.shape[0])
+  return to_moejax, to_hf
+
+
+def _mla_kv_a(m, interleaved: bool):
+  """kv_a_proj_with_mqa [r + rope, D] <-> [D, r + rope], the rotary key's dims reordered."""
+  r = m.mla.kv_lora_rank
+  order = np.concatenate([np.arange(r), r + _rope_order(m.mla.qk_rope_head_dim, interleaved)])
+
+  def to_moejax(w, m):
+    return w[order].T
+
+  def to_hf(w, m):
+    out = np.empty_like(w.T)
+    out[order] = w.T
+    return out
+  return to_moejax, to_hf
+
+
+def _per_head():
+  def to_moejax(w, m):  # [H * k, r] -> [r, H, k]
+    return w.reshape(m.num_heads, -1, w.shape[-1]).transpose(2, 0, 1)
+
+  def to_hf(w, m):
+    return w.transpose(1, 2, 0).reshape(-1, w.shape[0])
+  return to_moejax, to_hf
+
+
+def latent_attention(m, interleaved: bool) -> list:
+  q = ([(('attn', 'wq_a'), 'self_attn.q_a_proj.weight', _t, _t),
+        (('attn', 'q_norm', 'scale'), 'self_attn.q_a_layernorm.weight', _same, _same),
+        (('attn', 'wq_b'), 'self_attn.q_b_proj.weight', *_mla_query(m, interleaved))]
+       if m.mla.q_lora_rank else
+       [(('attn', 'wq'), 'self_attn.q_proj.weight', *_mla_query(m, interleaved))])
+  return q + [
+      (('attn', 'wkv_a'), 'self_attn.kv_a_proj_with_mqa.weight', *_mla_kv_a(m, interleaved)),
+      (('attn', 'kv_norm', 'scale'), 'self_attn.kv_a_layernorm.weight', _same, _same),
+      (('attn', 'wkv_b'), 'self_attn.kv_b_proj.weight', *_per_head()),
+      (('attn', 'wo'), 'self_attn.o_proj.weight', _out_to_moejax_latent, _out_to_hf_latent),
+      (('attn_norm', 'scale'), 'input_layernorm.weight', _same, _same),
+      (('ffn_norm', 'scale'), 'post_attention_layernorm.weight', _same, _same)]
+
+
+def _out_to_moejax_latent(w, m):  # o_proj [D, H * v] -> [H, v, D]
+  return w.reshape(w.shape[0], m.num_heads, m.mla.v_head_dim).transpose(1, 2, 0)
+
+
+def _out_to_hf_latent(w, m):
+  return w.transpose(2, 0, 1).reshape(w.shape[2], -1)
+
+
+def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
   """(path, HF name, to moejax, to HF, experts?) for one block; experts? marks [N, ...] leaves
-  stacked from per-expert tensors (the HF name then holds {e})."""
-  out = [(*t, False) for t in ATTENTION]
+  stacked from per-expert tensors (the HF name then holds {e}). A path starting with
+  'moe_state' is a state variable (the selection bias), not a parameter."""
+  if m.attention == 'mla':
+    out = [(*t, False) for t in latent_attention(m, interleaved)]
+  else:
+    out = [(*t, False) for t in ATTENTION]
   if m.qk_norm != 'none':
     out += [(*t, False) for t in QK_NORM]
+  if m.qkv_bias:
+    out += [(*t, False) for t in QKV_BIAS]
   if not moe:
     return out + [(*t, False) for t in DENSE_FFN]
   gate, up, down = fam.expert_names
@@ -87,24 +175,36 @@ def block_tensors(m, fam, moe: bool) -> list:
   out.append((('moe', 'router', 'w'), f'{mod}.gate.weight', _t, _t, False))
   for leaf, proj in (('wi_0', gate), ('wi_1', up), ('wo', down)):
     out.append((('moe', 'experts', leaf), f'{mod}.experts.{{e}}.{proj}.weight', _t, _t, True))
+  if m.moe.num_shared_experts:
+    for leaf, proj in (('wi_0', 'gate_proj'), ('wi_1', 'up_proj'), ('wo', 'down_proj')):
+      out.append((('moe', 'shared', leaf), f'{mod}.{fam.shared_module}.{proj}.weight', _t, _t,
+                  False))
+  if m.moe.shared_expert_gate:
+    out.append((('moe', 'shared_gate'), f'{mod}.shared_expert_gate.weight', _t, _t, False))
+  if m.moe.balance.selection_bias or m.moe.balance.bias_update_rate > 0:
+    out.append((('moe_state', 'moe', 'bias'), f'{mod}.gate.e_score_correction_bias', _same,
+                _same, False))
   return out
 
 
 TOP = [
-    (('embedding',), 'model.embed_tokens.weight', _same, _same),
-    (('final_norm', 'scale'), 'model.norm.weight', _same, _same),
-    (('head',), 'lm_head.weight', _t, _t),
+    (('params', 'embedding'), 'model.embed_tokens.weight', _same, _same),
+    (('params', 'final_norm', 'scale'), 'model.norm.weight', _same, _same),
+    (('params', 'head'), 'lm_head.weight', _t, _t),
 ]
 
 
-def leaves(m, fam):
-  """Every moejax parameter: (full path, [(layer or None, index in stack or None)], HF name
-  template, to moejax, to HF, experts?) where the list gives the layers a stacked leaf holds."""
+def leaves(m, fam, interleaved: bool = False):
+  """Every moejax variable: (full path from the collection, [(layer or None, index in stack or
+  None)], HF name template, to moejax, to HF, experts?) where the list gives the layers a
+  stacked leaf holds."""
   out = [(path, [(None, None)], name, a, b, False) for path, name, a, b in TOP]
   grouped = {}
   for layer, ((stack, block), index, moe) in enumerate(slots(m)):
-    for path, name, a, b, per_expert in block_tensors(m, fam, moe):
-      key = (stack, block) + path
+    for path, name, a, b, per_expert in block_tensors(m, fam, moe, interleaved):
+      collection, path = (('moe_state',), path[1:]) if path[0] == 'moe_state' else (
+          ('params',), path)
+      key = collection + (stack, block) + path
       entry = grouped.setdefault(key, [key, [], name, a, b, per_expert])
       entry[1].append((layer, index))
   return out + [tuple(v) for v in grouped.values()]

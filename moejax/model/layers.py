@@ -54,6 +54,7 @@ class GroupedQueryAttention(nn.Module):
   # element) or 'none'.
   qk_norm: str = 'none'
   norm_eps: float = 1e-6
+  qkv_bias: bool = False  # biases on the query, key and value projections
 
   def _qk_norm(self, t, name: str):
     """t [b, s, heads, hd] -> normalised as qk_norm says."""
@@ -81,6 +82,13 @@ class GroupedQueryAttention(nn.Module):
                         'key_proj')  # [b, s, kv, hd]
     v = checkpoint_name(jnp.einsum('bsd,dhk->bshk', x, wv.astype(self.dtype)),
                         'value_proj')  # [b, s, kv, hd]
+    if self.qkv_bias:
+      zeros = nn.initializers.zeros
+      q = q + param_with_axes(self, 'bq', (h, hd), ('heads', 'head_dim'), zeros).astype(q.dtype)
+      k = k + param_with_axes(self, 'bk', (kv, hd), ('kv_heads', 'head_dim'), zeros).astype(
+          k.dtype)
+      v = v + param_with_axes(self, 'bv', (kv, hd), ('kv_heads', 'head_dim'), zeros).astype(
+          v.dtype)
     q, k = self._qk_norm(q, 'q_norm'), self._qk_norm(k, 'k_norm')
     q = constrain(apply_rope(q, positions, self.rope_theta), ('batch', 'length', 'act_heads', None))
     k = apply_rope(k, positions, self.rope_theta)

@@ -37,7 +37,8 @@ class Block(nn.Module):
                                       self.cache_len, name='attn')
     else:
       attn = GroupedQueryAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype,
-                                   self.cache_len, c.qk_norm, c.norm_eps, name='attn')
+                                   self.cache_len, c.qk_norm, c.norm_eps, c.qkv_bias,
+                                   name='attn')
     x = x + checkpoint_name(attn(h, positions), 'attn_out')
     h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x), 'ffn_in')
     if self.moe:

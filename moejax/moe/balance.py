@@ -16,9 +16,10 @@ def selection_bias(module, num_experts: int, balance_cfg):
   """The auxiliary-loss-free selection bias [N] of a MoE layer (Wang 2024; DeepSeek-V3), or
   None. It lives in the layer's 'moe_state' collection, is added to the scores for selection
   only (never to the gate weights) and gets no gradient. It exists when bias updates are on
-  (balance.bias_update_rate > 0) or when the state already holds one (e.g. imported), which
-  then stays fixed."""
-  if balance_cfg.bias_update_rate <= 0 and not module.has_variable('moe_state', 'bias'):
+  (balance.bias_update_rate > 0), when balance.selection_bias asks for one, or when the state
+  already holds one (e.g. imported); without updates it stays fixed."""
+  if (balance_cfg.bias_update_rate <= 0 and not balance_cfg.selection_bias and
+      not module.has_variable('moe_state', 'bias')):
     return None
   return module.variable('moe_state', 'bias',
                          lambda: jnp.zeros((num_experts,), jnp.float32)).value

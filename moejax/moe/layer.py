@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.nn.layers import SwiGLU
+from moejax.nn.layers import SwiGLU, param_with_axes
 from moejax.moe import balance, registry
 
 
@@ -60,10 +60,15 @@ class MoEFFN(nn.Module):
       losses['z_loss'] = balance.router_z_loss(routing)
     y = y.reshape(b, s, d).astype(self.dtype)
     if cfg.num_shared_experts:
-      # The shared experts are fused into one SwiGLU of width num_shared * expert width.
+      # The shared experts are fused into one SwiGLU of width shared_expert_ffn_dim (default
+      # num_shared * expert width), optionally scaled per token by a sigmoid gate.
       with jax.named_scope('shared_experts'):
-        y = y + SwiGLU(cfg.num_shared_experts * cfg.expert_ffn_dim, self.dtype,
-                       name='shared')(x)
+        width = cfg.shared_expert_ffn_dim or cfg.num_shared_experts * cfg.expert_ffn_dim
+        shared = SwiGLU(width, self.dtype, name='shared')(x)
+        if cfg.shared_expert_gate:
+          w = param_with_axes(self, 'shared_gate', (d, 1), ('embed', None))
+          shared = shared * jax.nn.sigmoid(x.astype(jnp.float32) @ w).astype(self.dtype)
+        y = y + shared
     aux = {
         'loss': sum(cfg.balance[w] * losses[k] for k, w in balance.LOSS_WEIGHTS.items()),
         **losses,

@@ -18,7 +18,8 @@ from moejax.nn.layers import param_with_axes
 # The config fields (under model.moe) a router reads, by what reads them.
 LOGITS = ('router.dtype', 'router.jitter', 'router.freeze')  # router_logits
 SELECTION = ('num_experts_per_tok', 'router.num_groups', 'router.topk_groups',
-             'router.group_score', 'balance.bias_update_rate', 'balance.bias_update')
+             'router.group_score', 'balance.bias_update_rate', 'balance.bias_update',
+             'balance.selection_bias')
 # The MoE layer's balance losses of a token-choice routing (moe/layer.py).
 TOKEN_CHOICE_LOSSES = ('balance.aux_loss_weight', 'balance.aux_loss_scope',
                        'balance.z_loss_weight', 'balance.seq_aux_loss_weight',
