@@ -117,12 +117,29 @@ def test_greedy_generation_equals_transformers(family):
 
 
 def test_export_loads_in_transformers_with_the_same_logits(family, tmp_path):
+  from moejax.hf import convert
   kind, folder, ref_model = family
-  work, out = tmp_path / 'work', tmp_path / 'out'
-  hf.import_workdir(str(folder), str(work), log=lambda *_: None)
-  hf.export_workdir(str(work), str(out), log=lambda *_: None)
-  again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  config, _ = convert.moejax_config(json.loads((folder / 'config.json').read_text()), 'test')
+  variables = hf.load_pretrained(str(folder))[1]
+  convert.export_variables(config, variables, str(tmp_path / 'out'), kind)
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out')).eval()
   assert type(again) is type(ref_model)
+  ids = _ids()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(ids).logits.numpy(), ref_model(ids).logits.numpy(),
+                               rtol=0, atol=1e-6)
+
+
+def test_workdir_round_trip(tmp_path):
+  """import -> workdir (config.py, Orbax checkpoint) -> export: the same model, with the
+  imported config.json's other fields kept and the shards split as asked."""
+  ref_model = _build('deepseek_v3', tmp_path / 'hf')
+  work, out = tmp_path / 'work', tmp_path / 'out'
+  hf.import_workdir(str(tmp_path / 'hf'), str(work), log=lambda *_: None)
+  assert (work / 'config.py').exists() and (work / 'hf_config.json').exists()
+  hf.export_workdir(str(work), str(out), shard_bytes=40_000, log=lambda *_: None)
+  assert (out / 'model.safetensors.index.json').exists()
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
   ids = _ids()
   with torch.no_grad():
     np.testing.assert_allclose(again(ids).logits.numpy(), ref_model(ids).logits.numpy(),
@@ -150,13 +167,17 @@ def test_sharded_checkpoint_with_index(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_imported_model_fine_tunes_with_the_router_frozen(tmp_path):
+def test_imported_model_fine_tunes_with_the_router_and_its_bias_fixed(tmp_path):
+  """DeepSeek-V3 imported with the router frozen: 30 fine-tuning steps through
+  python -m moejax.main lower the loss, move the experts, and leave the router weights and the
+  imported selection bias (bias_update_rate 0) exactly as imported."""
   from moejax import main
-  _build('mixtral', tmp_path / 'hf')
+  from moejax.generate import load_checkpoint
+  _build('deepseek_v3', tmp_path / 'hf')
   work = tmp_path / 'work'
   assert hf_main(['import', '--hf_dir', str(tmp_path / 'hf'), '--workdir', str(work),
                   '--config.model.moe.router.freeze=true']) == 0
-  before = hf.load_pretrained(str(tmp_path / 'hf'))[1]['params']
+  before = hf.load_pretrained(str(tmp_path / 'hf'))[1]
   args = ['--workdir', str(work), '--config.train.steps=30', '--config.train.lr=3e-3',
           '--config.train.warmup_steps=2', '--config.train.progress=false',
           '--config.train.log_every=5', '--config.train.eval_every=30',
@@ -165,13 +186,20 @@ def test_imported_model_fine_tunes_with_the_router_frozen(tmp_path):
   assert main.main(args) == 0
   rows = [r for r in read_metrics(str(work / 'metrics.jsonl')) if 'train/loss' in r]
   assert rows[-1]['train/loss'] < rows[0]['train/loss'] - 0.3
-  from moejax.generate import load_checkpoint
-  _, variables = load_checkpoint(str(work))
-  router = np.asarray(variables['params']['moe_layers']['moe_block']['moe']['router']['w'])
-  want = np.asarray(before['moe_layers']['moe_block']['moe']['router']['w'])
-  np.testing.assert_array_equal(router, want)  # frozen: not one bit moved
-  experts = np.asarray(variables['params']['moe_layers']['moe_block']['moe']['experts']['wo'])
-  assert not np.array_equal(experts, before['moe_layers']['moe_block']['moe']['experts']['wo'])
+  _, after = load_checkpoint(str(work))
+  moe = ('moe_layers', 'moe_block', 'moe')
+
+  def at(tree, *path):
+    for k in path:
+      tree = tree[k]
+    return np.asarray(tree)
+  np.testing.assert_array_equal(at(after['params'], *moe, 'router', 'w'),
+                                at(before['params'], *moe, 'router', 'w'))
+  bias = at(before['moe_state'], *moe, 'bias')
+  assert np.abs(bias).min() > 0  # a real, non-zero imported bias
+  np.testing.assert_array_equal(at(after['moe_state'], *moe, 'bias'), bias)
+  assert not np.array_equal(at(after['params'], *moe, 'experts', 'wo'),
+                            at(before['params'], *moe, 'experts', 'wo'))
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path):

@@ -305,6 +305,22 @@ def export_tensors(variables, m, fam, dtype, interleaved: bool = False):
   return out
 
 
+def export_variables(config, variables, hf_dir: str, model_type: str, base: dict | None = None,
+                     dtype: str = 'float32', shard_bytes: int = 5 << 30) -> list[str]:
+  """Write moejax variables as a Hugging Face folder (config.json + safetensors)."""
+  hf = hf_config_of(config, base, model_type)
+  hf['torch_dtype'] = dtype
+  fam = families.FAMILIES[model_type]
+  variables = jax.device_get(variables)
+  np_dtype = np.float32 if dtype == 'float32' else jnp.bfloat16
+  names = tensor_files.write(hf_dir, export_tensors(variables, config.model, fam, np_dtype,
+                                                    families.rope_interleaved(hf)),
+                             shard_bytes)
+  with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=1)
+  return names
+
+
 def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_type: str = '',
                    dtype: str = 'float32', shard_bytes: int = 5 << 30, log=print) -> dict:
   from moejax.data import tokenizer as tokenizers
@@ -323,16 +339,7 @@ def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_typ
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConfigError(f'--hf_dir={hf_dir}: exists and is not empty; export into a new folder')
   config, variables = load_checkpoint(workdir, step)
-  hf = hf_config_of(config, base, model_type)
-  hf['torch_dtype'] = dtype
-  fam = families.FAMILIES[model_type]
-  variables = jax.device_get(variables)
-  np_dtype = np.float32 if dtype == 'float32' else jnp.bfloat16
-  names = tensor_files.write(hf_dir, export_tensors(variables, config.model, fam, np_dtype,
-                                                    families.rope_interleaved(hf)),
-                             shard_bytes)
-  with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
-    json.dump(hf, f, indent=1)
+  names = export_variables(config, variables, hf_dir, model_type, base, dtype, shard_bytes)
   tok = tokenizers.from_dir(workdir)
   if not isinstance(tok, tokenizers.ByteTokenizer):
     tokenizers.copy_files(tok, hf_dir)
