@@ -2,7 +2,8 @@
 160 routed experts of 1536 + 2 shared, top-6, softmax gate (not renormalised),
 device-limited routing (8 devices, keep 3), routed_scaling_factor 16, expert/device/comm
 balance losses 0.003 / 0.05 / 0.02.
-`--config=configs/deepseek_v2.py` (published shape) or `configs/deepseek_v2.py:tiny` (CPU)."""
+`--config=configs/deepseek_v2.py` (published shape), `configs/deepseek_v2.py:lite`
+(DeepSeek-V2-Lite) or `configs/deepseek_v2.py:tiny` (CPU)."""
 import sys, os  # noqa: E401
 sys.path.insert(0, os.path.dirname(__file__))
 from published import published  # noqa: E402
@@ -34,5 +35,17 @@ TINY = {**COMMON,
         'model.moe.router.topk_groups': 2, 'model.moe.balance.num_devices': 4}
 
 
+# DeepSeek-V2-Lite (the same paper): 27 layers, d 2048, no query latent, first layer dense
+# (FFN 10944), 64 routed experts of 1408 + 2 shared, top-6, no device-limited routing.
+LITE = {**FULL,
+        'model.d_model': 2048, 'model.num_layers': 27, 'model.num_heads': 16,
+        'model.num_kv_heads': 16, 'model.ffn_dim': 10944, 'model.mla.q_lora_rank': 0,
+        'model.moe.num_experts': 64, 'model.moe.expert_ffn_dim': 1408,
+        'model.moe.router.routed_scaling_factor': 1.0, 'model.moe.router.num_groups': 1,
+        'model.moe.router.topk_groups': 1, 'model.moe.router.group_score': 'auto',
+        'model.moe.balance.aux_loss_weight': 0.001, 'model.moe.balance.device_loss_weight': 0.0,
+        'model.moe.balance.comm_loss_weight': 0.0, 'model.moe.balance.num_devices': 0}
+
+
 def get_config(arg=None):
-  return published(arg, FULL, TINY)
+  return published(None, LITE, TINY) if arg == 'lite' else published(arg, FULL, TINY)
