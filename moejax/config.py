@@ -29,7 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.head_dim = 32
   m.attention = 'gqa'  # 'gqa' (grouped-query) or 'mla' (multi-head latent, DeepSeek-V2/V3).
   # gqa: RMSNorm of queries and keys before the rotation: 'none', 'head' (over each head's
-  # width: Qwen3) or 'full' (over the whole projection: OLMoE).
+  # width: Qwen3) or 'full' (over the whole projection: OLMoE); 'l2': without a scale, after
+  # the rotation, on the rotated layers only (Llama 4).
   m.qk_norm = 'none'
   m.qkv_bias = False  # gqa: biases on the query, key and value projections (Qwen2).
   m.mla = mla = ml_collections.ConfigDict()
@@ -41,6 +42,20 @@ def base_config() -> ml_collections.ConfigDict:
   m.ffn_dim = 512  # width of the dense SwiGLU FFN layers.
   m.max_seq_len = 1024  # length of the RoPE table.
   m.rope_theta = 10000.0
+  # Rotary frequencies stretched for long context: kind 'none' or 'llama3' (Llama 3/4: wavelengths
+  # beyond original_max_len / low_freq_factor divided by factor, a smooth blend in between).
+  m.rope_scaling = ml_collections.ConfigDict({'kind': 'none', 'factor': 8.0,
+                                              'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                                              'original_max_len': 8192})
+  # gqa: every nope_every-th layer (0: none) has no rotary embedding and attends to all earlier
+  # positions; the others attend within chunks of attention_chunk positions (0: no chunks).
+  # Queries of the layers without rotation are scaled by
+  # 1 + nope_temperature * log(1 + floor((pos + 1) / nope_temperature_floor)) (0: off).
+  # (Llama 4: 4, 8192, 0.1, 8192.)
+  m.nope_every = 0
+  m.attention_chunk = 0
+  m.nope_temperature = 0.0
+  m.nope_temperature_floor = 8192
   m.norm_eps = 1e-6
   m.tie_embeddings = False
   m.dtype = 'float32'  # activation/compute dtype; params are kept in float32.
@@ -65,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   moe.shared_expert_ffn_dim = 0
   # Scale the shared experts' output per token by sigmoid(x . w_gate) (Qwen2-MoE's gate).
   moe.shared_expert_gate = False
+  # Apply the gate weight to the expert's input instead of its output (Llama 4: experts see
+  # sigmoid(logit) * x); exact for one expert per token, so it needs num_experts_per_tok = 1.
+  moe.gate_input = False
   moe.router = r = ml_collections.ConfigDict()
   r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice' (moe/registry.py;
   # each router reads only some of the fields below, and a field it ignores may not be set).
@@ -253,7 +271,8 @@ REMAT_NAMES = ('attn_in', 'query_proj', 'key_proj', 'value_proj', 'kv_latent', '
 DROPLESS_BACKENDS = ('auto', 'ragged_dot', 'blocked')
 PRIORITIES = ('choice', 'position', 'probability')
 DTYPES = ('float32', 'bfloat16')
-QK_NORMS = ('none', 'head', 'full')
+QK_NORMS = ('none', 'head', 'full', 'l2')
+ROPE_SCALINGS = ('none', 'llama3')
 NONFINITE = ('stop', 'skip', 'rollback')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
@@ -359,6 +378,19 @@ def validate(c, num_devices: int) -> dict[str, int]:
   _positive(c, 'train.max_nonfinite')
   _one_of(c, 'model.attention', ('gqa', 'mla'))
   _one_of(c, 'model.qk_norm', QK_NORMS)
+  _one_of(c, 'model.rope_scaling.kind', ROPE_SCALINGS)
+  _positive(c, 'model.rope_scaling.factor model.rope_scaling.low_freq_factor '
+            'model.rope_scaling.high_freq_factor model.rope_scaling.original_max_len '
+            'model.nope_temperature_floor')
+  _positive(c, 'model.nope_every model.attention_chunk model.nope_temperature', allow_zero=True)
+  if m.rope_scaling.kind == 'llama3' and not (
+      m.rope_scaling.high_freq_factor >= m.rope_scaling.low_freq_factor):
+    _fail('model.rope_scaling.high_freq_factor', m.rope_scaling.high_freq_factor,
+          f'must be at least low_freq_factor={m.rope_scaling.low_freq_factor}')
+  if m.attention == 'mla' and (m.nope_every or m.attention_chunk or
+                               m.rope_scaling.kind != 'none'):
+    _fail('model.attention', m.attention, 'MLA has no NoPE layers, attention chunks or rotary '
+          "scaling; set model.nope_every=0, attention_chunk=0, rope_scaling.kind='none'")
   if m.attention == 'mla' and m.qkv_bias:
     _fail('model.qkv_bias', m.qkv_bias, "applies to attention='gqa'; set it to False")
   if m.attention == 'mla' and m.qk_norm != 'none':
@@ -410,6 +442,10 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _one_of(c, 'model.moe.dispatch.priority', PRIORITIES)
     _one_of(c, 'model.moe.experts.backend', DROPLESS_BACKENDS)
     _positive(c, 'model.moe.experts.block_size', allow_zero=True)
+    if moe.gate_input and moe.num_experts_per_tok != 1:
+      _fail('model.moe.gate_input', moe.gate_input, 'gates the input of the one expert a token '
+            f'uses, so it needs model.moe.num_experts_per_tok=1 (it is '
+            f'{moe.num_experts_per_tok})')
     # The pieces' own contracts: names, their checks, and no setting they ignore.
     from moejax.moe import registry
     registry.check(c, _fail, base_config().model.moe)

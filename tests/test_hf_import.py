@@ -50,6 +50,17 @@ FAMILIES = {
                          q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                          n_group=2, topk_group=1, routed_scaling_factor=2.5,
                          num_key_value_heads=4)),
+    # Llama 4: top-1 sigmoid gate on the expert's input + a shared expert, MoE every other
+    # layer, dense layers of their own width; NoPE on layer 3 with temperature-tuned queries,
+    # chunks of 4 positions with L2-normalised q/k on the others; llama3 rotary scaling.
+    'llama4_text': ('Llama4TextConfig', 'Llama4ForCausalLM',
+                    dict(num_hidden_layers=4, intermediate_size=16, intermediate_size_mlp=48,
+                         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                         head_dim=8, attention_chunk_size=4, floor_scale=4, attn_scale=0.5,
+                         rope_parameters={'rope_theta': 5e5, 'rope_type': 'llama3',
+                                          'factor': 8.0, 'low_freq_factor': 1.0,
+                                          'high_freq_factor': 4.0,
+                                          'original_max_position_embeddings': 16})),
 }
 
 
@@ -64,6 +75,8 @@ def _build(kind: str, folder, **kw):
         p.uniform_(0.5, 1.5)
       elif name.endswith('bias'):
         p.uniform_(-0.5, 0.5)
+      elif 'experts.' in name and p.ndim == 3:  # stacked experts start at zero in Llama 4
+        p.normal_(0, 0.3)
     for name, b in model.named_buffers():
       if name.endswith('e_score_correction_bias'):  # a real selection bias changes the choice
         b.uniform_(-0.3, 0.3)
@@ -86,11 +99,16 @@ def test_logits_and_routing_equal_transformers(family):
   ids = _ids()
   chosen = []  # every routed layer's (T, K) expert indices, as transformers' routers return
 
+  k = ref_model.config.num_experts_per_tok
+
   def record(module, inputs, output):
-    chosen.append(np.sort(output[-1].numpy(), -1))
+    if isinstance(output[-1], torch.Tensor) and not output[-1].is_floating_point():
+      chosen.append(np.sort(output[-1].numpy(), -1))  # (logits, weights, indices)
+    else:  # Llama 4: (scores, logits), scores zero off the chosen experts
+      chosen.append(np.sort(torch.topk(output[0], k, dim=-1).indices.numpy(), -1))
   hooks = [mod.register_forward_hook(record) for name, mod in ref_model.named_modules()
-           if name.endswith('.gate') and hasattr(mod, 'weight') and mod.weight.ndim == 2
-           and mod.weight.shape[0] > 1]
+           if name.endswith(('.gate', '.router')) and hasattr(mod, 'weight')
+           and mod.weight.ndim == 2 and mod.weight.shape[0] > 1]
   with torch.no_grad():
     ref = ref_model(ids).logits.numpy()
   for h in hooks:
@@ -167,6 +185,29 @@ def test_sharded_checkpoint_with_index(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_multimodal_llama4_imports_its_language_model(tmp_path):
+  """Llama 4 as published (Llama4ForConditionalGeneration: text_config, 'language_model.'
+  tensors): the language model imports and equals transformers' text logits."""
+  text = {**COMMON, **FAMILIES['llama4_text'][2]}
+  vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                projector_output_dim=32)
+  torch.manual_seed(0)
+  full = transformers.Llama4ForConditionalGeneration(
+      transformers.Llama4Config(text_config=text, vision_config=vision)).eval()
+  with torch.no_grad():
+    for name, p in full.named_parameters():
+      if 'experts.' in name and p.ndim == 3:
+        p.normal_(0, 0.3)
+  full.save_pretrained(str(tmp_path / 'hf'))
+  model, variables = hf.load_pretrained(str(tmp_path / 'hf'))
+  ids = _ids()
+  with torch.no_grad():
+    ref = full.language_model(input_ids=ids).logits.numpy()  # its forward needs an image
+  logits, _ = model.apply(variables, jnp.asarray(ids.numpy()))
+  assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_imported_model_fine_tunes_with_the_router_and_its_bias_fixed(tmp_path):
   """DeepSeek-V3 imported with the router frozen: 30 fine-tuning steps through
   python -m moejax.main lower the loss, move the experts, and leave the router weights and the
@@ -207,7 +248,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for change, match in (
       ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: "
-                               'deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe'),
+                               'deepseek_v2, deepseek_v3, llama4_text, mixtral, olmoe, qwen2_moe, qwen3_moe'),
       ({'quantization_config': {'quant_method': 'fp8'}}, 'quantized \\(fp8\\)'),
       ({'hidden_size': 64}, r'tensor model.embed_tokens.weight: shape \[320, 32\], but this '
                             r'config needs \[320, 64\]'),

@@ -37,7 +37,12 @@ PUBLISHED = {'deepseek_v3': (671, '37', 'active_without_input_embedding'),
 # their activated parameters, DeepSeek-V2-Lite (like V2) does not.
 CARDS = {'qwen3_moe': (30.5, '3.3', 'active'), 'qwen3_moe:235b': (235, '22', 'active'),
          'olmoe': (6.9, '1.3', 'active'), 'qwen2_moe': (14.3, '2.7', 'active'),
-         'deepseek_v2:lite': (15.7, '2.4', 'active_without_input_embedding')}
+         'deepseek_v2:lite': (15.7, '2.4', 'active_without_input_embedding'),
+         'llama4:maverick': (400, '17', 'active'), 'llama4': (109, '17', 'active')}
+# Llama 4's totals count the whole multimodal model; moejax builds the language model only, so
+# Scout's text model is 107.8B for the published 109B (the vision encoder and projector, about
+# 0.8B, make up the rest): checked within 1.2%, the one figure here outside 1%.
+TOTAL_REL = {'llama4': 0.012}
 
 
 def _within_published(ours: float, published: str, rel: float = 0.01) -> bool:
@@ -54,11 +59,12 @@ def test_parameter_counts_match_the_model_cards(spec):
   name, _, arg = spec.partition(':')
   counts = count_params(load(name, arg or None).model)
   total, active, convention = CARDS[spec]
-  assert counts['total'] / 1e9 == pytest.approx(total, rel=0.01), counts['total']
+  assert counts['total'] / 1e9 == pytest.approx(total, rel=TOTAL_REL.get(spec, 0.01)), \
+      counts['total']
   assert _within_published(counts[convention] / 1e9, active), counts[convention]
 
 
-@pytest.mark.parametrize('name', list(PUBLISHED) + ['qwen3_moe', 'olmoe', 'qwen2_moe'])
+@pytest.mark.parametrize('name', list(PUBLISHED) + ['qwen3_moe', 'olmoe', 'qwen2_moe', 'llama4'])
 def test_tiny_variant_trains(name):
   c = load(name, 'tiny')
   full = load(name)

@@ -44,6 +44,35 @@ def read_hf_config(hf_dir: str) -> dict:
   return hf
 
 
+def text_model(hf: dict) -> tuple[dict, str]:
+  """(the language model's config, its tensors' name prefix): a multimodal Llama 4 checkpoint
+  (model_type 'llama4') holds its text model under text_config and 'language_model.'."""
+  if hf.get('model_type') == 'llama4' and isinstance(hf.get('text_config'), dict):
+    return {'model_type': 'llama4_text', **hf['text_config']}, 'language_model.'
+  return hf, ''
+
+
+class _Prefixed:
+  """A tensor reader whose names carry a prefix (the text part of a multimodal model)."""
+
+  def __init__(self, reader, prefix: str):
+    self.reader, self.prefix = reader, prefix
+
+  def __contains__(self, name):
+    return self.prefix + name in self.reader
+
+  def shape(self, name):
+    return self.reader.shape(self.prefix + name)
+
+  def get(self, name):
+    return self.reader.get(self.prefix + name)
+
+
+def _reader(hf_dir: str, prefix: str):
+  reader = tensor_files.Reader(hf_dir)
+  return _Prefixed(reader, prefix) if prefix else reader
+
+
 def moejax_config(hf: dict, where: str, dtype: str = 'float32'):
   """base_config() with the checkpoint's model fields (and a model that only evaluates)."""
   c = config_lib.base_config()
@@ -107,10 +136,10 @@ def load_pretrained(hf_dir: str, dtype: str = 'float32'):
   from moejax.model.transformer import Transformer
   if dtype not in DTYPES:
     raise ConfigError(f'dtype={dtype!r}: one of {", ".join(DTYPES)}')
-  hf = read_hf_config(hf_dir)
+  hf, prefix = text_model(read_hf_config(hf_dir))
   c, _ = moejax_config(hf, f'{hf_dir}/config.json', dtype)
   fam = families.family(hf, hf_dir)
-  variables = import_variables(tensor_files.Reader(hf_dir), c.model, fam, DTYPES[dtype],
+  variables = import_variables(_reader(hf_dir, prefix), c.model, fam, DTYPES[dtype],
                                families.rope_interleaved(hf))
   return Transformer(c.model, train=False), variables
 
@@ -146,14 +175,14 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   from moejax.training.step import Trainer, TrainState
   if dtype not in DTYPES:
     raise ConfigError(f'--dtype={dtype}: one of {", ".join(DTYPES)}')
-  hf = read_hf_config(hf_dir)
+  hf, prefix = text_model(read_hf_config(hf_dir))
   where = f'{hf_dir}/config.json'
   c, fields = moejax_config(hf, where, dtype)
   fam = families.family(hf, where)
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise ConfigError(f'--workdir={workdir}: exists and is not empty; import into a new folder '
                       '(nothing there was changed)')
-  reader = tensor_files.Reader(hf_dir)
+  reader = _reader(hf_dir, prefix)
   extra = {}
   tok = None
   if any(os.path.exists(os.path.join(hf_dir, n)) for n in ('tokenizer.json', 'tokenizer.model')):
@@ -208,21 +237,27 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
 
 ARCHITECTURES = {'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
                  'qwen2_moe': 'Qwen2MoeForCausalLM', 'olmoe': 'OlmoeForCausalLM',
-                 'deepseek_v2': 'DeepseekV2ForCausalLM', 'deepseek_v3': 'DeepseekV3ForCausalLM'}
+                 'deepseek_v2': 'DeepseekV2ForCausalLM', 'deepseek_v3': 'DeepseekV3ForCausalLM',
+                 'llama4_text': 'Llama4ForCausalLM'}
 
 
 def hf_config_of(c, base: dict | None, model_type: str) -> dict:
   """A Hugging Face config.json for moejax config c (over the imported one when there is)."""
   m, moe = c.model, c.model.moe
   fam = families.FAMILIES[model_type]
-  shared = bool(fam.shared_key) and moe.shared_expert_gate and moe.num_shared_experts == 1
+  llama4 = model_type == 'llama4_text'
+  gated = bool(fam.shared_key) and moe.shared_expert_gate and moe.num_shared_experts == 1
+  shared_ok = (fam.latent_attention or (llama4 and moe.num_shared_experts == 1) or
+               bool(moe.num_shared_experts) == gated)
   mismatch = [f'{k}={v!r}' for k, v, ok in (
-      ('qk_norm', m.qk_norm, m.qk_norm == fam.qk_norm),
+      ('qk_norm', m.qk_norm, m.qk_norm in (('none', 'l2') if llama4 else (fam.qk_norm,))),
       ('attention', m.attention, (m.attention == 'mla') == fam.latent_attention),
       ('qkv_bias', m.qkv_bias, not m.qkv_bias or fam.qkv_bias_key),
-      ('shared_expert_gate', moe.shared_expert_gate, moe.shared_expert_gate == shared),
-      ('num_shared_experts', moe.num_shared_experts,
-       fam.latent_attention or bool(moe.num_shared_experts) == shared)) if not ok]
+      ('shared_expert_gate', moe.shared_expert_gate, moe.shared_expert_gate == gated),
+      ('gate_input', moe.gate_input, moe.gate_input == llama4),
+      ('nope_every', m.nope_every, llama4 or not m.nope_every),
+      ('attention_chunk', m.attention_chunk, llama4 or not m.attention_chunk),
+      ('num_shared_experts', moe.num_shared_experts, shared_ok)) if not ok]
   if mismatch:
     raise ConfigError(f'--model_type={model_type}: this model ({", ".join(mismatch)}) is not '
                       f'a {model_type} model')
@@ -238,8 +273,16 @@ def hf_config_of(c, base: dict | None, model_type: str) -> dict:
   for key in ('rope_scaling', 'rope_theta', 'num_local_experts', 'num_experts'):
     hf.pop(key, None)
   hf['rope_parameters'] = {'rope_theta': m.rope_theta, 'rope_type': 'default'}
+  r = m.rope_scaling
+  if r.kind == 'llama3':
+    hf['rope_parameters'].update(rope_type='llama3', factor=r.factor,
+                                 low_freq_factor=r.low_freq_factor,
+                                 high_freq_factor=r.high_freq_factor,
+                                 original_max_position_embeddings=r.original_max_len)
   ids = config_lib.moe_layer_ids(m)
-  if model_type == 'mixtral':
+  if llama4:
+    _llama4_config(hf, m, ids)
+  elif model_type == 'mixtral':
     hf.update(num_local_experts=moe.num_experts, intermediate_size=moe.expert_ffn_dim)
   elif fam.latent_attention:
     _latent_config(hf, m, model_type)
@@ -248,7 +291,7 @@ def hf_config_of(c, base: dict | None, model_type: str) -> dict:
   if model_type in ('qwen3_moe', 'qwen2_moe'):
     hf.update(moe_intermediate_size=moe.expert_ffn_dim, decoder_sparse_step=1,
               mlp_only_layers=[i for i in range(m.num_layers) if i not in ids])
-  elif not fam.latent_attention and ids != list(range(m.num_layers)):
+  elif not (fam.latent_attention or llama4) and ids != list(range(m.num_layers)):
     raise ConfigError(f'--model_type={model_type}: has a MoE FFN in every layer, but this model '
                       f'has dense layers (first_k_dense={m.first_k_dense}, moe_layer_freq='
                       f'{m.moe_layer_freq})')
@@ -258,6 +301,23 @@ def hf_config_of(c, base: dict | None, model_type: str) -> dict:
     hf[fam.shared_key] = moe.shared_expert_ffn_dim or moe.expert_ffn_dim
   hf.setdefault('architectures', [ARCHITECTURES[model_type]])
   return hf
+
+
+def _llama4_config(hf: dict, m, ids: list[int]) -> None:
+  moe, n = m.moe, m.num_layers
+  if moe.router.score_fn != 'sigmoid' or moe.router.norm_topk_prob:
+    raise ConfigError("--model_type=llama4_text: routes with score_fn='sigmoid' and no "
+                      'renormalisation; this model does not')
+  rope = [int(not m.nope_every or (i + 1) % m.nope_every != 0) for i in range(n)]
+  hf.update(intermediate_size=moe.expert_ffn_dim, intermediate_size_mlp=m.ffn_dim,
+            num_local_experts=moe.num_experts, moe_layers=ids,
+            interleave_moe_layer_step=m.moe_layer_freq, use_qk_norm=m.qk_norm == 'l2',
+            no_rope_layers=rope, no_rope_layer_interval=m.nope_every or 4,
+            attention_chunk_size=m.attention_chunk or None,
+            layer_types=[('chunked_attention' if r and m.attention_chunk else 'full_attention')
+                         for r in rope],
+            attn_temperature_tuning=bool(m.nope_temperature), attn_scale=m.nope_temperature,
+            floor_scale=m.nope_temperature_floor, attention_bias=False)
 
 
 def _latent_config(hf: dict, m, model_type: str) -> None:
@@ -285,9 +345,20 @@ def _latent_config(hf: dict, m, model_type: str) -> None:
 
 def export_tensors(variables, m, fam, dtype, interleaved: bool = False):
   """(name, shape, dtype, producer) of every Hugging Face tensor, made on demand."""
-  out = []
+  out, fused = [], {}
   for path, layers, template, _, to_hf, per_expert in weights.leaves(m, fam, interleaved):
     leaf = _get(variables, path)
+    if per_expert == 'fused':  # halves of one stacked tensor, joined on the last axis
+      for layer, index in layers:
+        name = weights.hf_name(template, layer)
+        if name not in fused:
+          fused[name] = []
+          value = leaf if index is None else leaf[index]
+          shape = value.shape[:-1] + (2 * value.shape[-1],)
+          out.append((name, shape, dtype, lambda parts=fused[name]: np.concatenate(
+              [np.asarray(p, np.float32) for p in parts], axis=-1)))
+        fused[name].append(leaf if index is None else leaf[index])
+      continue
     if path[0] != 'params':
       leaf_dtype = np.float32  # the selection bias is a float32 buffer in transformers too
     for layer, index in layers:

@@ -22,6 +22,10 @@ class Family:
   shared_key: str = ''  # config key of the gated shared expert's width (0 or absent: none)
   shared_module: str = 'shared_expert'  # the shared expert's module name in the MoE block
   latent_attention: bool = False  # MLA (q_a/q_b/kv_a/kv_b projections)
+  router_name: str = 'gate'  # the router's module name in the MoE block
+  dense_module: str = 'mlp'  # a dense layer's FFN module name
+  fused_experts: bool = False  # experts stored stacked: gate_up_proj [N, D, 2F], down_proj
+  interleaved_rope: bool = False  # q/k rotary dims in interleaved pairs (reordered at import)
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -35,6 +39,9 @@ FAMILIES = {f.model_type: f for f in (
            shared_module='shared_experts', latent_attention=True),
     Family('deepseek_v3', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
            shared_module='shared_experts', latent_attention=True),
+    Family('llama4_text', 'feed_forward', ('gate_up_proj', 'gate_up_proj', 'down_proj'),
+           router_name='router', dense_module='feed_forward', fused_experts=True,
+           interleaved_rope=True),
 )}
 
 
@@ -46,19 +53,31 @@ def family(hf: dict, where: str) -> Family:
   return FAMILIES[kind]
 
 
-def _rope_theta(hf: dict, where: str) -> float:
+def _rope(hf: dict, where: str) -> dict:
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
   kind = rope.get('rope_type', rope.get('type', 'default'))
-  if kind != 'default':
-    raise ConfigError(f'{where}: rope_type {kind!r} (scaled rotary embeddings) is not supported; '
-                      'only the default rotation')
-  return float(rope.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  f = {'model.rope_theta': float(rope.get('rope_theta', hf.get('rope_theta', 10000.0)))}
+  if kind == 'llama3':
+    f.update({'model.rope_scaling.kind': 'llama3',
+              'model.rope_scaling.factor': float(rope['factor']),
+              'model.rope_scaling.low_freq_factor': float(rope['low_freq_factor']),
+              'model.rope_scaling.high_freq_factor': float(rope['high_freq_factor']),
+              'model.rope_scaling.original_max_len': int(rope['original_max_position_embeddings'])})
+  elif kind != 'default':
+    raise ConfigError(f'{where}: rope_type {kind!r} is not supported; only the default rotation '
+                      "and 'llama3' scaling")
+  return f
 
 
 def moe_layers(hf: dict) -> list[int]:
   """Indices of the layers whose FFN is MoE: Qwen's decoder_sparse_step and mlp_only_layers,
   DeepSeek's first_k_dense_replace and moe_layer_freq."""
   n = hf['num_hidden_layers']
+  if 'moe_layers' in hf and isinstance(hf['moe_layers'], list):  # Llama 4 lists them
+    return sorted(hf['moe_layers'])
+  if 'interleave_moe_layer_step' in hf:
+    step = hf['interleave_moe_layer_step'] or 1
+    return [i for i in range(n) if (i + 1) % step == 0]
   if 'first_k_dense_replace' in hf:
     first, freq = hf['first_k_dense_replace'] or 0, hf.get('moe_layer_freq') or 1
     return [i for i in range(n) if i >= first and (i - first) % freq == 0]
@@ -109,7 +128,7 @@ def model_fields(hf: dict, where: str) -> dict:
       'model.head_dim': hf.get('head_dim') or d // heads,
       'model.ffn_dim': hf['intermediate_size'],
       'model.max_seq_len': hf.get('max_position_embeddings', 4096),
-      'model.rope_theta': _rope_theta(hf, where),
+      **_rope(hf, where),
       'model.norm_eps': hf.get('rms_norm_eps', 1e-6),
       'model.qk_norm': fam.qk_norm,
       'model.first_k_dense': first, 'model.moe_layer_freq': freq,
@@ -131,16 +150,20 @@ def model_fields(hf: dict, where: str) -> dict:
               'model.moe.shared_expert_gate': True})
   if fam.latent_attention:
     f.update(_latent(hf, where))
+  if fam.model_type == 'llama4_text':
+    f.update(_llama4(hf, where))
   if hf.get('router_jitter_noise'):
     f['model.moe.router.jitter'] = float(hf['router_jitter_noise'])
   return f
 
 
 def rope_interleaved(hf: dict) -> bool:
-  """Whether the checkpoint's rotary dims are interleaved pairs (DeepSeek-V2 always; V3 unless
-  rope_interleave is false) rather than moejax's halves; import reorders them."""
+  """Whether the checkpoint's rotary dims are interleaved pairs (DeepSeek-V2 and Llama 4
+  always; V3 unless rope_interleave is false) rather than moejax's halves; import reorders
+  them."""
   kind = hf.get('model_type')
-  return kind == 'deepseek_v2' or (kind == 'deepseek_v3' and hf.get('rope_interleave', True))
+  return (kind in ('deepseek_v2', 'llama4_text') or
+          (kind == 'deepseek_v3' and hf.get('rope_interleave', True)))
 
 
 def _latent(hf: dict, where: str) -> dict:
@@ -176,4 +199,31 @@ def _latent(hf: dict, where: str) -> dict:
     f['model.moe.balance.aux_loss_weight'] = 0.0
   else:
     f['model.moe.balance.aux_loss_weight'] = float(hf.get('aux_loss_alpha') or 0.0)
+  return f
+
+
+def _llama4(hf: dict, where: str) -> dict:
+  """Llama 4 (text): top-1 sigmoid router gating the expert's input, one shared expert of the
+  routed width, dense layers of their own width; NoPE every k-th layer (full attention,
+  temperature-tuned queries), the other layers rotated, chunked and L2-normalised."""
+  n = hf['num_hidden_layers']
+  f = {'model.ffn_dim': hf.get('intermediate_size_mlp') or hf['intermediate_size'],
+       'model.moe.num_shared_experts': 1, 'model.moe.router.score_fn': 'sigmoid',
+       'model.moe.router.norm_topk_prob': False, 'model.moe.gate_input': True,
+       'model.qk_norm': 'l2' if hf.get('use_qk_norm') else 'none'}
+  rope = list(hf.get('no_rope_layers') or [1] * n)  # 1: rotated, 0: NoPE
+  every = hf.get('no_rope_layer_interval') or 4
+  if all(rope):
+    every = 0
+  elif rope != [int((i + 1) % every != 0) for i in range(n)]:
+    raise ConfigError(f'{where}: no_rope_layers {rope} is not "every {every}th layer"')
+  f['model.nope_every'] = every
+  chunk = hf.get('attention_chunk_size') or 0
+  types = hf.get('layer_types')
+  if chunk and types and types != ['chunked_attention' if r else 'full_attention' for r in rope]:
+    raise ConfigError(f'{where}: layer_types must be chunked exactly on the rotated layers')
+  f['model.attention_chunk'] = chunk
+  if hf.get('attn_temperature_tuning') and every:
+    f['model.nope_temperature'] = float(hf.get('attn_scale', 0.1))
+    f['model.nope_temperature_floor'] = int(hf.get('floor_scale', 8192))
   return f

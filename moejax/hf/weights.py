@@ -30,12 +30,17 @@ def slots(m) -> list[tuple[tuple[str, str], int | None, bool]]:
 
 # (moejax path within the block, HF name within model.layers.N, to moejax, to HF); the
 # transforms get the array and the model config.
-def _heads(n_attr):
+def _heads(n_attr, interleaved: bool = False):
+  def order(m):
+    return _rope_order(m.head_dim, interleaved)
+
   def to_moejax(w, m):  # [H * hd, D] -> [D, H, hd]
-    return w.reshape(getattr(m, n_attr), m.head_dim, -1).transpose(2, 0, 1)
+    return w.reshape(getattr(m, n_attr), m.head_dim, -1)[:, order(m)].transpose(2, 0, 1)
 
   def to_hf(w, m):  # [D, H, hd] -> [H * hd, D]
-    return w.transpose(1, 2, 0).reshape(-1, w.shape[0])
+    out = np.empty_like(w.transpose(1, 2, 0))
+    out[:, order(m)] = w.transpose(1, 2, 0)
+    return out.reshape(-1, w.shape[0])
   return to_moejax, to_hf
 
 
@@ -55,14 +60,17 @@ def _same(w, m):
   return w
 
 
-ATTENTION = [
-    (('attn', 'wq'), 'self_attn.q_proj.weight', *_heads('num_heads')),
-    (('attn', 'wk'), 'self_attn.k_proj.weight', *_heads('num_kv_heads')),
-    (('attn', 'wv'), 'self_attn.v_proj.weight', *_heads('num_kv_heads')),
-    (('attn', 'wo'), 'self_attn.o_proj.weight', _out_to_moejax, _out_to_hf),
-    (('attn_norm', 'scale'), 'input_layernorm.weight', _same, _same),
-    (('ffn_norm', 'scale'), 'post_attention_layernorm.weight', _same, _same),
-]
+def attention(interleaved: bool) -> list:
+  return [
+      (('attn', 'wq'), 'self_attn.q_proj.weight', *_heads('num_heads', interleaved)),
+      (('attn', 'wk'), 'self_attn.k_proj.weight', *_heads('num_kv_heads', interleaved)),
+      (('attn', 'wv'), 'self_attn.v_proj.weight', *_heads('num_kv_heads')),
+      (('attn', 'wo'), 'self_attn.o_proj.weight', _out_to_moejax, _out_to_hf),
+      (('attn_norm', 'scale'), 'input_layernorm.weight', _same, _same),
+      (('ffn_norm', 'scale'), 'post_attention_layernorm.weight', _same, _same),
+  ]
+
+
 QK_NORM = [
     (('attn', 'q_norm', 'scale'), 'self_attn.q_norm.weight', _same, _same),
     (('attn', 'k_norm', 'scale'), 'self_attn.k_norm.weight', _same, _same),
@@ -80,11 +88,21 @@ QKV_BIAS = [
     (('attn', 'bk'), 'self_attn.k_proj.bias', _bias_to_moejax, _bias_to_hf),
     (('attn', 'bv'), 'self_attn.v_proj.bias', _bias_to_moejax, _bias_to_hf),
 ]
-DENSE_FFN = [
-    (('ffn', 'wi_0'), 'mlp.gate_proj.weight', _t, _t),
-    (('ffn', 'wi_1'), 'mlp.up_proj.weight', _t, _t),
-    (('ffn', 'wo'), 'mlp.down_proj.weight', _t, _t),
-]
+def dense_ffn(module: str) -> list:
+  return [
+      (('ffn', 'wi_0'), f'{module}.gate_proj.weight', _t, _t),
+      (('ffn', 'wi_1'), f'{module}.up_proj.weight', _t, _t),
+      (('ffn', 'wo'), f'{module}.down_proj.weight', _t, _t),
+  ]
+
+
+def _fused_half(which: int):
+  """gate_up_proj [N, D, 2F] -> its gate (0) or up (1) half [N, D, F]; the export joins the two
+  halves again (export_tensors)."""
+  def to_moejax(w, m):
+    f = w.shape[-1] // 2
+    return w[..., which * f:(which + 1) * f]
+  return to_moejax, _same
 
 
 def _rope_order(rope: int, interleaved: bool):
@@ -163,18 +181,23 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
   if m.attention == 'mla':
     out = [(*t, False) for t in latent_attention(m, interleaved)]
   else:
-    out = [(*t, False) for t in ATTENTION]
-  if m.qk_norm != 'none':
+    out = [(*t, False) for t in attention(interleaved)]
+  if m.qk_norm in ('head', 'full'):  # 'l2' has no scale
     out += [(*t, False) for t in QK_NORM]
   if m.qkv_bias:
     out += [(*t, False) for t in QKV_BIAS]
   if not moe:
-    return out + [(*t, False) for t in DENSE_FFN]
+    return out + [(*t, False) for t in dense_ffn(fam.dense_module)]
   gate, up, down = fam.expert_names
   mod = fam.moe_module
-  out.append((('moe', 'router', 'w'), f'{mod}.gate.weight', _t, _t, False))
-  for leaf, proj in (('wi_0', gate), ('wi_1', up), ('wo', down)):
-    out.append((('moe', 'experts', leaf), f'{mod}.experts.{{e}}.{proj}.weight', _t, _t, True))
+  out.append((('moe', 'router', 'w'), f'{mod}.{fam.router_name}.weight', _t, _t, False))
+  if fam.fused_experts:  # stacked tensors holding every expert ('fused': one HF tensor, 2 leaves)
+    out += [(('moe', 'experts', 'wi_0'), f'{mod}.experts.{gate}', *_fused_half(0), 'fused'),
+            (('moe', 'experts', 'wi_1'), f'{mod}.experts.{up}', *_fused_half(1), 'fused'),
+            (('moe', 'experts', 'wo'), f'{mod}.experts.{down}', _same, _same, False)]
+  else:
+    for leaf, proj in (('wi_0', gate), ('wi_1', up), ('wo', down)):
+      out.append((('moe', 'experts', leaf), f'{mod}.experts.{{e}}.{proj}.weight', _t, _t, True))
   if m.moe.num_shared_experts:
     for leaf, proj in (('wi_0', 'gate_proj'), ('wi_1', 'up_proj'), ('wo', 'down_proj')):
       out.append((('moe', 'shared', leaf), f'{mod}.{fam.shared_module}.{proj}.weight', _t, _t,
@@ -223,6 +246,17 @@ def assemble(reader, m, fam, path, layers, template, to_moejax, to_hf, per_exper
   out = np.empty(shape, dtype)
   for layer, index in layers:
     target = out if index is None else out[index]
+    if per_expert == 'fused':  # one stacked tensor holds this leaf and a sibling
+      name = hf_name(template, layer)
+      if name not in reader:
+        raise ConfigError(f'the checkpoint has no tensor {name!r} (needed for moejax '
+                          f'{"/".join(path)})')
+      value = to_moejax(np.asarray(reader.get(name), np.float32), m)
+      if value.shape != target.shape:
+        raise ConfigError(f'tensor {name}: shape {list(reader.shape(name))} does not fit this '
+                          f'config ({"/".join(path)} is {list(target.shape)})')
+      target[...] = value
+      continue
     one = target[0] if per_expert else target
     want = to_hf(one, m).shape  # views only: nothing is copied
     experts = range(m.moe.num_experts) if per_expert else [None]

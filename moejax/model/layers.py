@@ -11,15 +11,35 @@ from jax.ad_checkpoint import checkpoint_name
 from moejax.nn.layers import Dtype, RMSNorm, constrain, param_with_axes
 
 
-def apply_rope(x, positions, theta: float):
-  """Rotate x [b, s, h, d] by positions [b, s] (the half-split convention of GPT-NeoX/Llama)."""
-  d = x.shape[-1]
+def rope_frequencies(d: int, theta: float, scaling=None):
+  """The d/2 rotation frequencies; scaling ('llama3', factor, low_freq_factor,
+  high_freq_factor, original_max_len) stretches the long wavelengths as Llama 3/4 do."""
   inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  if not scaling or scaling[0] == 'none':
+    return inv_freq
+  _, factor, low, high, original = scaling
+  wavelen = 2 * jnp.pi / inv_freq
+  low_wavelen, high_wavelen = original / low, original / high
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (original / wavelen - low) / max(high - low, 1e-9)  # no band when high == low
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, theta: float, scaling=None):
+  """Rotate x [b, s, h, d] by positions [b, s] (the half-split convention of GPT-NeoX/Llama)."""
+  inv_freq = rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
   cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def _rms(t, eps: float):
+  tf = t.astype(jnp.float32)
+  return tf * jax.lax.rsqrt(jnp.mean(tf * tf, axis=-1, keepdims=True) + eps)
 
 
 def update_cache(module: nn.Module, new: dict, cache_len: int):
@@ -55,9 +75,16 @@ class GroupedQueryAttention(nn.Module):
   qk_norm: str = 'none'
   norm_eps: float = 1e-6
   qkv_bias: bool = False  # biases on the query, key and value projections
+  rope_scaling: tuple = ()  # ('llama3', factor, low, high, original_max_len) or ()
+  # Layers without the rotation (use_rope False) attend to all earlier positions; layers with
+  # it, to the earlier positions of their chunk of `chunk` positions (0: no chunks).
+  chunk: int = 0
+  # Without the rotation, queries are scaled by 1 + scale * log(1 + floor((pos + 1) / floor))
+  # (attention temperature tuning, arXiv:2501.19399); scale 0: off.
+  temperature: tuple = (0.0, 8192)
 
   def _qk_norm(self, t, name: str):
-    """t [b, s, heads, hd] -> normalised as qk_norm says."""
+    """t [b, s, heads, hd] -> normalised as qk_norm says ('l2' comes after the rotation)."""
     if self.qk_norm == 'head':
       return RMSNorm(self.norm_eps, self.dtype, name=name)(t)
     if self.qk_norm == 'full':
@@ -67,7 +94,8 @@ class GroupedQueryAttention(nn.Module):
     return t
 
   @nn.compact
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, use_rope=True):
+    """use_rope: a (possibly traced) bool, False for the layers without rotary embedding."""
     b, s, d = x.shape
     h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
     wq = param_with_axes(self, 'wq', (d, h, hd), ('embed', 'heads', 'head_dim'))
@@ -90,8 +118,20 @@ class GroupedQueryAttention(nn.Module):
       v = v + param_with_axes(self, 'bv', (kv, hd), ('kv_heads', 'head_dim'), zeros).astype(
           v.dtype)
     q, k = self._qk_norm(q, 'q_norm'), self._qk_norm(k, 'k_norm')
-    q = constrain(apply_rope(q, positions, self.rope_theta), ('batch', 'length', 'act_heads', None))
-    k = apply_rope(k, positions, self.rope_theta)
+    rq = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+    rk = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
+    if self.qk_norm == 'l2':  # parameter-free, on the rotated layers only (Llama 4)
+      rq = _rms(rq, self.norm_eps).astype(q.dtype)
+      rk = _rms(rk, self.norm_eps).astype(k.dtype)
+    if use_rope is True:
+      q, k = rq, rk
+    else:
+      scale, floor = self.temperature
+      if scale:
+        pos = positions.astype(jnp.float32)[:, :, None, None]
+        q = q * (1 + scale * jnp.log1p(jnp.floor((pos + 1) / floor))).astype(q.dtype)
+      q, k = jnp.where(use_rope, rq, q), jnp.where(use_rope, rk, k)
+    q = constrain(q, ('batch', 'length', 'act_heads', None))
     key_pos = positions  # [b, s]
     if self.cache_len:
       cache, key_pos = update_cache(self, {'k': k, 'v': v}, self.cache_len)
@@ -99,6 +139,10 @@ class GroupedQueryAttention(nn.Module):
     q = q.reshape(b, s, kv, h // kv, hd)  # [b, s, kv, group, hd]
     logits = jnp.einsum('bqkgd,bskd->bkgqs', q, k).astype(jnp.float32) * hd ** -0.5
     causal = positions[:, None, None, :, None] >= key_pos[:, None, None, None, :]
+    if self.chunk:
+      same = (positions[:, None, None, :, None] // self.chunk ==
+              key_pos[:, None, None, None, :] // self.chunk)
+      causal = causal & (same | jnp.logical_not(use_rope))
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [b, kv, group, q, s]
     out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v).reshape(b, s, h, hd)

@@ -28,18 +28,25 @@ class Block(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, token_ids, replay=None):
+  def __call__(self, x, positions, token_ids, layer, replay=None):
+    """layer: this block's index in the model (traced inside a scanned stack)."""
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='attn_norm')(x), 'attn_in')
     if c.attention == 'mla':
       attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.norm_eps, dtype,
                                       self.cache_len, name='attn')
+      x = x + checkpoint_name(attn(h, positions), 'attn_out')
     else:
-      attn = GroupedQueryAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype,
-                                   self.cache_len, c.qk_norm, c.norm_eps, c.qkv_bias,
-                                   name='attn')
-    x = x + checkpoint_name(attn(h, positions), 'attn_out')
+      r = c.rope_scaling
+      attn = GroupedQueryAttention(
+          c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype, self.cache_len,
+          c.qk_norm, c.norm_eps, c.qkv_bias,
+          (r.kind, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_len),
+          c.attention_chunk, (c.nope_temperature, c.nope_temperature_floor), name='attn')
+      # Every nope_every-th layer has no rotary embedding (Llama 4's NoPE layers).
+      use_rope = True if not c.nope_every else (layer + 1) % c.nope_every != 0
+      x = x + checkpoint_name(attn(h, positions, use_rope), 'attn_out')
     h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x), 'ffn_in')
     if self.moe:
       f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name='moe')(h, token_ids, self.train,
@@ -57,12 +64,12 @@ class Period(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, token_ids, replay=None):
+  def __call__(self, x, positions, token_ids, first_layer, replay=None):
     x, aux = Block(self.cfg, True, self.train, self.cache_len, name='moe_block')(
-        x, positions, token_ids, replay)
+        x, positions, token_ids, first_layer, replay)
     for i in range(self.num_dense):
       x, _ = Block(self.cfg, False, self.train, self.cache_len, name=f'dense_block_{i}')(
-          x, positions, token_ids)
+          x, positions, token_ids, first_layer + 1 + i)
     return x, aux
 
 
@@ -72,9 +79,9 @@ class DenseStack(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, token_ids):
+  def __call__(self, x, positions, token_ids, layer):
     x, _ = Block(self.cfg, False, self.train, self.cache_len, name='block')(x, positions,
-                                                                            token_ids)
+                                                                            token_ids, layer)
     return x, None
 
 
@@ -92,13 +99,15 @@ def _rematted(cls, cfg):
 
 
 def _scanned(cls, cfg, length: int, name: str, per_layer_input: bool = False, **kwargs):
+  """nn.scan of cls over `length` layers: inputs (positions, token ids) broadcast, then the
+  per-layer index (and, with per_layer_input, one more per-layer input)."""
   cls = _rematted(cls, cfg)
   # 'moe_state' (the loss-free bias) and its 'bias_updates' are per layer like the params;
   # the router rng differs per layer too.
   axes = {'params': 0, 'moe_state': 0, 'bias_updates': 0, 'cache': 0}
   scan = nn.scan(cls, variable_axes=axes,
                  split_rngs={'params': True, 'router': True},
-                 in_axes=(nn.broadcast, nn.broadcast) + ((0,) if per_layer_input else ()),
+                 in_axes=(nn.broadcast, nn.broadcast, 0) + ((0,) if per_layer_input else ()),
                  length=length,
                  metadata_params={nn.PARTITION_NAME: 'layers'})
   return scan(cfg, name=name, **kwargs)
@@ -138,19 +147,22 @@ class Transformer(nn.Module):
 
     prefix, periods, tail = layer_plan(c)
     auxes = []
+    freq = c.moe_layer_freq
     if prefix:
       x, _ = _scanned(DenseStack, c, prefix, 'dense_layers', train=self.train,
-                      cache_len=self.cache_len)(x, positions, tokens)
+                      cache_len=self.cache_len)(x, positions, tokens, jnp.arange(prefix))
     if periods:
       x, aux = _scanned(Period, c, periods, 'moe_layers', per_layer_input=True,
-                        num_dense=c.moe_layer_freq - 1, train=self.train,
+                        num_dense=freq - 1, train=self.train,
                         cache_len=self.cache_len)(
-                            x, positions, tokens, None if replay is None else replay[:periods])
+                            x, positions, tokens, prefix + freq * jnp.arange(periods),
+                            None if replay is None else replay[:periods])
       auxes.append(aux)  # each leaf [periods, ...]
     if tail:
       x, aux = _rematted(Period, c)(c, num_dense=tail - 1, train=self.train,
                                     cache_len=self.cache_len, name='tail_layers')(
-          x, positions, tokens, None if replay is None else replay[-1])
+          x, positions, tokens, prefix + freq * periods,
+          None if replay is None else replay[-1])
       auxes.append(jax_tree_expand(aux))
 
     head = None if c.tie_embeddings else param_with_axes(
@@ -187,7 +199,7 @@ class Transformer(nn.Module):
       proj = param_with_axes(self, f'mtp_{k}_proj', (2 * c.d_model, c.d_model), ('mlp', 'embed'))
       h = jnp.concatenate([h_prev, e], axis=-1) @ proj.astype(dtype)  # [b, s, d]
       h, aux = Block(c, has_moe, self.train, name=f'mtp_{k}_block')(
-          h, positions[:, k:], tokens[:, k:])
+          h, positions[:, k:], tokens[:, k:], c.num_layers + k - 1)
       if aux is not None:
         moe_loss = moe_loss + aux['loss']
       all_logits.append(output(h, f'mtp_{k}_norm'))

@@ -38,10 +38,15 @@ class MoEFFN(nn.Module):
       else:
         raise ValueError(f'replaying recorded routing needs a router that can replay '
                          f'({", ".join(registry.replaying_routers())}), not {cfg.router.name!r}')
+    to_dispatch, routed = tokens, routing
+    if cfg.gate_input and routing.expert_choice is None:
+      # The one chosen expert sees gate * x, and its output is added with weight 1.
+      to_dispatch = tokens * routing.combine_weights[:, :1].astype(tokens.dtype)
+      routed = routing.replace(combine_weights=jnp.ones_like(routing.combine_weights))
     experts = registry.make_experts(cfg, d, self.dtype)
     dispatch = None if router.uses_dispatch(cfg, train) else router.OWN_DISPATCH
     with jax.named_scope('dispatch'):
-      y, stats = registry.make_dispatcher(cfg, dispatch)(tokens, routing, experts, train)
+      y, stats = registry.make_dispatcher(cfg, dispatch)(to_dispatch, routed, experts, train)
     if routing.expert_choice is not None:
       # Every expert takes exactly C tokens: the balance losses have nothing to balance.
       losses = {k: jnp.zeros((), jnp.float32) for k in balance.LOSS_WEIGHTS if k != 'z_loss'}

@@ -48,7 +48,7 @@ EXPERTS = {
 
 # Fields under model.moe every MoE layer reads, whichever pieces are chosen.
 ALWAYS_READ = ('num_experts', 'expert_ffn_dim', 'num_shared_experts', 'shared_expert_ffn_dim',
-               'shared_expert_gate', 'router.name', 'experts.name')
+               'shared_expert_gate', 'gate_input', 'router.name', 'experts.name')
 
 
 def make_router(moe_cfg, vocab_size: int, batch: int = 1):
