@@ -73,6 +73,15 @@ def _reader(hf_dir: str, prefix: str):
   return _Prefixed(reader, prefix) if prefix else reader
 
 
+def _mtp_depth(hf: dict, reader, c, fields: dict) -> None:
+  """DeepSeek-V3's multi-token-prediction layers (after the last layer) become model.mtp when
+  the checkpoint has their weights (transformers saves none; the published one has one)."""
+  depth = hf.get('num_nextn_predict_layers') or 0
+  if depth and f'model.layers.{hf["num_hidden_layers"]}.eh_proj.weight' in reader:
+    fields['model.mtp.depth'] = depth
+    config_lib.set_fields(c, {'model.mtp.depth': depth})
+
+
 def moejax_config(hf: dict, where: str, dtype: str = 'float32'):
   """base_config() with the checkpoint's model fields (and a model that only evaluates)."""
   c = config_lib.base_config()
@@ -84,9 +93,11 @@ def moejax_config(hf: dict, where: str, dtype: str = 'float32'):
 
 def _abstract_variables(model_cfg):
   from moejax.model.transformer import Transformer
+  # The training model: it also holds the multi-token-prediction modules, when there are.
   shapes = jax.eval_shape(
-      lambda: Transformer(model_cfg, train=False).init(jax.random.key(0),
-                                                       jnp.zeros((1, 2), jnp.int32)))
+      lambda: Transformer(model_cfg, train=True).init(
+          {'params': jax.random.key(0), 'router': jax.random.key(1)},
+          jnp.zeros((1, 2 + model_cfg.mtp.depth), jnp.int32)))
   return nn.unbox(shapes)
 
 
@@ -139,7 +150,9 @@ def load_pretrained(hf_dir: str, dtype: str = 'float32'):
   hf, prefix = text_model(read_hf_config(hf_dir))
   c, _ = moejax_config(hf, f'{hf_dir}/config.json', dtype)
   fam = families.family(hf, hf_dir)
-  variables = import_variables(_reader(hf_dir, prefix), c.model, fam, DTYPES[dtype],
+  reader = _reader(hf_dir, prefix)
+  _mtp_depth(hf, reader, c, {})
+  variables = import_variables(reader, c.model, fam, DTYPES[dtype],
                                families.rope_interleaved(hf))
   return Transformer(c.model, train=False), variables
 
@@ -183,12 +196,15 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
     raise ConfigError(f'--workdir={workdir}: exists and is not empty; import into a new folder '
                       '(nothing there was changed)')
   reader = _reader(hf_dir, prefix)
+  _mtp_depth(hf, reader, c, fields)
   extra = {}
   tok = None
   if any(os.path.exists(os.path.join(hf_dir, n)) for n in ('tokenizer.json', 'tokenizer.model')):
     tok = tokenizers.from_dir(hf_dir)
-    extra['data.tokenizer'] = os.path.join(os.path.abspath(workdir), os.path.basename(
-        tok.files[0]) if isinstance(tok, tokenizers.HFTokenizer) else 'tokenizer.model')
+    # Validated where it is now; the workdir's copy is what config.py names.
+    extra['data.tokenizer'] = tok.spec
+    copied = os.path.join(os.path.abspath(workdir), 'tokenizer.json' if isinstance(
+        tok, tokenizers.HFTokenizer) else 'tokenizer.model')
     if tok.vocab_size != c.model.vocab_size:
       # The embedding has more rows than the tokenizer has tokens (padding): accepted as
       # padding to a multiple of the embedding's size.
@@ -208,6 +224,7 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   os.makedirs(workdir, exist_ok=True)
   if tok is not None:
     tokenizers.copy_files(tok, workdir)
+    extra['data.tokenizer'] = c.data.tokenizer = copied
   trainer = Trainer(c, mesh)
   shard = trainer.state_sharding
   with trainer.context():
@@ -258,6 +275,8 @@ def hf_config_of(c, base: dict | None, model_type: str) -> dict:
       ('nope_every', m.nope_every, llama4 or not m.nope_every),
       ('attention_chunk', m.attention_chunk, llama4 or not m.attention_chunk),
       ('num_shared_experts', moe.num_shared_experts, shared_ok)) if not ok]
+  if m.mtp.depth and model_type != 'deepseek_v3':
+    mismatch.append(f'mtp.depth={m.mtp.depth}')
   if mismatch:
     raise ConfigError(f'--model_type={model_type}: this model ({", ".join(mismatch)}) is not '
                       f'a {model_type} model')
@@ -338,7 +357,8 @@ def _latent_config(hf: dict, m, model_type: str) -> None:
             routed_scaling_factor=moe.router.routed_scaling_factor, n_group=groups,
             topk_group=moe.router.topk_groups if groups > 1 else 1)
   if v3:
-    hf.update(topk_method='noaux_tc', rope_interleave=False)  # written in moejax's halves
+    hf.update(topk_method='noaux_tc', rope_interleave=False,  # written in moejax's halves
+              num_nextn_predict_layers=m.mtp.depth)
   else:
     hf['topk_method'] = 'group_limited_greedy' if groups > 1 else 'greedy'
 

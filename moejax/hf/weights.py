@@ -230,7 +230,38 @@ def leaves(m, fam, interleaved: bool = False):
       key = collection + (stack, block) + path
       entry = grouped.setdefault(key, [key, [], name, a, b, per_expert])
       entry[1].append((layer, index))
-  return out + [tuple(v) for v in grouped.values()]
+  out += [tuple(v) for v in grouped.values()]
+  for k in range(1, m.mtp.depth + 1):  # DeepSeek-V3's multi-token prediction: layer L + k - 1
+    layer = m.num_layers + k - 1
+    has_moe = bool(slots(m)) and any(moe for _, _, moe in slots(m))
+    for path, name, a, b in MTP:
+      out.append((('params', f'mtp_{k}_{path[0]}') + path[1:], [(layer, None)], name, a, b,
+                  False))
+    for path, name, a, b, per_expert in block_tensors(m, fam, has_moe, interleaved):
+      collection, path = (('moe_state',), path[1:]) if path[0] == 'moe_state' else (
+          ('params',), path)
+      out.append((collection + (f'mtp_{k}_block',) + path, [(layer, None)], name, a, b,
+                  per_expert))
+  return out
+
+
+def _eh_to_moejax(w, m):  # eh_proj [D, 2D] over [e | h] -> [2D, D] over [h ; e]
+  d = w.shape[0]
+  return np.concatenate([w[:, d:].T, w[:, :d].T], axis=0)
+
+
+def _eh_to_hf(w, m):
+  d = w.shape[1]
+  return np.concatenate([w[d:].T, w[:d].T], axis=1)
+
+
+# The MTP module's own tensors (DeepSeek-V3: h' = eh_proj([enorm(embed(t)); hnorm(h)])).
+MTP = [
+    (('hnorm', 'scale'), 'hnorm.weight', _same, _same),
+    (('enorm', 'scale'), 'enorm.weight', _same, _same),
+    (('proj',), 'eh_proj.weight', _eh_to_moejax, _eh_to_hf),
+    (('norm', 'scale'), 'shared_head.norm.weight', _same, _same),
+]
 
 
 def hf_name(template: str, layer, e=None) -> str:
