@@ -220,18 +220,27 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
   variables = import_variables(reader, c.model, fam,
                                interleaved=families.rope_interleaved(hf))
-  params = variables['params']
+  params = variables.pop('params')
   os.makedirs(workdir, exist_ok=True)
   if tok is not None:
     tokenizers.copy_files(tok, workdir)
     extra['data.tokenizer'] = c.data.tokenizer = copied
   trainer = Trainer(c, mesh)
   shard = trainer.state_sharding
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  del variables
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
   with trainer.context():
-    params = jax.device_put(params, shard.params)
+    # Leaf by leaf, dropping each host copy once it is on the devices: never two copies.
+    leaves, tree = jax.tree.flatten(params)
+    del params
+    targets = jax.tree.leaves(shard.params)
+    for i, target in enumerate(targets):
+      leaves[i] = jax.device_put(leaves[i], target)
+    params = jax.tree.unflatten(tree, leaves)
+    del leaves
     opt_state = jax.jit(trainer.tx.init, out_shardings=shard.opt_state)(params)
-    model_state = jax.device_put({k: v for k, v in variables.items() if k != 'params'},
-                                 shard.model_state)
+    model_state = jax.device_put(model_state, shard.model_state)
   state = TrainState(step=jax.device_put(jnp.asarray(0, jnp.int32), shard.step), params=params,
                      opt_state=opt_state, model_state=model_state)
   import grain
@@ -244,7 +253,6 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
     f.write(_config_file(fields, hf_dir, hf, extra))
   with open(os.path.join(workdir, 'hf_config.json'), 'w') as f:
     json.dump(hf, f, indent=1)
-  n = sum(int(np.prod(v.shape)) for _, v in _paths(jax.device_get(params)))
   report = {'parameters': n, 'peak_memory_mb': peak_memory_mb(), 'model_type': hf['model_type']}
   log(f'imported {hf_dir} ({hf["model_type"]}, {n:,} parameters) -> {workdir}; peak memory '
       f'{report["peak_memory_mb"]:.0f} MB. Fine-tune: python -m moejax.main --workdir={workdir}; '
