@@ -109,7 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   b.z_loss_weight = 1e-3  # ST-MoE router z-loss, per MoE layer.
   b.seq_aux_loss_weight = 0.0  # DeepSeek-V3 sequence-wise loss on normalised affinities.
   b.bias_update_rate = 0.0  # aux-loss-free bias step u (1e-3 in DeepSeek-V3); 0: off.
-  b.bias_update = 'sign'  # 'sign' (u * sign(mean - c_i)) or 'proportional'.
+  # 'sign' (u * sign(mean - c_i)), 'proportional' or 'quantile' (toward the bias that gives
+  # every expert its share at this batch's score quantiles; moe/balance.py bias_update).
+  b.bias_update = 'sign'
   # Keep a selection bias even without updates (rate 0): a fixed one, e.g. imported
   # (DeepSeek-V3's e_score_correction_bias). A rate > 0 always keeps one.
   b.selection_bias = False
@@ -259,7 +261,7 @@ EC_EVALS = ('topk', 'expert_choice')
 SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
-BIAS_UPDATES = ('sign', 'proportional')
+BIAS_UPDATES = ('sign', 'proportional', 'quantile')
 LOSS_SCOPES = ('global', 'micro_batch', 'sequence')
 REMAT = ('none', 'full', 'names')
 # Activations tagged with jax.ad_checkpoint.checkpoint_name, which remat='names' can keep:

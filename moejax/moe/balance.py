@@ -25,11 +25,24 @@ def selection_bias(module, num_experts: int, balance_cfg):
                          lambda: jnp.zeros((num_experts,), jnp.float32)).value
 
 
-def bias_update(counts, rate: float, rule: str):
-  """The step of the selection bias after a training step, from the expert counts [N] of the
-  whole (global) batch: every expert moves toward the mean load, b_i += u * sign(mean - c_i),
-  or, 'proportional', b_i += u * (mean - c_i) / mean. The layer returns it (collection
-  'bias_updates'); the train step applies it (apply_bias_updates)."""
+def selection_scores(r: RouterOutput, score_fn: str):
+  """The scores the bias is added to for selection: sigmoid or softmax of the logits [T, N]."""
+  return jax.nn.sigmoid(r.logits) if score_fn == 'sigmoid' else jax.nn.softmax(r.logits, -1)
+
+
+def bias_update(counts, rate: float, rule: str, bias=None, scores=None, k: int = 1):
+  """The step of the selection bias after a training step, from the whole (global) batch.
+  'sign': every expert moves toward the mean load, b_i += u * sign(mean - c_i) (counts [N]);
+  'proportional': b_i += u * (mean - c_i) / mean;
+  'quantile' (quantile balancing, as in Megatron-Core): each expert's threshold tau_i is the
+  (1 - K/N) quantile of its scores over the batch's tokens (scores [T, N], before the bias),
+  the score above which it would get exactly its share K/N; the bias moves toward
+  mean(tau) - tau_i (u = 1: onto it), so experts with high scores everywhere are pulled down.
+  The layer returns it (collection 'bias_updates'); the train step applies it at step t + 1
+  (apply_bias_updates)."""
+  if rule == 'quantile':
+    tau = jnp.quantile(scores, 1.0 - k / scores.shape[-1], axis=0)  # [N]
+    return rate * ((jnp.mean(tau) - tau) - bias)
   gap = jnp.mean(counts) - counts
   step = jnp.sign(gap) if rule == 'sign' else gap / jnp.mean(counts)
   return rate * step

@@ -59,8 +59,9 @@ class MoEFFN(nn.Module):
         if (bias is not None and rate > 0 and train and not self.is_initializing() and
             self.is_mutable_collection('bias_updates')):
           # Returned, not applied: the train step adds it to the state (MaxText's way).
-          self.put_variable('bias_updates', 'bias',
-                            balance.bias_update(counts, rate, cfg.balance.bias_update))
+          self.put_variable('bias_updates', 'bias', balance.bias_update(
+              counts, rate, cfg.balance.bias_update, bias,
+              balance.selection_scores(routing, cfg.router.score_fn), cfg.num_experts_per_tok))
     with jax.named_scope('balance'):
       losses['z_loss'] = balance.router_z_loss(routing)
     y = y.reshape(b, s, d).astype(self.dtype)

@@ -1,0 +1,67 @@
+"""The selection bias's update rules by hand: quantile balancing against worked numbers, its
+balancing effect, and the layer returning it from the batch's own scores."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from moejax.config import base_config
+from moejax.moe import balance
+from moejax.moe.layer import MoEFFN
+
+
+def test_quantile_update_by_hand():
+  # 4 tokens, 2 experts, top-1: each expert's share is 1/2, so tau_i is the median of its
+  # scores (linear interpolation): expert 0 sorted 0.1 0.3 0.8 0.9 -> 0.55; expert 1 sorted
+  # 0.1 0.2 0.7 0.9 -> 0.45. mean(tau) = 0.5, target = 0.5 - tau = [-0.05, 0.05].
+  scores = jnp.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
+  got = balance.bias_update(None, 1.0, 'quantile', jnp.zeros(2), scores, k=1)
+  np.testing.assert_allclose(got, [-0.05, 0.05], atol=1e-7)
+  # From a bias of [0.1, -0.1] at rate 0.5: half the way to the target.
+  got = balance.bias_update(None, 0.5, 'quantile', jnp.array([0.1, -0.1]), scores, k=1)
+  np.testing.assert_allclose(got, [-0.075, 0.075], atol=1e-7)
+
+
+def test_quantile_bias_evens_a_skewed_batch():
+  """Every token prefers expert 0; after one quantile step (rate 1) the loads even out."""
+  rng = np.random.default_rng(0)
+  t, n, k = 512, 8, 2
+  scores = jax.nn.sigmoid(jnp.asarray(rng.normal(size=(t, n)) + np.linspace(2, -2, n)))
+  def loads(bias):
+    index = jax.lax.top_k(scores + bias, k)[1]
+    return np.bincount(np.asarray(index).ravel(), minlength=n)
+  before = loads(jnp.zeros(n))
+  bias = balance.bias_update(None, 1.0, 'quantile', jnp.zeros(n), scores, k)
+  after = loads(bias)
+  assert before.max() > 2.5 * t * k / n  # skewed: expert 0 takes far more than its share
+  assert after.max() < 1.3 * t * k / n and after.min() > 0.7 * t * k / n
+  # Each expert's threshold sits where it would take exactly its share K/N.
+  tau = np.quantile(np.asarray(scores), 1 - k / n, axis=0)
+  np.testing.assert_allclose(bias, tau.mean() - tau, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_returns_the_quantile_update_of_its_batch():
+  moe = base_config().model.moe
+  moe.num_experts, moe.num_experts_per_tok, moe.expert_ffn_dim = 4, 1, 8
+  moe.num_shared_experts, moe.router.score_fn = 0, 'sigmoid'
+  moe.balance.bias_update_rate, moe.balance.bias_update = 1.0, 'quantile'
+  layer = MoEFFN(moe, 16)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  variables = layer.init(jax.random.key(1), x)
+  variables = {**variables, 'moe_state': {'bias': jnp.array([0.2, 0.0, -0.1, 0.0])}}
+  (_, aux), updates = layer.apply(variables, x, None, True, mutable=['bias_updates'])
+  w = np.asarray(nn.unbox(variables['params'])['router']['w'])
+  scores = 1 / (1 + np.exp(-(np.asarray(x).reshape(16, 16) @ w)))  # the router's, by hand
+  tau = np.quantile(scores, 1 - 1 / 4, axis=0)
+  want = (tau.mean() - tau) - np.array([0.2, 0.0, -0.1, 0.0])
+  np.testing.assert_allclose(updates['bias_updates']['bias'], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('rule', ['sign', 'proportional'])
+def test_count_rules_unchanged(rule):
+  counts = jnp.array([6.0, 2.0, 0.0, 4.0])  # mean 3
+  got = balance.bias_update(counts, 0.1, rule)
+  want = (0.1 * np.sign([-3, 1, 3, -1]) if rule == 'sign' else
+          0.1 * np.array([-3, 1, 3, -1]) / 3)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
