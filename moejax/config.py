@@ -109,9 +109,13 @@ def base_config() -> ml_collections.ConfigDict:
   b.z_loss_weight = 1e-3  # ST-MoE router z-loss, per MoE layer.
   b.seq_aux_loss_weight = 0.0  # DeepSeek-V3 sequence-wise loss on normalised affinities.
   b.bias_update_rate = 0.0  # aux-loss-free bias step u (1e-3 in DeepSeek-V3); 0: off.
-  # 'sign' (u * sign(mean - c_i)), 'proportional' or 'quantile' (toward the bias that gives
-  # every expert its share at this batch's score quantiles; moe/balance.py bias_update).
+  # 'sign' (u * sign(mean - c_i)), 'proportional', 'quantile' (toward the bias that gives
+  # every expert its share at this batch's score quantiles; moe/balance.py bias_update) or
+  # 'damped' (proportional steps averaged with momentum bias_momentum, the bias squashed into
+  # (-bias_clamp, bias_clamp) by tanh; 0: no clamp; balance.damped_update).
   b.bias_update = 'sign'
+  b.bias_momentum = 0.9
+  b.bias_clamp = 1.0
   # Keep a selection bias even without updates (rate 0): a fixed one, e.g. imported
   # (DeepSeek-V3's e_score_correction_bias). A rate > 0 always keeps one.
   b.selection_bias = False
@@ -261,7 +265,7 @@ EC_EVALS = ('topk', 'expert_choice')
 SCORE_FNS = ('softmax', 'sigmoid')
 GROUP_SCORES = ('auto', 'top2_sum', 'max')
 HASH_KINDS = ('random', 'balanced')
-BIAS_UPDATES = ('sign', 'proportional', 'quantile')
+BIAS_UPDATES = ('sign', 'proportional', 'quantile', 'damped')
 LOSS_SCOPES = ('global', 'micro_batch', 'sequence')
 REMAT = ('none', 'full', 'names')
 # Activations tagged with jax.ad_checkpoint.checkpoint_name, which remat='names' can keep:
@@ -438,6 +442,9 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _one_of(c, 'model.moe.router.group_score', GROUP_SCORES)
     _one_of(c, 'model.moe.router.hash_kind', HASH_KINDS)
     _one_of(c, 'model.moe.balance.bias_update', BIAS_UPDATES)
+    if not 0 <= moe.balance.bias_momentum < 1:
+      _fail('model.moe.balance.bias_momentum', moe.balance.bias_momentum, 'must be in [0, 1)')
+    _positive(c, 'model.moe.balance.bias_clamp', allow_zero=True)
     _one_of(c, 'model.moe.balance.aux_loss_scope', LOSS_SCOPES)
     _one_of(c, 'model.moe.router.score_fn', SCORE_FNS)
     _one_of(c, 'model.moe.router.dtype', DTYPES)

@@ -65,3 +65,47 @@ def test_count_rules_unchanged(rule):
   want = (0.1 * np.sign([-3, 1, 3, -1]) if rule == 'sign' else
           0.1 * np.array([-3, 1, 3, -1]) / 3)
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_damped_update_by_hand():
+  # counts [6, 2, 0, 4], mean 3: g = (3 - c) / 3 = [-1, 1/3, 1, -1/3].
+  counts = jnp.array([6.0, 2.0, 0.0, 4.0])
+  g = np.array([-1, 1 / 3, 1, -1 / 3])
+  m0, b0 = jnp.array([0.5, 0.0, 0.0, -0.5]), jnp.array([0.9, 0.0, -0.2, 0.0])
+  b, m = balance.damped_update(counts, 0.1, b0, m0, beta=0.8, clamp=1.0)
+  want_m = 0.8 * np.asarray(m0) + 0.2 * g
+  np.testing.assert_allclose(m, want_m, rtol=1e-6)
+  np.testing.assert_allclose(b, np.tanh(np.asarray(b0) + 0.1 * want_m), rtol=1e-6)
+  b, _ = balance.damped_update(counts, 0.1, b0, m0, beta=0.8, clamp=0.0)  # no clamp
+  np.testing.assert_allclose(b, np.asarray(b0) + 0.1 * want_m, rtol=1e-6)
+  # However long an expert stays overloaded, the clamped bias stays inside (-clamp, clamp).
+  b, m = b0, m0
+  for _ in range(200):
+    b, m = balance.damped_update(counts, 0.5, b, m, beta=0.8, clamp=0.3)
+  assert np.abs(np.asarray(b)).max() < 0.3
+
+
+def test_damped_rule_through_train_steps():
+  """Two train steps with bias_update='damped': the state carries a momentum per MoE layer and
+  both move exactly as damped_update says from the step's own expert counts."""
+  from conftest import tiny_config, trainer_on
+  c = tiny_config()
+  b = c.model.moe.balance
+  b.bias_update_rate, b.bias_update, b.bias_momentum, b.bias_clamp = 0.05, 'damped', 0.5, 0.2
+  trainer = trainer_on(c, {'data': 1})
+  state = trainer.init(0)
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    before = jax.device_get(state.model_state['moe_state'])
+    tokens = rng.integers(0, 256, (8, 17)).astype(np.int32)
+    state, m = trainer.train_step(state, {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]})
+    after = jax.device_get(state.model_state['moe_state'])
+    counts = np.asarray(jax.device_get(m['moe/expert_load'])) * 8 * 16 * 2  # shares -> counts
+    layer = before['moe_layers']['moe_block']['moe']
+    for i in range(counts.shape[0]):
+      want_b, want_m = balance.damped_update(jnp.asarray(counts[i]), 0.05, layer['bias'][i],
+                                             layer['bias_momentum'][i], 0.5, 0.2)
+      got = after['moe_layers']['moe_block']['moe']
+      np.testing.assert_allclose(got['bias_momentum'][i], want_m, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(got['bias'][i], want_b, rtol=1e-4, atol=1e-6)
+  assert np.abs(np.asarray(after['moe_layers']['moe_block']['moe']['bias'])).max() > 0

@@ -21,8 +21,21 @@ def selection_bias(module, num_experts: int, balance_cfg):
   if (balance_cfg.bias_update_rate <= 0 and not balance_cfg.selection_bias and
       not module.has_variable('moe_state', 'bias')):
     return None
+  if balance_cfg.bias_update == 'damped' and balance_cfg.bias_update_rate > 0:
+    module.variable('moe_state', 'bias_momentum', lambda: jnp.zeros((num_experts,), jnp.float32))
   return module.variable('moe_state', 'bias',
                          lambda: jnp.zeros((num_experts,), jnp.float32)).value
+
+
+def damped_update(counts, rate: float, bias, momentum, beta: float, clamp: float):
+  """'damped' (momentum and soft clamping, in the manner of SMEBU): the proportional step
+  g_i = (mean - c_i) / mean is averaged, m <- beta m + (1 - beta) g, and the bias moves by
+  u m then is squashed softly into (-clamp, clamp): b <- clamp tanh((b + u m) / clamp)
+  (clamp 0: no clamp). Returns (new bias, new momentum)."""
+  g = (jnp.mean(counts) - counts) / jnp.mean(counts)
+  m = beta * momentum + (1 - beta) * g
+  b = bias + rate * m
+  return (clamp * jnp.tanh(b / clamp) if clamp > 0 else b), m
 
 
 def selection_scores(r: RouterOutput, score_fn: str):

@@ -59,9 +59,18 @@ class MoEFFN(nn.Module):
         if (bias is not None and rate > 0 and train and not self.is_initializing() and
             self.is_mutable_collection('bias_updates')):
           # Returned, not applied: the train step adds it to the state (MaxText's way).
-          self.put_variable('bias_updates', 'bias', balance.bias_update(
-              counts, rate, cfg.balance.bias_update, bias,
-              balance.selection_scores(routing, cfg.router.score_fn), cfg.num_experts_per_tok))
+          bc = cfg.balance
+          if bc.bias_update == 'damped':
+            momentum = self.get_variable('moe_state', 'bias_momentum')
+            new_bias, new_momentum = balance.damped_update(counts, rate, bias, momentum,
+                                                           bc.bias_momentum, bc.bias_clamp)
+            self.put_variable('bias_updates', 'bias', new_bias - bias)
+            self.put_variable('bias_updates', 'bias_momentum', new_momentum - momentum)
+          else:
+            self.put_variable('bias_updates', 'bias', balance.bias_update(
+                counts, rate, bc.bias_update, bias,
+                balance.selection_scores(routing, cfg.router.score_fn),
+                cfg.num_experts_per_tok))
     with jax.named_scope('balance'):
       losses['z_loss'] = balance.router_z_loss(routing)
     y = y.reshape(b, s, d).astype(self.dtype)

@@ -19,7 +19,7 @@ from moejax.nn.layers import param_with_axes
 LOGITS = ('router.dtype', 'router.jitter', 'router.freeze')  # router_logits
 SELECTION = ('num_experts_per_tok', 'router.num_groups', 'router.topk_groups',
              'router.group_score', 'balance.bias_update_rate', 'balance.bias_update',
-             'balance.selection_bias')
+             'balance.selection_bias', 'balance.bias_momentum', 'balance.bias_clamp')
 # The MoE layer's balance losses of a token-choice routing (moe/layer.py).
 TOKEN_CHOICE_LOSSES = ('balance.aux_loss_weight', 'balance.aux_loss_scope',
                        'balance.z_loss_weight', 'balance.seq_aux_loss_weight',
