@@ -1,5 +1,6 @@
-"""The selection bias's update rules by hand: quantile balancing against worked numbers, its
-balancing effect, and the layer returning it from the batch's own scores."""
+"""The selection bias's update rules by hand (quantile balancing: worked numbers, its balancing
+effect, the layer's update from the batch's own scores; damped updates: by hand and through
+train steps), and the dead-expert count of an evaluation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,3 +110,20 @@ def test_damped_rule_through_train_steps():
       np.testing.assert_allclose(got['bias_momentum'][i], want_m, rtol=1e-4, atol=1e-6)
       np.testing.assert_allclose(got['bias'][i], want_b, rtol=1e-4, atol=1e-6)
   assert np.abs(np.asarray(after['moe_layers']['moe_block']['moe']['bias'])).max() > 0
+
+
+def test_dead_experts_are_counted_over_the_whole_evaluation_set():
+  """An expert idle in one batch but used in another is alive; one never used is dead."""
+  from moejax.training.loop import evaluate
+
+  class Fake:
+    def __init__(self):
+      self.loads = iter([np.array([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]),
+                         np.array([[0.5, 0.0, 0.5, 0.0], [0.5, 0.5, 0.0, 0.0]])])
+
+    def eval_step(self, state, batch):
+      return {'eval/loss': np.float32(1.0), 'expert_load': next(self.loads),
+              'dropped_fraction': np.float32(0.0)}
+  out = evaluate(Fake(), None, [None, None])
+  assert out['eval/per_layer/dead_experts'] == [1, 0]  # layer 0: expert 3 never used
+  assert out['eval/dead_experts'] == 0.5

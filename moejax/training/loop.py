@@ -38,6 +38,10 @@ def evaluate(trainer: Trainer, state, batches, bytes_per_token: float = 1.0) -> 
     vio = (load.max(-1) - load.mean(-1)) / load.mean(-1)
     result['eval/max_vio_global'] = float(vio.mean())
     result['eval/per_layer/max_vio_global'] = vio.tolist()
+    # Experts that received no token over the whole evaluation set, per MoE layer.
+    dead = (load <= 0).sum(-1)
+    result['eval/dead_experts'] = float(dead.mean())
+    result['eval/per_layer/dead_experts'] = dead.tolist()
     result['eval/dropped_fraction'] = float(np.mean(dropped))
   return result
 
