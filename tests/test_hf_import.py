@@ -257,6 +257,7 @@ def test_deepseek_v3_multi_token_prediction_weights_are_kept(tmp_path):
   assert json.loads((tmp_path / 'out' / 'config.json').read_text())['num_nextn_predict_layers'] == 1
 
 
+@pytest.mark.slow  # 30 training steps: the integration step
 def test_imported_model_fine_tunes_with_the_router_and_its_bias_fixed(tmp_path):
   """DeepSeek-V3 imported with the router frozen: 30 fine-tuning steps through
   python -m moejax.main lower the loss, move the experts, and leave the router weights and the

@@ -87,6 +87,7 @@ def test_generate_speaks_the_runs_tokenizer(runs, capsys):
   assert out.startswith('def main(') and len(out) > len('def main(') + 8  # BPE: > 1 byte/token
 
 
+@pytest.mark.slow  # a third training run: the integration step
 def test_mixture_reports_each_corpus_and_extra_sets_by_name(corpora, tmp_path):
   a, b = corpora
   c = _config('', mixture=f'{a}=3,{b}=1', eval_sets=f'other={b}')
