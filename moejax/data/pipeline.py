@@ -154,6 +154,9 @@ def _prepared(data_cfg) -> Splits:
     train.append(PackedChunks(shards.open_split(path, meta, 'train'), seq, 'train', where))
     weights.append(weight)
     name = '' if len(corpora) == 1 else os.path.basename(os.path.normpath(path))
+    if name in val:
+      raise ConfigError(f'{field}: two corpora are named {name!r} (their folders\' names name '
+                        'their evaluation sets); rename one folder')
     val[name] = PackedChunks(shards.open_split(path, meta, 'validation'), seq, 'validation',
                              where)
     val_weights[name] = weight
