@@ -316,3 +316,13 @@ def test_an_unreadable_input_file_is_named(tmp_path):
   (tmp_path / 'bad.parquet').write_bytes(b'not parquet at all')
   with pytest.raises(ConfigError, match=r'bad.parquet: cannot be read \(Arrow'):
     prepare(str(tmp_path / 'bad.parquet'), str(tmp_path / 'out'), **_quiet())
+
+
+def test_mixture_of_two_folders_with_one_name_is_refused(two_corpora, tmp_path):
+  import shutil
+  twin = tmp_path / 'elsewhere' / os.path.basename(two_corpora[0])
+  shutil.copytree(two_corpora[0], twin)
+  c = base_config().data
+  c.source, c.mixture, c.seq_len = 'prepared', f'{two_corpora[0]}=1,{twin}=1', 16
+  with pytest.raises(ConfigError, match="two corpora are named 'pa'"):
+    pipeline.load_splits(c, 0)
