@@ -50,6 +50,9 @@ class Experiment:
   post_evals: dict = dataclasses.field(default_factory=dict)
   smoke: dict = dataclasses.field(default_factory=dict)  # overrides for --smoke
   note: str = ''  # what the literature found (markdown)
+  # An arm every other arm is compared with: the report gives each difference of means and its
+  # 95% bootstrap interval over seeds, and whether it excludes 0 (report.compare).
+  baseline: str = ''
 
   def arm(self, name: str) -> Arm:
     a = self.arms[name]

@@ -37,6 +37,48 @@ def table(exp, results: dict, arms) -> str:
   return '\n'.join(lines)
 
 
+def bootstrap_interval(a, b, reps: int = 10_000, seed: int = 0, level: float = 0.95):
+  """(mean(a) - mean(b), low, high): the percentile bootstrap interval of the difference of
+  means, resampling each arm's seeds with replacement (numpy only, seeded)."""
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  rng = np.random.default_rng(seed)
+  diffs = (rng.choice(a, (reps, len(a))).mean(1) - rng.choice(b, (reps, len(b))).mean(1))
+  tail = (1 - level) / 2 * 100
+  return float(a.mean() - b.mean()), *(float(x) for x in np.percentile(diffs, [tail, 100 - tail]))
+
+
+COMPARED = (('val_loss', 'val loss'), ('val_bpb', 'val bits/byte'),
+            ('max_vio_global', 'MaxVio global'))
+
+
+def compare(exp, results: dict, arms) -> str:
+  """Each arm against exp.baseline: difference of means [95% bootstrap interval], and '*'
+  when the interval excludes 0. Empty when there is no baseline or under 2 seeds."""
+  base = results.get(exp.baseline, [])
+  if not exp.baseline or len(base) < 2:
+    return ''
+  lines = [f'Against `{exp.baseline}`: difference of means over seeds [95% bootstrap interval]; '
+           '* marks an interval that excludes 0 (a difference these seeds support). With few '
+           'seeds the percentile interval is narrow-biased: read a borderline * with care.', '',
+           '| arm | ' + ' | '.join(t for _, t in COMPARED) + ' |',
+           '|---' * (len(COMPARED) + 1) + '|']
+  for arm in arms:
+    if arm == exp.baseline or len(results.get(arm, [])) < 2:
+      continue
+    cells = []
+    for key, _ in COMPARED:
+      a = [r.get(key) for r in results[arm]]
+      b = [r.get(key) for r in base]
+      if None in a or None in b:
+        cells.append('-')
+        continue
+      d, low, high = bootstrap_interval(a, b)
+      star = ' *' if low > 0 or high < 0 else ''
+      cells.append(f'{d:+.4f} [{low:+.4f}, {high:+.4f}]{star}')
+    lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def _runs(workdir, arm, seeds):
   out = []
   for s in seeds:
@@ -157,7 +199,11 @@ def write(exp, workdir: str, results: dict, arms, seeds, smoke: bool) -> str:
            f'Seeds: {list(seeds)}. Values are mean ± std over seeds (sample std), at the last '
            'evaluation; "MaxVio global" is measured over the whole validation set, "tokens/s" '
            'is the median training throughput after the first (compiling) interval.', '',
-           table(exp, results, arms), '', '## Arms', '']
+           table(exp, results, arms), '']
+  comparison = compare(exp, results, arms)
+  if comparison:
+    lines += ['## Differences', '', comparison, '']
+  lines += ['## Arms', '']
   for arm in arms:
     spec = exp.arm(arm)
     extra = (f' (upcycled from `{spec.upcycle_from}` at {spec.upcycle_at:g} of the steps, '

@@ -127,3 +127,20 @@ def test_dead_experts_are_counted_over_the_whole_evaluation_set():
   out = evaluate(Fake(), None, [None, None])
   assert out['eval/per_layer/dead_experts'] == [1, 0]  # layer 0: expert 3 never used
   assert out['eval/dead_experts'] == 0.5
+
+
+def test_bootstrap_interval_and_the_differences_table():
+  from moejax import report
+  from moejax.experiment import Experiment
+  d, low, high = report.bootstrap_interval([2.0, 2.1, 2.2, 2.1, 2.0], [1.0, 1.1, 1.0, 0.9, 1.0])
+  assert d == pytest.approx(1.08) and 0.9 < low < d < high < 1.25  # far apart: excludes 0
+  d, low, high = report.bootstrap_interval([1.0, 2.0, 3.0], [1.5, 2.5, 2.0])
+  assert low < 0 < high  # overlapping: includes 0
+  runs = {'base': [{'val_loss': v, 'val_bpb': v, 'max_vio_global': 0.5} for v in (2.0, 2.1, 2.2)],
+          'better': [{'val_loss': v, 'val_bpb': v, 'max_vio_global': 0.5}
+                     for v in (1.0, 1.1, 1.2)]}
+  exp = Experiment(name='x', base=None, arms={'base': {}, 'better': {}}, baseline='base')
+  table = report.compare(exp, runs, ['base', 'better'])
+  row = next(line for line in table.splitlines() if line.startswith('| better |'))
+  assert '-1.0000 [' in row and row.count(' *') == 2  # loss and bpb; MaxVio equal: no star
+  assert report.compare(Experiment(name='x', base=None, arms={}), runs, ['base']) == ''

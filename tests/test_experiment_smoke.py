@@ -21,6 +21,7 @@ ARMS = {  # balancing runs in test_experiments.py (default run)
     'capacity_factor': ['cf_0.5'],
     'granularity': ['32x32_top8'],  # the finest experts
     'upcycling': ['upcycled_copy'],  # pulls in its source arm 'dense'
+    'bias_rules': ['quantile_0.5', 'damped_1e-2'],
 }
 
 
