@@ -84,8 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   # sigmoid(logit) * x); exact for one expert per token, so it needs num_experts_per_tok = 1.
   moe.gate_input = False
   moe.router = r = ml_collections.ConfigDict()
-  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice' (moe/registry.py;
-  # each router reads only some of the fields below, and a field it ignores may not be set).
+  r.name = 'topk'  # 'topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice', 'top_p', 'relu'
+  # (moe/registry.py; each router reads only some of the fields below, and a field it ignores
+  # may not be set). 'top_p' and 'relu' choose a variable number of experts per token, at
+  # most num_experts_per_tok (the static number of routing slots).
   r.score_fn = 'softmax'  # 'softmax', or 'sigmoid' (DeepSeek-V3 affinities).
   r.norm_topk_prob = True  # False: DeepSeek-V1/V2 weights p_i; True: Mixtral/Qwen3/V3 renormalised.
   r.routed_scaling_factor = 1.0  # multiplies the gate weights (2.5 in DeepSeek-V3).
@@ -101,6 +103,14 @@ def base_config() -> ml_collections.ConfigDict:
   r.ec_capacity_factor = 2.0  # expert choice: each expert takes C = T_scope * c / N tokens.
   r.ec_scope = 'batch'  # expert choice scope: 'batch' or 'sequence' (both non-causal).
   r.ec_eval = 'topk'  # expert choice at eval: 'topk' (causal) or 'expert_choice' (leaks).
+  # topk router: zero-computation experts (MoE++) next to the N routed ones, chosen like them
+  # among the K slots but computing nothing: 'zero' ones output 0, 'identity' ones the token
+  # itself (times the gate); the balance losses balance all N + null_experts of them.
+  r.null_experts = 0
+  r.null_kind = 'zero'
+  # top_p router: experts in order of probability until their sum reaches top_p (at most
+  # num_experts_per_tok; the weights are the probabilities).
+  r.top_p = 0.4
   moe.balance = b = ml_collections.ConfigDict()
   b.aux_loss_weight = 1e-2  # Switch/GShard alpha * N * sum f_i P_i, per MoE layer.
   # Tokens that loss averages over: 'global' (the whole batch), 'micro_batch' (each
@@ -124,6 +134,13 @@ def base_config() -> ml_collections.ConfigDict:
   b.num_devices = 0  # expert groups for the two above; 0: the mesh's expert axis size.
   b.importance_loss_weight = 0.0  # Shazeer 2017: CV(sum_t gates)^2.
   b.load_loss_weight = 0.0  # Shazeer 2017: CV(load)^2 (smooth load with the noisy router).
+  b.entropy_loss_weight = 0.0  # top-p routing's dynamic loss: mean router entropy (1e-4).
+  # relu router (ReMoE): the L1 penalty on the ReLU gates steers the mean number of active
+  # experts per token to l1_target (> 0 turns it on) with an adaptive coefficient,
+  # lambda <- lambda * l1_growth^sign(target sparsity - sparsity), from l1_init.
+  b.l1_target = 0.0
+  b.l1_init = 1e-8
+  b.l1_growth = 1.2
   moe.dispatch = d = ml_collections.ConfigDict()
   d.name = 'dropless'  # 'capacity' (indexed, token dropping), 'einsum' (GShard one-hot, token
   # dropping, per group of group_size tokens), 'all_to_all' (capacity per device, shard_map
@@ -430,7 +447,8 @@ def validate(c, num_devices: int) -> dict[str, int]:
     _positive(c, 'model.moe.router.jitter model.moe.balance.seq_aux_loss_weight '
               'model.moe.balance.bias_update_rate model.moe.balance.device_loss_weight '
               'model.moe.balance.comm_loss_weight model.moe.balance.num_devices '
-              'model.moe.balance.importance_loss_weight model.moe.balance.load_loss_weight',
+              'model.moe.balance.importance_loss_weight model.moe.balance.load_loss_weight '
+              'model.moe.balance.entropy_loss_weight model.moe.balance.l1_target',
               allow_zero=True)
     _positive(c, 'model.moe.router.sinkhorn_iters model.moe.router.ec_capacity_factor')
     _one_of(c, 'model.moe.router.ec_scope', EC_SCOPES)

@@ -2,6 +2,7 @@
 from the runs' result.json and metrics.jsonl files."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -47,19 +48,62 @@ def bootstrap_interval(a, b, reps: int = 10_000, seed: int = 0, level: float = 0
   return float(a.mean() - b.mean()), *(float(x) for x in np.percentile(diffs, [tail, 100 - tail]))
 
 
+def _betainc(a: float, b: float, x: float) -> float:
+  """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified
+  Lentz), using I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
+  if x <= 0 or x >= 1:
+    return float(x >= 1)
+  if x > (a + 1) / (a + b + 2):
+    return 1.0 - _betainc(b, a, 1.0 - x)
+  front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) +
+                   b * math.log1p(-x)) / a
+  tiny = 1e-300
+  f, c, d = tiny, tiny, 0.0
+  for i in range(400):
+    m = i // 2
+    if i == 0:
+      num = 1.0
+    elif i % 2:
+      num = -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1))
+    else:
+      num = (m * (b - m) * x) / ((a + 2 * m - 1) * (a + 2 * m))
+    d = 1.0 + num * d
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    c = 1.0 + num / (c if abs(c) > tiny else tiny)
+    f *= c * d
+    if abs(c * d - 1.0) < 1e-14:
+      break
+  return front * f
+
+
+def welch_test(a, b) -> tuple[float, float, float]:
+  """Welch's t-test of mean(a) = mean(b) (unequal variances): (t, degrees of freedom, the
+  two-sided p-value from Student's t distribution, P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2))."""
+  a, b = np.asarray(a, float), np.asarray(b, float)
+  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  diff = a.mean() - b.mean()
+  if va + vb == 0:
+    return (math.copysign(math.inf, diff) if diff else 0.0), math.inf, float(diff == 0)
+  t = diff / math.sqrt(va + vb)
+  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  return float(t), float(df), _betainc(df / 2, 0.5, df / (df + t * t))
+
+
 COMPARED = (('val_loss', 'val loss'), ('val_bpb', 'val bits/byte'),
             ('max_vio_global', 'MaxVio global'))
 
 
 def compare(exp, results: dict, arms) -> str:
-  """Each arm against exp.baseline: difference of means [95% bootstrap interval], and '*'
-  when the interval excludes 0. Empty when there is no baseline or under 2 seeds."""
+  """Each arm against exp.baseline: difference of means [95% bootstrap interval], Welch's
+  t-test p-value, and '*' when the interval excludes 0 and p < 0.05. Empty when there is no
+  baseline or under 2 seeds."""
   base = results.get(exp.baseline, [])
   if not exp.baseline or len(base) < 2:
     return ''
-  lines = [f'Against `{exp.baseline}`: difference of means over seeds [95% bootstrap interval]; '
-           '* marks an interval that excludes 0 (a difference these seeds support). With few '
-           'seeds the percentile interval is narrow-biased: read a borderline * with care.', '',
+  lines = [f'Against `{exp.baseline}`: difference of means over seeds [95% bootstrap interval] '
+           "and the two-sided p-value of Welch's t-test; * marks a difference both support "
+           '(the interval excludes 0 and p < 0.05). With few seeds the percentile interval is '
+           'narrow-biased, which is why the t-test must agree.', '',
            '| arm | ' + ' | '.join(t for _, t in COMPARED) + ' |',
            '|---' * (len(COMPARED) + 1) + '|']
   for arm in arms:
@@ -73,8 +117,9 @@ def compare(exp, results: dict, arms) -> str:
         cells.append('-')
         continue
       d, low, high = bootstrap_interval(a, b)
-      star = ' *' if low > 0 or high < 0 else ''
-      cells.append(f'{d:+.4f} [{low:+.4f}, {high:+.4f}]{star}')
+      p = welch_test(a, b)[2]
+      star = ' *' if (low > 0 or high < 0) and p < 0.05 else ''
+      cells.append(f'{d:+.4f} [{low:+.4f}, {high:+.4f}] p={p:.2g}{star}')
     lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

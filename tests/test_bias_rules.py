@@ -123,8 +123,9 @@ def test_dead_experts_are_counted_over_the_whole_evaluation_set():
 
     def eval_step(self, state, batch):
       return {'eval/loss': np.float32(1.0), 'expert_load': next(self.loads),
-              'dropped_fraction': np.float32(0.0)}
+              'dropped_fraction': np.float32(0.0), 'active_experts': np.array([2.0, 1.0])}
   out = evaluate(Fake(), None, [None, None])
+  assert out['eval/per_layer/active_experts'] == [2.0, 1.0]
   assert out['eval/per_layer/dead_experts'] == [1, 0]  # layer 0: expert 3 never used
   assert out['eval/dead_experts'] == 0.5
 
@@ -144,3 +145,17 @@ def test_bootstrap_interval_and_the_differences_table():
   row = next(line for line in table.splitlines() if line.startswith('| better |'))
   assert '-1.0000 [' in row and row.count(' *') == 2  # loss and bpb; MaxVio equal: no star
   assert report.compare(Experiment(name='x', base=None, arms={}), runs, ['base']) == ''
+
+
+def test_welch_test_against_closed_forms():
+  """Student's t with 1 and 2 degrees of freedom has closed-form tails: P(|T| > 1) = 1/2 for
+  df = 1; P(|T| > t) = 1 - t / sqrt(2 + t^2) for df = 2, which two samples of two with equal
+  variance give (Welch's df = 2). And the table value P(|T| > 2) = 0.0734 at df = 10."""
+  from moejax import report
+  assert report._betainc(0.5, 0.5, 0.5) == pytest.approx(0.5, abs=1e-12)
+  t, df, p = report.welch_test([1.0, 3.0], [0.0, 2.0])  # diff 1, se sqrt(1 + 1)
+  assert (t, df) == (pytest.approx(2 ** -0.5), pytest.approx(2.0))
+  assert p == pytest.approx(1 - t / np.sqrt(2 + t * t), rel=1e-10)
+  assert report._betainc(5.0, 0.5, 10 / 14) == pytest.approx(0.07339, abs=5e-5)
+  assert report.welch_test([2.0, 2.1, 2.2, 2.1, 2.0], [1.0, 1.1, 1.0, 0.9, 1.0])[2] < 1e-6
+  assert report.welch_test([1.0, 2.0, 3.0], [1.5, 2.5, 2.0])[2] > 0.5  # equal means

@@ -45,11 +45,12 @@ def test_emulation_matches_the_documented_example():
   np.testing.assert_array_equal(got, [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
-@pytest.mark.parametrize('mesh_shape', [(1, 8), (2, 4)])
-def test_ragged_path_on_8_devices(mesh_shape):
+@pytest.mark.parametrize('mesh_shape,nulls', [((1, 8), False), ((2, 4), False), ((2, 4), True)])
+def test_ragged_path_on_8_devices(mesh_shape, nulls):
   """(expert=8) and (data=2, expert=4): the outputs equal the loop reference, and gradients
-  (tokens and expert weights) equal the dropless path's on one device."""
-  x, index, gates, w = _problem(t=32, n=8, k=2)
+  (tokens and expert weights) equal the dropless path's on one device; null slots (index N)
+  are sent nowhere."""
+  x, index, gates, w = _problem(t=32, n=8, k=2, nulls=nulls)
   mesh = Mesh(np.asarray(jax.devices()).reshape(mesh_shape), ('data', 'expert'))
   ep = mesh_shape[1]
   weights = tuple(jnp.asarray(w[k]) for k in ('wi_0', 'wi_1', 'wo'))

@@ -16,11 +16,16 @@ from test_dispatch import loop_reference
 ONE = dict(data=1, fsdp=1, expert=1, tensor=1)
 
 
-def _problem(t=12, n=8, k=2, d=6, f=5, seed=0):
+def _problem(t=12, n=8, k=2, d=6, f=5, seed=0, nulls=False):
+  """nulls: some slots null (index n, a gate that must not be used): a third of the tokens
+  have one expert, a fifth none."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(t, d)).astype(np.float32)
   index = np.stack([rng.choice(n, k, replace=False) for _ in range(t)]).astype(np.int32)
   gates = rng.random((t, k)).astype(np.float32)
+  if nulls:
+    index[::3, -1] = n
+    index[::5] = n
   w = {'wi_0': rng.normal(size=(n, d, f)).astype(np.float32) / 3,
        'wi_1': rng.normal(size=(n, d, f)).astype(np.float32) / 3,
        'wo': rng.normal(size=(n, f, d)).astype(np.float32) / 3}
@@ -28,11 +33,12 @@ def _problem(t=12, n=8, k=2, d=6, f=5, seed=0):
 
 
 @pytest.mark.parametrize('backend', ['blocked', 'ragged_dot'])
-@pytest.mark.parametrize('ranks', [1, 2, 4])
-def test_expert_ranks_sum_to_the_loop_reference(backend, ranks):
+@pytest.mark.parametrize('ranks,nulls', [(1, False), (2, False), (4, False), (4, True)])
+def test_expert_ranks_sum_to_the_loop_reference(backend, ranks, nulls):
   """Each rank computes only the choices of its N / EP experts; the sum over ranks (what the
-  psum_scatter adds up) equals the loop-over-experts reference of all of them."""
-  x, index, gates, w = _problem()
+  psum_scatter adds up) equals the loop-over-experts reference of all of them. Null slots
+  (index N) belong to no rank."""
+  x, index, gates, w = _problem(nulls=nulls)
   n = 8
   per = n // ranks
   total = 0

@@ -2,6 +2,8 @@
 
 Every dispatcher has the same call: (x [T, D], routing, experts, train) -> (y [T, D], stats),
 where y[t] = sum_k w[t, k] * expert_{e[t, k]}(x[t]) over the choices that were not dropped.
+A choice of expert N is a null slot (moe/types.py): it takes no capacity, is neither computed
+nor dropped, and adds nothing.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ def expert_capacity(num_tokens: int, k: int, num_experts: int, factor: float,
 
 def capacity_slots(expert_index, num_experts: int, capacity: int, priority: str,
                    weights=None):
-  """Slot e*C + position of each (token, choice) in its expert's buffer; N*C where dropped.
+  """Slot e*C + position of each (token, choice) in its expert's buffer; N*C where dropped
+  or null (expert N: served after every real choice, so it takes no place).
 
   priority 'choice' serves every token's first choice before any second choice (flaxformer);
   'position' serves tokens in sequence order, all choices of a token together; 'probability'
@@ -44,11 +47,12 @@ def capacity_slots(expert_index, num_experts: int, capacity: int, priority: str,
     raise ValueError(f'priority {priority!r}')
   flat = expert_index.reshape(-1)[serve]  # [T*K] experts in serving order
   order = jnp.argsort(flat, stable=True)  # stable: equal experts keep serving order
-  counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+  counts = jnp.zeros((num_experts + 1,), jnp.int32).at[flat].add(1)  # [N + 1]: null last
   starts = jnp.cumsum(counts) - counts
   rank = jnp.arange(t * k, dtype=jnp.int32) - starts[flat[order]]
   position = jnp.zeros((t * k,), jnp.int32).at[order].set(rank)  # [T*K] in serving order
-  slots = jnp.where(position < capacity, flat * capacity + position, num_experts * capacity)
+  kept = (position < capacity) & (flat < num_experts)
+  slots = jnp.where(kept, flat * capacity + position, num_experts * capacity)
   return jnp.zeros((t * k,), jnp.int32).at[serve].set(slots).reshape(t, k)  # [T, K]
 
 
@@ -69,11 +73,14 @@ def combine_slots(y_buf, slots, weights):
   return jnp.einsum('tkd,tk->td', y_pad[slots], weights.astype(y_pad.dtype))
 
 
-def drop_stats(slots, num_slots: int):
-  """[dropped fraction of (token, choice) pairs, fraction of tokens that lost every choice]."""
-  dropped = slots == num_slots
-  return jnp.stack([jnp.mean(dropped.astype(jnp.float32)),
-                    jnp.mean(jnp.all(dropped, axis=-1).astype(jnp.float32))])
+def drop_stats(slots, num_slots: int, expert_index, num_experts: int):
+  """[dropped fraction of the (token, choice) pairs that chose an expert, fraction of tokens
+  that lost every such choice] (null slots are neither)."""
+  real = expert_index.reshape(slots.shape) < num_experts  # [T, K] (or [G, S, K])
+  dropped = (slots == num_slots) & real
+  lost = jnp.any(real, -1) & (jnp.sum(dropped, -1) == jnp.sum(real, -1))
+  return jnp.stack([jnp.sum(dropped) / jnp.maximum(jnp.sum(real), 1),
+                    jnp.mean(lost.astype(jnp.float32))])
 
 
 def stats_dict(stats):
@@ -139,7 +146,7 @@ class CapacityDispatch(TokenDropping):
     buffers = pack_slots(x, slots, n * c).reshape(n, c, d)  # [N, C, D]
     y_buf = experts.capacity(buffers).reshape(n * c, d)
     return (combine_slots(y_buf, slots, r.combine_weights),
-            stats_dict(drop_stats(slots, n * c)))
+            stats_dict(drop_stats(slots, n * c, r.expert_index, n)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +187,7 @@ class EinsumDispatch(TokenDropping):
     buffers = jnp.einsum('gsnc,gsd->ngcd', dispatch, x.reshape(g, s, d))  # [N, G, C, D]
     y_buf = experts.capacity(buffers.reshape(n, g * c, d)).reshape(n, g, c, d)
     y = jnp.einsum('gsnc,ngcd->gsd', combine.astype(y_buf.dtype), y_buf).reshape(t, d)
-    return y, stats_dict(drop_stats(slots, n * c))
+    return y, stats_dict(drop_stats(slots, n * c, r.expert_index, n))
 
 
 @dataclasses.dataclass(frozen=True)

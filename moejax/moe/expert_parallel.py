@@ -110,7 +110,7 @@ class AllToAllDispatch(TokenDropping):
       out = experts.shard(weights).capacity(rows)  # [N/EP, EP*C, D]
       out = out.reshape(n // ep, ep, c, d).transpose(1, 0, 2, 3)  # [EP dst, N/EP, C, D]
       back = jax.lax.all_to_all(out, 'expert', 0, 0) if ep > 1 else out  # my tokens' outputs
-      stats = drop_stats(slots, n * c)
+      stats = drop_stats(slots, n * c, index, n)
       return (combine_slots(back.reshape(n * c, d), slots, gate),
               jax.lax.pmean(stats, axes) if axes else stats)
 

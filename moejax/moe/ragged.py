@@ -57,7 +57,7 @@ def ragged_local(x, index, gate, num_experts: int, ep: int, exchange, grouped):
   d = x.shape[-1]
   flat = index.reshape(-1)  # [A = Tl * K]
   order = jnp.argsort(flat, stable=True)  # by expert, hence by destination rank
-  counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)  # [N]
+  counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1, mode='drop')  # [N]; null: none
   me = jax.lax.axis_index('expert')
   sizes = jax.lax.all_gather(counts.reshape(ep, per).sum(-1), 'expert')  # [EP src, EP dst]
   input_offsets, send_sizes, output_offsets, recv_sizes = exchange_plan(sizes, me)

@@ -17,8 +17,8 @@ from moejax.moe.expert_parallel import AllToAllDispatch
 from moejax.moe.experts import RoutedExperts
 from moejax.moe.ragged import RaggedAllToAllDispatch
 from moejax.moe.ring import RingDispatch
-from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, SinkhornRouter,
-                                 TopKRouter)
+from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, ReLURouter,
+                                 SinkhornRouter, TopKRouter, TopPRouter)
 
 ROUTERS = {
     'topk': TopKRouter,
@@ -26,6 +26,8 @@ ROUTERS = {
     'hash': HashRouter,
     'sinkhorn': SinkhornRouter,
     'expert_choice': ExpertChoiceRouter,
+    'top_p': TopPRouter,
+    'relu': ReLURouter,
 }
 
 DISPATCHERS = {
@@ -127,8 +129,10 @@ def check(config, fail, defaults):
 
 
 def _off(field: str, value) -> bool:
-  """A loss weight or bias rate of 0 turns its feature off, whichever pieces are chosen."""
-  return (field.endswith('_weight') or field == 'balance.bias_update_rate') and value == 0
+  """A loss weight, bias rate or L1 target of 0 turns its feature off, whichever pieces are
+  chosen."""
+  return (field.endswith('_weight') or field in ('balance.bias_update_rate',
+                                                 'balance.l1_target')) and value == 0
 
 
 def _piece_kind(field: str) -> str:

@@ -21,19 +21,21 @@ from moejax.training.step import Trainer
 
 
 def evaluate(trainer: Trainer, state, batches, bytes_per_token: float = 1.0) -> dict:
-  losses, loads, dropped = [], [], []
+  losses, loads, dropped, active = [], [], [], []
   for b in batches:
     out = jax.device_get(trainer.eval_step(state, b))
     losses.append(out['eval/loss'])
     if 'expert_load' in out:
       loads.append(out['expert_load'])
       dropped.append(out['dropped_fraction'])
+      active.append(out['active_experts'])
   loss = float(np.mean(losses))
   result = {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
             'eval/bpb': pipeline.bits_per_byte(loss, bytes_per_token)}
   if loads:
     # Every batch routes the same number of tokens, so the mean of per-batch load shares is
-    # the load share over the whole evaluation set.
+    # the load share over the whole evaluation set (up to the batches' different numbers of
+    # routed choices, where null slots make it vary).
     load = np.mean(loads, axis=0)  # [layers, N]
     vio = (load.max(-1) - load.mean(-1)) / load.mean(-1)
     result['eval/max_vio_global'] = float(vio.mean())
@@ -43,6 +45,9 @@ def evaluate(trainer: Trainer, state, batches, bytes_per_token: float = 1.0) -> 
     result['eval/dead_experts'] = float(dead.mean())
     result['eval/per_layer/dead_experts'] = dead.tolist()
     result['eval/dropped_fraction'] = float(np.mean(dropped))
+    # Routed experts per token over the evaluation set (mean over layers, and per layer).
+    result['eval/active_experts'] = float(np.mean(active))
+    result['eval/per_layer/active_experts'] = np.mean(active, axis=0).tolist()
   return result
 
 

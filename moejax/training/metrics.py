@@ -58,7 +58,7 @@ class MetricWriter:
       elif '/per_layer/' in k:
         for layer, x in enumerate(v):
           self.tb.add_scalar(f'{k}/moe_layer_{layer}', x, step)
-      elif k.endswith('expert_load'):
+      elif k.endswith(('expert_load', 'active_experts_hist')):
         for layer, loads in enumerate(v):
           self.tb.add_histogram(f'{k}/moe_layer_{layer}', np.repeat(
               np.arange(len(loads)), np.round(np.asarray(loads) * 1000).astype(int)), step)

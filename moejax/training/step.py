@@ -85,6 +85,12 @@ def moe_metrics(aux: dict) -> dict:
       'moe/comm_loss': jnp.mean(aux['comm_loss']),
       'moe/importance_loss': jnp.mean(aux['importance_loss']),
       'moe/load_loss': jnp.mean(aux['load_loss']),
+      'moe/entropy_loss': jnp.mean(aux['entropy_loss']),
+      **({'moe/l1_loss': jnp.mean(aux['l1_loss'])} if 'l1_loss' in aux else {}),
+      # Routed experts per token (variable with null slots): mean, and the distribution of
+      # each layer ([layers, K + 1] shares of the tokens using 0 .. K experts).
+      'moe/active_experts': jnp.mean(aux['active_experts']),
+      'moe/active_experts_hist': aux['active_experts_hist'],
       'moe/zero_expert_fraction': jnp.mean(aux['zero_expert_fraction']),
       'moe/max_vio': jnp.mean(aux['max_vio']),
       'moe/cv': jnp.mean(aux['cv']),
@@ -97,7 +103,7 @@ def moe_metrics(aux: dict) -> dict:
 
 
 PER_LAYER = ('max_vio', 'cv', 'router_entropy', 'dropped_fraction', 'zero_expert_fraction',
-             'aux_loss', 'z_loss')
+             'aux_loss', 'z_loss', 'active_experts')
 
 
 class Trainer:
@@ -105,11 +111,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
-    model_dict = config.model.to_dict()
-    if not model_dict['moe']['balance']['num_devices']:
-      # Device-level and communication losses group experts as the expert mesh axis does.
-      model_dict['moe']['balance']['num_devices'] = mesh.shape['expert']
-    model_cfg = ml_collections.FrozenConfigDict(model_dict)
+    model_cfg = ml_collections.FrozenConfigDict(config.model.to_dict())
     self.model = Transformer(model_cfg, train=True)
     self.eval_model = Transformer(model_cfg, train=False)
     self.tx = make_optimizer(config.train, config.model.moe.router.freeze)
@@ -189,6 +191,7 @@ class Trainer:
     if aux:
       out['expert_load'] = aux['expert_load']
       out['dropped_fraction'] = jnp.mean(aux['dropped_fraction'])
+      out['active_experts'] = aux['active_experts']  # [layers]
     return out
 
   def train_step(self, state, batch):

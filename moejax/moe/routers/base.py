@@ -25,7 +25,8 @@ TOKEN_CHOICE_LOSSES = ('balance.aux_loss_weight', 'balance.aux_loss_scope',
                        'balance.z_loss_weight', 'balance.seq_aux_loss_weight',
                        'balance.device_loss_weight',
                        'balance.comm_loss_weight', 'balance.num_devices',
-                       'balance.importance_loss_weight', 'balance.load_loss_weight')
+                       'balance.importance_loss_weight', 'balance.load_loss_weight',
+                       'balance.entropy_loss_weight')
 
 
 class Router(nn.Module):

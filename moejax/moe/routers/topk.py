@@ -7,6 +7,12 @@ score_fn='softmax', norm_topk_prob=True: the K weights renormalised to sum to 1,
 score_fn='sigmoid' (DeepSeek-V3): affinities s = sigmoid(logits), selection on s + bias,
   weights s_i / sum_selected s_j, times routed_scaling_factor.
 Group-limited selection (router.num_groups / topk_groups) and the loss-free bias apply to both.
+
+router.null_experts = Z (MoE++, arXiv:2410.07348; the zero-computation experts of
+LongCat-Flash): the router scores N + Z experts and picks K of them as usual, but a choice of
+expert N + z is a null slot that no dispatcher computes; 'zero' experts add nothing, 'identity'
+ones add gate * x (RouterOutput.passthrough). So a token uses 0 .. K real experts, and
+balancing all N + Z experts (the aux loss) keeps K N / (N + Z) of them per token on average.
 """
 from __future__ import annotations
 
@@ -21,9 +27,25 @@ from moejax.moe.types import RouterOutput
 
 class TopKRouter(Router):
   READS = LOGITS + SELECTION + TOKEN_CHOICE_LOSSES + (
-      'router.score_fn', 'router.norm_topk_prob', 'router.routed_scaling_factor')
-  check = classmethod(lambda cls, moe, fail: check_groups(moe, fail))
+      'router.score_fn', 'router.norm_topk_prob', 'router.routed_scaling_factor',
+      'router.null_experts', 'router.null_kind')
   REPLAY = True
+
+  @classmethod
+  def check(cls, moe, fail):
+    check_groups(moe, fail)
+    r = moe.router
+    if r.null_experts < 0:
+      fail('model.moe.router.null_experts', r.null_experts, 'must be 0 or more')
+    if r.null_kind not in ('zero', 'identity'):
+      fail('model.moe.router.null_kind', r.null_kind, "must be 'zero' or 'identity'")
+    if r.null_experts and r.num_groups > 1:
+      fail('model.moe.router.null_experts', r.null_experts,
+           'cannot be combined with group-limited routing (router.num_groups > 1)')
+    if r.null_experts and moe.gate_input:
+      fail('model.moe.router.null_experts', r.null_experts,
+           'cannot be combined with model.moe.gate_input (the gate scales the input of one '
+           'real expert)')
 
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True, replay=None,
@@ -32,12 +54,15 @@ class TopKRouter(Router):
     the weights are still computed from this pass's scores, so gradients flow as usual.
     bias [N]: the selection bias (loss-free balancing), added to the scores for selection."""
     del token_ids
-    logits = router_logits(self, x, self.num_experts, self.cfg, train)  # [T, N]
+    n, z = self.num_experts, self.cfg.null_experts
+    logits = router_logits(self, x, n + z, self.cfg, train)  # [T, N + Z]
     if self.cfg.score_fn == 'sigmoid':
       scores = jax.nn.sigmoid(logits)  # [T, N]
       probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     else:
       scores = probs = jax.nn.softmax(logits, axis=-1)  # [T, N]
+    if bias is not None and z:
+      bias = jnp.concatenate([bias, jnp.zeros((z,), bias.dtype)])  # null experts: no bias
     if replay is None:
       index = select_experts(scores, self.k, self.cfg, bias)  # [T, K]
     else:
@@ -46,4 +71,8 @@ class TopKRouter(Router):
     if self.cfg.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights * self.cfg.routed_scaling_factor
-    return RouterOutput(expert_index=index, combine_weights=weights, probs=probs, logits=logits)
+    passthrough = None
+    if z and self.cfg.null_kind == 'identity':
+      passthrough = jnp.sum(jnp.where(index >= n, weights, 0.0), axis=-1)  # [T]
+    return RouterOutput(expert_index=index, combine_weights=weights, probs=probs, logits=logits,
+                        passthrough=passthrough)

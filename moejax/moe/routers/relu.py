@@ -1,0 +1,52 @@
+"""ReLU routing (ReMoE: Wang et al. 2024, "ReMoE: Fully Differentiable Mixture-of-Experts with
+ReLU Routing", arXiv:2412.14711).
+
+The gates are R = relu(x W) [T, N]: an expert is active for a token iff its gate is positive,
+and the output is sum_e R_e * expert_e(x), differentiable in the gates (no top-K cut inside the
+gradient). Sparsity is steered by an L1 penalty on R, load-balanced and with an adaptive
+coefficient (moe/balance.py: l1_penalty, l1_coef_update; balance.l1_target active experts per
+token on average, which sets the target sparsity 1 - l1_target / N).
+
+The number of active experts varies by token; dispatch needs a static number of slots, so a
+token keeps at most num_experts_per_tok of its positive gates (the largest; set it above
+l1_target, e.g. twice it); its other slots are null. Gates beyond the slots still feel the
+penalty, which pushes them to zero.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, router_logits
+from moejax.moe.types import RouterOutput
+
+
+class ReLURouter(Router):
+  READS = LOGITS + TOKEN_CHOICE_LOSSES + ('num_experts_per_tok', 'balance.l1_target',
+                                          'balance.l1_init', 'balance.l1_growth')
+
+  @classmethod
+  def check(cls, moe, fail):
+    b = moe.balance
+    if not 0 < b.l1_target <= moe.num_experts_per_tok:
+      fail('model.moe.balance.l1_target', b.l1_target,
+           f'the relu router needs a target of active experts per token in (0, '
+           f'num_experts_per_tok={moe.num_experts_per_tok}]')
+    if b.l1_init <= 0 or b.l1_growth <= 1:
+      fail('model.moe.balance.l1_growth' if b.l1_growth <= 1 else 'model.moe.balance.l1_init',
+           b.l1_growth if b.l1_growth <= 1 else b.l1_init,
+           'the adaptive L1 coefficient needs l1_init > 0 and l1_growth > 1')
+
+  @nn.compact
+  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
+    del token_ids
+    n = self.num_experts
+    logits = router_logits(self, x, n, self.cfg, train)  # [T, N]
+    gates = jax.nn.relu(logits)  # [T, N]
+    _, index = jax.lax.top_k(jax.lax.stop_gradient(gates), self.k)  # [T, K]
+    weights = jnp.take_along_axis(gates, index, axis=-1)  # [T, K]
+    index = jnp.where(weights > 0, index, n).astype(jnp.int32)  # zero gates: null slots
+    # The balance losses' distribution: the gates normalised (uniform where all are zero).
+    probs = (gates + 1e-9) / jnp.sum(gates + 1e-9, axis=-1, keepdims=True)
+    return RouterOutput(expert_index=index, combine_weights=weights, probs=probs, logits=logits)
