@@ -20,34 +20,12 @@ from moejax import cli
 from moejax.config import ConfigError
 
 
-def init_distributed(args):
-  """Join the multi-controller run before any JAX computation, if asked to."""
-  if not (args.distributed or args.coordinator):
-    return
-  import jax
-  # CPU hosts reduce across processes through gloo; GPU/TPU use their own collectives.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if args.coordinator:
-    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-      raise ConfigError(f'--coordinator={args.coordinator} needs --num_processes >= 1 and '
-                        f'0 <= --process_id < --num_processes (got {args.num_processes}, '
-                        f'{args.process_id})')
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id)
-  else:
-    jax.distributed.initialize()
-
-
 def parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog='python -m moejax.main', description=__doc__.split('\n')[0],
                          formatter_class=cli.argparse.RawDescriptionHelpFormatter)
   cli.add_config_args(p)
   p.add_argument('--workdir', help='directory for checkpoints, metrics and plots (required)')
-  p.add_argument('--distributed', action='store_true', help='join the other hosts with '
-                 'jax.distributed.initialize() auto-detection')
-  p.add_argument('--coordinator', default='', help='HOST:PORT of process 0 (explicit setup)')
-  p.add_argument('--num_processes', type=int, default=0, help='processes in the run')
-  p.add_argument('--process_id', type=int, default=-1, help='this process (0..N-1)')
+  cli.add_distributed_args(p)
   return p
 
 
@@ -65,7 +43,7 @@ def _main(argv=None) -> int:
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   from moejax.training.loop import train, summary_line
-  init_distributed(args)
+  cli.init_distributed(args)
   last = train(config, args.workdir)
   print(summary_line(last, config))
   return 0

@@ -226,6 +226,42 @@ def _per_layer_vio(plt, workdir, arms, seeds):
   return 'max_vio_per_layer.png'
 
 
+def _active_experts(plt, workdir, arms, seeds):
+  """Routed experts per token: the mean over training (left) and, at the last log, the share
+  of tokens using 0, 1, .. K experts (right; mean over MoE layers and seeds). Drawn when some
+  arm's number varies by token."""
+  curves, hists = {}, {}
+  for arm in arms:
+    runs = _runs(workdir, arm, seeds)
+    last = [[r for r in rows if 'moe/active_experts_hist' in r] for rows in runs]
+    if not runs or not all(last):
+      continue
+    hist = np.mean([np.mean(rows[-1]['moe/active_experts_hist'], axis=0) for rows in last], 0)
+    hists[arm] = hist
+    curves[arm] = _curve(runs, 'moe/active_experts')
+  if not any(np.count_nonzero(h > 1e-9) > 1 for h in hists.values()):
+    return None
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  for arm, (steps, vals) in curves.items():
+    left.plot(steps, vals.mean(0), label=arm)
+    left.fill_between(steps, vals.mean(0) - vals.std(0), vals.mean(0) + vals.std(0), alpha=0.2)
+  left.set_xlabel('step')
+  left.set_ylabel('routed experts per token (mean)')
+  left.legend(fontsize='small')
+  most = max(len(h) for h in hists.values())
+  width = 0.8 / len(hists)
+  for i, (arm, h) in enumerate(hists.items()):
+    right.bar(np.arange(len(h)) + (i - (len(hists) - 1) / 2) * width, h, width, label=arm)
+  right.set_xticks(range(most))
+  right.set_xlabel('routed experts of a token (last log)')
+  right.set_ylabel('share of tokens')
+  fig.suptitle(f'Experts per token (mean ± std over {len(seeds)} seeds)', fontsize='medium')
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'active_experts.png'), dpi=90)
+  plt.close(fig)
+  return 'active_experts.png'
+
+
 def write(exp, workdir: str, results: dict, arms, seeds, smoke: bool) -> str:
   import matplotlib
   matplotlib.use('Agg')
@@ -239,6 +275,7 @@ def write(exp, workdir: str, results: dict, arms, seeds, smoke: bool) -> str:
                  'Load imbalance over training', logy=True),
       _per_layer_vio(plt, workdir, arms, seeds),
       _load_heatmaps(plt, workdir, arms, seeds[0]),
+      _active_experts(plt, workdir, arms, seeds),
   ]
   lines = [f'# {exp.name}' + (' (smoke size: not a result)' if smoke else ''), '',
            f'Seeds: {list(seeds)}. Values are mean ± std over seeds (sample std), at the last '

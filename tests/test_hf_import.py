@@ -179,6 +179,22 @@ def test_bfloat16_import_runs(family):
   assert np.mean(err.max(-1) <= 0.05 * np.abs(ref).max()) >= 0.75  # most tokens close
 
 
+def test_import_assembles_each_devices_shard_exactly(tmp_path):
+  """Imported onto a mesh that splits the model width (fsdp=4) and the experts (expert=2),
+  every device's shard is assembled from its slice of the tensors; the export of the workdir
+  gives back the original tensors bit for bit (float32 both ways)."""
+  from moejax.hf import tensor_files
+  _build('qwen2_moe', tmp_path / 'hf')
+  report = hf.import_workdir(str(tmp_path / 'hf'), str(tmp_path / 'work'), log=lambda *_: None,
+                             overrides={'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.expert': 2})
+  assert report['share_read'] == pytest.approx(1.0)  # one process: every tensor
+  hf.export_workdir(str(tmp_path / 'work'), str(tmp_path / 'out'), log=lambda *_: None)
+  want, got = (tensor_files.Reader(str(tmp_path / n)) for n in ('hf', 'out'))
+  assert sorted(got.keys()) == sorted(want.keys())
+  for name in want.keys():
+    np.testing.assert_array_equal(got.get(name), want.get(name), err_msg=name)
+
+
 def test_sharded_checkpoint_with_index(tmp_path):
   ref_model = _build('mixtral', tmp_path / 'one')
   ref_model.save_pretrained(str(tmp_path / 'sharded'), max_shard_size='30KB')
@@ -337,3 +353,52 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match='not empty'):
     hf.import_workdir(str(tmp_path / 'hf'), str(tmp_path / 'busy'))
   assert (tmp_path / 'busy' / 'x').read_text() == 'keep me'
+
+
+@pytest.mark.slow  # two processes joined by jax.distributed: the integration step
+def test_import_across_two_processes_reads_and_writes_only_its_shards(tmp_path):
+  """The documented multi-host import (python -m moejax.hf import --coordinator ...) on two
+  processes of 4 CPU devices, the experts split over expert=8: each process reads only its
+  devices' experts (their tensors are half of the per-expert ones) and every other tensor once,
+  and the one sharded checkpoint they write exports to exactly the tensors of a one-process
+  import's export (DeepSeek's rotary dims are exported de-interleaved, so not the original's)."""
+  import re
+  import socket
+  import subprocess
+  import sys
+  from moejax.hf import tensor_files
+  _build('deepseek_v3', tmp_path / 'hf')
+  single = hf.import_workdir(str(tmp_path / 'hf'), str(tmp_path / 'one'), log=lambda *_: None)
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=4 '
+                      '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'}
+  work = tmp_path / 'two'
+  procs = [subprocess.Popen([sys.executable, '-m', 'moejax.hf', 'import',
+                             f'--hf_dir={tmp_path / "hf"}', f'--workdir={work}',
+                             '--config.mesh.data=1', '--config.mesh.expert=8',
+                             f'--coordinator=localhost:{port}', '--num_processes=2',
+                             f'--process_id={i}'],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  reader = tensor_files.Reader(str(tmp_path / 'hf'))
+  total = sum(reader.nbytes(n) for n in reader.keys())
+  experts = sum(reader.nbytes(n) for n in reader.keys() if '.mlp.experts.' in n)
+  assert 0.3 < experts / total < 0.9
+  # One process reads everything it uses; each of the two reads all but the other's experts.
+  want = 100 * (single['share_read'] - experts / 2 / total)
+  for i, out in enumerate(outs):
+    got = float(re.search(rf'process {i} of 2\); read .* \(([0-9.]+)% of the checkpoint',
+                          out).group(1))
+    assert got == pytest.approx(want, abs=0.006), out
+  for name in ('one', 'two'):
+    hf.export_workdir(str(tmp_path / name), str(tmp_path / f'{name}_out'), log=lambda *_: None)
+  one, two = (tensor_files.Reader(str(tmp_path / f'{n}_out')) for n in ('one', 'two'))
+  assert sorted(one.keys()) == sorted(two.keys()) == sorted(reader.keys())
+  for name in reader.keys():
+    np.testing.assert_array_equal(two.get(name), one.get(name), err_msg=name)

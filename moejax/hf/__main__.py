@@ -1,4 +1,4 @@
-"""python -m moejax.hf import --hf_dir=DIR --workdir=OUT [--dtype=float32|bfloat16]
+"""python -m moejax.hf import --hf_dir=DIR --workdir=OUT [--dtype=float32|bfloat16] [--coordinator=...]
 python -m moejax.hf export --workdir=OUT --hf_dir=DIR2 [--step=N] [--model_type=T] [--dtype=...]
 
 import: a Hugging Face folder (config.json + safetensors, one file or sharded with an index;
@@ -24,6 +24,9 @@ def _main(argv=None) -> int:
   imp.add_argument('--workdir', required=True)
   imp.add_argument('--dtype', default='float32', help='compute dtype: float32 or bfloat16 '
                    '(parameters stay float32 for training)')
+  # Across hosts (run the same command on each): every process assembles and writes only its
+  # devices' shards, so the checkpoint may be larger than any one host's memory.
+  cli.add_distributed_args(imp)
   exp = sub.add_parser('export', help='moejax workdir -> Hugging Face folder')
   exp.add_argument('--workdir', required=True)
   exp.add_argument('--hf_dir', required=True)
@@ -41,6 +44,7 @@ def _main(argv=None) -> int:
   logging.set_verbosity(logging.WARNING)
   from moejax.hf import convert
   if a.what == 'import':
+    cli.init_distributed(a)
     from moejax.config import base_config
     values = {}
     for key, text in overrides:  # typed as the field they set

@@ -5,13 +5,18 @@
 `moejax.generate` samples from; `export_workdir(workdir, hf_dir)` writes a folder that
 `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-Memory: the Hugging Face weights are memory-mapped and read one tensor at a time, each moejax
-parameter is assembled from them in turn, so the converter holds one copy of the model (float32)
-plus one tensor; a workdir adds the optimizer's two moments (as at any training start). Export
-writes tensor by tensor from the restored parameters.
+Memory: the Hugging Face weights are memory-mapped and read one tensor at a time.
+`load_pretrained` assembles each moejax parameter on the host in turn (one float32 copy of the
+model plus one tensor). `import_workdir` assembles every device's shard of every parameter
+straight from the tensors it needs (`jax.make_array_from_callback`), so a process holds only
+its devices' shards (plus one tensor) and reads only its share of the files: across hosts
+(`--coordinator` / `--distributed`, as for training) a checkpoint larger than any host converts
+into one sharded Orbax checkpoint, each host writing its shards. Export writes tensor by tensor
+from the restored parameters.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -121,9 +126,12 @@ def _get(tree, path):
   return tree
 
 
-def import_variables(reader, m, fam, dtype=np.float32, interleaved: bool = False) -> dict:
+def import_variables(reader, m, fam, dtype=np.float32, interleaved: bool = False,
+                     shardings: dict | None = None) -> dict:
   """The moejax variables ({'params': ..., 'moe_state': ...}) of a checkpoint, leaf by leaf;
-  the selection bias stays float32."""
+  the selection bias stays float32. With `shardings` ({path: jax.sharding.Sharding}) each leaf
+  is a jax.Array whose shards are assembled per device from the tensors they need (only this
+  process's devices'); without, numpy arrays."""
   shapes = dict(_paths(_abstract_variables(m)))
   out = {}
   tied = 'lm_head.weight' not in reader
@@ -134,11 +142,27 @@ def import_variables(reader, m, fam, dtype=np.float32, interleaved: bool = False
     if path == ('params', 'head') and tied:  # tie_word_embeddings: the head is the embedding
       template, to_moejax, to_hf = 'model.embed_tokens.weight', weights._t, weights._t
     leaf_dtype = dtype if path[0] == 'params' else np.float32
-    _set(out, path, weights.assemble(reader, m, fam, path, layers, template, to_moejax,
-                                     to_hf, per_expert, shapes.pop(path).shape, leaf_dtype))
+    shape = shapes.pop(path).shape
+    fill = functools.partial(weights.assemble, reader, m, fam, path, layers, template,
+                             to_moejax, to_hf, per_expert, shape, leaf_dtype)
+    _set(out, path, fill() if shardings is None else
+         jax.make_array_from_callback(shape, shardings[path], _once_per_index(fill)))
   if shapes:
     raise AssertionError(f'variables with no source: {sorted(shapes)}')
   return out
+
+
+def _once_per_index(fill):
+  """The callback of jax.make_array_from_callback: devices holding the same part of a leaf
+  (replicas over a data axis) share one assembled numpy array."""
+  done = {}
+
+  def part(index):
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in done:
+      done[key] = fill(index=index)
+    return done[key]
+  return part
 
 
 def load_pretrained(hf_dir: str, dtype: str = 'float32'):
@@ -218,46 +242,57 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   extra.update(overrides or {})
   config_lib.set_fields(c, extra)
   mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
-  variables = import_variables(reader, c.model, fam,
-                               interleaved=families.rope_interleaved(hf))
-  params = variables.pop('params')
-  os.makedirs(workdir, exist_ok=True)
-  if tok is not None:
-    tokenizers.copy_files(tok, workdir)
-    extra['data.tokenizer'] = c.data.tokenizer = copied
   trainer = Trainer(c, mesh)
   shard = trainer.state_sharding
-  model_state = {k: v for k, v in variables.items() if k != 'params'}
-  del variables
-  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+  first = jax.process_index() == 0
+  if jax.process_count() > 1:  # every process has checked the workdir before anything is written
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('moejax.hf import: checked')
+  if first:
+    os.makedirs(workdir, exist_ok=True)
+    if tok is not None:
+      tokenizers.copy_files(tok, workdir)
+  if tok is not None:
+    extra['data.tokenizer'] = c.data.tokenizer = copied
+  # Every device's shard of every leaf, assembled from the tensors it needs: a process never
+  # holds more than its devices' shards (and one tensor), nor reads the others'.
+  targets = {('params',) + p: t for p, t in _paths(shard.params)}
+  targets.update(_paths(shard.model_state))
+  variables = import_variables(reader, c.model, fam, interleaved=families.rope_interleaved(hf),
+                               shardings=targets)
+  params = variables.pop('params')
   with trainer.context():
-    # Leaf by leaf, dropping each host copy once it is on the devices: never two copies.
-    leaves, tree = jax.tree.flatten(params)
-    del params
-    targets = jax.tree.leaves(shard.params)
-    for i, target in enumerate(targets):
-      leaves[i] = jax.device_put(leaves[i], target)
-    params = jax.tree.unflatten(tree, leaves)
-    del leaves
     opt_state = jax.jit(trainer.tx.init, out_shardings=shard.opt_state)(params)
-    model_state = jax.device_put(model_state, shard.model_state)
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
   state = TrainState(step=jax.device_put(jnp.asarray(0, jnp.int32), shard.step), params=params,
-                     opt_state=opt_state, model_state=model_state)
+                     opt_state=opt_state, model_state=variables)
   import grain
   data_state = iter(grain.MapDataset.range(1).repeat()).get_state()  # a fresh iterator's
   ck = Checkpointer(workdir, c.train.keep_checkpoints)
   ck.save(0, state, data_state, c.to_dict())
   ck.wait()
   ck.close()
-  with open(os.path.join(workdir, 'config.py'), 'w') as f:
-    f.write(_config_file(fields, hf_dir, hf, extra))
-  with open(os.path.join(workdir, 'hf_config.json'), 'w') as f:
-    json.dump(hf, f, indent=1)
-  report = {'parameters': n, 'peak_memory_mb': peak_memory_mb(), 'model_type': hf['model_type']}
-  log(f'imported {hf_dir} ({hf["model_type"]}, {n:,} parameters) -> {workdir}; peak memory '
+  if first:
+    with open(os.path.join(workdir, 'config.py'), 'w') as f:
+      f.write(_config_file(fields, hf_dir, hf, extra))
+    with open(os.path.join(workdir, 'hf_config.json'), 'w') as f:
+      json.dump(hf, f, indent=1)
+  read, share = read_share(reader)
+  report = {'parameters': n, 'peak_memory_mb': peak_memory_mb(), 'model_type': hf['model_type'],
+            'bytes_read': read, 'share_read': share}
+  host = f' (process {jax.process_index()} of {jax.process_count()})' * (jax.process_count() > 1)
+  log(f'imported {hf_dir} ({hf["model_type"]}, {n:,} parameters) -> {workdir}{host}; read '
+      f'{read / 2**20:.1f} MB of tensors ({100 * share:.2f}% of the checkpoint), peak memory '
       f'{report["peak_memory_mb"]:.0f} MB. Fine-tune: python -m moejax.main --workdir={workdir}; '
       f'sample: python -m moejax.generate --workdir={workdir}')
   return report
+
+
+def read_share(reader) -> tuple[int, float]:
+  """(bytes of the distinct tensors this process read, their share of all the folder's)."""
+  r = reader.reader if isinstance(reader, _Prefixed) else reader
+  read = sum(r.nbytes(n) for n in r.read_names)
+  return read, read / max(sum(r.nbytes(n) for n in r.keys()), 1)
 
 
 ARCHITECTURES = {'mixtral': 'MixtralForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',

@@ -63,6 +63,7 @@ class Reader:
       for key, info in header.items():
         self.where[key] = (path, start, info)
     self._maps = {}
+    self.read_names = set()  # the tensors handed out by get(), for the import's report
 
   def keys(self):
     return self.where.keys()
@@ -72,6 +73,10 @@ class Reader:
 
   def shape(self, name: str) -> tuple:
     return tuple(self.where[name][2]['shape'])
+
+  def nbytes(self, name: str) -> int:
+    a, b = self.where[name][2]['data_offsets']
+    return b - a
 
   def dtype(self, name: str) -> str:
     return self.where[name][2]['dtype']
@@ -86,6 +91,7 @@ class Reader:
     if path not in self._maps:
       self._maps[path] = np.memmap(path, dtype=np.uint8, mode='r')
     a, b = info['data_offsets']
+    self.read_names.add(name)
     return self._maps[path][start + a:start + b].view(DTYPES[info['dtype']]).reshape(
         info['shape'])
 

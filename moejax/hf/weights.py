@@ -270,36 +270,48 @@ def hf_name(template: str, layer, e=None) -> str:
 
 
 def assemble(reader, m, fam, path, layers, template, to_moejax, to_hf, per_expert, shape,
-             dtype=np.float32) -> np.ndarray:
-  """One moejax leaf of the given shape, filled one Hugging Face tensor at a time; a missing
-  tensor or a shape that does not fit is one error line naming the tensor."""
+             dtype=np.float32, index=None) -> np.ndarray:
+  """One moejax leaf of the given shape, or its part `index` (a tuple of slices: the shard of
+  one device, as jax.make_array_from_callback asks for it), filled one Hugging Face tensor at a
+  time. Only the tensors of the layers and experts inside the part are read, so a host
+  assembling its devices' shards reads (and holds) its share of the checkpoint plus one tensor.
+  A missing tensor or a shape that does not fit is one error line naming the tensor."""
   from moejax.config import ConfigError
-  out = np.empty(shape, dtype)
-  for layer, index in layers:
-    target = out if index is None else out[index]
+  index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
+  ranges = [range(*sl.indices(n)) for sl, n in zip(index, shape)]
+  out = np.empty([len(r) for r in ranges], dtype)
+  stacked = layers[0][1] is not None  # a leading axis over the layers of a scanned stack
+  inner = ranges[1:] if stacked else ranges  # of one layer's leaf
+  cut = tuple(slice(r.start, r.stop, r.step) for r in inner)
+  full = tuple(shape[1:] if stacked else shape)  # one layer's leaf, uncut
+
+  def read(name, want):
+    if name not in reader:
+      raise ConfigError(f'the checkpoint has no tensor {name!r} (needed for moejax '
+                        f'{"/".join(path)})')
+    if want is not None and reader.shape(name) != tuple(want):
+      raise ConfigError(f'tensor {name}: shape {list(reader.shape(name))}, but this config '
+                        f'needs {list(want)}')
+    return to_moejax(np.asarray(reader.get(name), np.float32), m)
+
+  want = None  # the HF shape of one (layer's, expert's) tensor
+  if per_expert != 'fused':
+    want = to_hf(np.broadcast_to(np.zeros((), np.float32), full[1:] if per_expert else full),
+                 m).shape
+  for layer, stack_index in layers:
+    if stacked and stack_index not in ranges[0]:
+      continue
+    target = out[ranges[0].index(stack_index)] if stacked else out
     if per_expert == 'fused':  # one stacked tensor holds this leaf and a sibling
       name = hf_name(template, layer)
-      if name not in reader:
-        raise ConfigError(f'the checkpoint has no tensor {name!r} (needed for moejax '
-                          f'{"/".join(path)})')
-      value = to_moejax(np.asarray(reader.get(name), np.float32), m)
-      if value.shape != target.shape:
+      value = read(name, None)
+      if value.shape != full:
         raise ConfigError(f'tensor {name}: shape {list(reader.shape(name))} does not fit this '
-                          f'config ({"/".join(path)} is {list(target.shape)})')
-      target[...] = value
-      continue
-    one = target[0] if per_expert else target
-    want = to_hf(one, m).shape  # views only: nothing is copied
-    experts = range(m.moe.num_experts) if per_expert else [None]
-    values = []
-    for e in experts:
-      name = hf_name(template, layer, e)
-      if name not in reader:
-        raise ConfigError(f'the checkpoint has no tensor {name!r} (needed for moejax '
-                          f'{"/".join(path)})')
-      if reader.shape(name) != tuple(want):
-        raise ConfigError(f'tensor {name}: shape {list(reader.shape(name))}, but this config '
-                          f'needs {list(want)}')
-      values.append(to_moejax(np.asarray(reader.get(name), np.float32), m))
-    target[...] = np.stack(values) if per_expert else values[0]
+                          f'config ({"/".join(path)} is {list(full)})')
+      target[...] = value[cut]
+    elif per_expert:
+      for i, e in enumerate(inner[0]):
+        target[i] = read(hf_name(template, layer, e), want)[cut[1:]]
+    else:
+      target[...] = read(hf_name(template, layer), want)[cut]
   return out
