@@ -154,7 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.priority = 'choice'  # capacity drop order: 'choice' (all top-1 first), 'position' or
   # 'probability' (highest router weight first).
   moe.experts = ex = ml_collections.ConfigDict()
-  ex.name = 'swiglu'  # the routed expert block (moe/registry.py EXPERTS).
+  ex.name = 'swiglu'  # the routed expert block (moe/registry.py EXPERTS): 'swiglu' or 'mlp'
+  # (two matrices, no gate: act(x W_in) W_out, Switch/GShard's experts).
+  ex.activation = 'gelu'  # mlp: 'gelu' or 'relu'.
   ex.backend = 'auto'  # its dropless kernels: 'auto' (blocked on CPU, else ragged_dot),
   # 'ragged_dot' or 'blocked'.
   # Rows per block of the 'blocked' backend; 0: the mean rows per expert (T*K/N) rounded up to

@@ -23,12 +23,13 @@ from flax import linen as nn
 from moejax import cli
 from moejax.config import ConfigError, validate
 from moejax.model.transformer import Transformer
+from moejax.nn import names
 from moejax.planner import parse_mesh, plan
 
 # First matching path component decides the category.
-_CATEGORIES = (('experts', 'routed_experts'), ('shared', 'shared_experts'), ('router', 'router'),
-               ('ffn', 'dense_ffn'), ('attn', 'attention'), ('embedding', 'embedding'),
-               ('head', 'embedding'))
+_CATEGORIES = ((names.EXPERTS, 'routed_experts'), (names.SHARED, 'shared_experts'),
+               (names.ROUTER, 'router'), (names.FFN, 'dense_ffn'), ('attn', 'attention'),
+               ('embedding', 'embedding'), ('head', 'embedding'))
 
 
 def _category(path) -> str:

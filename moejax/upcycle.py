@@ -30,6 +30,7 @@ from flax import linen as nn
 
 from moejax import config as config_lib
 from moejax.config import ConfigError
+from moejax.nn import names
 from moejax.parallel import sharding
 from moejax.training.checkpoint import Checkpointer, CorruptCheckpoint
 from moejax.training.step import Trainer, TrainState
@@ -59,6 +60,9 @@ def check(dense, moe_cfg, mode: str):
     raise ConfigError(f'config.model.moe_layer_freq={m.moe_layer_freq}: upcycling needs MoE '
                       'FFNs in every layer after first_k_dense (moe_layer_freq=1, '
                       'first_k_dense < num_layers)')
+  if m.moe.experts.name != 'swiglu':
+    raise ConfigError(f'config.model.moe.experts.name={m.moe.experts.name!r}: upcycling copies '
+                      "the dense SwiGLU FFN into the experts, so they must be 'swiglu'")
   w, f = m.moe.expert_ffn_dim, d.ffn_dim
   if mode == 'copy' and w != f:
     raise ConfigError(f'config.model.moe.expert_ffn_dim={w}: mode copy makes each expert the '
@@ -81,17 +85,17 @@ def upcycle_params(dense: dict, fresh: dict, moe_model, mode: str) -> dict:
   dense, fresh = nn.unbox(dense), nn.unbox(fresh)
   k = moe_model.first_k_dense
   w, n = moe_model.moe.expert_ffn_dim, moe_model.moe.num_experts
-  src = dense['dense_layers']['block']  # leaves [num_layers, ...]
+  src = dense[names.DENSE_STACK][names.DENSE_BLOCK]  # leaves [num_layers, ...]
   out = jax.tree.map(np.asarray, fresh)
   for name in ('embedding', 'head', 'final_norm'):
     if name in dense:
       out[name] = jax.tree.map(np.asarray, dense[name])
   if k:
-    out['dense_layers']['block'] = jax.tree.map(lambda a: np.asarray(a)[:k], src)
-  block = out['moe_layers']['moe_block']
+    out[names.DENSE_STACK][names.DENSE_BLOCK] = jax.tree.map(lambda a: np.asarray(a)[:k], src)
+  block = out[names.MOE_STACK][names.MOE_BLOCK]
   for name in ('attn', 'attn_norm', 'ffn_norm'):
     block[name] = jax.tree.map(lambda a: np.asarray(a)[k:], src[name])
-  ffn = {key: np.asarray(v)[k:] for key, v in src['ffn'].items()}  # wi [L, d, f], wo [L, f, d]
+  ffn = {key: np.asarray(v)[k:] for key, v in src[names.FFN].items()}  # wi [L, d, f]; wo [L, f, d]
   slices = ffn['wi_0'].shape[-1] // w
   pick = [0] * n if mode == 'copy' else [e % slices for e in range(n)]
 
@@ -100,11 +104,11 @@ def upcycle_params(dense: dict, fresh: dict, moe_model, mode: str) -> dict:
     return wi_0[..., cols], wi_1[..., cols], wo[:, cols, :]
 
   parts = [cut(s, ffn['wi_0'], ffn['wi_1'], ffn['wo']) for s in pick]
-  experts = block['moe']['experts']
+  experts = block[names.MOE][names.EXPERTS]
   for i, key in enumerate(('wi_0', 'wi_1', 'wo')):
     experts[key] = np.stack([p[i] for p in parts], axis=1).astype(experts[key].dtype)
-  if 'shared' in block['moe']:
-    shared = block['moe']['shared']
+  if names.SHARED in block[names.MOE]:
+    shared = block[names.MOE][names.SHARED]
     width = shared['wi_0'].shape[-1]
     shared['wi_0'] = ffn['wi_0'][..., :width].astype(shared['wi_0'].dtype)
     shared['wi_1'] = ffn['wi_1'][..., :width].astype(shared['wi_1'].dtype)

@@ -160,7 +160,9 @@ def test_pieces_are_built_from_their_config_sections():
   c.model.moe.experts.block_size = 24
   experts = registry.make_experts(ml_collections.FrozenConfigDict(c.model.moe), 32, jnp.float32)
   assert (experts.block_size, experts.backend, experts.d_ff) == (24, 'auto', 16)
-  with pytest.raises(ConfigError, match=r"experts.name='gelu': must be one of \['swiglu'\]"):
+  for cls in registry.EXPERTS.values():  # an expert block's own fields are in its section
+    assert all(f.split('.')[1] in c.model.moe.experts for f in getattr(cls, 'READS', ())), cls
+  with pytest.raises(ConfigError, match=r"experts.name='gelu': must be one of \['swiglu', 'mlp'\]"):
     validate(_config(experts__name='gelu'), 1)
 
 

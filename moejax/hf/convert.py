@@ -313,6 +313,7 @@ def hf_config_of(c, base: dict | None, model_type: str) -> dict:
       ('qk_norm', m.qk_norm, m.qk_norm in (('none', 'l2') if llama4 else (fam.qk_norm,))),
       ('attention', m.attention, (m.attention == 'mla') == fam.latent_attention),
       ('qkv_bias', m.qkv_bias, not m.qkv_bias or fam.qkv_bias_key),
+      ('experts.name', moe.experts.name, moe.experts.name == 'swiglu'),
       ('shared_expert_gate', moe.shared_expert_gate, moe.shared_expert_gate == gated),
       ('gate_input', moe.gate_input, moe.gate_input == llama4),
       ('nope_every', m.nope_every, llama4 or not m.nope_every),

@@ -13,18 +13,20 @@ from __future__ import annotations
 import numpy as np
 
 from moejax.model.transformer import layer_plan
+from moejax.nn import names
 
 
 def slots(m) -> list[tuple[tuple[str, str], int | None, bool]]:
   """Per layer: ((stack, block), index in the stack or None when unstacked, is MoE)."""
   prefix, periods, tail = layer_plan(m)
-  out = [(('dense_layers', 'block'), i, False) for i in range(prefix)]
+  out = [((names.DENSE_STACK, names.DENSE_BLOCK), i, False) for i in range(prefix)]
   for p in range(periods):
-    out.append((('moe_layers', 'moe_block'), p, True))
-    out += [(('moe_layers', f'dense_block_{j}'), p, False) for j in range(m.moe_layer_freq - 1)]
+    out.append(((names.MOE_STACK, names.MOE_BLOCK), p, True))
+    out += [((names.MOE_STACK, names.dense_block(j)), p, False)
+            for j in range(m.moe_layer_freq - 1)]
   if tail:
-    out.append((('tail_layers', 'moe_block'), None, True))
-    out += [(('tail_layers', f'dense_block_{j}'), None, False) for j in range(tail - 1)]
+    out.append(((names.TAIL_STACK, names.MOE_BLOCK), None, True))
+    out += [((names.TAIL_STACK, names.dense_block(j)), None, False) for j in range(tail - 1)]
   return out
 
 
@@ -90,9 +92,9 @@ QKV_BIAS = [
 ]
 def dense_ffn(module: str) -> list:
   return [
-      (('ffn', 'wi_0'), f'{module}.gate_proj.weight', _t, _t),
-      (('ffn', 'wi_1'), f'{module}.up_proj.weight', _t, _t),
-      (('ffn', 'wo'), f'{module}.down_proj.weight', _t, _t),
+      ((names.FFN, 'wi_0'), f'{module}.gate_proj.weight', _t, _t),
+      ((names.FFN, 'wi_1'), f'{module}.up_proj.weight', _t, _t),
+      ((names.FFN, 'wo'), f'{module}.down_proj.weight', _t, _t),
   ]
 
 
@@ -190,22 +192,23 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
     return out + [(*t, False) for t in dense_ffn(fam.dense_module)]
   gate, up, down = fam.expert_names
   mod = fam.moe_module
-  out.append((('moe', 'router', 'w'), f'{mod}.{fam.router_name}.weight', _t, _t, False))
+  moe_, experts = names.MOE, names.EXPERTS
+  out.append(((moe_, names.ROUTER, 'w'), f'{mod}.{fam.router_name}.weight', _t, _t, False))
   if fam.fused_experts:  # stacked tensors holding every expert ('fused': one HF tensor, 2 leaves)
-    out += [(('moe', 'experts', 'wi_0'), f'{mod}.experts.{gate}', *_fused_half(0), 'fused'),
-            (('moe', 'experts', 'wi_1'), f'{mod}.experts.{up}', *_fused_half(1), 'fused'),
-            (('moe', 'experts', 'wo'), f'{mod}.experts.{down}', _same, _same, False)]
+    out += [((moe_, experts, 'wi_0'), f'{mod}.experts.{gate}', *_fused_half(0), 'fused'),
+            ((moe_, experts, 'wi_1'), f'{mod}.experts.{up}', *_fused_half(1), 'fused'),
+            ((moe_, experts, 'wo'), f'{mod}.experts.{down}', _same, _same, False)]
   else:
     for leaf, proj in (('wi_0', gate), ('wi_1', up), ('wo', down)):
-      out.append((('moe', 'experts', leaf), f'{mod}.experts.{{e}}.{proj}.weight', _t, _t, True))
+      out.append(((moe_, experts, leaf), f'{mod}.experts.{{e}}.{proj}.weight', _t, _t, True))
   if m.moe.num_shared_experts:
     for leaf, proj in (('wi_0', 'gate_proj'), ('wi_1', 'up_proj'), ('wo', 'down_proj')):
-      out.append((('moe', 'shared', leaf), f'{mod}.{fam.shared_module}.{proj}.weight', _t, _t,
-                  False))
+      out.append(((moe_, names.SHARED, leaf), f'{mod}.{fam.shared_module}.{proj}.weight', _t,
+                  _t, False))
   if m.moe.shared_expert_gate:
-    out.append((('moe', 'shared_gate'), f'{mod}.shared_expert_gate.weight', _t, _t, False))
+    out.append(((moe_, 'shared_gate'), f'{mod}.shared_expert_gate.weight', _t, _t, False))
   if m.moe.balance.selection_bias or m.moe.balance.bias_update_rate > 0:
-    out.append((('moe_state', 'moe', 'bias'), f'{mod}.gate.e_score_correction_bias', _same,
+    out.append((('moe_state', moe_, 'bias'), f'{mod}.gate.e_score_correction_bias', _same,
                 _same, False))
   return out
 

@@ -16,6 +16,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.model.layers import GroupedQueryAttention
+from moejax.nn import names
 from moejax.nn.layers import RMSNorm, SwiGLU, param_with_axes
 from moejax.model.mla import MultiHeadLatentAttention
 from moejax.moe.layer import MoEFFN
@@ -49,10 +50,10 @@ class Block(nn.Module):
       x = x + checkpoint_name(attn(h, positions, use_rope), 'attn_out')
     h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x), 'ffn_in')
     if self.moe:
-      f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name='moe')(h, token_ids, self.train,
-                                                                        replay)
+      f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name=names.MOE)(
+          h, token_ids, self.train, replay)
     else:
-      f, aux = SwiGLU(c.ffn_dim, dtype, name='ffn')(h), None
+      f, aux = SwiGLU(c.ffn_dim, dtype, name=names.FFN)(h), None
     return x + checkpoint_name(f, 'ffn_out'), aux
 
 
@@ -65,10 +66,10 @@ class Period(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, token_ids, first_layer, replay=None):
-    x, aux = Block(self.cfg, True, self.train, self.cache_len, name='moe_block')(
+    x, aux = Block(self.cfg, True, self.train, self.cache_len, name=names.MOE_BLOCK)(
         x, positions, token_ids, first_layer, replay)
     for i in range(self.num_dense):
-      x, _ = Block(self.cfg, False, self.train, self.cache_len, name=f'dense_block_{i}')(
+      x, _ = Block(self.cfg, False, self.train, self.cache_len, name=names.dense_block(i))(
           x, positions, token_ids, first_layer + 1 + i)
     return x, aux
 
@@ -80,7 +81,7 @@ class DenseStack(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, token_ids, layer):
-    x, _ = Block(self.cfg, False, self.train, self.cache_len, name='block')(x, positions,
+    x, _ = Block(self.cfg, False, self.train, self.cache_len, name=names.DENSE_BLOCK)(x, positions,
                                                                             token_ids, layer)
     return x, None
 
@@ -149,10 +150,10 @@ class Transformer(nn.Module):
     auxes = []
     freq = c.moe_layer_freq
     if prefix:
-      x, _ = _scanned(DenseStack, c, prefix, 'dense_layers', train=self.train,
+      x, _ = _scanned(DenseStack, c, prefix, names.DENSE_STACK, train=self.train,
                       cache_len=self.cache_len)(x, positions, tokens, jnp.arange(prefix))
     if periods:
-      x, aux = _scanned(Period, c, periods, 'moe_layers', per_layer_input=True,
+      x, aux = _scanned(Period, c, periods, names.MOE_STACK, per_layer_input=True,
                         num_dense=freq - 1, train=self.train,
                         cache_len=self.cache_len)(
                             x, positions, tokens, prefix + freq * jnp.arange(periods),
@@ -160,7 +161,7 @@ class Transformer(nn.Module):
       auxes.append(aux)  # each leaf [periods, ...]
     if tail:
       x, aux = _rematted(Period, c)(c, num_dense=tail - 1, train=self.train,
-                                    cache_len=self.cache_len, name='tail_layers')(
+                                    cache_len=self.cache_len, name=names.TAIL_STACK)(
           x, positions, tokens, prefix + freq * periods,
           None if replay is None else replay[-1])
       auxes.append(jax_tree_expand(aux))

@@ -55,6 +55,27 @@ def block_plan(group_sizes, num_rows: int, block: int):
 
 def blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, block: int):
   """Grouped SwiGLU of rows sorted by expert [M, D] -> [M, D]; rows past the groups give 0."""
+  return _blocked(x_sorted, group_sizes, block,
+                  lambda xb, be, used: _block_ffn(xb, be, used, wi_0, wi_1, wo))
+
+
+def blocked_ffn(x_sorted, group_sizes, expert_fn, weights, block: int):
+  """Any expert block on rows sorted by expert [M, D] -> [M, D] (rows past the groups give 0):
+  expert_fn(x [block, D], *(w[e] for w in weights)) per block, differentiated by autodiff (the
+  SwiGLU block has its hand-written backward pass instead)."""
+  def run(xb, block_expert, used):
+    def body(_, inp):
+      x, ex, i = inp
+      y = jax.lax.cond(i < used, lambda: expert_fn(x, *(w[ex] for w in weights)),
+                       lambda: jnp.zeros_like(x))
+      return None, y
+    return jax.lax.scan(body, None, (xb, block_expert, jnp.arange(xb.shape[0])))[1]
+  return _blocked(x_sorted, group_sizes, block, run)
+
+
+def _blocked(x_sorted, group_sizes, block: int, run):
+  """Lay rows sorted by expert out in blocks of one expert each, run(blocks [B, block, D],
+  block_expert [B], used) on them, and bring the rows back in order."""
   m, d = x_sorted.shape
   block = block or auto_block(m, group_sizes.shape[0], d)
   dest, block_expert, used, num_blocks = block_plan(group_sizes, m, block)
@@ -62,7 +83,7 @@ def blocked_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, block: int):
   src = jnp.full((num_blocks * block + 1,), m, jnp.int32).at[dest].set(
       jnp.arange(m, dtype=jnp.int32))[:-1]
   x_pad = jnp.concatenate([x_sorted, jnp.zeros((1, d), x_sorted.dtype)])[src]
-  y_pad = _block_ffn(x_pad.reshape(num_blocks, block, d), block_expert, used, wi_0, wi_1, wo)
+  y_pad = run(x_pad.reshape(num_blocks, block, d), block_expert, used)
   y_pad = jnp.concatenate([y_pad.reshape(num_blocks * block, d), jnp.zeros((1, d), y_pad.dtype)])
   return y_pad[dest]  # [M, D]
 

@@ -37,13 +37,17 @@ class EPLayout:
   ep: int  # size of the 'expert' axis: experts are split over it
 
   def per_device(self, local, out_specs, check_vma: bool = True):
-    """local(x, expert_index, gates, wi_0, wi_1, wo) on every device's tokens and experts
-    (shard_map), or called as it is outside a mesh."""
+    """local(x, expert_index, gates, *expert weights) on every device's tokens and experts
+    (shard_map; the weights, however many the expert block has, split over 'expert'), or
+    called as it is outside a mesh."""
     if not self.axes:
       return local
     tokens, expert = P(self.axes), P('expert' if self.ep > 1 else None)
-    return jax.shard_map(local, mesh=self.mesh, in_specs=(tokens,) * 3 + (expert,) * 3,
-                         out_specs=out_specs(tokens), check_vma=check_vma)
+
+    def call(*args):
+      return jax.shard_map(local, mesh=self.mesh, in_specs=(tokens,) * 3 + (expert,) * (
+          len(args) - 3), out_specs=out_specs(tokens), check_vma=check_vma)(*args)
+    return call
 
 
 def ep_layout(name: str, tokens: int, num_experts: int) -> EPLayout:

@@ -23,7 +23,25 @@ from moejax.nn.layers import param_with_axes
 from moejax.moe.blocked import blocked_swiglu, fused_dropless
 
 
-class RoutedExperts(nn.Module):
+class ExpertBlock(nn.Module):
+  """What every routed expert block offers (moe/registry.py EXPERTS): a subclass defines
+  weights() (stacked, expert axis first, in the compute dtype `dtype`) and shard(weights), the
+  per-device call; these run all of its experts through it."""
+
+  def capacity(self, buffers):
+    """[N, C, D] buffers, one per expert -> their outputs."""
+    x = nn.with_logical_constraint(buffers.astype(self.dtype), ('expert', None, 'act_embed'))
+    return self.shard(self.weights()).capacity(x)  # [N, C, D]
+
+  def grouped(self, x_sorted, group_sizes):
+    return self.shard(self.weights()).grouped(x_sorted, group_sizes)
+
+  def dropless(self, x, expert_index, gates):
+    """Dropless output of all experts: x [T, D], expert_index and gates [T, K] -> [T, D]."""
+    return self.shard(self.weights()).dropless(x, expert_index, gates, 0)
+
+
+class RoutedExperts(ExpertBlock):
   num_experts: int
   d_model: int
   d_ff: int
@@ -48,19 +66,6 @@ class RoutedExperts(nn.Module):
     """The expert block's public per-shard call: this device's slice of weights() (the
     expert axis split), for dispatchers running inside shard_map."""
     return ExpertShard(tuple(weights), self.backend, self.block_size, self.num_experts)
-
-  def capacity(self, buffers):
-    """[N, C, D] buffers, one per expert -> their outputs (batched einsum)."""
-    x = nn.with_logical_constraint(buffers.astype(self.dtype), ('expert', None, 'act_embed'))
-    return self.shard(self.weights()).capacity(x)  # [N, C, D]
-
-  def grouped(self, x_sorted, group_sizes):
-    return self.shard(self.weights()).grouped(x_sorted, group_sizes)
-
-  def dropless(self, x, expert_index, gates):
-    """Dropless output of all experts: x [T, D], expert_index and gates [T, K] -> [T, D]
-    (gather, experts and combine fused on the blocked backend)."""
-    return self.shard(self.weights()).dropless(x, expert_index, gates, 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from moejax.nn import names
 from moejax.nn.layers import SwiGLU, param_with_axes
 from moejax.moe import balance, registry
 
@@ -63,7 +64,7 @@ class MoEFFN(nn.Module):
       # num_shared * expert width), optionally scaled per token by a sigmoid gate.
       with jax.named_scope('shared_experts'):
         width = cfg.shared_expert_ffn_dim or cfg.num_shared_experts * cfg.expert_ffn_dim
-        shared = SwiGLU(width, self.dtype, name='shared')(x)
+        shared = SwiGLU(width, self.dtype, name=names.SHARED)(x)
         if cfg.shared_expert_gate:
           w = param_with_axes(self, 'shared_gate', (d, 1), ('embed', None))
           shared = shared * jax.nn.sigmoid(x.astype(jnp.float32) @ w).astype(self.dtype)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from moejax.nn import names
 from moejax.moe.dispatch import (CapacityDispatch, DroplessDispatch, EinsumDispatch,
                                  ExpertChoiceDispatch)
 from moejax.moe.expert_parallel import AllToAllDispatch
 from moejax.moe.experts import RoutedExperts
+from moejax.moe.experts_mlp import MLPExperts
 from moejax.moe.ragged import RaggedAllToAllDispatch
 from moejax.moe.ring import RingDispatch
 from moejax.moe.routers import (ExpertChoiceRouter, HashRouter, NoisyTopKRouter, ReLURouter,
@@ -43,9 +45,11 @@ DISPATCHERS = {
 # The routed expert blocks. A block has weights() (expert axis first) and shard(weights) -> an
 # object with capacity(buffers), grouped(x_sorted, sizes) and dropless(x, index, gates, first)
 # (experts.ExpertShard), which is all a dispatcher calls; its dataclass fields other than the
-# shape are config fields of model.moe.experts.
+# shape are config fields of model.moe.experts; READS names those of its own (the kernel's,
+# backend and block_size, are read by the dispatchers that run it), check(moe, fail) checks them.
 EXPERTS = {
     'swiglu': RoutedExperts,
+    'mlp': MLPExperts,
 }
 
 # Fields under model.moe every MoE layer reads, whichever pieces are chosen.
@@ -61,7 +65,7 @@ def make_router(moe_cfg, vocab_size: int, batch: int = 1):
   if cls is ExpertChoiceRouter:
     extra['batch'] = batch
   return cls(num_experts=moe_cfg.num_experts, k=moe_cfg.num_experts_per_tok,
-             cfg=moe_cfg.router, name='router', **extra)
+             cfg=moe_cfg.router, name=names.ROUTER, **extra)
 
 
 def make_experts(moe_cfg, d_model: int, dtype):
@@ -71,7 +75,7 @@ def make_experts(moe_cfg, d_model: int, dtype):
   settings = {f.name: section[f.name] for f in dataclasses.fields(cls)
               if f.name in section and f.name != 'name'}
   return cls(num_experts=moe_cfg.num_experts, d_model=d_model, d_ff=moe_cfg.expert_ffn_dim,
-             dtype=dtype, name='experts', **settings)
+             dtype=dtype, name=names.EXPERTS, **settings)
 
 
 def replaying_routers() -> list[str]:
@@ -112,18 +116,22 @@ def check(config, fail, defaults):
   if moe.experts.name not in EXPERTS:
     fail('model.moe.experts.name', moe.experts.name, f'must be one of {list(EXPERTS)}')
   router, dispatcher = ROUTERS[moe.router.name], DISPATCHERS[moe.dispatch.name]
+  block = EXPERTS[moe.experts.name]
   dispatches = router.uses_dispatch(moe, True) or router.uses_dispatch(moe, False)
-  reads = set(ALWAYS_READ + router.reads(moe))
-  pieces = f"the {moe.router.name!r} router"
+  reads = set(ALWAYS_READ + router.reads(moe) + getattr(block, 'READS', ()))
+  pieces = [f"the {moe.router.name!r} router", f"the {moe.experts.name!r} expert block"]
   if dispatches:
     reads |= {'dispatch.name', *dispatcher.reads()}
-    pieces += f" and the {moe.dispatch.name!r} dispatcher"
+    pieces.insert(1, f"the {moe.dispatch.name!r} dispatcher")
+  pieces = ', '.join(pieces[:-1]) + ' and ' + pieces[-1]
   for field, value in _leaves(moe):
     default = _get(defaults, field)
     if field not in reads and value != default and not _off(field, value):
       fail(f'model.moe.{field}', value, f'is not read by {pieces}; remove the setting (default '
-           f'{default!r}) or choose a {_piece_kind(field)} that reads it{_readers(field)}')
+           f'{default!r}) or choose {_piece_kind(field)} that reads it{_readers(field)}')
   router.check(moe, fail)
+  if hasattr(block, 'check'):
+    block.check(moe, fail)
   if dispatches:
     dispatcher.check(config, fail)
 
@@ -136,13 +144,17 @@ def _off(field: str, value) -> bool:
 
 
 def _piece_kind(field: str) -> str:
-  return 'dispatcher' if field.startswith(('dispatch.', 'experts.')) else 'router'
+  if field.startswith('experts.') and any(field in getattr(c, 'READS', ()) for c in
+                                          EXPERTS.values()):
+    return 'an expert block'
+  return 'a dispatcher' if field.startswith(('dispatch.', 'experts.')) else 'a router'
 
 
 def _readers(field: str) -> str:
-  """' (name, name)': the routers or dispatchers that read the field."""
+  """' (name, name)': the routers, dispatchers or expert blocks that read the field."""
   if field.startswith(('dispatch.', 'experts.')):
     names = [n for n, cls in DISPATCHERS.items() if field in cls.reads()]
+    names += [n for n, cls in EXPERTS.items() if field in getattr(cls, 'READS', ())]
   else:
     names = [n for n, cls in ROUTERS.items() if field in cls.READS]
   return f" ({', '.join(names)})" if names else ''

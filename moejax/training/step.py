@@ -13,6 +13,7 @@ from flax import struct
 
 from moejax.model.transformer import Transformer
 from moejax.moe import balance
+from moejax.nn import names
 from moejax.parallel import sharding
 
 
@@ -40,7 +41,7 @@ def _decay_mask(params):
 def _router_labels(params):
   """'frozen' for router parameters, 'trained' for the rest."""
   def label(path, _):
-    return 'frozen' if any(getattr(p, 'key', None) == 'router' for p in path) else 'trained'
+    return 'frozen' if any(getattr(p, 'key', None) == names.ROUTER for p in path) else 'trained'
   return jax.tree_util.tree_map_with_path(label, params,
                                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
