@@ -22,6 +22,7 @@ ARMS = {  # balancing runs in test_experiments.py (default run)
     'granularity': ['32x32_top8'],  # the finest experts
     'upcycling': ['upcycled_copy'],  # pulls in its source arm 'dense'
     'bias_rules': ['quantile_0.5', 'damped_1e-2'],
+    'dynamic_compute': ['null_experts', 'top_p', 'relu'],
 }
 
 

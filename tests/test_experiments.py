@@ -12,7 +12,7 @@ from moejax.params import count_params
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 NAMES = ['token_vs_expert_choice', 'balancing', 'balance_by_depth', 'router_families',
-         'capacity_factor', 'granularity', 'upcycling', 'bias_rules']
+         'capacity_factor', 'granularity', 'upcycling', 'bias_rules', 'dynamic_compute']
 
 
 def load(name):
