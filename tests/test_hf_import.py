@@ -135,11 +135,11 @@ def test_greedy_generation_equals_transformers(family):
 
 
 def test_export_loads_in_transformers_with_the_same_logits(family, tmp_path):
-  from moejax.hf import convert
+  from moejax.hf import convert, export
   kind, folder, ref_model = family
   config, _ = convert.moejax_config(json.loads((folder / 'config.json').read_text()), 'test')
   variables = hf.load_pretrained(str(folder))[1]
-  convert.export_variables(config, variables, str(tmp_path / 'out'), kind)
+  export.export_variables(config, variables, str(tmp_path / 'out'), kind)
   again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out')).eval()
   assert type(again) is type(ref_model)
   ids = _ids()
@@ -232,7 +232,7 @@ def test_deepseek_v3_multi_token_prediction_weights_are_kept(tmp_path):
   """A DeepSeek-V3 checkpoint with its MTP layer (model.layers.L.*, as published; transformers
   saves none): imported as model.mtp.depth=1 with every tensor in place, and exported back
   unchanged."""
-  from moejax.hf import convert, tensor_files
+  from moejax.hf import convert, export, tensor_files
   _build('deepseek_v3', tmp_path / 'hf')
   reader = tensor_files.Reader(str(tmp_path / 'hf'))
   rng = np.random.default_rng(0)
@@ -263,7 +263,7 @@ def test_deepseek_v3_multi_token_prediction_weights_are_kept(tmp_path):
                                 extra['model.layers.3.mlp.gate.e_score_correction_bias'])
   config, _ = convert.moejax_config(cfg, 'test')
   config.model.mtp.depth = 1
-  convert.export_variables(config, variables, str(tmp_path / 'out'), 'deepseek_v3')
+  export.export_variables(config, variables, str(tmp_path / 'out'), 'deepseek_v3')
   out = tensor_files.Reader(str(tmp_path / 'out'))
   for name in ('enorm.weight', 'hnorm.weight', 'eh_proj.weight', 'shared_head.norm.weight',
                'mlp.experts.1.down_proj.weight', 'mlp.gate.e_score_correction_bias',

@@ -42,7 +42,7 @@ def _main(argv=None) -> int:
     raise ConfigError(f'--config.{overrides[0][0]}: config overrides apply to import only')
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  from moejax.hf import convert
+  from moejax.hf import convert, export
   if a.what == 'import':
     cli.init_distributed(a)
     from moejax.config import base_config
@@ -52,7 +52,7 @@ def _main(argv=None) -> int:
       values[key] = cli.parse_value(key, text, node[last])
     convert.import_workdir(a.hf_dir, a.workdir, a.dtype, overrides=values)
   else:
-    convert.export_workdir(a.workdir, a.hf_dir, a.step, a.model_type, a.dtype,
+    export.export_workdir(a.workdir, a.hf_dir, a.step, a.model_type, a.dtype,
                            int(a.shard_gb * 2**30))
   return 0
 
