@@ -127,8 +127,9 @@ def check(config, fail, defaults):
   for field, value in _leaves(moe):
     default = _get(defaults, field)
     if field not in reads and value != default and not _off(field, value):
-      fail(f'model.moe.{field}', value, f'is not read by {pieces}; remove the setting (default '
-           f'{default!r}) or choose {_piece_kind(field)} that reads it{_readers(field)}')
+      fail(f'model.moe.{field}', value, f'is not read by {pieces}; remove the setting (or set '
+           f'--config.model.moe.{field}={default!r}, its default) or choose '
+           f'{_piece_kind(field)} that reads it{_readers(field)}')
   router.check(moe, fail)
   if hasattr(block, 'check'):
     block.check(moe, fail)
