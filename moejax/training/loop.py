@@ -285,6 +285,8 @@ _LOSSES = (('moe/aux_loss', 'model.moe.balance.aux_loss_weight'),
            ('moe/comm_loss', 'model.moe.balance.comm_loss_weight'),
            ('moe/importance_loss', 'model.moe.balance.importance_loss_weight'),
            ('moe/load_loss', 'model.moe.balance.load_loss_weight'),
+           ('moe/entropy_loss', 'model.moe.balance.entropy_loss_weight'),
+           ('moe/l1_loss', 'model.moe.balance.l1_target'),
            ('train/mtp_loss', 'model.mtp.depth'))
 
 
@@ -303,6 +305,10 @@ def _pairs(last: dict, config) -> str:
     if config_lib._get(config, field):
       keys.append(key)
   keys += ['moe/max_vio', 'moe/dropped_fraction', 'train/skipped_steps', 'eval/loss', 'eval/bpb',
-           'eval/max_vio_global', 'perf/tokens_per_sec']
+           'eval/max_vio_global']
+  if last.get('eval/active_experts', config.model.moe.num_experts_per_tok) != (
+      config.model.moe.num_experts_per_tok):
+    keys.append('eval/active_experts')  # routed experts per token, when not always K
+  keys.append('perf/tokens_per_sec')
   return ', '.join(f'{k} {float(last[k]):.4g}' for k in keys if k in last
                    and getattr(last[k], 'ndim', 0) == 0 and not isinstance(last[k], list))
