@@ -211,8 +211,13 @@ def entropy_loss(r: RouterOutput):
   router's distribution, -mean_t sum_i p_{t,i} log p_{t,i}. Minimising it sharpens the
   distribution, so that few experts reach the threshold p (without it, a flat distribution
   would activate many experts)."""
-  p = r.probs
-  return jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-20)), axis=-1))
+  return mean_entropy(r.probs)
+
+
+def mean_entropy(probs):
+  """-mean_t sum_i p log p of probs [T, N]: the 'router_entropy' statistic, and (the same
+  expression, computed once under jit) the entropy loss."""
+  return jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1))
 
 
 def l1_penalty(r: RouterOutput, target: float):
@@ -258,7 +263,7 @@ def load_stats(counts, probs) -> dict:
       'expert_load': load,
       'max_vio': (jnp.max(counts) - jnp.mean(counts)) / mean,
       'cv': jnp.std(counts) / mean,
-      'router_entropy': jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1)),
+      'router_entropy': mean_entropy(probs),
   }
 
 

@@ -33,9 +33,9 @@ class TopPRouter(Router):
     n = self.num_experts
     logits = router_logits(self, x, n, self.cfg, train)  # [T, N]
     probs = jax.nn.softmax(logits, axis=-1)  # [T, N]
-    best, index = jax.lax.top_k(jax.lax.stop_gradient(probs), self.k)  # [T, K], decreasing
+    best, top = jax.lax.top_k(jax.lax.stop_gradient(probs), self.k)  # [T, K], decreasing
     before = jnp.cumsum(best, axis=-1) - best  # [T, K] mass of the better experts
     taken = before < self.cfg.top_p  # [T, K]; the first slot always
-    index = jnp.where(taken, index, n).astype(jnp.int32)  # untaken slots are null
-    weights = jnp.where(taken, jnp.take_along_axis(probs, jnp.minimum(index, n - 1), -1), 0.0)
+    weights = jnp.where(taken, jnp.take_along_axis(probs, top, -1), 0.0)  # differentiable
+    index = jnp.where(taken, top, n).astype(jnp.int32)  # untaken slots are null
     return RouterOutput(expert_index=index, combine_weights=weights, probs=probs, logits=logits)
