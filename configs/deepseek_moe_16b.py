@@ -2,9 +2,7 @@
 first layer dense (FFN 10944), 64 routed experts of 1408 + 2 shared, top-6, softmax gate
 (not renormalised), expert-level balance loss 0.001.
 `--config=configs/deepseek_moe_16b.py` or `configs/deepseek_moe_16b.py:tiny` (CPU)."""
-import sys, os  # noqa: E401
-sys.path.insert(0, os.path.dirname(__file__))
-from published import published  # noqa: E402
+from moejax.configs.published import published
 
 COMMON = {'model.moe.num_shared_experts': 2, 'model.moe.router.norm_topk_prob': False,
           'model.moe.balance.aux_loss_weight': 0.001}

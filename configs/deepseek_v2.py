@@ -4,9 +4,7 @@ device-limited routing (8 devices, keep 3), routed_scaling_factor 16, expert/dev
 balance losses 0.003 / 0.05 / 0.02.
 `--config=configs/deepseek_v2.py` (published shape), `configs/deepseek_v2.py:lite`
 (DeepSeek-V2-Lite) or `configs/deepseek_v2.py:tiny` (CPU)."""
-import sys, os  # noqa: E401
-sys.path.insert(0, os.path.dirname(__file__))
-from published import published  # noqa: E402
+from moejax.configs.published import published
 
 COMMON = {
     'model.attention': 'mla', 'model.moe.num_shared_experts': 2,

@@ -3,9 +3,7 @@
 routing (8 groups, keep 4), routed_scaling_factor 2.5, sequence-wise loss 1e-4, one MTP
 module with loss weight 0.3 (the paper lowers it to 0.1 later in training).
 `--config=configs/deepseek_v3.py` (published shape) or `configs/deepseek_v3.py:tiny` (CPU)."""
-import sys, os  # noqa: E401
-sys.path.insert(0, os.path.dirname(__file__))
-from published import published  # noqa: E402
+from moejax.configs.published import published
 
 COMMON = {
     'model.attention': 'mla', 'model.moe.num_shared_experts': 1,

@@ -5,9 +5,7 @@ expert's input, plus one shared expert of the routed width.
 Scout (17B-16E, the default): 16 experts in every layer, L2-normalised q/k, llama3 rotary
 scaling x16. `:maverick` (17B-128E): 128 experts in every other layer (dense FFN 16384 between),
 no q/k norm. `:tiny` (CPU)."""
-import sys, os  # noqa: E401
-sys.path.insert(0, os.path.dirname(__file__))
-from published import published  # noqa: E402
+from moejax.configs.published import published
 
 COMMON = {'model.first_k_dense': 0, 'model.moe.num_shared_experts': 1,
           'model.moe.num_experts_per_tok': 1, 'model.moe.router.score_fn': 'sigmoid',

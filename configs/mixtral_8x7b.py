@@ -1,9 +1,7 @@
 """Mixtral 8x7B (arXiv:2401.04088): 32 layers, d 4096, GQA (32 query / 8 KV heads of 128),
 every layer MoE with 8 experts of 14336, top-2 renormalised, no shared expert.
 `--config=configs/mixtral_8x7b.py` or `configs/mixtral_8x7b.py:tiny` (CPU)."""
-import sys, os  # noqa: E401
-sys.path.insert(0, os.path.dirname(__file__))
-from published import published  # noqa: E402
+from moejax.configs.published import published
 
 COMMON = {'model.first_k_dense': 0, 'model.moe.num_shared_experts': 0,
           'model.moe.router.norm_topk_prob': True, 'model.moe.balance.aux_loss_weight': 0.001,

@@ -2,9 +2,7 @@
 projections, every layer MoE with 64 experts of 1024, top-8 softmax weights not renormalised,
 no shared expert, balance loss 0.01 and router z-loss 0.001.
 `--config=configs/olmoe.py` or `configs/olmoe.py:tiny` (CPU)."""
-import sys, os  # noqa: E401
-sys.path.insert(0, os.path.dirname(__file__))
-from published import published  # noqa: E402
+from moejax.configs.published import published
 
 COMMON = {'model.first_k_dense': 0, 'model.qk_norm': 'full', 'model.moe.num_shared_experts': 0,
           'model.moe.router.norm_topk_prob': False, 'model.moe.balance.aux_loss_weight': 0.01,

@@ -1,13 +1,21 @@
-"""Shared helpers for the published-model configs (not a config itself)."""
+"""Shared helpers for the published-model configs (not a config itself; imported by them as
+moejax.configs.published)."""
+import difflib
+
 from moejax.config import base_config, set_fields
+
+ARGS = ('full', 'tiny')
 
 
 def published(arg, full: dict, tiny: dict):
   """base_config() with the `full` model shape, or its `tiny` CPU variant (same structure:
   attention kind, dense-first layers, shared experts, group-limited routing, gate)."""
   c = base_config()
-  if arg not in (None, '', 'full', 'tiny'):
-    raise ValueError(f"config argument {arg!r}: use ':tiny' or nothing (the published shape)")
+  if arg not in (None, '', *ARGS):
+    close = difflib.get_close_matches(arg, ARGS, n=1)
+    hint = f"did you mean ':{close[0]}'? " if close else ''
+    raise ValueError(f"config argument {arg!r}: {hint}use ':tiny' (a CPU-sized model of the "
+                     "same structure) or nothing (the published shape)")
   set_fields(c, tiny if arg == 'tiny' else full)
   if arg == 'tiny':
     c.model.vocab_size, c.data.seq_len, c.train.batch_size = 258, 64, 8

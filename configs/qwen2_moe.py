@@ -2,9 +2,7 @@
 with q/k/v biases, every layer MoE with 60 experts of 1408, top-4 softmax weights not
 renormalised, plus one shared expert of width 5632 scaled per token by a sigmoid gate.
 `--config=configs/qwen2_moe.py` or `configs/qwen2_moe.py:tiny` (CPU)."""
-import sys, os  # noqa: E401
-sys.path.insert(0, os.path.dirname(__file__))
-from published import published  # noqa: E402
+from moejax.configs.published import published
 
 COMMON = {'model.first_k_dense': 0, 'model.qkv_bias': True, 'model.moe.num_shared_experts': 1,
           'model.moe.shared_expert_gate': True, 'model.moe.router.norm_topk_prob': False,

@@ -3,9 +3,7 @@ RMSNorm of queries and keys per head, every layer MoE, 128 experts, top-8 renorm
 shared expert, global-batch balance loss 0.001.
 `--config=configs/qwen3_moe.py` (Qwen3-30B-A3B), `configs/qwen3_moe.py:235b` (Qwen3-235B-A22B)
 or `configs/qwen3_moe.py:tiny` (CPU)."""
-import sys, os  # noqa: E401
-sys.path.insert(0, os.path.dirname(__file__))
-from published import published  # noqa: E402
+from moejax.configs.published import published
 
 COMMON = {'model.first_k_dense': 0, 'model.qk_norm': 'head', 'model.moe.num_shared_experts': 0,
           'model.moe.router.norm_topk_prob': True, 'model.moe.balance.aux_loss_weight': 0.001,

@@ -4,8 +4,8 @@ Per-layer MaxVio (batch) over training and the step from which it stays below 0.
 layers with the first dense (3 MoE layers), all 4 MoE, and all 4 MoE without any balancing
 loss (to see the natural imbalance by depth).
 """
-from common import SMOKE, base
-from metrics import steps_to_balance, tail_mean
+from moejax.experiments.common import SMOKE, base
+from moejax.experiments.metrics import steps_to_balance, tail_mean
 
 from moejax.experiment import Experiment
 

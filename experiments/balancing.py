@@ -4,8 +4,8 @@ No balancing; the Switch/GShard auxiliary loss at two weights; the aux-loss-free
 al. 2024; DeepSeek-V3) at two update rates; the sequence-wise loss alone. The z-loss (1e-3) is
 the same in every arm.
 """
-from common import SMOKE, base
-from metrics import tail_mean
+from moejax.experiments.common import SMOKE, base
+from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
 

@@ -7,8 +7,8 @@ and quantile balancing (the bias moved halfway each step toward the per-expert s
 that give every expert its share). The z-loss (1e-3) is the same in every arm. The report gives
 each arm's difference from the baseline with a 95% bootstrap interval over the 5 seeds.
 """
-from common import SMOKE, base
-from metrics import tail_mean
+from moejax.experiments.common import SMOKE, base
+from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
 

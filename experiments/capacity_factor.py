@@ -4,11 +4,11 @@ Top-2 of 8 experts; capacity C = ceil(factor * K * T / N) per expert over the ba
 first choices served before second choices; evaluation uses the same factor. Expert FLOPs
 include the padding of the [N, C] buffers, relative to the K * T rows dropless computes.
 """
-from common import SMOKE, base
-from metrics import tail_mean
+from moejax.experiments.common import SMOKE, base
+from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
-from moejax.moe.dispatch import expert_capacity
+from moejax.moe.dispatch.capacity import expert_capacity
 
 
 def expert_flops_vs_dropless(rows, config):

@@ -17,8 +17,8 @@ matched on its mean (the table's 'active experts (eval)' column shows what each 
 The report gives each arm's difference from the baseline with a 95% bootstrap interval and
 Welch's t-test over the 5 seeds.
 """
-from common import SMOKE, base
-from metrics import tail_mean
+from moejax.experiments.common import SMOKE, base
+from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
 

@@ -3,8 +3,8 @@
 Every MoE layer holds 1024 expert widths and activates 256: 8 x 128 top-2, 16 x 64 top-4,
 32 x 32 top-8, and 1 shared + 15 routed x 64 top-3.
 """
-from common import SMOKE, base
-from metrics import tail_mean
+from moejax.experiments.common import SMOKE, base
+from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
 

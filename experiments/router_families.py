@@ -3,8 +3,8 @@ design, in miniature). Every FFN has active width 256; every MoE layer has 2048 
 in total: hash top-1 and Switch top-1 use 8 experts of 256, GShard top-2 16 of 128,
 DeepSeekMoE 1 shared + 31 routed experts of 64 with top-3 routed.
 """
-from common import SMOKE, base
-from metrics import tail_mean
+from moejax.experiments.common import SMOKE, base
+from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
 

@@ -8,8 +8,8 @@ honest number), and non-causally as it was trained ('noncausal_eval loss', which
 leakage effect is the gap between the two, with a small (one sequence, 64 tokens) and a large
 (the whole batch, 1024 tokens) routing scope.
 """
-from common import SMOKE, base
-from metrics import tail_mean
+from moejax.experiments.common import SMOKE, base
+from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
 

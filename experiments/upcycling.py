@@ -8,7 +8,7 @@ dense model continued for the same steps and a MoE trained from scratch for all 
   top-4: same active width as the dense model (256), function not preserved.
 - 'moe_scratch_copy_shape': the 'upcycled_copy' architecture trained from step 0.
 """
-from common import SMOKE, base
+from moejax.experiments.common import SMOKE, base
 
 from moejax.experiment import Arm, Experiment
 

@@ -6,7 +6,7 @@ python -m moejax.generate --workdir=DIR --prompt='def main(' [--max_new_tokens=2
 Grouped-query attention caches keys and values; MLA caches only its latent and rotary key.
 Text in, text out with the run's tokenizer (the training loop copies it into the workdir).
 Routing at decode time is the evaluation routing, which must be causal (see
-config.routing_is_causal): capacity dispatch with priority='choice' and expert choice
+model/schedule.routing_is_causal): capacity dispatch with priority='choice' and expert choice
 evaluated as expert choice are refused.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax.config import ConfigError, routing_is_causal
+from moejax.errors import ConfigError
+from moejax.model.schedule import routing_is_causal
 from moejax.data import tokenizer as tokenizers
 from moejax.data.tokenizer import ByteTokenizer
 from moejax.model.transformer import Transformer
@@ -99,33 +100,11 @@ def generate(model_cfg, variables, prompt: np.ndarray, max_new_tokens: int, temp
 
 
 def load_checkpoint(workdir: str, step: int | None = None):
-  """(config, variables) of the newest intact (or the given) checkpoint in workdir."""
-  from moejax import config as config_lib
-  from moejax.parallel.sharding import make_mesh
-  from moejax.training.checkpoint import Checkpointer, CorruptCheckpoint
-  from moejax.training.step import Trainer
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ConfigError(f'--workdir={workdir}: no checkpoint (no {workdir}/checkpoints); train '
-                      'first with python -m moejax.main')
-  ckpt = Checkpointer(workdir, keep=1_000_000)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise ConfigError(f'--workdir={workdir}: no checkpoint in {ckpt.directory}')
-  if step is not None and step not in steps:
-    raise ConfigError(f'--step={step}: {workdir} has checkpoints at steps {steps}')
-  config = config_lib.from_dict(ckpt.read_config(step or steps[-1]))
-  config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = -1, 1, 1, 1
-  trainer = Trainer(config, make_mesh(config_lib.validate(config, jax.device_count())))
-  if step is None:
-    # Read-only: a corrupt newer checkpoint is reported and passed over, not moved.
-    step, state, _ = ckpt.restore_intact(trainer.abstract_state, move=False)
-  else:
-    try:
-      state, _ = ckpt.restore(step, trainer.abstract_state)
-    except CorruptCheckpoint as e:
-      raise ConfigError(f'--step={step}: that checkpoint is corrupt: {e}') from None
-  ckpt.close()
-  return config, {'params': state.params, **state.model_state}
+  """(config, variables) of the newest intact (or the given) checkpoint in workdir, read-only:
+  a corrupt newer checkpoint is reported and passed over, not moved."""
+  from moejax.training import workdir as workdirs
+  run, _, state = workdirs.load(workdir, step)
+  return run.config, {'params': state.params, **state.model_state}
 
 
 def _main(argv=None) -> int:

@@ -14,15 +14,16 @@ Several hosts (JAX's multi-controller runtime: every host runs this same command
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 from moejax import cli
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 
 def parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog='python -m moejax.main', description=__doc__.split('\n')[0],
-                         formatter_class=cli.argparse.RawDescriptionHelpFormatter)
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   cli.add_config_args(p)
   p.add_argument('--workdir', help='directory for checkpoints, metrics and plots (required)')
   cli.add_distributed_args(p)

@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from moejax import config as config_lib
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
+from moejax.model.schedule import moe_layer_ids
 from moejax.nn import names
-from moejax.parallel import sharding
-from moejax.training.checkpoint import Checkpointer, CorruptCheckpoint
+from moejax.training import workdir as workdirs
+from moejax.training.checkpoint import Checkpointer
 from moejax.training.step import Trainer, TrainState
 
 MODES = ('copy', 'slice')
@@ -46,7 +46,7 @@ def check(dense, moe_cfg, mode: str):
   if mode not in MODES:
     raise ConfigError(f'--mode={mode!r}: must be one of {list(MODES)}')
   d, m = dense.model, moe_cfg.model
-  if config_lib.moe_layer_ids(d):
+  if moe_layer_ids(d):
     raise ConfigError('--dense_workdir: its checkpoint already has MoE layers (model.'
                       f'first_k_dense={d.first_k_dense} < num_layers={d.num_layers}); upcycle '
                       'a dense model (first_k_dense >= num_layers)')
@@ -56,7 +56,7 @@ def check(dense, moe_cfg, mode: str):
                         'the MoE config must keep the dense shape')
   if d.attention == 'mla' and d.mla.to_dict() != m.mla.to_dict():
     raise ConfigError('config.model.mla.* differs from the dense checkpoint: keep it')
-  if m.moe_layer_freq != 1 or not config_lib.moe_layer_ids(m):
+  if m.moe_layer_freq != 1 or not moe_layer_ids(m):
     raise ConfigError(f'config.model.moe_layer_freq={m.moe_layer_freq}: upcycling needs MoE '
                       'FFNs in every layer after first_k_dense (moe_layer_freq=1, '
                       'first_k_dense < num_layers)')
@@ -121,28 +121,22 @@ def upcycle(config, dense_workdir: str, workdir: str, mode: str = 'copy',
   """Write the upcycled MoE checkpoint into workdir; returns its step."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir={workdir} is a file; give a new directory')
-  if not os.path.isdir(os.path.join(dense_workdir, 'checkpoints')):
-    raise ConfigError(f'--dense_workdir={dense_workdir!r} holds no checkpoints/: point it at a '
-                      'finished dense run')
-  source = Checkpointer(dense_workdir, keep=1_000_000)
-  steps = source.manager.all_steps()
-  step = source.latest_step() if step is None else step
-  if step not in steps:
-    raise ConfigError(f'--step={step}: {dense_workdir} has checkpoints at steps {sorted(steps)}')
+  source, steps = workdirs.checkpoints(dense_workdir, '--dense_workdir')
+  step = steps[-1] if step is None else step
   if os.path.isdir(os.path.join(workdir, 'checkpoints')) and Checkpointer(
       workdir, 1).latest_step() is not None:
+    source.close()
     raise ConfigError(f'--workdir={workdir!r} already holds checkpoints; upcycle into a new '
                       'workdir (nothing there was changed)')
-  dense = config_lib.from_dict(source.read_config(step))
-  check(dense, config, mode)
-  mesh = sharding.make_mesh(config_lib.validate(config, jax.device_count()))
   try:
-    dense_state, data_state = source.restore(step, Trainer(dense, mesh).abstract_state)
-  except CorruptCheckpoint as e:
-    raise ConfigError(f'--dense_workdir={dense_workdir}: checkpoint step {step} is corrupt: '
-                      f'{e}; pass an intact one with --step') from None
-  source.close()
-  trainer = Trainer(config, mesh)
+    dense = workdirs.saved_config(source, steps, step)
+    check(dense, config, mode)
+    run = workdirs.open_run(config)
+    dense_run = workdirs.Run(dense, run.mesh, Trainer(dense, run.mesh))
+    _, dense_state, data_state = workdirs.restore(dense_run, source, step)
+  finally:
+    source.close()
+  trainer = run.trainer
   fresh = trainer.init(config.seed)
   params = upcycle_params(jax.device_get(dense_state.params), jax.device_get(fresh.params),
                           config.model, mode)

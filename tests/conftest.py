@@ -41,14 +41,15 @@ def tiny_config(**moe):
 def trainer_on(c, sizes: dict):
   """A Trainer for config c on a mesh of these axis sizes, over the first devices."""
   import numpy as np
-  from moejax.config import mesh_shape, validate
-  from moejax.parallel.sharding import make_mesh
+  from moejax.checks import validate
+  from moejax.parallel.mesh import mesh_shape
+  from moejax.parallel.mesh import make_mesh
   from moejax.training.step import Trainer
   n = int(np.prod(list(sizes.values())))
   for axis, size in sizes.items():
     c.mesh[axis] = size
   validate(c, n)
-  return Trainer(c, make_mesh(mesh_shape(c, n), jax.devices()[:n]))
+  return Trainer(c, make_mesh(mesh_shape(c.mesh, n), jax.devices()[:n]))
 
 
 def train_side_by_side(one, other, keys, steps: int = 2, rtol=1e-5, atol=1e-6):
@@ -68,6 +69,13 @@ def train_side_by_side(one, other, keys, steps: int = 2, rtol=1e-5, atol=1e-6):
     for k in keys:
       np.testing.assert_allclose(m2[k], m1[k], rtol=rtol, atol=atol, err_msg=k)
   return state1, state2, m1, m2
+
+
+def build_router(cls, section, num_experts: int, k: int, vocab_size: int = 258):
+  """A router class built as the registry builds it: its settings from a model.moe.router
+  section (a ConfigDict or FrozenConfigDict)."""
+  return cls(num_experts=num_experts, k=k, vocab_size=vocab_size,
+             **{f: section[f] for f in cls.settings()})
 
 
 @pytest.fixture

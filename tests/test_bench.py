@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from moejax.bench import ExpertsFloor, main
+from moejax.bench.command import main
+from moejax.bench.moe import ExpertsFloor
 
 
 def test_experts_floor_is_k_expert_passes_plus_shared():

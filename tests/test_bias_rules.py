@@ -131,7 +131,7 @@ def test_dead_experts_are_counted_over_the_whole_evaluation_set():
 
 
 def test_bootstrap_interval_and_the_differences_table():
-  from moejax import report
+  from moejax.experiment import report
   from moejax.experiment import Experiment
   d, low, high = report.bootstrap_interval([2.0, 2.1, 2.2, 2.1, 2.0], [1.0, 1.1, 1.0, 0.9, 1.0])
   assert d == pytest.approx(1.08) and 0.9 < low < d < high < 1.25  # far apart: excludes 0
@@ -151,7 +151,7 @@ def test_welch_test_against_closed_forms():
   """Student's t with 1 and 2 degrees of freedom has closed-form tails: P(|T| > 1) = 1/2 for
   df = 1; P(|T| > t) = 1 - t / sqrt(2 + t^2) for df = 2, which two samples of two with equal
   variance give (Welch's df = 2). And the table value P(|T| > 2) = 0.0734 at df = 10."""
-  from moejax import report
+  from moejax.experiment import report
   assert report._betainc(0.5, 0.5, 0.5) == pytest.approx(0.5, abs=1e-12)
   t, df, p = report.welch_test([1.0, 3.0], [0.0, 2.0])  # diff 1, se sqrt(1 + 1)
   assert (t, df) == (pytest.approx(2 ** -0.5), pytest.approx(2.0))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.moe.blocked import auto_block, fused_dropless
+from moejax.kernels.blocked import auto_block, fused_dropless
 
 from test_dispatch import loop_reference
 

@@ -4,17 +4,19 @@ warmup shifted by a step) give different numbers. Every number is worked by hand
 import math
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from moejax.config import base_config
 from moejax.data import pipeline
-from moejax.moe import balance
-from moejax.moe.dispatch import capacity_slots, expert_capacity
-from moejax.moe.routers import ExpertChoiceRouter, RouterOutput
+from moejax.moe import balance, losses
+from moejax.moe.dispatch.capacity import capacity_slots, expert_capacity
+from moejax.moe.routers.expert_choice import ExpertChoiceRouter
+from moejax.moe.types import RouterOutput
 from moejax.moe.routers.expert_choice import expert_choice_capacity
 from moejax.training.step import learning_rate
+
+from conftest import build_router
 
 
 # ---- Capacity: C = ceil(factor * K * T / N), at least min_capacity, at most T.
@@ -54,7 +56,7 @@ def test_expert_choice_router_takes_ceil_tokens_per_expert():
   """T = 10, N = 4, c = 1.0: every expert takes C = ceil(10 / 4) = 3 distinct tokens."""
   moe = base_config().model.moe
   moe.router.name, moe.router.ec_capacity_factor = 'expert_choice', 1.0
-  router = ExpertChoiceRouter(num_experts=4, k=2, cfg=ml_collections.FrozenConfigDict(moe.router), batch=1)
+  router = build_router(ExpertChoiceRouter, moe.router, 4, 2)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 4)), jnp.float32)
   ec = router.apply({'params': {'w': jnp.eye(4)}}, x, train=True).expert_choice
   assert ec.token_index.shape == (4, 3)
@@ -76,7 +78,7 @@ def test_sequence_aux_loss_groups_by_sequence():
   Wrong variants: over the whole batch, f = 2/4 (3, 1) = (1.5, .5), P = (.6, .4) -> 1.1;
   normalised by K B S instead of K S: (.75 + .5) / 2 = .625."""
   r = _out([[0], [0], [0], [1]], [[.9, .1], [.6, .4], [.7, .3], [.2, .8]])
-  assert float(balance.sequence_aux_loss(r, 2, 2)) == pytest.approx(1.25, abs=1e-6)
+  assert float(losses.sequence_aux_loss(r, 2, 2)) == pytest.approx(1.25, abs=1e-6)
 
 
 def test_switch_aux_loss_counts_k_choices():
@@ -84,7 +86,7 @@ def test_switch_aux_loss_counts_k_choices():
   = (1/2, 1/3, 1/6). P = column means of (.5 .3 .2), (.4 .2 .4), (.3 .6 .1) = (.4, 11/30,
   7/30). N sum f P = 3 (.2 + 11/90 + 7/180) = 1.083333. Without K in f: 2.166667."""
   r = _out([[0, 1], [0, 2], [1, 0]], [[.5, .3, .2], [.4, .2, .4], [.3, .6, .1]])
-  assert float(balance.switch_aux_loss(r, 3)) == pytest.approx(13 / 12, abs=1e-6)
+  assert float(losses.switch_aux_loss(r, 3)) == pytest.approx(13 / 12, abs=1e-6)
 
 
 def test_device_loss_averages_f_over_a_devices_experts():
@@ -94,7 +96,7 @@ def test_device_loss_averages_f_over_a_devices_experts():
   instead of the mean: 3 * .525 + 1 * .475 = 2.05."""
   probs = [[.4, .3, .2, .1], [.1, .6, .1, .2], [.25, .25, .25, .25], [.1, .1, .2, .6]]
   r = _out([[0], [1], [1], [3]], probs)
-  assert float(balance.device_balance_loss(r, 4, 2)) == pytest.approx(1.025, abs=1e-6)
+  assert float(losses.device_balance_loss(r, 4, 2)) == pytest.approx(1.025, abs=1e-6)
 
 
 def test_max_vio_and_cv_on_uneven_counts():

@@ -76,7 +76,7 @@ def test_other_commands_user_errors(capsys, tmp_path):
       (experiment.main, ['balancing', '--workdir', str(tmp_path), '--config.train.stps=5'],
        'did you mean config.train.steps?'),
       (upcycle.main, [QUICK, '--dense_workdir', str(tmp_path / 'nope'), '--workdir',
-                      str(tmp_path / 'up')], '--dense_workdir', 'no checkpoints'),
+                      str(tmp_path / 'up')], '--dense_workdir', 'no checkpoint'),
       (upcycle.main, [QUICK, '--config.model.moe.num_expert=4', '--dense_workdir', 'x',
                       '--workdir', 'y'], 'did you mean config.model.moe.num_experts?'),
       (bench.main, ['moe', '--top-k', '99', '--experts', '8'], '--top-k=99'),

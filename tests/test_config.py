@@ -3,7 +3,10 @@ import pathlib
 
 import pytest
 
-from moejax.config import ConfigError, base_config, mesh_shape, moe_layer_ids, validate
+from moejax.checks import validate
+from moejax.config import ConfigError, base_config
+from moejax.model.schedule import moe_layer_ids
+from moejax.parallel.mesh import mesh_shape
 
 
 def _err(c, devices=1):
@@ -48,7 +51,7 @@ def test_mesh_product_differs_from_devices():
 def test_mesh_free_axis_resolves():
   c = base_config()
   c.mesh.expert = 4
-  assert mesh_shape(c, 8) == {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+  assert mesh_shape(c.mesh, 8) == {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}
 
 
 def test_mesh_must_divide_experts():
@@ -115,7 +118,7 @@ def test_quickstart_parameter_counts():
       'quickstart', pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'quickstart.py')
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  from moejax.params import count_params
+  from moejax.costs.parameters import count_params
   counts = count_params(mod.get_config().model)
   assert (counts['total'], counts['routed_experts'], counts['active']) == (1670784, 1179648,
                                                                            786048)

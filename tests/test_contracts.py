@@ -6,14 +6,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.config import ConfigError, routing_is_causal, validate
-from moejax.moe import registry
-from moejax.moe.dispatch import TokenDropping
+from moejax.checks import validate
+from moejax.config import base_config
+from moejax.errors import ConfigError
+from moejax.model.schedule import routing_is_causal
+from moejax.moe import losses, registry
+from moejax.moe.dispatch.capacity import TokenDropping
 from moejax.moe.layer import MoEFFN
-from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, router_logits
+from moejax.moe.routers.base import LearnedRouter
 from moejax.moe.types import RouterOutput
 
 from conftest import tiny_config
@@ -87,9 +91,12 @@ def test_expert_choice_dispatch_is_the_routers_own():
 
 
 def test_unknown_names_list_the_registry():
-  with pytest.raises(ConfigError, match=r"router.name='nope': must be one of \['topk'"):
+  with pytest.raises(ConfigError, match=r"router.name='nope': must be one of \["
+                     r"'expert_choice', 'hash', 'noisy_topk', 'relu', 'sinkhorn', 'top_p', "
+                     r"'topk'\]"):
     validate(_config(router__name='nope'), 1)
-  with pytest.raises(ConfigError, match=r"dispatch.name='nope': must be one of \['capacity'"):
+  with pytest.raises(ConfigError, match=r"dispatch.name='nope': must be one of \['all_to_all', "
+                     r"'capacity'"):
     validate(_config(dispatch__name='nope'), 1)
 
 
@@ -112,32 +119,40 @@ def test_causality_combines_router_and_dispatcher(router, dispatch, priority, k,
   assert routing_is_causal(m, train) is causal
 
 
-class FirstExperts(Router):
+class FirstExperts(LearnedRouter):
   """A router written against the contract alone: token t goes to experts t mod N .. + K - 1
-  with equal weights; reads the logits' settings (for its z-loss) and K."""
-  READS = LOGITS + TOKEN_CHOICE_LOSSES + ('num_experts_per_tok',)
+  with equal weights (its logits only feed the z-loss); one setting of its own, `offset`."""
+  offset: int = 0
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
+  def __call__(self, x, token_ids=None, batch=1, train=True, bias=None, replay=None):
     t = x.shape[0]
-    logits = router_logits(self, x, self.num_experts, self.cfg, train)
-    first = jnp.arange(t)[:, None] % self.num_experts
+    logits = self.logits(x, self.num_experts, train)
+    first = (jnp.arange(t)[:, None] + self.offset) % self.num_experts
     index = ((first + jnp.arange(self.k)) % self.num_experts).astype(jnp.int32)  # [T, K]
     return RouterOutput(index, jnp.full((t, self.k), 1.0 / self.k), jax.nn.softmax(logits),
                         logits)
 
 
 def test_a_router_is_one_class_and_one_registry_line(monkeypatch):
+  """What a router reads is derived from the class: its settings (dataclass fields) under
+  router.*, the logits' settings it inherits, K, and the general balance losses."""
   monkeypatch.setitem(registry.ROUTERS, 'first', FirstExperts)
-  c = _config(router__name='first')
+  assert set(FirstExperts.reads()) == {
+      'router.dtype', 'router.jitter', 'router.freeze', 'router.offset', 'num_experts_per_tok',
+      *losses.general_fields()}
+  assert base_config().model.moe.router.offset == 0  # its setting joined the schema
+  c = _config(router__name='first', router__offset=3)
   validate(c, 1)
   with pytest.raises(ConfigError, match="not read by the 'first' router"):
     validate(_config(router__name='first', router__score_fn='sigmoid'), 1)
+  with pytest.raises(ConfigError, match="not read by the 'first' router"):  # no selection bias
+    validate(_config(router__name='first', balance__bias_update_rate=1e-3), 1)
   layer = MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), c.model.d_model)
   x = jax.random.normal(jax.random.key(0), (2, 4, c.model.d_model))
   params = layer.init(jax.random.key(1), x)
   _, aux = layer.apply(params, x)
-  assert aux['expert_index'][:, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+  assert aux['expert_index'][:, 0].tolist() == [3, 4, 5, 6, 7, 0, 1, 2]
 
 
 def test_pieces_are_built_from_their_config_sections():
@@ -150,7 +165,7 @@ def test_pieces_are_built_from_their_config_sections():
       section, name = f.split('.')
       assert name in c.model.moe[section], (cls, f)
   for cls in registry.ROUTERS.values():
-    for f in cls.READS:
+    for f in cls.reads():
       node = c.model.moe
       for part in f.split('.'):
         assert part in node, (cls, f)
@@ -162,7 +177,7 @@ def test_pieces_are_built_from_their_config_sections():
   assert (experts.block_size, experts.backend, experts.d_ff) == (24, 'auto', 16)
   for cls in registry.EXPERTS.values():  # an expert block's own fields are in its section
     assert all(f.split('.')[1] in c.model.moe.experts for f in getattr(cls, 'READS', ())), cls
-  with pytest.raises(ConfigError, match=r"experts.name='gelu': must be one of \['swiglu', 'mlp'\]"):
+  with pytest.raises(ConfigError, match=r"experts.name='gelu': must be one of \['mlp', 'swiglu'\]"):
     validate(_config(experts__name='gelu'), 1)
 
 
@@ -195,14 +210,14 @@ def test_the_bias_update_is_returned_and_applied_by_the_train_step():
   """Balance in one room: the forward pass leaves the selection bias as it is and returns its
   update (collection 'bias_updates', the sign rule on the global counts); the train step
   adds it; eval returns none. An existing bias with updates off is used and stays fixed."""
-  from moejax.moe import balance
+  from moejax.moe import balance, losses
   c = _config(balance__bias_update_rate=1e-2)
   layer = MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), c.model.d_model)
   x = jax.random.normal(jax.random.key(0), (2, 8, c.model.d_model))
   v = layer.init(jax.random.key(1), x)
   assert 'bias_updates' not in v
   (_, aux), upd = layer.apply(v, x, train=True, mutable=['bias_updates'])
-  counts = balance.expert_counts(aux['expert_index'], c.model.moe.num_experts)
+  counts = losses.expert_counts(aux['expert_index'], c.model.moe.num_experts)
   want = 1e-2 * jnp.sign(jnp.mean(counts) - counts)
   assert jnp.array_equal(upd['bias_updates']['bias'], want) and jnp.any(want != 0)
   (_, _), upd_eval = layer.apply(v, x, train=False, mutable=['bias_updates'])
@@ -215,3 +230,39 @@ def test_the_bias_update_is_returned_and_applied_by_the_train_step():
   v0 = {'params': v['params'], 'moe_state': {'bias': jnp.zeros(8).at[3].set(10.0)}}
   (_, aux0), upd0 = layer0.apply(v0, x, train=True, mutable=['bias_updates'])
   assert not upd0 and bool(jnp.all(jnp.any(aux0['expert_index'] == 3, axis=-1)))
+
+
+def test_a_loss_is_one_row_and_its_function(monkeypatch):
+  """A balance loss added as one table row: its weight joins the schema, validation, the
+  layer's weighted sum, the logged metrics and the final line; off (weight 0) it is not
+  computed at all."""
+  row = losses.Loss('peak_loss', 'peak_loss_weight',
+                    lambda r, moe, b: jnp.mean(jnp.max(r.probs, axis=-1)))  # mean top prob
+  monkeypatch.setattr(losses, 'LOSSES', losses.LOSSES + (row,))
+  monkeypatch.setitem(losses.BY_NAME, 'peak_loss', row)
+  assert base_config().model.moe.balance.peak_loss_weight == 0.0
+  with pytest.raises(ConfigError, match=r'balance.peak_loss_weight=-1.0: must be >= 0'):
+    validate(_config(balance__peak_loss_weight=-1.0), 1)
+  with pytest.raises(ConfigError, match="peak_loss_weight.*not read by the 'expert_choice'"):
+    validate(_config(router__name='expert_choice', balance__peak_loss_weight=0.5), 1)
+  c = _config(balance__peak_loss_weight=0.5)
+  validate(c, 1)
+  x = jax.random.normal(jax.random.key(0), (2, 8, c.model.d_model))
+
+  def run(cfg):
+    layer = MoEFFN(ml_collections.FrozenConfigDict(cfg.model.moe), cfg.model.d_model)
+    params = layer.init(jax.random.key(1), x)
+    return layer.apply(params, x)[1]
+  aux = run(c)
+  b = c.model.moe.balance
+  want = b.aux_loss_weight * aux['aux_loss'] + b.z_loss_weight * aux['z_loss'] + (
+      0.5 * aux['peak_loss'])
+  np.testing.assert_allclose(aux['loss'], want, rtol=1e-6)
+  assert 0.125 <= float(aux['peak_loss']) <= 1.0  # a top probability of 8 experts
+  assert 'peak_loss' not in run(_config())  # weight 0: not computed
+  from moejax.training.loop import summary_line
+  from moejax.training.step import moe_metrics
+  stacked = jax.tree.map(lambda a: a[None], aux)
+  metrics = moe_metrics(stacked)
+  assert float(metrics['moe/peak_loss']) == pytest.approx(float(aux['peak_loss']))
+  assert 'moe/peak_loss 0.' in summary_line({'step': 1, **jax.device_get(metrics)}, c)

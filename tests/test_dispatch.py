@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.moe.dispatch import (CapacityDispatch, EinsumDispatch, capacity_slots,
-                                 expert_capacity)
-from moejax.moe.experts import RoutedExperts
+from moejax.moe.dispatch.capacity import CapacityDispatch, capacity_slots, expert_capacity
+from moejax.moe.dispatch.einsum import EinsumDispatch
+from moejax.moe.experts.swiglu import SwiGLUExperts
 from moejax.moe.layer import MoEFFN
 from moejax.moe.types import RouterOutput
 
@@ -67,7 +67,7 @@ def loop_reference(x, index, weights, experts, keep=None):
 
 
 def _experts(n, d=8, f=4, **kw):
-  mod = RoutedExperts(num_experts=n, d_model=d, d_ff=f, **kw)
+  mod = SwiGLUExperts(num_experts=n, d_model=d, d_ff=f, **kw)
   params = nn.unbox(mod.init(jax.random.key(1), jnp.zeros((n, 1, d)), method='capacity'))
   return mod, params
 

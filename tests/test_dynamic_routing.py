@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.config import ConfigError, validate
-from moejax.moe import balance
-from moejax.moe.dispatch import capacity_slots, drop_stats
+from moejax.checks import validate
+from moejax.errors import ConfigError
+from moejax.moe import balance, losses
+from moejax.moe.dispatch.capacity import capacity_slots, drop_stats
 from moejax.moe.layer import MoEFFN
-from moejax.moe.routers import ReLURouter, TopKRouter, TopPRouter
-from moejax.moe.types import RouterOutput
+from moejax.moe.routers.relu import ReLURouter
+from moejax.moe.routers.top_p import TopPRouter
+from moejax.moe.routers.topk import TopKRouter
 
-from conftest import tiny_config
+from conftest import build_router, tiny_config
 from test_dispatch import _swiglu, loop_reference
 
 
@@ -30,9 +32,9 @@ def _apply_router(cls, logits, k, **cfg):
   """Route tokens whose logits are exactly `logits` [T, N']: x = logits, router weight = I."""
   logits = jnp.asarray(logits, jnp.float32)
   n_out = logits.shape[1]
-  router = cls(num_experts=n_out - cfg.get('null_experts', 0), k=k, cfg=_router_cfg(**cfg))
+  router = build_router(cls, _router_cfg(**cfg), n_out - cfg.get('null_experts', 0), k)
   params = {'params': {'w': jnp.eye(n_out)}}
-  return router.apply(params, logits, None, False)
+  return router.apply(params, logits, train=False)
 
 
 def test_top_p_takes_experts_until_their_mass_reaches_p():
@@ -63,7 +65,7 @@ def test_relu_router_gates_and_null_slots():
   np.testing.assert_allclose(stats['active_experts_hist'], [1 / 3, 0, 2 / 3], rtol=1e-6)
   # The load-balanced L1: positives per expert (2, 1, 2, 1) -> f = 4 / (k 3) * those, with
   # k = 2: (4/3, 2/3, 4/3, 2/3); sum_e f_e R_te = 2, 0, 4 + 4/3 + 4/3 + 1/3 = 7 -> mean 3.
-  np.testing.assert_allclose(balance.l1_penalty(r, 2.0), 3.0, rtol=1e-6)
+  np.testing.assert_allclose(losses.l1_penalty(r, 2.0), 3.0, rtol=1e-6)
   # Sparsity 6 / 12 zero gates. Target k = 2 of 4: sparsity 0.5, on target: unchanged; k = 1
   # (0.75 wanted, denser than that): the coefficient grows by 1.2; k = 3 (0.25): shrinks.
   for target, factor in [(2, 1.0), (1, 1.2), (3, 1 / 1.2)]:

@@ -7,8 +7,9 @@ import jax
 import pytest
 
 from moejax import experiment
-from moejax.config import ConfigError, validate
-from moejax.params import count_params
+from moejax.checks import validate
+from moejax.errors import ConfigError
+from moejax.costs.parameters import count_params
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 NAMES = ['token_vs_expert_choice', 'balancing', 'balance_by_depth', 'router_families',

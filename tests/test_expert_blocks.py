@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.config import ConfigError, validate
+from moejax.checks import validate
+from moejax.errors import ConfigError
 from moejax.moe.layer import MoEFFN
 
 from conftest import tiny_config, train_side_by_side, trainer_on

@@ -7,19 +7,22 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.config import base_config, routing_is_causal
+from moejax.config import base_config
+from moejax.model.schedule import routing_is_causal
 from moejax.moe.layer import MoEFFN
-from moejax.moe.routers import ExpertChoiceRouter
+from moejax.moe.routers.expert_choice import ExpertChoiceRouter
 
 from test_dispatch import loop_reference
 
+from conftest import build_router
 
-def _router(n, batch=1, **router):
+
+def _router(n, **router):
   moe = base_config().model.moe
   moe.router.name = 'expert_choice'
   for k, v in router.items():
     moe.router[k] = v
-  return ExpertChoiceRouter(num_experts=n, k=2, cfg=ml_collections.FrozenConfigDict(moe.router), batch=batch)
+  return build_router(ExpertChoiceRouter, moe.router, n, 2)
 
 
 def test_hand_worked_selection():
@@ -38,9 +41,9 @@ def test_hand_worked_selection():
 def test_every_expert_gets_exactly_c_tokens(scope, batch):
   t, n = 64, 8
   x = jax.random.normal(jax.random.key(0), (t, 16))
-  router = _router(n, batch=batch, ec_scope=scope)
+  router = _router(n, ec_scope=scope)
   v = router.init(jax.random.key(1), x)
-  ec = router.apply(v, x, train=True).expert_choice
+  ec = router.apply(v, x, batch=batch, train=True).expert_choice
   per_scope = t // batch
   c = int(np.ceil(per_scope * 2.0 / n))
   assert ec.token_index.shape == (n, batch * c)

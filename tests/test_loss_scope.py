@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.config import ConfigError, validate
-from moejax.moe import balance
+from moejax.checks import validate
+from moejax.errors import ConfigError
+from moejax.moe import losses
 from moejax.moe.types import RouterOutput
 
 from conftest import tiny_config
@@ -23,24 +24,24 @@ def _routing():
 
 def test_scopes_hand_worked():
   r = _routing()
-  assert float(balance.switch_aux_loss(r, 2)) == pytest.approx(1.0)
-  assert float(balance.switch_aux_loss(r, 2, groups=2)) == pytest.approx(1.6)
-  assert float(balance.switch_aux_loss(r, 2, groups=4)) == pytest.approx(1.6)  # per token
+  assert float(losses.switch_aux_loss(r, 2)) == pytest.approx(1.0)
+  assert float(losses.switch_aux_loss(r, 2, groups=2)) == pytest.approx(1.6)
+  assert float(losses.switch_aux_loss(r, 2, groups=4)) == pytest.approx(1.6)  # per token
 
 
 def test_scope_gradients_flow_through_p_only():
   """d/dP of N * mean_g sum_i f_gi P_gi: sequence scope, token of sequence 1 -> f_g / 2 * N."""
   r = _routing()
-  g = jax.grad(lambda p: balance.switch_aux_loss(r.replace(probs=p), 2, groups=2))(r.probs)
+  g = jax.grad(lambda p: losses.switch_aux_loss(r.replace(probs=p), 2, groups=2))(r.probs)
   np.testing.assert_allclose(g, [[.5, 0], [.5, 0], [0, .5], [0, .5]], atol=1e-7)
 
 
 def test_micro_batch_is_the_data_parallel_ranks():
-  assert balance.scope_groups('micro_batch', 8) == 1  # outside a mesh
-  assert balance.scope_groups('sequence', 8) == 8 and balance.scope_groups('global', 8) == 1
+  assert losses.scope_groups('micro_batch', 8) == 1  # outside a mesh
+  assert losses.scope_groups('sequence', 8) == 8 and losses.scope_groups('global', 8) == 1
   mesh = jax.make_mesh((2, 1, 2, 2), ('data', 'fsdp', 'expert', 'tensor'))
   with jax.set_mesh(mesh):
-    assert balance.scope_groups('micro_batch', 8) == 4  # data x fsdp x expert, not tensor
+    assert losses.scope_groups('micro_batch', 8) == 4  # data x fsdp x expert, not tensor
 
 
 def test_scope_is_checked_and_belongs_to_token_choice():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.model.transformer import Transformer, layer_plan
+from moejax.model.schedule import layer_plan
+from moejax.model.transformer import Transformer
 
 from conftest import tiny_config, train_side_by_side, trainer_on
 

@@ -1,4 +1,4 @@
-"""The memory and device planner (moejax/planner.py), against hand counts."""
+"""The memory and device planner (moejax/costs/planner.py), against hand counts."""
 import json
 import math
 import pathlib
@@ -9,8 +9,8 @@ import pytest
 
 from conftest import tiny_config
 from moejax.config import ConfigError
-from moejax.params import count_params
-from moejax.planner import (all_to_all, expected_devices_reached, kv_cache_numbers_per_token,
+from moejax.costs.parameters import count_params
+from moejax.costs.planner import (all_to_all, expected_devices_reached, kv_cache_numbers_per_token,
                             parse_mesh, plan, weight_elements_per_device)
 
 

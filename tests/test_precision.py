@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.config import ConfigError, validate
+from moejax.checks import validate
+from moejax.errors import ConfigError
 
 from conftest import tiny_config, trainer_on
 

@@ -293,7 +293,7 @@ def test_command_line_errors_are_one_line(tmp_path):
 
 
 def test_in_memory_sources_take_a_tokenizer_too(tmp_path):
-  from moejax.config import validate
+  from moejax.checks import validate
   src = _corpus(tmp_path, n=10)
   tok = tokenizers.train_bpe((open(os.path.join(src, f)).read() for f in os.listdir(src)
                               if f.endswith('.txt')), 300, str(tmp_path / 'tok'))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from moejax.config import validate
+from moejax.checks import validate
 from moejax.model.mla import MultiHeadLatentAttention
-from moejax.params import count_params
-from moejax.parallel.sharding import make_mesh
+from moejax.costs.parameters import count_params
+from moejax.parallel.mesh import make_mesh
 from moejax.training.step import Trainer
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'

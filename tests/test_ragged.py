@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from moejax.config import ConfigError, validate
-from moejax.moe.experts import dropless_combine
-from moejax.moe.experts import grouped_swiglu
-from moejax.moe.ragged import emulate_ragged_all_to_all, exchange_plan, ragged_local
+from moejax.checks import validate
+from moejax.errors import ConfigError
+from moejax.kernels.grouped import dropless_combine
+from moejax.kernels.grouped import grouped_swiglu
+from moejax.moe.dispatch.ragged import emulate_ragged_all_to_all, exchange_plan, ragged_local
 
 from conftest import tiny_config
 from test_dispatch import loop_reference

@@ -14,9 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moejax.cli import Diverged
-from moejax.config import ConfigError, validate
-from moejax.training import loop
+from moejax.errors import Diverged
+from moejax.checks import validate
+from moejax.errors import ConfigError
+from moejax.training.guard import Guard
 from moejax.training.checkpoint import Checkpointer, fingerprint_numpy, integrity
 from moejax.training.lock import WorkdirLock
 from moejax.training.loop import train
@@ -167,7 +168,7 @@ def test_skip_keeps_the_last_finite_state_and_every_checkpoint_restores(tmp_path
   last = train(_diverging(nonfinite='skip', keep_checkpoints=1), d)
   assert last['step'] == 6 and last['train/skipped_steps'] == 4
   c = _diverging()
-  from moejax.parallel.sharding import make_mesh
+  from moejax.parallel.mesh import make_mesh
   from moejax.training.step import Trainer
   trainer = Trainer(c, make_mesh(validate(c, jax.device_count())))
   ck = Checkpointer(d, 10)
@@ -187,7 +188,7 @@ def test_rollback_restores_and_skips_the_batches_up_to_the_bad_one(tmp_path, mon
   """Step 5 is made non-finite once: the run goes back to the step-3 checkpoint, skips
   batches 4-5, and trains steps 4-6 on batches 6-8. Each step is logged once, and the step-6
   checkpoint's data position is 8 batches, as a fresh iterator's after 8 batches."""
-  real = loop._Guard.ok
+  real = Guard.ok
   seen = []
 
   def ok(self, step, metrics):
@@ -195,7 +196,7 @@ def test_rollback_restores_and_skips_the_batches_up_to_the_bad_one(tmp_path, mon
       seen.append(step)
       metrics = {**metrics, 'train/finite': jnp.array(False)}
     return real(self, step, metrics)
-  monkeypatch.setattr(loop._Guard, 'ok', ok)
+  monkeypatch.setattr(Guard, 'ok', ok)
   d = str(tmp_path / 'run')
   c = tiny_config()
   c.train.nonfinite = 'rollback'

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from moejax.config import base_config
-from moejax.moe.experts import dropless_swiglu, grouped_swiglu
-from moejax.planner import all_to_all, parse_mesh
+from moejax.kernels.grouped import dropless_swiglu, grouped_swiglu
+from moejax.costs.planner import all_to_all, parse_mesh
 
 from conftest import tiny_config, train_side_by_side, trainer_on
 from test_dispatch import loop_reference

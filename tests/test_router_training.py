@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from moejax.config import validate
-from moejax.parallel.sharding import make_mesh
+from moejax.checks import validate
+from moejax.parallel.mesh import make_mesh
 from moejax.training.step import Trainer
 
 from conftest import tiny_config

@@ -8,10 +8,15 @@ import pytest
 from flax import linen as nn
 
 from moejax.config import base_config
-from moejax.moe import balance
-from moejax.moe.routers import HashRouter, NoisyTopKRouter, RouterOutput, TopKRouter
+from moejax.moe import balance, losses
+from moejax.moe.routers.hashing import HashRouter
+from moejax.moe.routers.noisy import NoisyTopKRouter
+from moejax.moe.routers.topk import TopKRouter
+from moejax.moe.types import RouterOutput
 from moejax.moe.routers.base import group_limited
 from moejax.moe.routers.hashing import hash_table
+
+from conftest import build_router
 
 
 def _cfgs(router=None, bal=None):
@@ -31,7 +36,7 @@ def _v3(n=4, k=2, bias=None, **router):
   r, b = _cfgs({**V3, **router}, {'bias_update_rate': 1e-3})
   variables = {'params': {'w': jnp.eye(n)}, 'moe_state': {'bias': jnp.zeros(n) if bias is None
                                                           else jnp.asarray(bias, jnp.float32)}}
-  return _Biased(TopKRouter(num_experts=n, k=k, cfg=r)), variables
+  return _Biased(build_router(TopKRouter, r, n, k)), variables
 
 
 class _Biased:
@@ -123,16 +128,16 @@ def _skewed_bias_run(update, steps=150, rate=0.01):
   """The loss-free loop in miniature: route with the bias, count, apply the layer's update."""
   n, t = 4, 64
   r, b = _cfgs({**V3, 'norm_topk_prob': True}, {'bias_update_rate': rate, 'bias_update': update})
-  router = TopKRouter(num_experts=n, k=1, cfg=r)
+  router = build_router(TopKRouter, r, n, 1)
   x = jax.random.normal(jax.random.key(0), (t, n)) + jnp.array([2.0, 1.0, 0.0, -1.0])
   params = {'w': jnp.eye(n)}
 
   @jax.jit
   def step(bias):
     out = router.apply({'params': params}, x, train=True, bias=bias)
-    counts = balance.expert_counts(out.expert_index, n)
+    counts = losses.expert_counts(out.expert_index, n)
     return (bias + balance.bias_update(counts, rate, update),
-            balance.token_choice_stats(out, n)['max_vio'])
+            balance.load_stats(losses.expert_counts(out.expert_index, n), out.probs)['max_vio'])
 
   bias, vios = jnp.zeros(n), []
   for _ in range(steps):
@@ -160,7 +165,7 @@ def test_bias_update_hand_worked():
 
 def test_softmax_router_with_bias():
   r, b = _cfgs({'norm_topk_prob': False}, {'bias_update_rate': 1e-3})
-  router = TopKRouter(num_experts=4, k=1, cfg=r)
+  router = build_router(TopKRouter, r, 4, 1)
   x = jnp.array([[2., 1., 0., -1.]])
   out = router.apply({'params': {'w': jnp.eye(4)}}, x, train=False,
                      bias=jnp.array([0., 0.5, 0., 0.]))
@@ -170,7 +175,7 @@ def test_softmax_router_with_bias():
 
 def test_noisy_topk():
   r, b = _cfgs()
-  router = NoisyTopKRouter(num_experts=8, k=2, cfg=r)
+  router = build_router(NoisyTopKRouter, r, 8, 2)
   x = jax.random.normal(jax.random.key(0), (16, 8))
   v = nn.unbox(router.init({'params': jax.random.key(1), 'router': jax.random.key(2)}, x))
   clean = router.apply(v, x, train=False)
@@ -189,7 +194,7 @@ def test_noisy_topk():
 
 def test_jitter_only_in_training():
   r, b = _cfgs({'jitter': 0.1})
-  router = TopKRouter(num_experts=4, k=2, cfg=r)
+  router = build_router(TopKRouter, r, 4, 2)
   x = jax.random.normal(jax.random.key(0), (8, 4))
   v = {'params': {'w': jnp.eye(4)}}
   np.testing.assert_allclose(router.apply(v, x, train=False).logits, x, rtol=1e-6)
@@ -204,7 +209,7 @@ def test_hash_routing_deterministic_distinct(kind):
   np.testing.assert_array_equal(t1, hash_table(258, 8, 2, kind, seed=0))
   assert (t1[:, 0] != t1[:, 1]).all()
   r, b = _cfgs({'name': 'hash', 'hash_kind': kind})
-  router = HashRouter(num_experts=8, k=2, cfg=r)
+  router = build_router(HashRouter, r, 8, 2)
   ids = jnp.array([5, 5, 77, 200])
   out = router.apply({}, jnp.zeros((4, 3)), ids)
   np.testing.assert_array_equal(out.expert_index, t1[np.asarray(ids)])
@@ -224,12 +229,12 @@ def test_sequence_aux_loss_uniform_and_hand_worked():
   index = jnp.tile(jnp.arange(s * k).reshape(s, k) % n, (b, 1))
   r = RouterOutput(index, jnp.full((b * s, k), .5), jnp.full((b * s, n), 1 / n),
                    jnp.zeros((b * s, n)))
-  assert float(balance.sequence_aux_loss(r, n, b)) == pytest.approx(1.0, abs=1e-6)
+  assert float(losses.sequence_aux_loss(r, n, b)) == pytest.approx(1.0, abs=1e-6)
   # Hand-worked: one sequence of 2 tokens, N=2, K=1, both to expert 0 with affinity .75/.25:
   # f = 2/(1*2) * (2, 0) = (2, 0); P = (.75, .25); sum f P = 1.5
   r = RouterOutput(jnp.array([[0], [0]]), jnp.ones((2, 1)), jnp.array([[.75, .25]] * 2),
                    jnp.zeros((2, 2)))
-  assert float(balance.sequence_aux_loss(r, 2, 1)) == pytest.approx(1.5)
+  assert float(losses.sequence_aux_loss(r, 2, 1)) == pytest.approx(1.5)
 
 
 def _uniform_output(t, n, k):
@@ -241,10 +246,10 @@ def _uniform_output(t, n, k):
 @pytest.mark.parametrize('devices', [1, 2, 4])
 def test_device_and_comm_losses_are_one_under_uniform_routing(devices):
   r = _uniform_output(t=32, n=8, k=2)
-  assert float(balance.device_balance_loss(r, 8, devices)) == pytest.approx(1.0, abs=1e-6)
+  assert float(losses.device_balance_loss(r, 8, devices)) == pytest.approx(1.0, abs=1e-6)
   # Token t takes experts 2t mod 8 and 2t+1 mod 8, which share a device for devices <= 4, so
   # every token reaches exactly M = 1 device and each device gets T / devices tokens.
-  assert float(balance.comm_balance_loss(r, 8, devices, 1)) == pytest.approx(1.0, abs=1e-6)
+  assert float(losses.comm_balance_loss(r, 8, devices, 1)) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_device_and_comm_losses_hand_worked():
@@ -255,22 +260,22 @@ def test_device_and_comm_losses_hand_worked():
                    jnp.array([[.5, .3, .1, .1], [.3, .3, .3, .1]]), jnp.zeros((2, 4)))
   # f_i = N/(K T) count_i = 4/4 * (1, 2, 1, 0) = (1, 2, 1, 0); f'_d = (1.5, .5);
   # P'_d = (.7, .3): loss = 1.5 * .7 + .5 * .3 = 1.2
-  assert float(balance.device_balance_loss(r, 4, 2)) == pytest.approx(1.2, abs=1e-6)
+  assert float(losses.device_balance_loss(r, 4, 2)) == pytest.approx(1.2, abs=1e-6)
   # tokens sent: device 0 <- 2, device 1 <- 1; M=2: f'' = 2/(2*2) * (2, 1) = (1, .5);
   # loss = 1 * .7 + .5 * .3 = .85
-  assert float(balance.comm_balance_loss(r, 4, 2, 2)) == pytest.approx(0.85, abs=1e-6)
+  assert float(losses.comm_balance_loss(r, 4, 2, 2)) == pytest.approx(0.85, abs=1e-6)
 
 
 def test_importance_loss_hand_worked():
   # gates summed per expert: (.5, .5 + .5, .5, 0) = (.5, 1, .5, 0): mean .5, var .125 -> .5
   r = RouterOutput(jnp.array([[0, 1], [1, 2]]), jnp.full((2, 2), .5), jnp.zeros((2, 4)),
                    jnp.zeros((2, 4)))
-  assert float(balance.importance_loss(r, 4)) == pytest.approx(0.5, abs=1e-6)
-  assert float(balance.importance_loss(_uniform_output(32, 8, 2), 8)) == pytest.approx(0.0)
+  assert float(losses.importance_loss(r, 4)) == pytest.approx(0.5, abs=1e-6)
+  assert float(losses.importance_loss(_uniform_output(32, 8, 2), 8)) == pytest.approx(0.0)
 
 
 def test_sinkhorn_balances_a_skewed_router():
-  from moejax.moe.routers import SinkhornRouter
+  from moejax.moe.routers.sinkhorn import SinkhornRouter
   from moejax.moe.routers.sinkhorn import sinkhorn
   n, t = 4, 64
   x = jax.random.normal(jax.random.key(0), (t, n)) + jnp.array([2.0, 1.0, 0.0, -1.0])
@@ -278,11 +283,13 @@ def test_sinkhorn_balances_a_skewed_router():
   np.testing.assert_allclose(plan.sum(1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(plan.sum(0), t / n, rtol=1e-3)
   r, b = _cfgs({'name': 'sinkhorn', 'sinkhorn_iters': 20, 'norm_topk_prob': False})
-  router = SinkhornRouter(num_experts=n, k=1, cfg=r)
+  router = build_router(SinkhornRouter, r, n, 1)
   v = {'params': {'w': jnp.eye(n)}}
-  greedy = balance.token_choice_stats(router.apply(v, x, train=False), n)['max_vio']
+  greedy_out = router.apply(v, x, train=False)
+  greedy = balance.load_stats(losses.expert_counts(greedy_out.expert_index, n),
+                              greedy_out.probs)['max_vio']
   out = router.apply(v, x, train=True)
-  balanced = balance.token_choice_stats(out, n)['max_vio']
+  balanced = balance.load_stats(losses.expert_counts(out.expert_index, n), out.probs)['max_vio']
   assert float(greedy) > 1.5 and float(balanced) < 0.3
   # Weights are the router's probabilities of the chosen experts (no renormalisation here).
   np.testing.assert_allclose(out.combine_weights[:, 0],
@@ -303,15 +310,15 @@ def test_load_loss_counts_fallback_hand_worked():
   # counts (1, 2, 1, 0): mean 1, variance .5 -> CV^2 = .5
   r = RouterOutput(jnp.array([[0, 1], [1, 2]]), jnp.full((2, 2), .5), jnp.zeros((2, 4)),
                    jnp.zeros((2, 4)))
-  assert float(balance.load_loss(r, 4)) == pytest.approx(0.5)
+  assert float(losses.load_loss(r, 4)) == pytest.approx(0.5)
 
 
 def test_noisy_router_load_loss_has_gradient():
   r, b = _cfgs({'name': 'noisy_topk'})
-  router = NoisyTopKRouter(num_experts=8, k=2, cfg=r)
+  router = build_router(NoisyTopKRouter, r, 8, 2)
   x = jax.random.normal(jax.random.key(0), (16, 8))
   v = nn.unbox(router.init({'params': jax.random.key(1), 'router': jax.random.key(2)}, x))
-  g = jax.grad(lambda p: balance.load_loss(router.apply({'params': p}, x, train=True, rngs={
+  g = jax.grad(lambda p: losses.load_loss(router.apply({'params': p}, x, train=True, rngs={
       'router': jax.random.key(3)}), 8))(v['params'])
   assert float(jnp.abs(g['w']).sum()) > 0 and float(jnp.abs(g['w_noise']).sum()) > 0
 
@@ -320,13 +327,13 @@ def test_sinkhorn_hand_worked():
   """Logits [[2, 0], [1, 0]]: both tokens prefer expert 0. For a 2x2 kernel the balanced plan
   is [[p, 1-p], [1-p, p]] with the kernel's cross ratio: (p / (1-p))^2 = e^2 * e^0 / (e^1 * e^0)
   = e, so p = sqrt(e) / (1 + sqrt(e)) = 0.622459. Token 0 keeps expert 0, token 1 moves to 1."""
-  from moejax.moe.routers import SinkhornRouter
+  from moejax.moe.routers.sinkhorn import SinkhornRouter
   from moejax.moe.routers.sinkhorn import sinkhorn
   x = jnp.array([[2., 0.], [1., 0.]])
   p = 0.622459
   np.testing.assert_allclose(jnp.exp(sinkhorn(x, 60)), [[p, 1 - p], [1 - p, p]], atol=1e-5)
   r, b = _cfgs({'name': 'sinkhorn', 'sinkhorn_iters': 60, 'norm_topk_prob': False})
-  out = SinkhornRouter(num_experts=2, k=1, cfg=r).apply(
+  out = build_router(SinkhornRouter, r, 2, 1).apply(
       {'params': {'w': jnp.eye(2)}}, x, train=True)
   np.testing.assert_array_equal(out.expert_index, [[0], [1]])
   # gate weights: softmax probabilities of the chosen experts: (e^2/(e^2+1), 1/(e+1))

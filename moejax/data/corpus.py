@@ -14,7 +14,7 @@ import sysconfig
 
 import numpy as np
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 # Bundled third-party code and generated test data are not the standard library's own prose.
 _STDLIB_SKIP = ('site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test')

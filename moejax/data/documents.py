@@ -13,7 +13,7 @@ import fnmatch
 import json
 import os
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.data import corpus
 
 # Folders never walked into: hidden ones, virtual environments and caches.

@@ -24,7 +24,7 @@ import grain
 import jax
 import numpy as np
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.data import corpus, shards, tokenizer as tokenizers
 from moejax.data.shards import ArrayTokens
 

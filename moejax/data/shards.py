@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 FORMATS = ('array_record', 'bin')
 SPLITS = ('train', 'validation')

@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 # Special tokens a tokenizer.json without a tokenizer_config.json may name its EOS with.
 EOS_NAMES = ('<|endoftext|>', '</s>', '<eos>', '<|end_of_text|>', '<|eos|>', '<|end|>')

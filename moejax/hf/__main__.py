@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 
 def _main(argv=None) -> int:
@@ -45,10 +45,10 @@ def _main(argv=None) -> int:
   from moejax.hf import convert, export
   if a.what == 'import':
     cli.init_distributed(a)
-    from moejax.config import base_config
+    from moejax.config import base_config, field_parent
     values = {}
     for key, text in overrides:  # typed as the field they set
-      node, last = cli.field_parent(base_config(), key, f'--config.{key}')
+      node, last = field_parent(base_config(), key, f'--config.{key}')
       values[key] = cli.parse_value(key, text, node[last])
     convert.import_workdir(a.hf_dir, a.workdir, a.dtype, overrides=values)
   else:

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from moejax import config as config_lib
-from moejax.config import ConfigError
+from moejax.config import base_config, set_fields
+from moejax.errors import ConfigError
 from moejax.hf import families, tensor_files, weights
 
 DTYPES = {'float32': np.float32, 'bfloat16': jnp.bfloat16}
@@ -82,14 +82,14 @@ def _mtp_depth(hf: dict, reader, c, fields: dict) -> None:
   depth = hf.get('num_nextn_predict_layers') or 0
   if depth and f'model.layers.{hf["num_hidden_layers"]}.eh_proj.weight' in reader:
     fields['model.mtp.depth'] = depth
-    config_lib.set_fields(c, {'model.mtp.depth': depth})
+    set_fields(c, {'model.mtp.depth': depth})
 
 
 def moejax_config(hf: dict, where: str, dtype: str = 'float32'):
   """base_config() with the checkpoint's model fields (and a model that only evaluates)."""
-  c = config_lib.base_config()
+  c = base_config()
   fields = families.model_fields(hf, where)
-  config_lib.set_fields(c, fields)
+  set_fields(c, fields)
   c.model.dtype = dtype
   return c, fields
 
@@ -205,9 +205,9 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   dotted config fields to set as well (e.g. {'model.moe.router.freeze': True}), written into
   config.py; the model's shape fields come from the checkpoint."""
   from moejax.data import tokenizer as tokenizers
-  from moejax.parallel import sharding
   from moejax.training.checkpoint import Checkpointer
-  from moejax.training.step import Trainer, TrainState
+  from moejax.training.step import TrainState
+  from moejax.training.workdir import open_run
   if dtype not in DTYPES:
     raise ConfigError(f'--dtype={dtype}: one of {", ".join(DTYPES)}')
   hf, prefix = text_model(read_hf_config(hf_dir))
@@ -238,9 +238,8 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
     raise ConfigError(f'--config.{shape[0]}: comes from the checkpoint\'s config.json and '
                       'cannot be overridden at import')
   extra.update(overrides or {})
-  config_lib.set_fields(c, extra)
-  mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
-  trainer = Trainer(c, mesh)
+  set_fields(c, extra)
+  trainer = open_run(c).trainer
   shard = trainer.state_sharding
   first = jax.process_index() == 0
   if jax.process_count() > 1:  # every process has checked the workdir before anything is written

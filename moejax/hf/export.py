@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import config as config_lib
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
+from moejax.model.schedule import moe_layer_ids
 from moejax.hf import families, tensor_files, weights
 from moejax.hf.convert import _get, peak_memory_mb
 
@@ -64,7 +64,7 @@ def hf_config_of(c, base: dict | None, model_type: str) -> dict:
                                  low_freq_factor=r.low_freq_factor,
                                  high_freq_factor=r.high_freq_factor,
                                  original_max_position_embeddings=r.original_max_len)
-  ids = config_lib.moe_layer_ids(m)
+  ids = moe_layer_ids(m)
   if llama4:
     _llama4_config(hf, m, ids)
   elif model_type == 'mixtral':
@@ -182,8 +182,10 @@ def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_typ
                    dtype: str = 'float32', shard_bytes: int = 5 << 30, log=print) -> dict:
   from moejax.data import tokenizer as tokenizers
   from moejax.generate import load_checkpoint
+  from moejax.training import workdir as workdirs
   if dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f'--dtype={dtype}: one of float32, bfloat16')
+  workdirs.checkpoints(workdir)[0].close()  # a workdir without checkpoints is said first
   base = None
   if os.path.exists(os.path.join(workdir, 'hf_config.json')):
     with open(os.path.join(workdir, 'hf_config.json')) as f:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ def moe_layers(hf: dict) -> list[int]:
 
 def schedule(hf: dict, where: str) -> tuple[int, int]:
   """(first_k_dense, moe_layer_freq) giving the family's MoE layers, or a one-line refusal."""
-  from moejax.config import moe_layer_ids
+  from moejax.model.schedule import moe_layer_ids
   import types
   want, n = moe_layers(hf), hf['num_hidden_layers']
   if not want:

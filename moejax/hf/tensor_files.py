@@ -17,7 +17,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
           'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,

@@ -279,7 +279,7 @@ def assemble(reader, m, fam, path, layers, template, to_moejax, to_hf, per_exper
   time. Only the tensors of the layers and experts inside the part are read, so a host
   assembling its devices' shards reads (and holds) its share of the checkpoint plus one tensor.
   A missing tensor or a shape that does not fit is one error line naming the tensor."""
-  from moejax.config import ConfigError
+  from moejax.errors import ConfigError
   index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
   ranges = [range(*sl.indices(n)) for sl, n in zip(index, shape)]
   out = np.empty([len(r) for r in ranges], dtype)

@@ -15,11 +15,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.model.layers import apply_rope, update_cache
+from moejax.model.attention import apply_rope, update_cache
 from moejax.nn.layers import RMSNorm, constrain, param_with_axes
 
 
 class MultiHeadLatentAttention(nn.Module):
+  """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from a shared latent of
+  kv_lora_rank numbers per token plus one rotary key of qk_rope_head_dim; decoding caches only
+  those (kv_lora_rank + qk_rope_head_dim numbers per token and layer)."""
   num_heads: int
   mla: Any  # model.mla: q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
   rope_theta: float
@@ -29,6 +32,12 @@ class MultiHeadLatentAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions):
+    """Args:
+      x: [b, s, d] the normed block input.
+      positions: [b, s] int32 absolute positions.
+    Returns:
+      [b, s, d] in `dtype`.
+    """
     b, s, d = x.shape
     h, m = self.num_heads, self.mla
     nope, rope, vd = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim

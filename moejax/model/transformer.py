@@ -15,14 +15,18 @@ import ml_collections
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.model.layers import GroupedQueryAttention
+from moejax.model.attention import GroupedQueryAttention
+from moejax.model.mla import MultiHeadLatentAttention
+from moejax.model.remat import rematted
+from moejax.model.schedule import has_moe, layer_plan
+from moejax.moe.layer import MoEFFN
 from moejax.nn import names
 from moejax.nn.layers import RMSNorm, SwiGLU, param_with_axes
-from moejax.model.mla import MultiHeadLatentAttention
-from moejax.moe.layer import MoEFFN
 
 
 class Block(nn.Module):
+  """One pre-norm decoder block: x + attention(norm(x)), then + FFN(norm(x)), the FFN dense
+  (SwiGLU) or MoE."""
   cfg: Any  # model config (FrozenConfigDict)
   moe: bool
   train: bool = True
@@ -30,7 +34,15 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, token_ids, layer, replay=None):
-    """layer: this block's index in the model (traced inside a scanned stack)."""
+    """Args:
+      x: [b, s, d] the residual stream.
+      positions: [b, s] int32 absolute positions.
+      token_ids: [b, s] int32 (hash routing routes by them).
+      layer: this block's index in the model (traced inside a scanned stack).
+      replay: [b * s, K] experts to route to instead of selecting (MoE blocks), or None.
+    Returns:
+      (x [b, s, d], aux: the MoE layer's losses and statistics, None for a dense block).
+    """
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='attn_norm')(x), 'attn_in')
@@ -75,6 +87,7 @@ class Period(nn.Module):
 
 
 class DenseStack(nn.Module):
+  """One dense block, the body of the scanned stack of the first_k_dense layers."""
   cfg: Any
   train: bool = True
   cache_len: int = 0
@@ -86,23 +99,10 @@ class DenseStack(nn.Module):
     return x, None
 
 
-def remat_policy(cfg):
-  """The jax.checkpoint policy of model.remat ('full': None, save nothing but the inputs)."""
-  if cfg.remat == 'names':
-    return jax.checkpoint_policies.save_only_these_names(*cfg.remat_save)
-  return None
-
-
-def _rematted(cls, cfg):
-  if cfg.remat == 'none':
-    return cls
-  return nn.remat(cls, prevent_cse=False, policy=remat_policy(cfg))
-
-
 def _scanned(cls, cfg, length: int, name: str, per_layer_input: bool = False, **kwargs):
   """nn.scan of cls over `length` layers: inputs (positions, token ids) broadcast, then the
   per-layer index (and, with per_layer_input, one more per-layer input)."""
-  cls = _rematted(cls, cfg)
+  cls = rematted(cls, cfg)
   # 'moe_state' (the loss-free bias) and its 'bias_updates' are per layer like the params;
   # the router rng differs per layer too.
   axes = {'params': 0, 'moe_state': 0, 'bias_updates': 0, 'cache': 0}
@@ -112,12 +112,6 @@ def _scanned(cls, cfg, length: int, name: str, per_layer_input: bool = False, **
                  length=length,
                  metadata_params={nn.PARTITION_NAME: 'layers'})
   return scan(cfg, name=name, **kwargs)
-
-
-def layer_plan(cfg) -> tuple[int, int, int]:
-  """(dense prefix length, number of full periods, tail length) for the FFN schedule."""
-  rest = cfg.num_layers - min(cfg.first_k_dense, cfg.num_layers)
-  return cfg.num_layers - rest, rest // cfg.moe_layer_freq, rest % cfg.moe_layer_freq
 
 
 class Transformer(nn.Module):
@@ -160,7 +154,7 @@ class Transformer(nn.Module):
                             None if replay is None else replay[:periods])
       auxes.append(aux)  # each leaf [periods, ...]
     if tail:
-      x, aux = _rematted(Period, c)(c, num_dense=tail - 1, train=self.train,
+      x, aux = rematted(Period, c)(c, num_dense=tail - 1, train=self.train,
                                     cache_len=self.cache_len, name=names.TAIL_STACK)(
           x, positions, tokens, prefix + freq * periods,
           None if replay is None else replay[-1])
@@ -192,14 +186,14 @@ class Transformer(nn.Module):
     balance losses of their MoE blocks."""
     dtype = jnp.dtype(c.dtype)
     all_logits, moe_loss = [], jnp.zeros((), jnp.float32)
-    has_moe = any(layer_plan(c)[1:])  # the MTP block is MoE when the model's blocks are
+    moe = has_moe(c)  # the MTP block is MoE when the model's blocks are
     for k in range(1, c.mtp.depth + 1):
       s = tokens.shape[1] - k
       h_prev = RMSNorm(c.norm_eps, dtype, name=f'mtp_{k}_hnorm')(h[:, :s])
       e = RMSNorm(c.norm_eps, dtype, name=f'mtp_{k}_enorm')(embedding.astype(dtype)[tokens[:, k:]])
       proj = param_with_axes(self, f'mtp_{k}_proj', (2 * c.d_model, c.d_model), ('mlp', 'embed'))
       h = jnp.concatenate([h_prev, e], axis=-1) @ proj.astype(dtype)  # [b, s, d]
-      h, aux = Block(c, has_moe, self.train, name=f'mtp_{k}_block')(
+      h, aux = Block(c, moe, self.train, name=f'mtp_{k}_block')(
           h, positions[:, k:], tokens[:, k:], c.num_layers + k - 1)
       if aux is not None:
         moe_loss = moe_loss + aux['loss']
@@ -208,10 +202,12 @@ class Transformer(nn.Module):
 
 
 def jax_tree_expand(tree):
+  """Every leaf with a new leading axis of 1 (the tail period's aux, stacked like a scan's)."""
   return jax.tree.map(lambda a: a[None], tree)
 
 
 def concat_aux(auxes):
+  """The stacks' aux trees (leaves [layers_i, ...]) joined along the layer axis."""
   if not auxes:
     return {}
   return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *auxes)

@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from moejax.nn import names
 from moejax.nn.layers import SwiGLU, param_with_axes
-from moejax.moe import balance, registry
+from moejax.moe import balance, losses, registry
 
 
 class MoEFFN(nn.Module):
@@ -21,24 +21,32 @@ class MoEFFN(nn.Module):
 
   @nn.compact
   def __call__(self, x, token_ids=None, train: bool = True, replay=None):
-    """replay [T, K]: route to these experts (recorded as aux['expert_index'] by an earlier
-    pass) instead of selecting; only routers with a `replay` argument (topk) support it."""
+    """Route, dispatch, combine; add the shared experts.
+
+    Args:
+      x: [b, s, d] the normed FFN input.
+      token_ids: [b, s] int32 or None (hash routing needs them).
+      train: training routing (jitter, noise, expert choice) and balance-state updates.
+      replay: [b * s, K] experts to route to (recorded as aux['expert_index'] by an earlier
+        pass) instead of selecting; only routers with REPLAY (topk) support it.
+    Returns:
+      (y [b, s, d] in `dtype`, aux): aux['loss'] the weighted balance loss (a scalar), the
+      unweighted losses (moe/losses.py), load statistics ('expert_load' [N], 'max_vio', 'cv',
+      'router_entropy', 'active_experts', 'active_experts_hist' [K + 1]), drop statistics, and
+      'expert_index' [b * s, K].
+    """
     cfg = self.moe
     b, s, d = x.shape
     n = cfg.num_experts
     tokens = x.reshape(b * s, d)  # [T, D]
     ids = None if token_ids is None else token_ids.reshape(b * s)
-    router = registry.make_router(cfg, self.vocab_size, b)
+    router = registry.make_router(cfg, self.vocab_size)
     state = balance.layer_state(self, n, cfg.balance)
-    extra = {'bias': state['bias']} if 'bias' in state else {}
+    if replay is not None and not router.REPLAY:
+      raise ValueError(f'replaying recorded routing needs a router that can replay '
+                       f'({", ".join(registry.replaying_routers())}), not {cfg.router.name!r}')
     with jax.named_scope('route'):
-      if replay is None:
-        routing = router(tokens, ids, train, **extra)
-      elif router.REPLAY:
-        routing = router(tokens, ids, train, replay=replay, **extra)
-      else:
-        raise ValueError(f'replaying recorded routing needs a router that can replay '
-                         f'({", ".join(registry.replaying_routers())}), not {cfg.router.name!r}')
+      routing = router(tokens, ids, b, train, bias=state.get('bias'), replay=replay)
     # Null slots (index >= N: zero-computation experts, unused slots) all go to dispatch as N.
     to_dispatch, routed = tokens, routing.replace(
         expert_index=jnp.minimum(routing.expert_index, n))
@@ -51,7 +59,8 @@ class MoEFFN(nn.Module):
     with jax.named_scope('dispatch'):
       y, stats = registry.make_dispatcher(cfg, dispatch)(to_dispatch, routed, experts, train)
     with jax.named_scope('balance'):
-      losses, counts = balance.layer_losses(routing, cfg, b)
+      layer_losses = losses.layer_losses(routing, cfg, b)
+      counts = balance.routing_counts(routing, n)
       if train and not self.is_initializing() and self.is_mutable_collection('bias_updates'):
         # Returned, not applied: the train step adds them to the state (MaxText's way).
         for name, delta in balance.state_updates(state, routing, counts, cfg).items():
@@ -70,8 +79,8 @@ class MoEFFN(nn.Module):
           shared = shared * jax.nn.sigmoid(x.astype(jnp.float32) @ w).astype(self.dtype)
         y = y + shared
     aux = {
-        'loss': balance.weighted_loss(losses, cfg.balance, state),
-        **losses,
+        'loss': losses.weighted_loss(layer_losses, cfg.balance, state),
+        **layer_losses,
         **balance.load_stats(counts, routing.probs),
         **balance.active_experts(routing, n),
         **stats,

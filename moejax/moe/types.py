@@ -19,6 +19,7 @@ from flax import struct
 
 @struct.dataclass
 class RouterOutput:
+  """What a router hands to the dispatchers and the balance losses (shapes per field)."""
   expert_index: jax.Array  # [T, K] int32: chosen experts, best first; >= N: a null slot.
   combine_weights: jax.Array  # [T, K] float32: gate weight of each choice.
   # [T, N + Z] float32: normalised scores over all the router's experts, Z zero-computation
@@ -40,5 +41,6 @@ def active_slots(expert_index, num_experts: int):
 
 @struct.dataclass
 class ExpertChoice:
+  """Expert-major routing: the C tokens each expert took, and their weights."""
   token_index: jax.Array  # [N, C] int32: the tokens each expert took, best first.
   weights: jax.Array  # [N, C] float32: S[token, expert].

@@ -1,4 +1,5 @@
-"""Device mesh and the logical-axis rules that map named array dimensions onto it.
+"""The logical-axis rules that map named array dimensions onto the mesh (moejax/parallel/mesh.py),
+and the shardings derived from them.
 
 Modules name their dimensions ('batch', 'embed', 'expert', ...); these rules decide which mesh
 axes shard them. Changing the parallelism of a run is a mesh change in the config, never a model
@@ -6,22 +7,10 @@ change.
 """
 from __future__ import annotations
 
-import jax
-import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import MESH_AXES
-
-BATCH_AXES = ('data', 'fsdp', 'expert')
-
-
-def batch_axes_in_trace() -> tuple[tuple[str, ...], int]:
-  """The batch axes of the mesh being traced under (none outside a mesh) and how many
-  groups of devices they split the batch into."""
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
-  return axes, int(np.prod([mesh.shape[a] for a in axes]))
+from moejax.parallel.mesh import BATCH_AXES
 
 # (logical name, mesh axes). Activations' batch is split over every non-tensor axis;
 # parameters are split by fsdp on embed, by expert on the expert dim, by tensor on widths/heads.
@@ -47,13 +36,8 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  return Mesh(devices.reshape(shape), MESH_AXES)
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows of a global batch split over the batch axes."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 

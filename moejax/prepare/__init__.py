@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.data import corpus, documents, shards, tokenizer as tokenizers
 
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from moejax.config import ConfigError, from_dict
+from moejax.config import from_dict
+from moejax.errors import ConfigError
 
 # Fields that change the arrays in the state; anything else (steps, lr, mesh, data) may differ.
 _STATE_SECTIONS = ('model',)

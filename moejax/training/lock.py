@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 HEARTBEAT = 30.0
 STALE = 300.0

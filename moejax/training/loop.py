@@ -9,27 +9,29 @@ import time
 import jax
 import numpy as np
 
-from moejax import config as config_lib
+from moejax import checks
 from moejax.data import pipeline, tokenizer as tokenizers
-from moejax.parallel import sharding
-from moejax.cli import Diverged
-from moejax.config import ConfigError
+from moejax.errors import ConfigError, Diverged
+from moejax.model.schedule import moe_layer_ids, routing_is_causal
+from moejax.moe import losses
+from moejax.training import workdir as workdirs
 from moejax.training.checkpoint import Checkpointer
+from moejax.training.guard import Guard
 from moejax.training.lock import WorkdirLock
 from moejax.training.metrics import MetricWriter, plot_expert_load, read_metrics
 from moejax.training.step import Trainer
 
 
 def evaluate(trainer: Trainer, state, batches, bytes_per_token: float = 1.0) -> dict:
-  losses, loads, dropped, active = [], [], [], []
+  batch_losses, loads, dropped, active = [], [], [], []
   for b in batches:
     out = jax.device_get(trainer.eval_step(state, b))
-    losses.append(out['eval/loss'])
+    batch_losses.append(out['eval/loss'])
     if 'expert_load' in out:
       loads.append(out['expert_load'])
       dropped.append(out['dropped_fraction'])
       active.append(out['active_experts'])
-  loss = float(np.mean(losses))
+  loss = float(np.mean(batch_losses))
   result = {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
             'eval/bpb': pipeline.bits_per_byte(loss, bytes_per_token)}
   if loads:
@@ -88,7 +90,7 @@ def _make_workdir(workdir: str):
 def train(config, workdir: str) -> dict:
   """Train (or resume) the run in workdir. Returns the last logged metrics ('finished': True
   when the run had already finished and nothing was done)."""
-  mesh_sizes = config_lib.validate(config, jax.device_count())  # before anything compiles
+  checks.validate(config, jax.device_count())  # before anything compiles
   _make_workdir(workdir)
   # Corpus and tokenizer errors, also before compiling.
   splits = pipeline.load_splits(config.data, config.seed, config.model.vocab_size)
@@ -96,7 +98,7 @@ def train(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     tokenizers.copy_files(splits.tokenizer, workdir)  # generate reads it from the run
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    return _train(config, workdir, mesh_sizes, splits)
+    return _Loop(config, workdir, splits).run()
 
 
 def _finished_metrics(workdir: str, step: int) -> dict:
@@ -110,184 +112,151 @@ def _finished_metrics(workdir: str, step: int) -> dict:
   return last
 
 
-class _Guard:
-  """What the loop does with a step whose update the train step refused (not finite)."""
+class _Loop:
+  """One training run in its workdir: the state and the data iterator, the checkpoints, the
+  metric sinks and the divergence guard."""
 
-  def __init__(self, t):
-    self.mode, self.limit = t.nonfinite, t.max_nonfinite
-    self.in_a_row = self.rollbacks = self.skipped = 0
-    self.last_saved = None
+  def __init__(self, config, workdir: str, splits):
+    self.config, self.workdir, self.splits, self.t = config, workdir, splits, config.train
+    self.opened = workdirs.open_run(config)
+    self.trainer = self.opened.trainer
+    self.checkpointer = Checkpointer(workdir, self.t.keep_checkpoints)
+    self.val_sets = eval_sets(splits, self.t.batch_size, self.t.eval_batches)
+    self.guard = Guard(self.t)
+    self.is_main = jax.process_index() == 0
+    self.writer = None
 
-  def ok(self, step: int, metrics) -> bool:
-    """False asks for a rollback; raises Diverged when the run must stop."""
-    if bool(jax.device_get(metrics['train/finite'])):
-      self.in_a_row = 0
-      return True
-    loss, norm = (float(jax.device_get(metrics[k])) for k in ('train/loss', 'train/grad_norm'))
-    where = (f'step {step}: the loss ({loss}) or gradient norm ({norm}) is not finite; the '
-             'update was not applied')
-    saved = ('no checkpoint was written' if self.last_saved is None else
-             f'the newest checkpoint is step {self.last_saved}')
-    fix = 'lower train.lr or raise train.warmup_steps'
-    if self.mode == 'stop':
-      raise Diverged(f'{where} and the run stopped ({saved}, nothing non-finite was written). '
-                     f'To go on: {fix}, or set train.nonfinite=skip or rollback')
-    self.in_a_row += 1
-    if self.mode == 'skip':
-      self.skipped += 1
-      if self.in_a_row > self.limit:
-        raise Diverged(f'{where}; {self.in_a_row} steps in a row were not finite (more than '
-                       f'train.max_nonfinite={self.limit}), so the run stopped ({saved}). {fix}')
-      print(f'warning: {where}: batch skipped (train.nonfinite=skip)', file=sys.stderr)
-      return True
-    self.rollbacks += 1
-    if self.rollbacks > self.limit:
-      raise Diverged(f'{where}; {self.rollbacks - 1} rollbacks did not reach a new checkpoint '
-                     f'(train.max_nonfinite={self.limit}), so the run stopped ({saved}). {fix}')
-    return False
-
-  def saved(self, step: int):
-    self.last_saved, self.rollbacks = step, 0
-
-
-def _train(config, workdir: str, mesh_sizes, splits) -> dict:
-  t = config.train
-  checkpointer = Checkpointer(workdir, t.keep_checkpoints)
-  mesh = sharding.make_mesh(mesh_sizes)
-  trainer = Trainer(config, mesh)
-  val_sets = eval_sets(splits, t.batch_size, t.eval_batches)
-  guard = _Guard(t)
-
-  def resume():
-    """(step, state, data iterator) of the newest intact checkpoint, or of a fresh start."""
-    it = iter(pipeline.train_dataset(splits.train, t.batch_size, config.seed, splits.weights))
-    restored = checkpointer.restore_intact(trainer.abstract_state, config.to_dict())
+  def resume(self):
+    """The step of the newest intact checkpoint (None: a fresh start); sets the state and the
+    data iterator to it."""
+    t, splits = self.t, self.splits
+    self.data = iter(pipeline.train_dataset(splits.train, t.batch_size, self.config.seed,
+                                            splits.weights))
+    restored = workdirs.restore(self.opened, self.checkpointer, check_config=True, move=True)
     if restored is None:
-      return None, trainer.init(config.seed), it
-    step, state, data_state = restored
-    it.set_state(data_state)
-    guard.last_saved = step  # a restore is no progress: the rollback count stays
-    return step, state, it
+      self.state = self.trainer.init(self.config.seed)
+      return None
+    step, self.state, data_state = restored
+    self.data.set_state(data_state)
+    self.guard.last_saved = step  # a restore is no progress: the rollback count stays
+    return step
 
-  restored_step, state, train_iter = resume()
-  if restored_step is not None and restored_step >= t.steps:
-    checkpointer.close()  # finished (its last checkpoint verified): nothing to do
-    return _finished_metrics(workdir, restored_step)
-  start = int(jax.device_get(state.step))
-
-  is_main = jax.process_index() == 0
-  if restored_step is not None and is_main:
-    print(f'resuming from checkpoint step {restored_step}', file=sys.stderr)
-  writer = MetricWriter(workdir, enabled=is_main,
-                        resume_step=-1 if restored_step is None else restored_step,
-                        config_text=str(config))
-  if start == 0:
-    writer.write(0, {
-        'data/unigram_entropy_val': pipeline.unigram_entropy(next(iter(splits.val.values()))
-                                                             .tokens),
-        'data/train_tokens': sum(len(c.stream) for c in splits.train),
-        'data/val_tokens': sum(len(c.stream) for c in splits.val.values()),
-        'data/bytes_per_token_val': next(iter(splits.val.values())).bytes_per_token,
-        'data/train_docs': splits.num_train_docs, 'data/val_docs': splits.num_val_docs,
-        'train/routing_causal': float(config_lib.routing_is_causal(config.model, train=True)),
-        'eval/routing_causal': float(config_lib.routing_is_causal(config.model, train=False))})
-
-  def rollback(bad_step: int):
+  def rollback(self, bad_step: int) -> int:
     """Back to the newest intact checkpoint; its batches up to bad_step are skipped."""
-    nonlocal train_iter
-    checkpointer.wait()
-    step, new_state, train_iter = resume()
-    step = step or 0
+    self.checkpointer.wait()
+    step = self.resume() or 0
     for _ in range(bad_step - step):
-      next(train_iter)
-    writer.truncate(step)
+      next(self.data)
+    self.writer.truncate(step)
     print(f'warning: step {bad_step} was not finite: rolled back to step {step}, skipping '
           f'batches {step + 1}-{bad_step} (train.nonfinite=rollback)', file=sys.stderr)
-    return step, new_state
+    return step
 
-  def check(step: int, metrics) -> bool:
+  def check(self, step: int, metrics) -> bool:
+    """The guard's verdict on a step (False: roll back); a run that must stop gets the
+    diverged step's row, NaN and all, before Diverged propagates."""
     try:
-      return guard.ok(step, metrics)
+      return self.guard.ok(step, metrics)
     except Diverged:
-      writer.write(step, jax.device_get(metrics))  # the diverged step's row, NaN and all
+      self.writer.write(step, jax.device_get(metrics))
       raise
 
-  eval_causal = float(config_lib.routing_is_causal(config.model, train=False))
-  tokens_per_step = t.batch_size * config.data.seq_len
-  bar = None
-  if t.progress and is_main:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True)
-  try:
+  def _first_row(self):
+    """Step 0's row: what the data is, and whether the routing is causal."""
+    splits, m = self.splits, self.config.model
+    val = next(iter(splits.val.values()))
+    self.writer.write(0, {
+        'data/unigram_entropy_val': pipeline.unigram_entropy(val.tokens),
+        'data/train_tokens': sum(len(c.stream) for c in splits.train),
+        'data/val_tokens': sum(len(c.stream) for c in splits.val.values()),
+        'data/bytes_per_token_val': val.bytes_per_token,
+        'data/train_docs': splits.num_train_docs, 'data/val_docs': splits.num_val_docs,
+        'train/routing_causal': float(routing_is_causal(m, train=True)),
+        'eval/routing_causal': float(routing_is_causal(m, train=False))})
+
+  def run(self) -> dict:
+    restored = self.resume()
+    if restored is not None and restored >= self.t.steps:
+      self.checkpointer.close()  # finished (its last checkpoint verified): nothing to do
+      return _finished_metrics(self.workdir, restored)
+    start = int(jax.device_get(self.state.step))
+    if restored is not None and self.is_main:
+      print(f'resuming from checkpoint step {restored}', file=sys.stderr)
+    self.writer = MetricWriter(self.workdir, enabled=self.is_main,
+                               resume_step=-1 if restored is None else restored,
+                               config_text=str(self.config))
+    if start == 0:
+      self._first_row()
+    bar = None
+    if self.t.progress and self.is_main:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=self.t.steps, initial=start, desc='train', unit='step',
+                 dynamic_ncols=True)
+    try:
+      last = self._steps(start, bar)
+    finally:
+      # Also when the run stops (divergence, an error, Ctrl-C): a checkpoint being written in
+      # the background is finished, never left half-written.
+      if bar is not None:
+        bar.close()
+      self.checkpointer.wait()
+      self.checkpointer.close()
+      self.writer.close()
+    if self.is_main:
+      plot_expert_load(self.writer.path, os.path.join(self.workdir, 'expert_load.png'),
+                       moe_layer_ids(self.config.model))
+    return last
+
+  def _steps(self, start: int, bar) -> dict:
+    """Train from `start` to train.steps (or stop_after); returns the last logged metrics."""
+    t, config = self.t, self.config
+    eval_causal = float(routing_is_causal(config.model, train=False))
+    tokens_per_step = t.batch_size * config.data.seq_len
     last, tick, ticked_step = {}, time.perf_counter(), start
     step, pending = start, None  # pending: (step, metrics) whose finite flag is still unread
     while step < t.steps:
       step += 1
-      state, metrics = trainer.train_step(state, next(train_iter))
-      # The previous step's guard flag is read while this step runs (no pipeline stall).
-      if pending is not None and not check(*pending):
-        step, state = rollback(pending[0])
-        pending = None
-        continue
+      self.state, metrics = self.trainer.train_step(self.state, next(self.data))
+      # The previous step's flag is read while this step runs (no pipeline stall); a step
+      # that logs or saves is read at once.
+      unread = [pending] if pending is not None else []
       pending = (step, metrics)
       stopping = step == t.stop_after
       logging = step % t.log_every == 0 or step == t.steps
       saving = step % t.checkpoint_every == 0 or step == t.steps or stopping
       if logging or saving:
-        if not check(*pending):
-          step, state = rollback(step)
-          pending = None
-          continue
+        unread.append(pending)
         pending = None
+      bad = next((s for s, m in unread if not self.check(s, m)), None)
+      if bad is not None:
+        step, pending = self.rollback(bad), None
+        continue
       if logging:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         metrics['perf/tokens_per_sec'] = tokens_per_step * (step - ticked_step) / (now - tick)
         tick, ticked_step = now, step
-        if guard.skipped:
-          metrics['train/skipped_steps'] = guard.skipped
+        if self.guard.skipped:
+          metrics['train/skipped_steps'] = self.guard.skipped
         if step % t.eval_every == 0 or step == t.steps:
-          metrics.update(evaluate_all(trainer, state, val_sets, splits.val_weights))
+          metrics.update(evaluate_all(self.trainer, self.state, self.val_sets,
+                                      self.splits.val_weights))
           metrics['eval/routing_causal'] = eval_causal
           tick = time.perf_counter()  # evaluation time does not count against training speed
-        writer.write(step, metrics)
+        self.writer.write(step, metrics)
         last = {'step': step, **metrics}
         if bar is not None:
           bar.set_postfix(loss=f"{float(metrics['train/loss']):.3f}",
                           tok_s=f"{metrics['perf/tokens_per_sec']:.0f}")
       if saving:
-        checkpointer.save(step, state, train_iter.get_state(), config.to_dict())
-        guard.saved(step)
+        self.checkpointer.save(step, self.state, self.data.get_state(), config.to_dict())
+        self.guard.saved(step)
       if bar is not None:
         bar.n = step
         bar.refresh()
       if stopping:
         break
-  finally:
-    # Also when the run stops (divergence, an error, Ctrl-C): a checkpoint being written in
-    # the background is finished, never left half-written.
-    if bar is not None:
-      bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-  if is_main:
-    plot_expert_load(writer.path, os.path.join(workdir, 'expert_load.png'),
-                     config_lib.moe_layer_ids(config.model))
-  return last
-
-
-# Each loss metric and the config field that turns it on (the summary lists only those on).
-_LOSSES = (('moe/aux_loss', 'model.moe.balance.aux_loss_weight'),
-           ('moe/z_loss', 'model.moe.balance.z_loss_weight'),
-           ('moe/seq_aux_loss', 'model.moe.balance.seq_aux_loss_weight'),
-           ('moe/device_loss', 'model.moe.balance.device_loss_weight'),
-           ('moe/comm_loss', 'model.moe.balance.comm_loss_weight'),
-           ('moe/importance_loss', 'model.moe.balance.importance_loss_weight'),
-           ('moe/load_loss', 'model.moe.balance.load_loss_weight'),
-           ('moe/entropy_loss', 'model.moe.balance.entropy_loss_weight'),
-           ('moe/l1_loss', 'model.moe.balance.l1_target'),
-           ('train/mtp_loss', 'model.mtp.depth'))
+    return last
 
 
 def summary_line(last: dict, config) -> str:
@@ -301,9 +270,9 @@ def summary_line(last: dict, config) -> str:
 
 def _pairs(last: dict, config) -> str:
   keys = ['train/loss', 'train/ce_loss']
-  for key, field in _LOSSES:
-    if config_lib._get(config, field):
-      keys.append(key)
+  keys += [f'moe/{loss.name}' for loss in losses.LOSSES if loss.on(config.model.moe.balance)]
+  if config.model.mtp.depth:
+    keys.append('train/mtp_loss')
   keys += ['moe/max_vio', 'moe/dropped_fraction', 'train/skipped_steps', 'eval/loss', 'eval/bpb',
            'eval/max_vio_global']
   if last.get('eval/active_experts', config.model.moe.num_experts_per_tok) != (

@@ -13,6 +13,7 @@ from flax import struct
 
 from moejax.model.transformer import Transformer
 from moejax.moe import balance
+from moejax.moe import losses
 from moejax.nn import names
 from moejax.parallel import sharding
 
@@ -75,19 +76,15 @@ def mtp_total(aux: dict, targets, mtp_cfg, metrics: dict):
 
 
 def moe_metrics(aux: dict) -> dict:
-  """Per-layer aux (leaves [num_moe_layers, ...]) -> logged metrics (means over layers)."""
-  if 'aux_loss' not in aux:  # no MoE layer
+  """Per-layer aux (leaves [num_moe_layers, ...]) -> logged metrics (means over layers): every
+  balance loss the layers computed (moe/losses.py), the routing statistics, and the same per
+  MoE layer for the statistics and the monitored losses."""
+  if 'z_loss' not in aux:  # no MoE layer
     return {}
+  per_layer = PER_LAYER + tuple(loss.name for loss in losses.LOSSES if loss.monitor)
   return {
-      'moe/aux_loss': jnp.mean(aux['aux_loss']),
-      'moe/z_loss': jnp.mean(aux['z_loss']),
-      'moe/seq_aux_loss': jnp.mean(aux['seq_aux_loss']),
-      'moe/device_loss': jnp.mean(aux['device_loss']),
-      'moe/comm_loss': jnp.mean(aux['comm_loss']),
-      'moe/importance_loss': jnp.mean(aux['importance_loss']),
-      'moe/load_loss': jnp.mean(aux['load_loss']),
-      'moe/entropy_loss': jnp.mean(aux['entropy_loss']),
-      **({'moe/l1_loss': jnp.mean(aux['l1_loss'])} if 'l1_loss' in aux else {}),
+      **{f'moe/{loss.name}': jnp.mean(aux[loss.name]) for loss in losses.LOSSES
+         if loss.name in aux},
       # Routed experts per token (variable with null slots): mean, and the distribution of
       # each layer ([layers, K + 1] shares of the tokens using 0 .. K experts).
       'moe/active_experts': jnp.mean(aux['active_experts']),
@@ -99,12 +96,13 @@ def moe_metrics(aux: dict) -> dict:
       'moe/dropped_fraction': jnp.mean(aux['dropped_fraction']),
       'moe/expert_load': aux['expert_load'],  # [layers, N]
       # The same statistics per MoE layer ([layers] each).
-      **{f'moe/per_layer/{k}': aux[k] for k in PER_LAYER},
+      **{f'moe/per_layer/{k}': aux[k] for k in per_layer},
   }
 
 
+# The routing statistics logged per MoE layer (the monitored losses are too).
 PER_LAYER = ('max_vio', 'cv', 'router_entropy', 'dropped_fraction', 'zero_expert_fraction',
-             'aux_loss', 'z_loss', 'active_experts')
+             'active_experts')
 
 
 class Trainer:

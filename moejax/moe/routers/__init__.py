@@ -1,12 +1,12 @@
-"""Routers. Each module holds one family; `moe.registry` maps config names to them."""
-from moejax.moe.types import RouterOutput
-from moejax.moe.routers.expert_choice import ExpertChoiceRouter
-from moejax.moe.routers.hashing import HashRouter
-from moejax.moe.routers.noisy import NoisyTopKRouter
-from moejax.moe.routers.relu import ReLURouter
-from moejax.moe.routers.sinkhorn import SinkhornRouter
-from moejax.moe.routers.top_p import TopPRouter
-from moejax.moe.routers.topk import TopKRouter
+"""Routers, one file each: a Router subclass registered with @register('name') (base.py). Every
+module of this folder is imported here, so adding a router is adding its file."""
+import importlib
+import pkgutil
 
-__all__ = ['RouterOutput', 'TopKRouter', 'NoisyTopKRouter', 'HashRouter', 'SinkhornRouter',
-           'ExpertChoiceRouter', 'TopPRouter', 'ReLURouter']
+from moejax.moe.routers.base import ROUTERS, Router, register
+
+for _module in pkgutil.iter_modules(__path__):
+  if _module.name != 'base':
+    importlib.import_module(f'{__name__}.{_module.name}')
+
+__all__ = ['ROUTERS', 'Router', 'register']

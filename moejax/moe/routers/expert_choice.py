@@ -20,23 +20,43 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import LOGITS, Router, router_logits
+from moejax.moe.routers.base import LearnedRouter, register
 from moejax.moe.types import ExpertChoice, RouterOutput
 
 
 def expert_choice_capacity(tokens_in_scope: int, num_experts: int, factor: float) -> int:
+  """C = ceil(T_scope * c / N), at least 1 and at most T_scope."""
   return min(tokens_in_scope, max(1, math.ceil(tokens_in_scope * factor / num_experts)))
 
 
-class ExpertChoiceRouter(Router):
-  batch: int = 1  # sequences in the call (for the per-sequence scope)
+@register('expert_choice')
+class ExpertChoiceRouter(LearnedRouter):
+  """ec_capacity_factor: c, each expert takes C = T_scope * c / N tokens; ec_scope: 'batch' or
+  'sequence'; ec_eval: 'topk' (causal evaluation, K = round(c)) or 'expert_choice' (leaks)."""
+  ec_capacity_factor: float = 2.0
+  ec_scope: str = 'batch'
+  ec_eval: str = 'topk'
 
   # C does K's job; every expert takes exactly C tokens, so of the balance losses only the
   # z-loss trains anything. (At evaluation with ec_eval='topk' the routing is token choice,
   # through the dispatcher, K = round(c).)
-  READS = LOGITS + ('router.ec_capacity_factor', 'router.ec_scope', 'router.ec_eval',
-                    'balance.z_loss_weight')
+  USES_K = False
+  LOSSES = ('z_loss',)
   OWN_DISPATCH = 'expert_choice'
+  SCOPES = ('batch', 'sequence')
+  EVALS = ('topk', 'expert_choice')
+
+  @classmethod
+  def check(cls, moe, fail):
+    super().check(moe, fail)
+    r = moe.router
+    if not r.ec_capacity_factor > 0:
+      fail('model.moe.router.ec_capacity_factor', r.ec_capacity_factor,
+           'must be a positive number')
+    if r.ec_scope not in cls.SCOPES:
+      fail('model.moe.router.ec_scope', r.ec_scope, f'must be one of {list(cls.SCOPES)}')
+    if r.ec_eval not in cls.EVALS:
+      fail('model.moe.router.ec_eval', r.ec_eval, f'must be one of {list(cls.EVALS)}')
 
   @classmethod
   def causal(cls, moe, train: bool) -> bool:
@@ -47,17 +67,19 @@ class ExpertChoiceRouter(Router):
     return not train and moe.router.ec_eval == 'topk'
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
-    del token_ids
-    n, c = self.num_experts, self.cfg.ec_capacity_factor
-    logits = router_logits(self, x, n, self.cfg, train)  # [T, N]
+  def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
+               replay=None) -> RouterOutput:
+    """batch: the sequences in the call (the 'sequence' scope routes each on its own)."""
+    del token_ids, bias, replay
+    n, c = self.num_experts, self.ec_capacity_factor
+    logits = self.logits(x, n, train)  # [T, N]
     probs = jax.nn.softmax(logits, axis=-1)  # [T, N]
-    if not train and self.cfg.ec_eval == 'topk':
+    if not train and self.ec_eval == 'topk':
       k = max(1, round(c))
       weights, index = jax.lax.top_k(probs, k)
       return RouterOutput(index.astype(jnp.int32), weights, probs, logits)
     t = x.shape[0]
-    scopes = self.batch if self.cfg.ec_scope == 'sequence' else 1
+    scopes = batch if self.ec_scope == 'sequence' else 1
     per_scope = t // scopes
     cap = expert_choice_capacity(per_scope, n, c)
     scores = probs.reshape(scopes, per_scope, n).transpose(0, 2, 1)  # [scopes, N, T_scope]

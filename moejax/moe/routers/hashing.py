@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from moejax.moe.routers.base import TOKEN_CHOICE_LOSSES, Router
+from moejax.moe.routers.base import Router, register
 from moejax.moe.types import RouterOutput
 
 
@@ -25,18 +25,29 @@ def hash_table(vocab_size: int, num_experts: int, k: int, kind: str, seed: int) 
   return np.stack([rng.permutation(num_experts)[:k] for _ in range(vocab_size)]).astype(np.int32)
 
 
+@register('hash')
 class HashRouter(Router):
-  vocab_size: int = 258
-  # No weights and no scores: the logits' settings, score_fn and the selection's do not apply.
-  READS = ('num_experts_per_tok', 'router.hash_kind', 'router.hash_seed') + TOKEN_CHOICE_LOSSES
+  """hash_kind: 'random' or 'balanced'; hash_seed: the random map's seed. Routes by token id
+  over the model's vocabulary (vocab_size). No weights and no scores, so no logits settings,
+  score_fn or selection."""
+  hash_kind: str = 'random'
+  hash_seed: int = 0
+
+  KINDS = ('random', 'balanced')
+
+  @classmethod
+  def check(cls, moe, fail):
+    if moe.router.hash_kind not in cls.KINDS:
+      fail('model.moe.router.hash_kind', moe.router.hash_kind, f'must be one of {list(cls.KINDS)}')
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
-    del train
+  def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
+               replay=None) -> RouterOutput:
+    del batch, train, bias, replay
     if token_ids is None:
       raise ValueError("router.name='hash' routes by token id; the MoE layer got none")
-    table = jnp.asarray(hash_table(self.vocab_size, self.num_experts, self.k, self.cfg.hash_kind,
-                                   self.cfg.hash_seed))
+    table = jnp.asarray(hash_table(self.vocab_size, self.num_experts, self.k, self.hash_kind,
+                                   self.hash_seed))
     index = table[token_ids]  # [T, K]
     t = x.shape[0]
     weights = jnp.full((t, self.k), 1.0 / self.k, jnp.float32)

@@ -10,27 +10,29 @@ import jax.numpy as jnp
 import jax.scipy.stats  # noqa: F401  (norm.cdf)
 from flax import linen as nn
 
-from moejax.nn.layers import param_with_axes
-from moejax.moe.routers.base import (LOGITS, SELECTION, TOKEN_CHOICE_LOSSES, Router,
-                                     check_groups, router_logits, select_experts)
+from moejax.moe.routers.base import ScoreRouter, register
 from moejax.moe.types import RouterOutput
+from moejax.nn.layers import param_with_axes
 
 
-class NoisyTopKRouter(Router):
-  READS = LOGITS + SELECTION + TOKEN_CHOICE_LOSSES
-  check = classmethod(lambda cls, moe, fail: check_groups(moe, fail))
+@register('noisy_topk')
+class NoisyTopKRouter(ScoreRouter):
+  """Top-K of the logits plus learned Gaussian noise while training; the K kept are weighted
+  by a softmax over them. Its probabilities for the balance losses are softmax(noisy logits),
+  and in training it offers Shazeer's smooth load (RouterOutput.soft_load)."""
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True, bias=None) -> RouterOutput:
-    del token_ids
-    logits = router_logits(self, x, self.num_experts, self.cfg, train)  # [T, N] clean
+  def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
+               replay=None) -> RouterOutput:
+    del token_ids, batch, replay
+    logits = self.logits(x, self.num_experts, train)  # [T, N] clean
     w_noise = param_with_axes(self, 'w_noise', (x.shape[-1], self.num_experts),
                               ('embed', 'router_expert'), nn.initializers.zeros)
     h = logits
     if train:
       scale = jax.nn.softplus(jnp.dot(x.astype(jnp.float32), w_noise))  # [T, N]
       h = logits + jax.random.normal(self.make_rng('router'), logits.shape) * scale
-    index = select_experts(h, self.k, self.cfg, bias)  # [T, K]
+    index = self.select(h, bias)  # [T, K]
     weights = jax.nn.softmax(jnp.take_along_axis(h, index, axis=-1), axis=-1)  # [T, K]
     soft_load = None
     if train and self.k < self.num_experts:

@@ -18,16 +18,19 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, router_logits
+from moejax.moe.routers.base import LearnedRouter, register
 from moejax.moe.types import RouterOutput
 
 
-class ReLURouter(Router):
-  READS = LOGITS + TOKEN_CHOICE_LOSSES + ('num_experts_per_tok', 'balance.l1_target',
-                                          'balance.l1_init', 'balance.l1_growth')
+@register('relu')
+class ReLURouter(LearnedRouter):
+  """Gates relu(x W): an expert is active iff its gate is positive; at most K per token, the
+  rest null slots. Steered to balance.l1_target active experts by the adaptive L1 loss."""
+  EXTRA_LOSSES = ('l1_loss',)  # the L1 penalty on its gates (balance.l1_target > 0)
 
   @classmethod
   def check(cls, moe, fail):
+    super().check(moe, fail)
     b = moe.balance
     if not 0 < b.l1_target <= moe.num_experts_per_tok:
       fail('model.moe.balance.l1_target', b.l1_target,
@@ -39,10 +42,11 @@ class ReLURouter(Router):
            'the adaptive L1 coefficient needs l1_init > 0 and l1_growth > 1')
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
-    del token_ids
+  def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
+               replay=None) -> RouterOutput:
+    del token_ids, batch, bias, replay
     n = self.num_experts
-    logits = router_logits(self, x, n, self.cfg, train)  # [T, N]
+    logits = self.logits(x, n, train)  # [T, N]
     gates = jax.nn.relu(logits)  # [T, N]
     _, index = jax.lax.top_k(jax.lax.stop_gradient(gates), self.k)  # [T, K]
     weights = jnp.take_along_axis(gates, index, axis=-1)  # [T, K]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, router_logits
+from moejax.moe.routers.base import LearnedRouter, register
 from moejax.moe.types import RouterOutput
 
 
@@ -29,23 +29,32 @@ def sinkhorn(logits, iterations: int):
   return log_p
 
 
-class SinkhornRouter(Router):
-  READS = LOGITS + TOKEN_CHOICE_LOSSES + (
-      'num_experts_per_tok', 'router.sinkhorn_iters', 'router.norm_topk_prob')
+@register('sinkhorn')
+class SinkhornRouter(LearnedRouter):
+  """sinkhorn_iters: normalisation rounds; norm_topk_prob: renormalise the K weights."""
+  sinkhorn_iters: int = 8
+  norm_topk_prob: bool = True
+
+  @classmethod
+  def check(cls, moe, fail):
+    super().check(moe, fail)
+    if not moe.router.sinkhorn_iters >= 1:
+      fail('model.moe.router.sinkhorn_iters', moe.router.sinkhorn_iters, 'must be at least 1')
 
   @classmethod
   def causal(cls, moe, train: bool) -> bool:
     return not train  # the balancing iterations mix the whole batch's scores
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
-    del token_ids
-    logits = router_logits(self, x, self.num_experts, self.cfg, train)  # [T, N]
+  def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
+               replay=None) -> RouterOutput:
+    del token_ids, batch, bias, replay
+    logits = self.logits(x, self.num_experts, train)  # [T, N]
     probs = jax.nn.softmax(logits, axis=-1)
-    choice = sinkhorn(jax.lax.stop_gradient(logits), self.cfg.sinkhorn_iters) if train else probs
+    choice = sinkhorn(jax.lax.stop_gradient(logits), self.sinkhorn_iters) if train else probs
     _, index = jax.lax.top_k(choice, self.k)  # [T, K]
     weights = jnp.take_along_axis(probs, index, axis=-1)
-    if self.cfg.norm_topk_prob:
+    if self.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return RouterOutput(expert_index=index.astype(jnp.int32), combine_weights=weights,
                         probs=probs, logits=logits)

@@ -14,28 +14,32 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import LOGITS, TOKEN_CHOICE_LOSSES, Router, router_logits
+from moejax.moe.routers.base import LearnedRouter, register
 from moejax.moe.types import RouterOutput
 
 
-class TopPRouter(Router):
-  READS = LOGITS + TOKEN_CHOICE_LOSSES + ('num_experts_per_tok', 'router.top_p')
+@register('top_p')
+class TopPRouter(LearnedRouter):
+  """top_p: the cumulative probability the taken experts reach (at most K of them)."""
+  top_p: float = 0.4
 
   @classmethod
   def check(cls, moe, fail):
+    super().check(moe, fail)
     p = moe.router.top_p
     if not 0 < p <= 1:
       fail('model.moe.router.top_p', p, 'must be in (0, 1]')
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True) -> RouterOutput:
-    del token_ids
+  def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
+               replay=None) -> RouterOutput:
+    del token_ids, batch, bias, replay
     n = self.num_experts
-    logits = router_logits(self, x, n, self.cfg, train)  # [T, N]
+    logits = self.logits(x, n, train)  # [T, N]
     probs = jax.nn.softmax(logits, axis=-1)  # [T, N]
     best, top = jax.lax.top_k(jax.lax.stop_gradient(probs), self.k)  # [T, K], decreasing
     before = jnp.cumsum(best, axis=-1) - best  # [T, K] mass of the better experts
-    taken = before < self.cfg.top_p  # [T, K]; the first slot always
+    taken = before < self.top_p  # [T, K]; the first slot always
     weights = jnp.where(taken, jnp.take_along_axis(probs, top, -1), 0.0)  # differentiable
     index = jnp.where(taken, top, n).astype(jnp.int32)  # untaken slots are null
     return RouterOutput(expert_index=index, combine_weights=weights, probs=probs, logits=logits)

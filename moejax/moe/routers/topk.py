@@ -20,21 +20,33 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.routers.base import (LOGITS, SELECTION, TOKEN_CHOICE_LOSSES, Router,
-                                     check_groups, router_logits, select_experts)
+from moejax.moe.routers.base import ScoreRouter, register
 from moejax.moe.types import RouterOutput
 
 
-class TopKRouter(Router):
-  READS = LOGITS + SELECTION + TOKEN_CHOICE_LOSSES + (
-      'router.score_fn', 'router.norm_topk_prob', 'router.routed_scaling_factor',
-      'router.null_experts', 'router.null_kind')
+@register('topk')
+class TopKRouter(ScoreRouter):
+  """score_fn: 'softmax' or 'sigmoid'; norm_topk_prob: renormalise the K weights to sum to 1;
+  routed_scaling_factor: multiplies the weights; null_experts / null_kind: Z zero-computation
+  experts ('zero' or 'identity') next to the N routed ones."""
+  score_fn: str = 'softmax'
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 1.0
+  null_experts: int = 0
+  null_kind: str = 'zero'
+
   REPLAY = True
+  SCORE_FNS = ('softmax', 'sigmoid')
 
   @classmethod
   def check(cls, moe, fail):
-    check_groups(moe, fail)
+    super().check(moe, fail)
     r = moe.router
+    if r.score_fn not in cls.SCORE_FNS:
+      fail('model.moe.router.score_fn', r.score_fn, f'must be one of {list(cls.SCORE_FNS)}')
+    if not r.routed_scaling_factor > 0:
+      fail('model.moe.router.routed_scaling_factor', r.routed_scaling_factor,
+           'must be a positive number')
     if r.null_experts < 0:
       fail('model.moe.router.null_experts', r.null_experts, 'must be 0 or more')
     if r.null_kind not in ('zero', 'identity'):
@@ -48,15 +60,15 @@ class TopKRouter(Router):
            'real expert)')
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True, replay=None,
-               bias=None) -> RouterOutput:
+  def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
+               replay=None) -> RouterOutput:
     """replay [T, K]: use these experts instead of selecting (recorded from an earlier pass);
     the weights are still computed from this pass's scores, so gradients flow as usual.
     bias [N]: the selection bias (loss-free balancing), added to the scores for selection."""
-    del token_ids
-    n, z = self.num_experts, self.cfg.null_experts
-    logits = router_logits(self, x, n + z, self.cfg, train)  # [T, N + Z]
-    if self.cfg.score_fn == 'sigmoid':
+    del token_ids, batch
+    n, z = self.num_experts, self.null_experts
+    logits = self.logits(x, n + z, train)  # [T, N + Z]
+    if self.score_fn == 'sigmoid':
       scores = jax.nn.sigmoid(logits)  # [T, N]
       probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     else:
@@ -64,15 +76,15 @@ class TopKRouter(Router):
     if bias is not None and z:
       bias = jnp.concatenate([bias, jnp.zeros((z,), bias.dtype)])  # null experts: no bias
     if replay is None:
-      index = select_experts(scores, self.k, self.cfg, bias)  # [T, K]
+      index = self.select(scores, bias)  # [T, K]
     else:
       index = replay.astype(jnp.int32)
     weights = jnp.take_along_axis(scores, index, axis=-1)  # [T, K]
-    if self.cfg.norm_topk_prob:
+    if self.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights * self.cfg.routed_scaling_factor
+    weights = weights * self.routed_scaling_factor
     passthrough = None
-    if z and self.cfg.null_kind == 'identity':
+    if z and self.null_kind == 'identity':
       passthrough = jnp.sum(jnp.where(index >= n, weights, 0.0), axis=-1)  # [T]
     return RouterOutput(expert_index=index, combine_weights=weights, probs=probs, logits=logits,
                         passthrough=passthrough)

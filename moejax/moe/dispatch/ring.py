@@ -21,15 +21,16 @@ import dataclasses
 
 import jax
 
-from moejax.moe.expert_parallel import DroplessEP
-from moejax.moe.experts import ExpertShard
+from moejax.moe.dispatch.base import register
+from moejax.moe.dispatch.ep import DroplessEP
 
 
+@register('ring')
 @dataclasses.dataclass(frozen=True)
 class RingDispatch(DroplessEP):
-  name = 'ring'
+  """All-gather the expert group's tokens, run the local experts dropless, reduce-scatter."""
 
-  def exchange(self, x, index, gates, local: ExpertShard, num_experts: int, ep: int):
+  def exchange(self, x, index, gates, local, num_experts: int, ep: int):
     # The expert group's tokens and routing [EP * Tl, ...].
     x, index, gates = (jax.lax.all_gather(a, 'expert', axis=0, tiled=True)
                        for a in (x, index, gates))

@@ -19,9 +19,8 @@ import time
 import jax
 import numpy as np
 
-from moejax.config import base_config, validate
-from moejax.parallel.sharding import make_mesh
-from moejax.training.step import Trainer
+from moejax.config import base_config
+from moejax.training.workdir import open_run
 
 
 def _config(a, dispatch: str | None, layers: int):
@@ -49,7 +48,7 @@ def _config(a, dispatch: str | None, layers: int):
 
 def _step(a, config, reps: int):
   """(compile s, median ms per step, temp bytes) of one config's jitted train step."""
-  trainer = Trainer(config, make_mesh(validate(config, 1), jax.devices()[:1]))
+  trainer = open_run(config, jax.devices()[:1]).trainer
   state = trainer.init(0)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (a.batch, a.seq + 1)).astype(np.int32)

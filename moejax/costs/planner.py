@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from moejax.config import MESH_AXES, ConfigError, moe_layer_ids
+from moejax.errors import ConfigError
+from moejax.model.schedule import moe_layer_ids
 from moejax.model.transformer import Transformer
+from moejax.parallel.mesh import MESH_AXES
 from moejax.parallel.sharding import LOGICAL_RULES
 
 BYTES = {'bf16': 2, 'fp8': 1}

@@ -21,7 +21,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.expert_parallel import DroplessEP
+from moejax.moe.dispatch.base import register
+from moejax.moe.dispatch.ep import DroplessEP
 
 
 def exchange_plan(sizes, me):
@@ -85,11 +86,12 @@ def ragged_local(x, index, gate, num_experts: int, ep: int, exchange, grouped):
   return jnp.einsum('tkd,tk->td', y_assign, gate.astype(y_assign.dtype))
 
 
+@register('ragged_all_to_all')
 @dataclasses.dataclass(frozen=True)
 class RaggedAllToAllDispatch(DroplessEP):
+  """Exact-size exchanges of the (token, choice) pairs with ragged_all_to_all (TPU/GPU)."""
   # The collective: jax.lax.ragged_all_to_all (TPU/GPU); the tests give the emulation.
   collective: Callable = jax.lax.ragged_all_to_all
-  name = 'ragged_all_to_all'
 
   @classmethod
   def reads(cls) -> tuple:

@@ -20,7 +20,6 @@ import time
 import jax
 import numpy as np
 
-from moejax import config as config_lib
 from moejax.data import pipeline, shards
 from moejax.data.shards import ArrayTokens
 
@@ -37,9 +36,8 @@ def _loader_rate(chunks, batch: int, seq: int, num: int) -> dict:
 
 
 def _train_rate(config, reps: int) -> float:
-  from moejax.parallel.sharding import make_mesh
-  from moejax.training.step import Trainer
-  trainer = Trainer(config, make_mesh(config_lib.validate(config, 1), jax.devices()[:1]))
+  from moejax.training.workdir import open_run
+  trainer = open_run(config, jax.devices()[:1]).trainer
   state = trainer.init(0)
   b, seq = config.train.batch_size, config.data.seq_len
   tokens = np.random.default_rng(0).integers(0, 256, (b, seq + 1)).astype(np.int32)

@@ -2,7 +2,7 @@
 experts of Shazeer 2017 and Switch, ReLU; GShard and V-MoE, GELU). Chosen by
 model.moe.experts.name='mlp' with model.moe.experts.activation.
 
-It keeps the expert block's contract (registry.EXPERTS): weights() stacked with the expert axis
+It keeps the expert block's contract (moe/experts/base.py): weights() stacked with the expert axis
 first, and shard(weights) whose capacity / grouped / dropless calls are all any dispatcher
 makes, so every dispatch path, expert parallelism included, runs it unchanged. Its grouped
 experts run on 'ragged_dot' (TPU/GPU) or 'blocked' (CPU: blocks of one expert each,
@@ -18,14 +18,18 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.moe.blocked import blocked_ffn
-from moejax.moe.experts import ExpertBlock, dropless_combine, resolve_backend
+from moejax.kernels import resolve_backend
+from moejax.kernels.blocked import blocked_ffn
+from moejax.kernels.grouped import dropless_combine
+from moejax.moe.experts.base import ExpertBlock, register
 from moejax.nn.layers import param_with_axes
 
 ACTIVATIONS = {'gelu': functools.partial(jax.nn.gelu, approximate=False), 'relu': jax.nn.relu}
 
 
+@register('mlp')
 class MLPExperts(ExpertBlock):
+  """N two-matrix experts act(x wi) wo: wi [N, D, F], wo [N, F, D]; activation GELU or ReLU."""
   num_experts: int
   d_model: int
   d_ff: int

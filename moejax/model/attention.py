@@ -63,6 +63,8 @@ def update_cache(module: nn.Module, new: dict, cache_len: int):
 
 
 class GroupedQueryAttention(nn.Module):
+  """Grouped-query attention with rotary embeddings: num_heads query heads share
+  num_kv_heads key/value heads (num_heads % num_kv_heads == 0); causal, optionally chunked."""
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -95,7 +97,15 @@ class GroupedQueryAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, use_rope=True):
-    """use_rope: a (possibly traced) bool, False for the layers without rotary embedding."""
+    """Causal self-attention of a block.
+
+    Args:
+      x: [b, s, d] the normed block input.
+      positions: [b, s] int32 absolute positions (decoding: of the new tokens).
+      use_rope: a (possibly traced) bool, False for the layers without rotary embedding.
+    Returns:
+      [b, s, d] in `dtype`.
+    """
     b, s, d = x.shape
     h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
     wq = param_with_axes(self, 'wq', (d, h, hd), ('embed', 'heads', 'head_dim'))

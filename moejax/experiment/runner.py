@@ -1,12 +1,10 @@
-"""Experiments: named arms (config overrides) x seeds, each a normal training run, then a table
-and plots.
-
-    python -m moejax.experiment experiments/balancing.py --workdir=runs/balancing [--smoke]
+"""The experiment runner: named arms (config overrides) x seeds, each a normal training run,
+then a table and plots (report.py).
 
 An experiment file defines `get_experiment() -> Experiment`. Every (arm, seed) trains in
 DIR/ARM/seed_S with `training.loop.train`; a run that finished has DIR/ARM/seed_S/result.json
 and is not redone, an interrupted one resumes from its last checkpoint. At the end DIR/results.md
-holds the table (mean +/- std over seeds) and DIR/*.png the plots (moejax/report.py).
+holds the table (mean +/- std over seeds) and DIR/*.png the plots (moejax/experiment/report.py).
 """
 from __future__ import annotations
 
@@ -14,15 +12,14 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 
-from moejax import cli
-from moejax import config as config_lib
+from moejax import checks, cli
 from moejax.config import set_fields
+from moejax.errors import ConfigError
 from moejax.training.metrics import read_metrics
 
 
@@ -72,7 +69,7 @@ def experiment_path(spec: str) -> str:
 def load_experiment(spec: str) -> 'Experiment':
   module = load_module(experiment_path(spec))
   if not hasattr(module, 'get_experiment'):
-    raise config_lib.ConfigError(f'experiment {spec!r}: the file defines no get_experiment()')
+    raise ConfigError(f'experiment {spec!r}: the file defines no get_experiment()')
   return module.get_experiment()
 
 
@@ -82,7 +79,7 @@ def override_base(exp: 'Experiment', overrides: list) -> 'Experiment':
   for key, _ in overrides:
     for name in exp.arms:
       if key in exp.arm(name).overrides:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f'--config.{key}: arm {name!r} sets this field (it is what the experiment compares); '
             'drop the override, or choose arms with --arms')
   cli.apply_overrides(exp.base, overrides)
@@ -118,19 +115,13 @@ def summarize_run(rows: list[dict], config, exp: Experiment, post: dict) -> dict
 def post_evaluate(config, run_dir: str, overrides: dict) -> float:
   """Evaluation loss of the run's last checkpoint under overridden (eval-time) settings."""
   from moejax.data import pipeline
-  from moejax.parallel import sharding
-  from moejax.training.checkpoint import Checkpointer
+  from moejax.training import workdir
   from moejax.training.loop import eval_sets, evaluate_all
-  from moejax.training.step import Trainer
-  c = set_fields(copy.deepcopy(config), overrides)
-  mesh = sharding.make_mesh(config_lib.validate(c, jax.device_count()))
-  trainer = Trainer(c, mesh)
-  ck = Checkpointer(run_dir, c.train.keep_checkpoints)
-  _, state, _ = ck.restore_intact(trainer.abstract_state, move=False)
-  ck.close()
+  run, _, state = workdir.load(run_dir, config=config, overrides=overrides)
+  c = run.config
   splits = pipeline.load_splits(c.data, c.seed)
   sets = eval_sets(splits, c.train.batch_size, c.train.eval_batches)
-  return evaluate_all(trainer, state, sets, splits.val_weights)['eval/loss']
+  return evaluate_all(run.trainer, state, sets, splits.val_weights)['eval/loss']
 
 
 def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=None,
@@ -142,7 +133,7 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   seeds = list(seeds if seeds is not None else exp.seeds)
   for name in arms:
     if name not in exp.arms:
-      raise config_lib.ConfigError(f'--arms: no arm {name!r}; the experiment has '
+      raise ConfigError(f'--arms: no arm {name!r}; the experiment has '
                                    f'{list(exp.arms)}')
     src = exp.arm(name).upcycle_from
     if src and src not in arms:
@@ -150,7 +141,7 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   # Check every run's config before the first compile.
   configs = {(a, s): run_config(exp, a, s, smoke) for a in arms for s in seeds}
   for c in configs.values():
-    config_lib.validate(c, jax.device_count())
+    checks.validate(c, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   if not jax.config.jax_compilation_cache_dir:
     # Seeds of one arm compile the same programs: compile once, reuse from disk.
@@ -184,42 +175,6 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
       bar.update(1)
   if bar is not None:
     bar.close()
-  from moejax import report
+  from moejax.experiment import report
   report.write(exp, workdir, results, arms, seeds, smoke)
   return results
-
-
-def _main(argv=None) -> int:
-  p = cli.ArgumentParser(prog='python -m moejax.experiment',
-                         description='Run an experiment file: arms x seeds, then a report.',
-                         epilog='--config.SECTION.FIELD=VALUE overrides a field of the base '
-                         'config every arm shares (not one an arm varies); fields and defaults: '
-                         'moejax/config.py (base_config).')
-  p.add_argument('experiment', help='experiments/NAME.py, or a shipped experiment\'s name')
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--smoke', action='store_true', help='seconds-long version (for tests)')
-  p.add_argument('--arms', default='', help='comma-separated subset of arms')
-  p.add_argument('--seeds', type=int, default=0, help='use only the first N seeds')
-  p.add_argument('--print_config', action='store_true',
-                 help="print the base config (after overrides) and exit")
-  rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else list(argv))
-  args = p.parse_args(rest)
-  if args.seeds < 0:
-    raise config_lib.ConfigError(f'--seeds={args.seeds}: must be >= 0 (0: all seeds)')
-  exp = override_base(load_experiment(args.experiment), overrides)
-  if args.print_config:
-    print(exp.base)
-    return 0
-  seeds = list(exp.seeds)[:args.seeds] if args.seeds else None
-  arms = [a for a in args.arms.split(',') if a] or None
-  run(exp, args.workdir, args.smoke, arms, seeds)
-  print(os.path.join(args.workdir, 'results.md'))
-  return 0
-
-
-def main(argv=None) -> int:
-  return cli.run(_main, argv)
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,0 +1,129 @@
+"""Benchmarks, one JSON object per line:
+  python -m moejax.bench moe --json     the MoE layer against the dense FFN (bench/moe.py)
+  python -m moejax.bench train --json   the whole train step, MoE against dense (bench/train.py)
+  python -m moejax.bench data --json    the input pipeline against the train step (bench/data.py)
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from moejax import cli
+
+
+def _main(argv=None):
+  p = cli.ArgumentParser(prog='python -m moejax.bench', description=__doc__.split('\n')[0])
+  sub = p.add_subparsers(dest='what', required=True)
+  m = sub.add_parser('moe', help='MoE layer vs dense FFN, forward + backward')
+  m.add_argument('--tokens', type=int, default=8192)
+  m.add_argument('--seq', type=int, default=512)
+  m.add_argument('--d-model', type=int, default=512)
+  m.add_argument('--experts', type=int, default=64)
+  m.add_argument('--expert-dim', type=int, default=256)
+  m.add_argument('--top-k', type=int, default=6)
+  m.add_argument('--shared', type=int, default=1)
+  m.add_argument('--dtype', default='float32')
+  m.add_argument('--block-size', type=int, default=0, help='0: automatic (config default)')
+  m.add_argument('--capacity-factors', type=float, nargs='*', default=[1.25])
+  m.add_argument('--ragged-dot', action='store_true',
+                 help='also time jax.lax.ragged_dot (very slow on CPU)')
+  m.add_argument('--group-size', type=int, default=512,
+                 help='einsum (GShard) path tokens per group; 0 skips it')
+  m.add_argument('--hf', action='store_true', help="also time Hugging Face's DeepSeek-V3 MoE "
+                 'block (grouped_mm and eager experts; needs the torch extra)')
+  m.add_argument('--meshes', nargs='*', default=['expert=8', 'data=2,expert=4', 'expert=64'],
+                 help='meshes for the all-to-all rows')
+  m.add_argument('--reps', type=int, default=3)
+  m.add_argument('--json', action='store_true', help='one JSON object per line (default)')
+  tr = sub.add_parser('train', help='whole train step: MoE vs dense of equal active params')
+  tr.add_argument('--batch', type=int, default=16)
+  tr.add_argument('--seq', type=int, default=128)
+  tr.add_argument('--d-model', type=int, default=128)
+  tr.add_argument('--heads', type=int, default=4)
+  tr.add_argument('--layers', type=int, default=4)
+  tr.add_argument('--experts', type=int, default=16)
+  tr.add_argument('--expert-dim', type=int, default=64)
+  tr.add_argument('--top-k', type=int, default=4)
+  tr.add_argument('--shared', type=int, default=1)
+  tr.add_argument('--block-size', type=int, default=0, help='0: automatic (config default)')
+  tr.add_argument('--dispatches', nargs='+', default=['dropless', 'capacity', 'einsum'])
+  tr.add_argument('--depths', type=int, nargs='*', default=[4, 16, 64],
+                  help='layer counts whose compile time is measured')
+  tr.add_argument('--reps', type=int, default=5)
+  tr.add_argument('--json', action='store_true', help='one JSON object per line (default)')
+  d = sub.add_parser('data', help='input pipeline tokens/s against what the train step uses')
+  d.add_argument('--config', default='quickstart', help='the batch, sequence and model')
+  d.add_argument('--prepared_dir', default='',
+                 help='prepared shards to read (default: the stdlib, prepared in a temp folder)')
+  d.add_argument('--batches', type=int, default=200)
+  d.add_argument('--reps', type=int, default=5)
+  d.add_argument('--json', action='store_true', help='one JSON object per line (default)')
+  a = p.parse_args(argv)
+  if a.what == 'train':
+    return _train(p, a)
+  if a.what == 'data':
+    return _data(p, a)
+  for name in ('tokens', 'seq', 'd_model', 'experts', 'expert_dim', 'top_k', 'reps'):
+    if getattr(a, name) < 1:
+      p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
+  if a.shared < 0 or a.group_size < 0 or a.block_size < 0:
+    p.error('--shared, --group-size and --block-size must be >= 0')
+  if a.top_k > a.experts:
+    p.error(f'--top-k={a.top_k} exceeds --experts={a.experts}')
+  if a.dtype not in ('float32', 'bfloat16'):
+    p.error(f"--dtype={a.dtype}: use float32 or bfloat16")
+  if any(not f > 0 for f in a.capacity_factors):
+    p.error('--capacity-factors must be positive')
+  if a.tokens % a.seq and a.tokens > a.seq:
+    p.error(f'--tokens={a.tokens} must be a multiple of --seq={a.seq}')
+  from moejax.costs.planner import parse_mesh
+  for spec in a.meshes:
+    parse_mesh(spec)
+  ours = {}
+  from moejax.bench.moe import all_to_all_rows, bench_moe
+  for row in bench_moe(a):
+    ours[row['case']] = row['ms']
+    print(json.dumps(row), flush=True)
+  if a.hf:
+    from moejax.bench.hf import bench_hf
+    for row in bench_hf(a):
+      if row['case'] != 'hf_torch_dense_ffn':  # how much faster each of our paths runs
+        row['moejax_speedup'] = {k: round(row['ms'] / v, 2) for k, v in ours.items()
+                                 if k != 'dense_ffn'}
+      print(json.dumps(row), flush=True)
+  for row in all_to_all_rows(a):
+    print(json.dumps(row), flush=True)
+
+
+def _train(p, a):
+  for name in ('batch', 'seq', 'd_model', 'heads', 'layers', 'experts', 'expert_dim', 'top_k',
+               'reps'):
+    if getattr(a, name) < 1:
+      p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
+  if a.top_k > a.experts or min(a.shared, a.block_size) < 0 or any(d < 1 for d in a.depths):
+    p.error('need 1 <= --top-k <= --experts, --shared >= 0, --block-size >= 0 and --depths >= 1')
+  if a.d_model % a.heads or (a.d_model // a.heads) % 2 or a.heads % 2:
+    p.error(f'--d-model={a.d_model} / --heads={a.heads} must give an even head width, with '
+            'an even number of heads')
+  from moejax.bench.train import bench_train
+  for row in bench_train(a):
+    print(json.dumps(row), flush=True)
+  return 0
+
+
+def _data(p, a):
+  if a.batches < 1 or a.reps < 1:
+    p.error('--batches and --reps must be at least 1')
+  from moejax.bench.data import bench_data
+  config = cli.load_config(a.config)
+  for row in bench_data(config, a.prepared_dir, a.batches, a.reps):
+    print(json.dumps(row), flush=True)
+  return 0
+
+
+def main(argv=None):
+  return cli.run(_main, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
