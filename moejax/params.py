@@ -3,7 +3,8 @@
 python -m moejax.params --config=configs/deepseek_v3.py
 Prints total and activated parameters of the main model (one token uses K of the N routed
 experts), split by embedding / attention / dense FFN / routed experts / shared experts /
-router / norms, and the multi-token-prediction modules apart ('mtp', not in the total).
+router / norms, and the multi-token-prediction modules apart ('mtp', not in the total), and
+the FLOPs of one token at data.seq_len, forward and training (moejax/costs/flops.py).
 With --mesh (and --device-memory, --context, --decode-batch, --tokens-per-device) it also prints
 a second JSON line: memory per device, devices needed and all-to-all bytes
 (moejax/costs/planner.py).
@@ -16,12 +17,13 @@ import math
 import sys
 
 from moejax import checks, cli
+from moejax.costs.flops import flops_per_token
 from moejax.costs.parameters import count_params
 from moejax.costs.planner import parse_mesh, plan
 from moejax.errors import ConfigError
 
 
-def _main(argv=None) -> int:
+def parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog='python -m moejax.params', description=__doc__.split('\n')[0])
   cli.add_config_args(p)
   p.add_argument('--mesh', default='', help='plan memory on this mesh, e.g. expert=64,tensor=8 '
@@ -33,7 +35,11 @@ def _main(argv=None) -> int:
                  help='sequences decoded at once (KV cache)')
   p.add_argument('--tokens-per-device', type=int, default=4096, help='tokens each device '
                  'routes per MoE layer and step (for the all-to-all bytes per device)')
-  args, config = cli.parse(p, argv)
+  return p
+
+
+def _main(argv=None) -> int:
+  args, config = cli.parse(parser(), argv)
   for name in ('device_memory', 'context', 'decode_batch', 'tokens_per_device'):
     value = getattr(args, name)
     if not (math.isfinite(value) and value > 0):
@@ -41,7 +47,10 @@ def _main(argv=None) -> int:
   checked = copy.deepcopy(config)  # the model's fields; a plan's mesh comes from --mesh
   checked.mesh.data, checked.mesh.fsdp, checked.mesh.expert, checked.mesh.tensor = -1, 1, 1, 1
   checks.validate(checked, 1)
-  print(json.dumps(count_params(config.model)))
+  flops = flops_per_token(config.model, config.data.seq_len)
+  print(json.dumps({**count_params(config.model), 'seq_len': config.data.seq_len,
+                    'forward_flops_per_token': flops['forward'],
+                    'train_flops_per_token': flops['train']}))
   if args.mesh:
     mesh = parse_mesh(args.mesh)
     print(json.dumps(plan(config.model, mesh, args.device_memory, args.context,

@@ -92,8 +92,8 @@ def test_expert_choice_dispatch_is_the_routers_own():
 
 def test_unknown_names_list_the_registry():
   with pytest.raises(ConfigError, match=r"router.name='nope': must be one of \["
-                     r"'expert_choice', 'hash', 'noisy_topk', 'relu', 'sinkhorn', 'top_p', "
-                     r"'topk'\]"):
+                     r"'expert_choice', 'expert_threshold', 'hash', 'noisy_topk', 'relu', 'sinkhorn', "
+                     r"'top_p', 'topk'\]"):
     validate(_config(router__name='nope'), 1)
   with pytest.raises(ConfigError, match=r"dispatch.name='nope': must be one of \['all_to_all', "
                      r"'capacity'"):
@@ -125,7 +125,8 @@ class FirstExperts(LearnedRouter):
   offset: int = 0
 
   @nn.compact
-  def __call__(self, x, token_ids=None, batch=1, train=True, bias=None, replay=None):
+  def __call__(self, x, token_ids=None, batch=1, train=True, bias=None, state=None,
+               replay=None):
     t = x.shape[0]
     logits = self.logits(x, self.num_experts, train)
     first = (jnp.arange(t)[:, None] + self.offset) % self.num_experts

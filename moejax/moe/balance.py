@@ -7,6 +7,8 @@ these are global sums (GSPMD inserts the reductions), so statistics do not depen
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -116,11 +118,18 @@ def bias_update(counts, rate: float, rule: str, bias=None, scores=None, k: int =
 
 
 def apply_bias_updates(model_state: dict, updates: dict) -> dict:
-  """model_state with every layer's bias moved by the update its forward pass returned."""
+  """model_state with every layer-state entry moved by the update its forward pass returned
+  (the selection bias, the routers' own state); entries without an update stay as they are."""
   if not updates.get('bias_updates'):
     return model_state
-  return {**model_state, 'moe_state': jax.tree.map(jnp.add, model_state['moe_state'],
-                                                   updates['bias_updates'])}
+  return {**model_state, 'moe_state': _add(model_state['moe_state'], updates['bias_updates'])}
+
+
+def _add(state, deltas):
+  """state + deltas on the entries deltas has (nested dicts of arrays)."""
+  if not isinstance(state, Mapping):
+    return state + deltas
+  return {k: _add(v, deltas[k]) if k in deltas else v for k, v in state.items()}
 
 
 def l1_coef_update(r: RouterOutput, coef, target: float, growth: float):

@@ -42,11 +42,14 @@ class MoEFFN(nn.Module):
     ids = None if token_ids is None else token_ids.reshape(b * s)
     router = registry.make_router(cfg, self.vocab_size)
     state = balance.layer_state(self, n, cfg.balance)
+    own = {name: self.variable('moe_state', name, lambda v=value: v).value
+           for name, value in router.state_init(cfg).items()}  # the router's own state
     if replay is not None and not router.REPLAY:
       raise ValueError(f'replaying recorded routing needs a router that can replay '
                        f'({", ".join(registry.replaying_routers())}), not {cfg.router.name!r}')
     with jax.named_scope('route'):
-      routing = router(tokens, ids, b, train, bias=state.get('bias'), replay=replay)
+      routing = router(tokens, ids, b, train, bias=state.get('bias'), state=own,
+                       replay=replay)
     # Null slots (index >= N: zero-computation experts, unused slots) all go to dispatch as N.
     to_dispatch, routed = tokens, routing.replace(
         expert_index=jnp.minimum(routing.expert_index, n))
@@ -63,7 +66,9 @@ class MoEFFN(nn.Module):
       counts = balance.routing_counts(routing, n)
       if train and not self.is_initializing() and self.is_mutable_collection('bias_updates'):
         # Returned, not applied: the train step adds them to the state (MaxText's way).
-        for name, delta in balance.state_updates(state, routing, counts, cfg).items():
+        deltas = {**balance.state_updates(state, routing, counts, cfg),
+                  **router.state_update(own, routing, cfg)}
+        for name, delta in deltas.items():
           self.put_variable('bias_updates', name, delta)
     if routing.passthrough is not None:  # identity experts: gate * the token itself
       y = y + routing.passthrough[:, None].astype(y.dtype) * tokens

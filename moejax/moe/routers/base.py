@@ -40,6 +40,9 @@ class Router(nn.Module):
     REPLAY: its call honours `replay` (route as recorded in an earlier pass).
     LOSSES: the balance losses it offers (names from moe/losses.py); None: every general one
       and its EXTRA_LOSSES.
+    state_init / state_update: the layer state it keeps itself (collection 'moe_state':
+      checkpointed, no gradient), handed to its call as `state` and updated by the train step
+      from the global batch, as the loss-free bias is.
     OWN_DISPATCH: the dispatcher it goes through when uses_dispatch() is False.
 
   The call, the same for every router (arguments a router has no use for are ignored):
@@ -49,6 +52,7 @@ class Router(nn.Module):
       batch: the sequences in the call (per-sequence scopes).
       train: training routing (jitter, noise, expert choice, Sinkhorn balancing).
       bias: [N] the selection bias (routers with SELECTION_BIAS), or None.
+      state: {name: array} the router's own layer state (state_init), or None.
       replay: [T, K] experts to use instead of selecting (routers with REPLAY), or None.
     Returns:
       RouterOutput (moe/types.py): expert_index and combine_weights [T, K], probs and logits
@@ -92,6 +96,24 @@ class Router(nn.Module):
   @classmethod
   def check(cls, moe, fail):
     """fail(field, value, fix) for a setting this router cannot work with."""
+
+  @classmethod
+  def state_init(cls, moe) -> dict:
+    """{name: initial array} of the layer state this router keeps (none by default)."""
+    del moe
+    return {}
+
+  @classmethod
+  def state_update(cls, state: dict, routing, moe) -> dict:
+    """{name: delta} of its state after a training step on the whole (global) batch; the
+    layer returns them (collection 'bias_updates') and the train step adds them."""
+    del state, routing, moe
+    return {}
+
+  @classmethod
+  def expected_experts(cls, moe) -> float:
+    """The routed experts a token uses on average (its FLOPs): K unless it says otherwise."""
+    return float(moe.num_experts_per_tok)
 
   @classmethod
   def causal(cls, moe, train: bool) -> bool:

@@ -59,6 +59,10 @@ class ExpertChoiceRouter(LearnedRouter):
       fail('model.moe.router.ec_eval', r.ec_eval, f'must be one of {list(cls.EVALS)}')
 
   @classmethod
+  def expected_experts(cls, moe) -> float:
+    return float(moe.router.ec_capacity_factor)  # N experts x C = T c / N tokens: c per token
+
+  @classmethod
   def causal(cls, moe, train: bool) -> bool:
     return not (train or moe.router.ec_eval == 'expert_choice')
 
@@ -68,9 +72,9 @@ class ExpertChoiceRouter(LearnedRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               replay=None) -> RouterOutput:
+               state=None, replay=None) -> RouterOutput:
     """batch: the sequences in the call (the 'sequence' scope routes each on its own)."""
-    del token_ids, bias, replay
+    del token_ids, bias, state, replay
     n, c = self.num_experts, self.ec_capacity_factor
     logits = self.logits(x, n, train)  # [T, N]
     probs = jax.nn.softmax(logits, axis=-1)  # [T, N]

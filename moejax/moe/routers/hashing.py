@@ -42,8 +42,8 @@ class HashRouter(Router):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               replay=None) -> RouterOutput:
-    del batch, train, bias, replay
+               state=None, replay=None) -> RouterOutput:
+    del batch, train, bias, state, replay
     if token_ids is None:
       raise ValueError("router.name='hash' routes by token id; the MoE layer got none")
     table = jnp.asarray(hash_table(self.vocab_size, self.num_experts, self.k, self.hash_kind,

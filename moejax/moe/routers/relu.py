@@ -41,10 +41,14 @@ class ReLURouter(LearnedRouter):
            b.l1_growth if b.l1_growth <= 1 else b.l1_init,
            'the adaptive L1 coefficient needs l1_init > 0 and l1_growth > 1')
 
+  @classmethod
+  def expected_experts(cls, moe) -> float:
+    return float(moe.balance.l1_target)  # what the adaptive L1 penalty steers to
+
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               replay=None) -> RouterOutput:
-    del token_ids, batch, bias, replay
+               state=None, replay=None) -> RouterOutput:
+    del token_ids, batch, bias, state, replay
     n = self.num_experts
     logits = self.logits(x, n, train)  # [T, N]
     gates = jax.nn.relu(logits)  # [T, N]

@@ -47,8 +47,8 @@ class SinkhornRouter(LearnedRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               replay=None) -> RouterOutput:
-    del token_ids, batch, bias, replay
+               state=None, replay=None) -> RouterOutput:
+    del token_ids, batch, bias, state, replay
     logits = self.logits(x, self.num_experts, train)  # [T, N]
     probs = jax.nn.softmax(logits, axis=-1)
     choice = sinkhorn(jax.lax.stop_gradient(logits), self.sinkhorn_iters) if train else probs

@@ -30,10 +30,14 @@ class TopPRouter(LearnedRouter):
     if not 0 < p <= 1:
       fail('model.moe.router.top_p', p, 'must be in (0, 1]')
 
+  @classmethod
+  def expected_experts(cls, moe) -> float:
+    return float(moe.num_experts_per_tok)  # at most K: an upper bound (the count varies)
+
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               replay=None) -> RouterOutput:
-    del token_ids, batch, bias, replay
+               state=None, replay=None) -> RouterOutput:
+    del token_ids, batch, bias, state, replay
     n = self.num_experts
     logits = self.logits(x, n, train)  # [T, N]
     probs = jax.nn.softmax(logits, axis=-1)  # [T, N]

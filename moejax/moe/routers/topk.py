@@ -59,13 +59,19 @@ class TopKRouter(ScoreRouter):
            'cannot be combined with model.moe.gate_input (the gate scales the input of one '
            'real expert)')
 
+  @classmethod
+  def expected_experts(cls, moe) -> float:
+    """K, of which null experts take their share Z / (N + Z) when balanced."""
+    n, z = moe.num_experts, moe.router.null_experts
+    return moe.num_experts_per_tok * n / (n + z)
+
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               replay=None) -> RouterOutput:
+               state=None, replay=None) -> RouterOutput:
     """replay [T, K]: use these experts instead of selecting (recorded from an earlier pass);
     the weights are still computed from this pass's scores, so gradients flow as usual.
     bias [N]: the selection bias (loss-free balancing), added to the scores for selection."""
-    del token_ids, batch
+    del token_ids, batch, state
     n, z = self.num_experts, self.null_experts
     logits = self.logits(x, n + z, train)  # [T, N + Z]
     if self.score_fn == 'sigmoid':

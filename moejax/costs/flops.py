@@ -1,0 +1,88 @@
+"""FLOPs per token, read off the real model definition (jax.eval_shape, nothing allocated).
+
+Forward FLOPs of one token, the PaLM / MaxText convention:
+  2 x (the matmul weights the token uses)   every weight matrix of attention, the dense FFNs,
+                                            the shared experts, the router, the output head and
+                                            the multi-token-prediction modules, plus the routed
+                                            experts' weights times E / N (E: the experts a token
+                                            uses on average, its router's expected_experts);
+                                            not the input embedding (a lookup) nor the norms;
+  + per attention layer 2 x ctx x heads x (d_qk + d_v)   scores and the weighted sum over a
+                                            context of ctx = seq_len positions (its chunk for
+                                            chunked layers); the full length, as PaLM counts it,
+                                            not the causal half.
+Training is 3 x forward (the backward pass costs two forwards). `train_flops(config)` is that
+times the tokens of the run (train.steps x train.batch_size x data.seq_len).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from moejax.model.transformer import Transformer
+from moejax.moe.registry import ROUTERS
+from moejax.nn import names
+
+
+def expected_experts(model_cfg) -> float:
+  """The routed experts a token uses on average (the router's declaration)."""
+  return ROUTERS[model_cfg.moe.router.name].expected_experts(model_cfg.moe)
+
+
+def _matmul_weights(model_cfg) -> tuple[float, float]:
+  """(matmul weights a token uses in the main model and MTP modules, of which routed)."""
+  model = Transformer(ml_collections.FrozenConfigDict(model_cfg))
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  share = expected_experts(model_cfg) / model_cfg.moe.num_experts
+  used = routed = 0.0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes['params']):
+    keys = [getattr(p, 'key', None) for p in path]
+    size = float(np.prod(leaf.shape))
+    if keys[-1] == 'embedding':
+      used += size if model_cfg.tie_embeddings else 0.0  # a lookup, unless it is the head too
+    elif names.EXPERTS in keys:
+      used += size * share
+      routed += size * share
+    elif leaf.ndim >= 2 and keys[-1] != 'scale':
+      used += size  # weight matrices (stacked layers included); vectors are norms and biases
+  return used, routed
+
+
+def _attention_per_layer(m, seq_len: int) -> float:
+  """Forward FLOPs of one token's attention scores and weighted sum in one layer."""
+  if m.attention == 'mla':
+    qk, v = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
+  else:
+    qk = v = m.head_dim
+  ctx = min(seq_len, m.attention_chunk) if m.attention_chunk else seq_len
+  return 2.0 * ctx * m.num_heads * (qk + v)
+
+
+def flops_per_token(model_cfg, seq_len: int) -> dict:
+  """{'forward', 'train' (3 x forward), 'matmul_weights', 'routed_weights', 'attention',
+  'expected_experts'} of one token at this sequence length."""
+  used, routed = _matmul_weights(model_cfg)
+  layers = model_cfg.num_layers + model_cfg.mtp.depth
+  if model_cfg.attention_chunk and model_cfg.nope_every:  # NoPE layers attend to everything
+    full = model_cfg.num_layers // model_cfg.nope_every
+    chunked = model_cfg.num_layers - full + model_cfg.mtp.depth
+    unchunked = ml_collections.ConfigDict(model_cfg.to_dict())
+    unchunked.attention_chunk = 0
+    attention = (full * _attention_per_layer(unchunked, seq_len) +
+                 chunked * _attention_per_layer(model_cfg, seq_len))
+  else:
+    attention = layers * _attention_per_layer(model_cfg, seq_len)
+  forward = 2.0 * used + attention
+  return {'forward': forward, 'train': 3.0 * forward, 'matmul_weights': used,
+          'routed_weights': routed, 'attention': attention,
+          'expected_experts': expected_experts(model_cfg)}
+
+
+def train_flops(config) -> float:
+  """Training FLOPs of a whole run: 3 x forward FLOPs per token x its tokens."""
+  t = config.train
+  tokens = t.steps * t.batch_size * config.data.seq_len
+  return flops_per_token(config.model, config.data.seq_len)['train'] * tokens

@@ -1,0 +1,52 @@
+"""FLOPs per token (moejax/costs/flops.py) against a hand count of the tiny model."""
+import pytest
+
+from moejax.costs.flops import flops_per_token, train_flops
+
+from conftest import tiny_config
+
+
+def test_tiny_model_by_hand():
+  # d 32, 3 layers (dense, MoE, MoE), 4 heads of 8 (2 kv heads), dense FFN 64, 8 experts of
+  # width 16 top-2, one shared expert of 16, vocabulary 258, untied head, seq 16.
+  attention = 3 * (32 * 4 * 8 + 2 * 32 * 2 * 8 + 4 * 8 * 32)  # wq, wk, wv, wo
+  dense = 3 * 32 * 64
+  moe = 2 * (32 * 8 + 3 * 32 * 16 + 2 / 8 * 8 * 3 * 32 * 16)  # router, shared, 2 of 8 experts
+  head = 32 * 258
+  weights = attention + dense + moe + head
+  scores = 3 * 2 * 16 * 4 * (8 + 8)  # layers x 2 x ctx x heads x (d_qk + d_v)
+  f = flops_per_token(tiny_config().model, 16)
+  assert f['matmul_weights'] == weights == 33344
+  assert f['routed_weights'] == 2 * 2 * 3 * 32 * 16
+  assert f['attention'] == scores
+  assert f['forward'] == 2 * weights + scores and f['train'] == 3 * f['forward']
+  c = tiny_config()
+  assert train_flops(c) == f['train'] * 6 * 8 * 16  # steps x batch x seq_len
+
+
+@pytest.mark.parametrize('router,fields,experts', [
+    ('expert_choice', {'ec_capacity_factor': 3.0}, 3.0),
+    ('expert_threshold', {'threshold_target': 1.5}, 1.5),
+    ('topk', {'null_experts': 8}, 1.0),  # K = 2 over 8 real + 8 null experts
+])
+def test_the_routed_experts_count_as_the_router_uses_them(router, fields, experts):
+  m = tiny_config().model
+  m.moe.router.name = router
+  if router == 'expert_threshold':
+    m.moe.num_experts_per_tok = 4
+  for k, v in fields.items():
+    m.moe.router[k] = v
+  f = flops_per_token(m, 16)
+  assert f['expected_experts'] == experts
+  assert f['routed_weights'] == 2 * experts * 3 * 32 * 16
+
+
+def test_tied_embeddings_count_as_the_head_and_mla_by_its_dims():
+  m = tiny_config().model
+  base = flops_per_token(m, 16)['matmul_weights']
+  m.tie_embeddings = True
+  assert flops_per_token(m, 16)['matmul_weights'] == base  # the table is the head
+  m = tiny_config().model
+  m.attention = 'mla'
+  m.mla.qk_nope_head_dim, m.mla.qk_rope_head_dim, m.mla.v_head_dim = 8, 4, 6
+  assert flops_per_token(m, 16)['attention'] == 3 * 2 * 16 * 4 * (8 + 4 + 6)
