@@ -19,4 +19,5 @@ def get_config():
   c.data.seq_len = 128
   c.train.steps, c.train.batch_size, c.train.lr, c.train.warmup_steps = 240, 16, 3e-3, 24
   c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 10, 80, 80
+  c.train.final_eval_batches = 0  # at the end, the whole validation split
   return c

@@ -140,12 +140,16 @@ def _check_train(c):
             'train.checkpoint_every train.keep_checkpoints train.max_nonfinite')
   _positive(c, 'train.warmup_steps train.weight_decay train.grad_clip train.stop_after '
             'train.eval_batches', allow_zero=True)
+  if not (isinstance(t.final_eval_batches, int) and t.final_eval_batches >= -1):
+    fail('train.final_eval_batches', t.final_eval_batches, 'must be -1 (no final evaluation), '
+         '0 (the whole validation split) or a number of batches')
   if not 0 < c.data.val_percent < 100:
     fail('data.val_percent', c.data.val_percent, 'must be between 0 and 100 (exclusive)')
   if not 0 <= t.min_lr_ratio <= 1:
     fail('train.min_lr_ratio', t.min_lr_ratio, 'must be in [0, 1]')
   if t.warmup_steps >= t.steps:
-    fail('train.warmup_steps', t.warmup_steps, f'must be below train.steps={t.steps}')
+    fail('train.warmup_steps', t.warmup_steps, f'must be below train.steps={t.steps}; set it '
+         f'with the steps, e.g. --config.train.warmup_steps={t.steps // 10}')
   _one_of(c, 'train.nonfinite', NONFINITE)
 
 

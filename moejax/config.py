@@ -172,7 +172,13 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0
   t.log_every = 10
   t.eval_every = 100
+  # Each evaluation runs over eval_batches batches sampled across the whole validation split
+  # (a fixed sample: the same chunks at every evaluation and in every run; 0: the whole split).
   t.eval_batches = 8
+  # At the last step, a final evaluation (final/... metrics, with the standard error of the
+  # loss over the sequences): -1 none, 0 the whole validation split, N batches sampled across
+  # it (the periodic sample is the start of that sample).
+  t.final_eval_batches = -1
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
   t.progress = True

@@ -123,15 +123,27 @@ def test_learning_rate_schedule_hand_worked():
     assert float(lr(step)) == pytest.approx(value, abs=1e-6), step
 
 
-# ---- Evaluation covers exactly train.eval_batches fixed batches.
+# ---- Evaluation: a fixed sample of train.eval_batches batches across the whole split.
 
-def test_eval_batches_are_the_first_n_in_order():
-  """5 chunks of 4 + 1 tokens, batch 2, 3 batches: chunks (0, 1), (2, 3), (4, 0) (the split
-  repeats when it runs out), the same at every call."""
-  tokens = np.arange(21, dtype=np.uint16)
+def test_eval_batches_sample_the_whole_split_the_same_every_time():
+  """200 chunks of 4 + 1 tokens, batch 4: 5 batches are 20 chunks drawn from all over the
+  split (not the first 20), in order, the same at every call; a larger sample contains the
+  smaller one; 0 (or more than the split) is every whole batch in order."""
+  tokens = np.arange(801, dtype=np.int32)
   chunks = pipeline.PackedChunks(tokens, 4)
-  batches = pipeline.eval_batches(chunks, 2, 3)
-  assert len(batches) == 3
-  firsts = [b['inputs'][:, 0].tolist() for b in batches]
-  assert firsts == [[0, 4], [8, 12], [16, 0]]
-  np.testing.assert_array_equal(batches[0]['targets'][0], [1, 2, 3, 4])
+  assert len(chunks) == 200
+  firsts = lambda bs: np.concatenate([b['inputs'][:, 0] for b in bs]) // 4  # noqa: E731
+  small = firsts(pipeline.eval_batches(chunks, 4, 5))
+  assert len(small) == 20 == len(set(small)) and list(small) == sorted(small)
+  assert small.max() >= 150 and small.min() < 50  # both ends of the split contribute
+  assert list(firsts(pipeline.eval_batches(chunks, 4, 5))) == list(small)
+  large = firsts(pipeline.eval_batches(chunks, 4, 20))
+  assert set(small) <= set(large) and len(large) == 80
+  everything = firsts(pipeline.eval_batches(chunks, 4, 0))
+  assert list(everything) == list(range(200))
+  assert list(firsts(pipeline.eval_batches(chunks, 4, 99))) == list(range(200))
+  batch = pipeline.eval_batches(chunks, 4, 5)[0]
+  np.testing.assert_array_equal(batch['targets'][0], batch['inputs'][0] + 1)  # shifted by one
+  es = pipeline.eval_set(chunks, 4, 5)
+  assert (es.tokens, es.sequences, es.split_tokens) == (80, 20, 801)
+  assert '80 tokens in 20 sequences (10.0% of the split' in es.label()

@@ -229,15 +229,55 @@ def train_dataset(chunks, batch_size: int, seed: int, weights=None,
           .map(local_rows(batch_size, *(process or (None, None)))))
 
 
+# The evaluation sample's seed: fixed, so every run, arm and evaluation sees the same chunks
+# (paired comparisons), whatever the run's seed.
+EVAL_SEED = 20261202
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """The batches an evaluation runs over, and what they cover."""
+  batches: list[dict]
+  bytes_per_token: float
+  tokens: int  # target tokens evaluated
+  sequences: int
+  split_tokens: int  # the whole split's
+  split_docs: int
+
+  def label(self) -> str:
+    share = 'the whole split' if self.tokens >= self.split_tokens - self.sequences else (
+        f'{100 * self.tokens / max(self.split_tokens, 1):.1f}% of the split')
+    return (f'{self.tokens:,} tokens in {self.sequences:,} sequences ({share}: '
+            f'{self.split_tokens:,} tokens, {self.split_docs:,} documents)')
+
+
+def eval_sample(num_chunks: int, count: int) -> np.ndarray:
+  """`count` chunk indices drawn without replacement, uniformly over the whole split (every
+  document can contribute), in order; a fixed seed, so the sample is the same in every run,
+  and a smaller sample is the start of a larger one."""
+  return np.sort(np.random.default_rng(EVAL_SEED).permutation(num_chunks)[:count])
+
+
 def eval_batches(chunks: PackedChunks, batch_size: int, num_batches: int) -> list[dict]:
-  """A fixed, ordered set of validation batches (the same at every evaluation); 0: all of the
-  split's whole batches."""
-  if num_batches == 0:
-    num_batches = max(1, len(chunks) // batch_size)
-  ds = (grain.MapDataset.source(chunks).repeat()
-        .batch(batch_size, drop_remainder=True).map(_to_example)
-        .map(local_rows(batch_size)))
-  return [ds[i] for i in range(num_batches)]
+  """`num_batches` validation batches of chunks sampled across the whole split (eval_sample),
+  the same at every evaluation; 0, or more batches than the split holds: every whole batch of
+  the split, in order."""
+  whole = len(chunks) // batch_size
+  if num_batches == 0 or num_batches >= whole:
+    index = np.arange(whole * batch_size)
+  else:
+    index = eval_sample(len(chunks), num_batches * batch_size)
+  rows = local_rows(batch_size)
+  return [rows(_to_example(np.stack([chunks[int(i)] for i in index[b:b + batch_size]])))
+          for b in range(0, len(index), batch_size)]
+
+
+def eval_set(chunks: PackedChunks, batch_size: int, num_batches: int) -> EvalSet:
+  """eval_batches with what they cover."""
+  batches = eval_batches(chunks, batch_size, num_batches)
+  sequences = len(batches) * batch_size
+  return EvalSet(batches, chunks.bytes_per_token, sequences * chunks.seq_len, sequences,
+                 len(chunks.stream), chunks.stream.num_docs)
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:

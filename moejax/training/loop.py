@@ -23,18 +23,22 @@ from moejax.training.step import Trainer
 
 
 def evaluate(trainer: Trainer, state, batches, bytes_per_token: float = 1.0) -> dict:
-  batch_losses, loads, dropped, active = [], [], [], []
-  for b in batches:
-    out = jax.device_get(trainer.eval_step(state, b))
-    batch_losses.append(out['eval/loss'])
-    if 'expert_load' in out:
-      loads.append(out['expert_load'])
-      dropped.append(out['dropped_fraction'])
-      active.append(out['active_experts'])
-  loss = float(np.mean(batch_losses))
+  """The evaluation metrics of the model over `batches`: loss (nats per token), its standard
+  error over the sequences, perplexity, bits per byte and the routing statistics."""
+  outs = jax.device_get([trainer.eval_step(state, b) for b in batches])  # dispatched at once
+  rows = np.concatenate([np.atleast_1d(o['eval/row_loss']) for o in outs]) if outs and (
+      'eval/row_loss' in outs[0]) else np.asarray([o['eval/loss'] for o in outs], np.float64)
+  loss = float(np.mean(rows))
   result = {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
-            'eval/bpb': pipeline.bits_per_byte(loss, bytes_per_token)}
+            'eval/bpb': pipeline.bits_per_byte(loss, bytes_per_token),
+            # The standard error of that mean over the sequences (neighbouring sequences of one
+            # document are correlated, so it is a lower bound).
+            'eval/loss_se': float(np.std(rows, ddof=1) / np.sqrt(len(rows))) if len(rows) > 1
+            else float('nan')}
+  loads = [o['expert_load'] for o in outs if 'expert_load' in o]
   if loads:
+    dropped = [o['dropped_fraction'] for o in outs]
+    active = [o['active_experts'] for o in outs]
     # Every batch routes the same number of tokens, so the mean of per-batch load shares is
     # the load share over the whole evaluation set (up to the batches' different numbers of
     # routed choices, where null slots make it vary).
@@ -54,27 +58,34 @@ def evaluate(trainer: Trainer, state, batches, bytes_per_token: float = 1.0) -> 
 
 
 def eval_sets(splits, batch_size: int, num_batches: int) -> dict:
-  """{name: (batches, bytes per token)} of every evaluation set."""
-  return {name: (pipeline.eval_batches(chunks, batch_size, num_batches), chunks.bytes_per_token)
+  """{name: pipeline.EvalSet} of every evaluation set: num_batches batches sampled across each
+  validation split (0: the whole split)."""
+  return {name: pipeline.eval_set(chunks, batch_size, num_batches)
           for name, chunks in splits.val.items()}
 
 
-def evaluate_all(trainer: Trainer, state, sets: dict, weights: dict) -> dict:
-  """Each named set's metrics as eval/NAME/...; the main set's (or, for a mixture, the
-  weight-averaged loss and bits per byte of its corpora's sets) as eval/..."""
+def evaluate_all(trainer: Trainer, state, sets: dict, weights: dict,
+                 prefix: str = 'eval') -> dict:
+  """Each named set's metrics as PREFIX/NAME/...; the main set's (or, for a mixture, the
+  weight-averaged loss and bits per byte of its corpora's sets) as PREFIX/..., with the tokens
+  and sequences evaluated."""
   out, mean = {}, {'eval/loss': 0.0, 'eval/bpb': 0.0}
-  for name, (batches, bpt) in sets.items():
-    result = evaluate(trainer, state, batches, bpt)
+  for name, es in sets.items():
+    result = evaluate(trainer, state, es.batches, es.bytes_per_token)
+    result['eval/tokens'], result['eval/sequences'] = es.tokens, es.sequences
     if name == '':
       out.update(result)
       continue
     out.update({k.replace('eval/', f'eval/{name}/', 1): v for k, v in result.items()
-                if k in ('eval/loss', 'eval/bpb', 'eval/perplexity')})
+                if k in ('eval/loss', 'eval/bpb', 'eval/perplexity', 'eval/loss_se',
+                         'eval/tokens')})
     if name in weights:
       for k in mean:
         mean[k] += weights[name] * result[k]
   if '' not in sets:
     out.update(mean, **{'eval/perplexity': float(np.exp(mean['eval/loss']))})
+  if prefix != 'eval':
+    out = {prefix + k[len('eval'):]: v for k, v in out.items()}
   return out
 
 
@@ -91,6 +102,7 @@ def train(config, workdir: str) -> dict:
   """Train (or resume) the run in workdir. Returns the last logged metrics ('finished': True
   when the run had already finished and nothing was done)."""
   checks.validate(config, jax.device_count())  # before anything compiles
+  tokenizers.check_training(config.data, workdir)
   _make_workdir(workdir)
   # Corpus and tokenizer errors, also before compiling.
   splits = pipeline.load_splits(config.data, config.seed, config.model.vocab_size)
@@ -160,6 +172,12 @@ class _Loop:
     except Diverged:
       self.writer.write(step, jax.device_get(metrics))
       raise
+
+  def final_evaluation(self) -> dict:
+    """The end of the run: the validation sets again, on train.final_eval_batches batches
+    sampled across each split (0: the whole split), as final/... metrics."""
+    sets = eval_sets(self.splits, self.t.batch_size, self.t.final_eval_batches)
+    return evaluate_all(self.trainer, self.state, sets, self.splits.val_weights, 'final')
 
   def _first_row(self):
     """Step 0's row: what the data is, and whether the routing is causal."""
@@ -242,6 +260,8 @@ class _Loop:
           metrics.update(evaluate_all(self.trainer, self.state, self.val_sets,
                                       self.splits.val_weights))
           metrics['eval/routing_causal'] = eval_causal
+        if step == t.steps and t.final_eval_batches >= 0:
+          metrics.update(self.final_evaluation())
           tick = time.perf_counter()  # evaluation time does not count against training speed
         self.writer.write(step, metrics)
         last = {'step': step, **metrics}
@@ -274,10 +294,20 @@ def _pairs(last: dict, config) -> str:
   if config.model.mtp.depth:
     keys.append('train/mtp_loss')
   keys += ['moe/max_vio', 'moe/dropped_fraction', 'train/skipped_steps', 'eval/loss', 'eval/bpb',
-           'eval/max_vio_global']
+           'eval/max_vio_global', 'final/loss', 'final/loss_se', 'final/bpb', 'final/tokens']
   if last.get('eval/active_experts', config.model.moe.num_experts_per_tok) != (
       config.model.moe.num_experts_per_tok):
     keys.append('eval/active_experts')  # routed experts per token, when not always K
   keys.append('perf/tokens_per_sec')
   return ', '.join(f'{k} {float(last[k]):.4g}' for k in keys if k in last
                    and getattr(last[k], 'ndim', 0) == 0 and not isinstance(last[k], list))
+
+
+def outputs_line(workdir: str) -> str:
+  """Where a run's outputs are, for the command's last line."""
+  plot = os.path.join(workdir, 'expert_load.png')
+  return (f"outputs: {os.path.join(workdir, 'metrics.jsonl')}"
+          + (f', {plot}' if os.path.exists(plot) else '') +
+          f", checkpoints in {os.path.join(workdir, 'checkpoints')}; TensorBoard: tensorboard "
+          f"--logdir {os.path.join(workdir, 'tensorboard')}; sample: python -m moejax.generate "
+          f'--workdir={workdir}')

@@ -58,8 +58,15 @@ def make_optimizer(t, freeze_router: bool = False) -> optax.GradientTransformati
 
 
 def cross_entropy(logits, targets):
+  """Mean next-token cross-entropy (nats) of logits [b, s, V] against targets [b, s]."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def row_cross_entropy(logits, targets):
+  """Each sequence's mean cross-entropy [b]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], axis=-1)
 
 
 def mtp_total(aux: dict, targets, mtp_cfg, metrics: dict):
@@ -186,7 +193,9 @@ class Trainer:
 
   def _eval_step_fn(self, params, model_state, batch):
     logits, aux = self.eval_model.apply({'params': params, **model_state}, batch['inputs'])
-    out = {'eval/loss': cross_entropy(logits, batch['targets'])}
+    out = {'eval/loss': cross_entropy(logits, batch['targets']),
+           # each sequence's mean loss [B]: the evaluation's standard error comes from them
+           'eval/row_loss': row_cross_entropy(logits, batch['targets'])}
     if aux:
       out['expert_load'] = aux['expert_load']
       out['dropped_fraction'] = jnp.mean(aux['dropped_fraction'])
