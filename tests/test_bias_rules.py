@@ -128,34 +128,3 @@ def test_dead_experts_are_counted_over_the_whole_evaluation_set():
   assert out['eval/per_layer/active_experts'] == [2.0, 1.0]
   assert out['eval/per_layer/dead_experts'] == [1, 0]  # layer 0: expert 3 never used
   assert out['eval/dead_experts'] == 0.5
-
-
-def test_bootstrap_interval_and_the_differences_table():
-  from moejax.experiment import report
-  from moejax.experiment import Experiment
-  d, low, high = report.bootstrap_interval([2.0, 2.1, 2.2, 2.1, 2.0], [1.0, 1.1, 1.0, 0.9, 1.0])
-  assert d == pytest.approx(1.08) and 0.9 < low < d < high < 1.25  # far apart: excludes 0
-  d, low, high = report.bootstrap_interval([1.0, 2.0, 3.0], [1.5, 2.5, 2.0])
-  assert low < 0 < high  # overlapping: includes 0
-  runs = {'base': [{'val_loss': v, 'val_bpb': v, 'max_vio_global': 0.5} for v in (2.0, 2.1, 2.2)],
-          'better': [{'val_loss': v, 'val_bpb': v, 'max_vio_global': 0.5}
-                     for v in (1.0, 1.1, 1.2)]}
-  exp = Experiment(name='x', base=None, arms={'base': {}, 'better': {}}, baseline='base')
-  table = report.compare(exp, runs, ['base', 'better'])
-  row = next(line for line in table.splitlines() if line.startswith('| better |'))
-  assert '-1.0000 [' in row and row.count(' *') == 2  # loss and bpb; MaxVio equal: no star
-  assert report.compare(Experiment(name='x', base=None, arms={}), runs, ['base']) == ''
-
-
-def test_welch_test_against_closed_forms():
-  """Student's t with 1 and 2 degrees of freedom has closed-form tails: P(|T| > 1) = 1/2 for
-  df = 1; P(|T| > t) = 1 - t / sqrt(2 + t^2) for df = 2, which two samples of two with equal
-  variance give (Welch's df = 2). And the table value P(|T| > 2) = 0.0734 at df = 10."""
-  from moejax.experiment import report
-  assert report._betainc(0.5, 0.5, 0.5) == pytest.approx(0.5, abs=1e-12)
-  t, df, p = report.welch_test([1.0, 3.0], [0.0, 2.0])  # diff 1, se sqrt(1 + 1)
-  assert (t, df) == (pytest.approx(2 ** -0.5), pytest.approx(2.0))
-  assert p == pytest.approx(1 - t / np.sqrt(2 + t * t), rel=1e-10)
-  assert report._betainc(5.0, 0.5, 10 / 14) == pytest.approx(0.07339, abs=5e-5)
-  assert report.welch_test([2.0, 2.1, 2.2, 2.1, 2.0], [1.0, 1.1, 1.0, 0.9, 1.0])[2] < 1e-6
-  assert report.welch_test([1.0, 2.0, 3.0], [1.5, 2.5, 2.0])[2] > 0.5  # equal means

@@ -1,65 +1,167 @@
-"""The experiment runner (moejax/experiment.py, moejax/report.py) and the experiment files."""
+"""The experiment runner (moejax/experiment/) and the experiment files: every run's config and
+post-evaluation config validated before anything trains, tables, plots, no re-runs, diverged
+runs as results, compute ladders, and the report's statistics on hand-made results."""
 import json
 import os
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 
 from moejax import experiment
 from moejax.checks import validate
-from moejax.errors import ConfigError
+from moejax.config import ConfigError
 from moejax.costs.parameters import count_params
+from moejax.errors import Diverged
+from moejax.experiment import Experiment, PostEval, Rung, report
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 NAMES = ['token_vs_expert_choice', 'balancing', 'balance_by_depth', 'router_families',
          'capacity_factor', 'granularity', 'upcycling', 'bias_rules', 'dynamic_compute']
 
 
-def load(name):
-  return experiment.load_module(str(EXPERIMENTS / f'{name}.py')).get_experiment()
+def load(name, arg=None):
+  module = experiment.load_module(str(EXPERIMENTS / f'{name}.py'))
+  return module.get_experiment(arg) if arg else module.get_experiment()
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_every_arm_builds(name):
-  """Every arm's full-size and smoke config validates and its model traces (no compile)."""
+def test_every_run_and_post_evaluation_validates(name):
+  """Every arm x rung x seed, full size and smoke, and every post-evaluation of each, is
+  validated as plan() validates it before the first compile; the models trace."""
   exp = load(name)
   assert len(exp.seeds) >= 3 and exp.note
-  for arm in exp.arms:
-    for smoke in (False, True):
-      c = experiment.run_config(exp, arm, exp.seeds[0], smoke)
-      validate(c, jax.device_count())
-    assert count_params(c.model)['total'] > 0
+  for smoke in (False, True):
+    configs = experiment.plan(exp, smoke)
+    assert {k.arm for k in configs} == set(exp.arms)
+  assert count_params(next(iter(configs.values())).model)['total'] > 0
 
 
-def test_runner_table_plots_and_no_rerun(tmp_path, monkeypatch):
-  exp = load('balancing')
+def test_post_evaluations_apply_to_their_arms_only():
+  """The regression of experiment 1: its non-causal evaluation of expert choice is not a
+  setting token choice can take, so it applies to the expert-choice arm alone."""
+  exp = load('token_vs_expert_choice')
+  assert experiment.runner.post_evals_of(exp, 'expert_choice') == ['noncausal_eval']
+  assert experiment.runner.post_evals_of(exp, 'token_choice_top2') == []
+  exp.post_evals['noncausal_eval'] = PostEval(exp.post_eval('noncausal_eval').overrides)
+  with pytest.raises(ConfigError, match="arm 'token_choice_top2', rung 'r0', post-evaluation "
+                     "'noncausal_eval': config.model.moe.router.ec_eval='expert_choice': is "
+                     "not read by the 'topk' router"):
+    experiment.plan(exp)
+
+
+def test_the_ladders_span_8x_compute_with_5_then_3_seeds():
+  from moejax.costs.flops import train_flops
+  for name in ('token_vs_expert_choice', 'balancing'):
+    exp = load(name)
+    assert len(exp.rungs) >= 4 and exp.baseline in exp.arms
+    flops = {}
+    for key, c in experiment.plan(exp).items():
+      flops.setdefault(key.rung, set()).add(train_flops(c))
+    assert all(len(v) == 1 for v in flops.values())  # every arm at equal compute
+    values = [next(iter(flops[r])) for r in exp.rungs]
+    assert values == sorted(values) and values[-1] / values[0] >= 8
+    seeds = [len(exp.rung_seeds(r)) for r in exp.rungs]
+    assert seeds[:2] == [5, 5] and min(seeds) >= 3
+
+
+def test_the_tpu_preset_asks_for_a_prepared_corpus():
+  exp = load('token_vs_expert_choice', 'tpu')
+  c = experiment.run_config(exp, 'expert_threshold', 0, False, 'r3')
+  assert c.model.dtype == 'bfloat16' and c.data.source == 'prepared'
+  with pytest.raises(ConfigError, match='data.prepared_dir'):
+    validate(c, jax.device_count())
+  with pytest.raises(ConfigError, match="no preset 'gpu'"):
+    experiment.load_experiment('token_vs_expert_choice:gpu')
+
+
+def test_runner_table_plots_no_rerun_and_a_diverged_run(tmp_path, monkeypatch):
+  exp = load('bias_rules')
   workdir = str(tmp_path)
-  arms = ['loss_free_1e-2']  # one arm, two seeds (the smoke tests cover tables of several arms)
-  results = experiment.run(exp, workdir, smoke=True, arms=arms, seeds=[0, 1], progress=False)
-  assert [len(results[a]) for a in arms] == [2]
-  for arm in arms:
-    for s in (0, 1):
-      r = json.load(open(os.path.join(workdir, arm, f'seed_{s}', 'result.json')))
-      assert r['final_step'] == 4 and r['val_loss'] > 0 and r['tokens_per_sec'] > 0
-      assert 0 <= r['max_vio_global'] and r['MaxVio batch (last 5 logs)'] is not None
+  arms = ['aux_1e-2', 'sign_1e-2']
+  from moejax.training import loop
+  real = loop.train
+
+  def train(c, run_dir):
+    if c.seed == 2 and 'sign' in run_dir:
+      raise Diverged('step 3: the loss is not finite (a test)')
+    return real(c, run_dir)
+  monkeypatch.setattr(loop, 'train', train)
+  results = experiment.run(exp, workdir, smoke=True, arms=arms, seeds=[0, 1, 2], progress=False)
+  assert [len(results[a]) for a in arms] == [3, 3]
+  r = json.load(open(os.path.join(workdir, 'sign_1e-2', 'seed_0', 'result.json')))
+  assert r['final_step'] == 4 and r['val_loss'] > 0 and r['tokens_per_sec'] > 0
+  assert r['eval_tokens'] == 8 * 32 and r['val_loss_se'] > 0 and r['train_flops'] > 0
+  assert 'diverged' in results['sign_1e-2'][2]
   # Different seeds are different runs.
   assert results[arms[0]][0]['val_loss'] != results[arms[0]][1]['val_loss']
   md = open(os.path.join(workdir, 'results.md')).read()
-  assert '| loss_free_1e-2 |' in md and '±' in md and 'smoke' in md
+  assert '| sign_1e-2 | 2 (1 diverged) |' in md and '±' in md and 'smoke' in md
+  assert '1 run(s) diverged' in md and 'Commit ' in md and '256 tokens' in md
+  row = next(line for line in md.splitlines() if line.startswith('| sign_1e-2 | paired | 2 |'))
+  assert '**' in row  # a verdict
   for png in ('loss_curves.png', 'bpb_curves.png', 'max_vio.png', 'max_vio_per_layer.png',
               'expert_load.png'):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000 and f']({png})' in md
-  # Finished runs are not redone: a second call reads their results without training.
-  monkeypatch.setattr('moejax.training.loop.train', lambda *a: pytest.fail('trained again'))
-  again = experiment.run(exp, workdir, smoke=True, arms=arms, seeds=[0, 1], progress=False)
+  # Finished (and diverged) runs are not redone: a second call reads their results.
+  monkeypatch.setattr(loop, 'train', lambda *a: pytest.fail('trained again'))
+  again = experiment.run(exp, workdir, smoke=True, arms=arms, seeds=[0, 1, 2], progress=False)
   assert again == results
 
 
+def _results(values: dict, flops=1e9, **extra):
+  """{arm: [result per seed]} from {arm: [val loss per seed]}."""
+  return {arm: [{'val_loss': v, 'val_bpb': v / np.log(2), 'max_vio_global': 0.3,
+                 'train_flops': flops, 'final_step': 10, 'train_tokens': 1000, **extra}
+                for v in vs] for arm, vs in values.items()}
+
+
+def test_the_report_pairs_tests_and_finds_the_trend_of_a_ladder(tmp_path):
+  """Hand-made results (no training): at each rung the 'better' arm is 0.05 below the baseline
+  for every seed (+ noise), the 'same' arm 0.0; the 'grows' arm's gap is -0.01, -0.02, -0.04
+  at 1e9, 1e10, 1e11 FLOPs: a slope of about -0.015 per decade."""
+  from conftest import tiny_config
+  base = tiny_config()
+  exp = Experiment(name='x', base=base, arms={'base': {}, 'better': {}, 'same': {}, 'grows': {}},
+                   seeds=(0, 1, 2, 3, 4), baseline='base', delta=0.02,
+                   rungs={'a': Rung({}), 'b': Rung({}), 'c': Rung({})})
+  configs = experiment.plan(exp)
+  rng = np.random.default_rng(0)
+  results = {}
+  for rung, flops, grow in (('a', 1e9, -0.01), ('b', 1e10, -0.02), ('c', 1e11, -0.04)):
+    b = 3.0 - 0.1 * np.log10(flops) + rng.normal(0, 0.05, 5)
+    results[rung] = _results({'base': b, 'better': b - 0.05 + rng.normal(0, 0.002, 5),
+                              'same': b + rng.normal(0, 0.002, 5),
+                              'grows': b + grow + rng.normal(0, 0.001, 5)}, flops)
+  comps = report.comparisons(exp, results['a'], configs, 'a', list(exp.arms))
+  assert comps['better'].paired and comps['better'].verdict == 'better'
+  assert comps['same'].verdict == 'equivalent'
+  path = report.write(exp, str(tmp_path), results, configs, smoke=False)
+  md = open(path).read()
+  assert '## The compute ladder' in md and 'ladder_loss.png' in md and 'ladder_gap.png' in md
+  ladder_rows = md[md.index('## The compute ladder'):].splitlines()
+  row = next(line for line in ladder_rows if line.startswith('| grows | paired |'))
+  slope = float(row.split('|')[6].split('[')[0])
+  assert slope == pytest.approx(-0.015, abs=0.003) and 'the gap grows' in row
+  row = next(line for line in ladder_rows if line.startswith('| same | paired |'))
+  assert 'no trend detected' in row
+  assert os.path.getsize(tmp_path / 'ladder_loss.png') > 1000
+
+
+def test_arms_that_cannot_pair_are_compared_unpaired():
+  from conftest import tiny_config
+  exp = Experiment(name='x', base=tiny_config(), seeds=(0, 1, 2), baseline='base',
+                   arms={'base': {}, 'wider': {'model.moe.expert_ffn_dim': 32}})
+  configs = experiment.plan(exp)
+  results = {None: _results({'base': [2.0, 2.1, 2.2], 'wider': [1.9, 2.0, 2.1]})}
+  assert not report.pairable(configs, None, 'wider', 'base')
+  comps = report.comparisons(exp, results[None], configs, None, ['base', 'wider'])
+  assert not comps['wider'].paired
+
+
 def test_column_functions_hand_cases():
-  import sys
-  sys.path.insert(0, str(EXPERIMENTS))
-  from metrics import steps_to_balance, tail_mean
+  from moejax.experiments.metrics import steps_to_balance, tail_mean
   rows = [{'step': s, 'moe/per_layer/max_vio': v} for s, v in
           [(10, [0.9, 0.4]), (20, [0.4, 0.6]), (30, [0.3, 0.2]), (40, [0.6, 0.1])]]
   # layer 0 goes back above 0.5 at step 40: never settles (41); layer 1 settles from step 30
@@ -72,10 +174,12 @@ def test_column_functions_hand_cases():
 
 
 def test_bad_arm_and_override_are_refused(tmp_path):
-  exp = load('balancing')
+  exp = load('bias_rules')
   with pytest.raises(ConfigError, match="no arm 'nope'"):
     experiment.run(exp, str(tmp_path), smoke=True, arms=['nope'], progress=False)
   exp.arms['typo'] = {'model.moe.balance.aux_weight': 1.0}
   with pytest.raises(ConfigError, match='aux_weight'):
     experiment.run(exp, str(tmp_path), smoke=True, arms=['typo'], progress=False)
+  with pytest.raises(ConfigError, match="--rungs: no rung 'r9'"):
+    experiment.plan(load('balancing'), rungs=['r9'])
   assert not os.listdir(tmp_path)  # refused before anything was written

@@ -1,14 +1,16 @@
-"""Experiments: named arms (config overrides) x seeds, each a normal training run, then a report.
+"""Experiments: named arms (config overrides) x seeds, optionally x the rungs of a compute
+ladder, each a normal training run, then a report.
 
     python -m moejax.experiment experiments/balancing.py --workdir=runs/balancing [--smoke]
 
-runner.py runs the arms and seeds (resumable); report.py writes results.md and the plots.
+runner.py runs the runs (resumable), report.py writes results.md with the statistics of
+statistics.py, plots.py the plots.
 """
-from moejax.experiment.runner import (Arm, Experiment, experiment_path, load_experiment,
-                                      load_module, override_base, post_evaluate, run, run_config,
-                                      summarize_run)
-
+from moejax.experiment.runner import (Arm, Experiment, PostEval, Rung, RunKey, experiment_path,
+                                      load_experiment, load_module, override_base, plan,
+                                      post_evaluate, run, run_config, summarize_run)
 from moejax.experiment.command import main
 
-__all__ = ['main', 'Arm', 'Experiment', 'experiment_path', 'load_experiment', 'load_module',
-           'override_base', 'post_evaluate', 'run', 'run_config', 'summarize_run']
+__all__ = ['Arm', 'Experiment', 'PostEval', 'Rung', 'RunKey', 'experiment_path',
+           'load_experiment', 'load_module', 'main', 'override_base', 'plan', 'post_evaluate',
+           'run', 'run_config', 'summarize_run']

@@ -1,5 +1,6 @@
-"""The command: python -m moejax.experiment EXPERIMENT --workdir=DIR [--smoke] [--arms=A,B]
-[--seeds=N] [--config.x=v]."""
+"""The command: python -m moejax.experiment EXPERIMENT[:ARG] --workdir=DIR [--smoke] [--arms=A,B]
+[--rungs=R,S] [--seeds=N | --seeds=S,T] [--config.x=v]; --list shows the shipped experiments,
+or one experiment's arms, rungs and seeds."""
 from __future__ import annotations
 
 import os
@@ -7,34 +8,92 @@ import sys
 
 from moejax import cli
 from moejax.errors import ConfigError
-from moejax.experiment.runner import load_experiment, override_base, run
+from moejax.experiment.runner import (SHARED_FILES, experiment_path, load_experiment,
+                                      override_base, run)
+
+
+def parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(
+      prog='python -m moejax.experiment',
+      description='Run an experiment: arms x seeds (x the rungs of a compute ladder), each a '
+      'resumable training run, then DIR/results.md with paired statistics and the plots.',
+      epilog='--config.SECTION.FIELD=VALUE overrides a field of the base config every arm '
+      'shares (not one an arm or a rung varies); fields and defaults: moejax/config.py.')
+  p.add_argument('experiment', nargs='?', default='',
+                 help="experiments/NAME.py or a shipped experiment's name (see --list), with "
+                 "':ARG' for a preset it offers (e.g. token_vs_expert_choice:tpu)")
+  p.add_argument('--workdir', help='the folder of the runs and the report (required to run); '
+                 'an existing one is resumed: finished runs are kept')
+  p.add_argument('--smoke', action='store_true',
+                 help='a few steps per run on a small slice of the corpus (for tests): not a '
+                 'result')
+  p.add_argument('--arms', default='', help='comma-separated subset of arms (default: all)')
+  p.add_argument('--rungs', default='', help='comma-separated subset of the ladder\'s rungs '
+                 '(default: all)')
+  p.add_argument('--seeds', default='', help='N: the first N seeds; S,T,..: these seeds '
+                 '(default: the experiment\'s)')
+  p.add_argument('--list', action='store_true', help='list the shipped experiments, or with '
+                 'EXPERIMENT its arms, rungs and seeds, and exit')
+  p.add_argument('--print_config', action='store_true',
+                 help='print the base config (after overrides) and exit')
+  return p
+
+
+def parse_seeds(text: str, all_seeds) -> list | None:
+  """'' -> None (all); 'N' -> the first N seeds; 'S,T' -> those seeds."""
+  if not text:
+    return None
+  try:
+    values = [int(v) for v in text.split(',') if v.strip()]
+  except ValueError:
+    raise ConfigError(f'--seeds={text}: give N (the first N seeds) or seeds S,T,...') from None
+  if len(values) == 1 and ',' not in text:
+    if values[0] < 1:
+      raise ConfigError(f'--seeds={text}: N must be at least 1')
+    return list(all_seeds)[:values[0]]
+  if any(v < 0 for v in values):
+    raise ConfigError(f'--seeds={text}: seeds are >= 0')
+  return values
+
+
+def describe(exp) -> str:
+  lines = [f'{exp.name}: seeds {list(exp.seeds)}' + (f', baseline {exp.baseline!r}, margin '
+                                                     f'{exp.delta:g}' if exp.baseline else '')]
+  lines += [f'  arm {name}: {exp.arm(name).overrides}' for name in exp.arms]
+  lines += [f'  rung {name}: {exp.rung(name).overrides} seeds {list(exp.rung_seeds(name))}'
+            for name in exp.rungs]
+  return '\n'.join(lines)
 
 
 def _main(argv=None) -> int:
-  p = cli.ArgumentParser(prog='python -m moejax.experiment',
-                         description='Run an experiment file: arms x seeds, then a report.',
-                         epilog='--config.SECTION.FIELD=VALUE overrides a field of the base '
-                         'config every arm shares (not one an arm varies); fields and defaults: '
-                         'moejax/config.py (base_config).')
-  p.add_argument('experiment', help='experiments/NAME.py, or a shipped experiment\'s name')
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--smoke', action='store_true', help='seconds-long version (for tests)')
-  p.add_argument('--arms', default='', help='comma-separated subset of arms')
-  p.add_argument('--seeds', type=int, default=0, help='use only the first N seeds')
-  p.add_argument('--print_config', action='store_true',
-                 help="print the base config (after overrides) and exit")
+  p = parser()
   rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else list(argv))
   args = p.parse_args(rest)
-  if args.seeds < 0:
-    raise ConfigError(f'--seeds={args.seeds}: must be >= 0 (0: all seeds)')
+  if args.list and not args.experiment:
+    for name in cli.shipped_names('moejax.experiments', SHARED_FILES):
+      exp = load_experiment(name)
+      print(f"{name}: {exp.name} (arms: {', '.join(exp.arms)}"
+            + (f"; rungs: {', '.join(exp.rungs)}" if exp.rungs else '') + ')')
+    return 0
+  if not args.experiment:
+    raise ConfigError('give an experiment (a file or a shipped name; --list shows them)')
+  experiment_path(args.experiment.partition(':')[0])  # a bad name is said before anything
   exp = override_base(load_experiment(args.experiment), overrides)
+  if args.list:
+    print(describe(exp))
+    return 0
   if args.print_config:
     print(exp.base)
     return 0
-  seeds = list(exp.seeds)[:args.seeds] if args.seeds else None
+  if not args.workdir:
+    raise ConfigError('--workdir is required: the folder of the runs and the report')
+  seeds = parse_seeds(args.seeds, exp.seeds)
   arms = [a for a in args.arms.split(',') if a] or None
-  run(exp, args.workdir, args.smoke, arms, seeds)
-  print(os.path.join(args.workdir, 'results.md'))
+  rungs = [r for r in args.rungs.split(',') if r] or None
+  run(exp, args.workdir, args.smoke, arms, seeds, rungs=rungs)
+  path = os.path.join(args.workdir, 'results.md')
+  print(f'report: {path} (plots next to it; each run in {args.workdir}/[RUNG/]ARM/seed_S, '
+        f'TensorBoard: tensorboard --logdir {args.workdir})')
   return 0
 
 

@@ -1,17 +1,35 @@
-"""An experiment's report: DIR/results.md (mean +/- std over seeds) and DIR/*.png plots, read
-from the runs' result.json and metrics.jsonl files."""
+"""An experiment's report: DIR/results.md and the plots (plots.py), from the runs' result.json
+and metrics.jsonl files.
+
+results.md says what was measured (units, steps, training and evaluation tokens, the base
+config, the commit, the wall time), then per rung of the ladder (or once, without one) a table
+of every arm (mean ± std over seeds) and the comparison of each arm with the baseline: paired
+by seed where the two arms can pair (same seeds, same parameter shapes and data order), else as
+independent samples, with a bootstrap interval, the t-test, Holm's correction over the arms,
+the two one-sided tests of equivalence within the experiment's margin delta, the minimum
+detectable effect and the seeds that would detect delta, and a verdict (statistics.py). With a
+ladder, the loss against training FLOPs and the slope of each gap against log-compute.
+"""
 from __future__ import annotations
 
 import math
 import os
+import subprocess
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from moejax.experiment import plots, statistics
+from moejax.model.schedule import moe_layer_ids
 from moejax.training.metrics import read_metrics
 
-BASE_COLUMNS = (('val_loss', 'val loss'), ('val_bpb', 'val bits/byte'),
-                ('max_vio_global', 'MaxVio global'),
-                ('dropped_fraction', 'dropped'), ('tokens_per_sec', 'tokens/s'))
+BASE_COLUMNS = (('val_loss', 'val loss'), ('val_loss_se', 'eval SE'),
+                ('val_bpb', 'val bits/byte'), ('max_vio_global', 'MaxVio global'),
+                ('dropped_fraction', 'dropped'), ('active_experts', 'experts/token'),
+                ('tokens_per_sec', 'tokens/s'))
+SECONDARY = (('val_bpb', 'val bits/byte'), ('max_vio_global', 'MaxVio global'))
 
 
 def _fmt(values) -> str:
@@ -21,277 +39,323 @@ def _fmt(values) -> str:
   if isinstance(vals[0], (list, tuple)):  # per layer: mean of each layer, ' / ' separated
     return ' / '.join(_fmt([v[i] for v in vals]) for i in range(len(vals[0])))
   a = np.asarray(vals, dtype=float)
-  digits = 0 if abs(a.mean()) >= 100 else 3
+  digits = 0 if abs(a.mean()) >= 100 else 4 if abs(a.mean()) < 0.1 else 3
   std = f' ± {a.std(ddof=1):.{digits}f}' if len(a) > 1 else ''
   return f'{a.mean():.{digits}f}{std}'
 
 
+def _ok(results: list[dict]) -> list[dict]:
+  return [r for r in results if 'diverged' not in r]
+
+
 def table(exp, results: dict, arms) -> str:
+  """One row per arm: mean ± std over its seeds that finished; diverged runs counted."""
   cols = list(BASE_COLUMNS) + [(k, k) for k in exp.columns] + [
       (f'{k}/loss', f'{k} loss') for k in exp.post_evals]
-  lines = ['| arm | ' + ' | '.join(title for _, title in cols) + ' |',
-           '|---' * (len(cols) + 1) + '|']
+  lines = ['| arm | seeds | ' + ' | '.join(title for _, title in cols) + ' |',
+           '|---' * (len(cols) + 2) + '|']
   for arm in arms:
     rs = results.get(arm, [])
-    lines.append(f'| {arm} | ' + ' | '.join(_fmt([r.get(k) for r in rs]) for k, _ in cols) +
-                 ' |')
+    ok = _ok(rs)
+    seeds = f'{len(ok)}' + (f' ({len(rs) - len(ok)} diverged)' if len(ok) < len(rs) else '')
+    lines.append(f'| {arm} | {seeds} | ' + ' | '.join(_fmt([r.get(k) for r in ok])
+                                                     for k, _ in cols) + ' |')
   return '\n'.join(lines)
 
 
-def bootstrap_interval(a, b, reps: int = 10_000, seed: int = 0, level: float = 0.95):
-  """(mean(a) - mean(b), low, high): the percentile bootstrap interval of the difference of
-  means, resampling each arm's seeds with replacement (numpy only, seeded)."""
-  a, b = np.asarray(a, float), np.asarray(b, float)
-  rng = np.random.default_rng(seed)
-  diffs = (rng.choice(a, (reps, len(a))).mean(1) - rng.choice(b, (reps, len(b))).mean(1))
-  tail = (1 - level) / 2 * 100
-  return float(a.mean() - b.mean()), *(float(x) for x in np.percentile(diffs, [tail, 100 - tail]))
+_SHAPES: dict = {}
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-  """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified
-  Lentz), using I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
-  if x <= 0 or x >= 1:
-    return float(x >= 1)
-  if x > (a + 1) / (a + b + 2):
-    return 1.0 - _betainc(b, a, 1.0 - x)
-  front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) +
-                   b * math.log1p(-x)) / a
-  tiny = 1e-300
-  f, c, d = tiny, tiny, 0.0
-  for i in range(400):
-    m = i // 2
-    if i == 0:
-      num = 1.0
-    elif i % 2:
-      num = -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1))
-    else:
-      num = (m * (b - m) * x) / ((a + 2 * m - 1) * (a + 2 * m))
-    d = 1.0 + num * d
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    c = 1.0 + num / (c if abs(c) > tiny else tiny)
-    f *= c * d
-    if abs(c * d - 1.0) < 1e-14:
-      break
-  return front * f
+def _param_shapes(model_cfg) -> tuple:
+  """The parameter tree's paths and shapes (jax.eval_shape: nothing allocated)."""
+  from moejax.model.transformer import Transformer
+  key = str(model_cfg)
+  if key not in _SHAPES:
+    model = Transformer(ml_collections.FrozenConfigDict(model_cfg))
+    tree = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+    _SHAPES[key] = tuple((jax.tree_util.keystr(p), tuple(getattr(v, 'value', v).shape))
+                         for p, v in jax.tree_util.tree_leaves_with_path(
+                             tree, is_leaf=lambda x: hasattr(x, 'value')))
+  return _SHAPES[key]
 
 
-def welch_test(a, b) -> tuple[float, float, float]:
-  """Welch's t-test of mean(a) = mean(b) (unequal variances): (t, degrees of freedom, the
-  two-sided p-value from Student's t distribution, P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2))."""
-  a, b = np.asarray(a, float), np.asarray(b, float)
-  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-  diff = a.mean() - b.mean()
-  if va + vb == 0:
-    return (math.copysign(math.inf, diff) if diff else 0.0), math.inf, float(diff == 0)
-  t = diff / math.sqrt(va + vb)
-  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-  return float(t), float(df), _betainc(df / 2, 0.5, df / (df + t * t))
+def pairable(configs: dict, rung, arm: str, base: str) -> bool:
+  """Whether two arms' runs pair by seed: the same seeds, the same parameter shapes (so the
+  same initial parameters) and the same data order (data section, batch size)."""
+  mine = {k.seed: c for k, c in configs.items() if k.rung == rung and k.arm == arm}
+  theirs = {k.seed: c for k, c in configs.items() if k.rung == rung and k.arm == base}
+  if not mine or set(mine) != set(theirs):
+    return False
+  a, b = next(iter(mine.values())), next(iter(theirs.values()))
+  return (a.data.to_dict() == b.data.to_dict() and a.train.batch_size == b.train.batch_size
+          and _param_shapes(a.model) == _param_shapes(b.model))
 
 
-COMPARED = (('val_loss', 'val loss'), ('val_bpb', 'val bits/byte'),
-            ('max_vio_global', 'MaxVio global'))
+def _aligned(results: dict, configs: dict, rung, arm: str, base: str, key: str):
+  """(arm values, baseline values, paired) of a metric over the seeds both finished."""
+  seeds = lambda a: [k.seed for k in configs if k.rung == rung and k.arm == a]  # noqa: E731
+  va = dict(zip(seeds(arm), results.get(arm, [])))
+  vb = dict(zip(seeds(base), results.get(base, [])))
+  paired = pairable(configs, rung, arm, base)
+  if paired:
+    common = [s for s in va if s in vb and 'diverged' not in va[s] and 'diverged' not in vb[s]
+              and va[s].get(key) is not None and vb[s].get(key) is not None]
+    return [va[s][key] for s in common], [vb[s][key] for s in common], True
+  ok = lambda d: [r[key] for r in d.values() if 'diverged' not in r and r.get(key) is not None]  # noqa: E731,E501
+  return ok(va), ok(vb), False
 
 
-def compare(exp, results: dict, arms) -> str:
-  """Each arm against exp.baseline: difference of means [95% bootstrap interval], Welch's
-  t-test p-value, and '*' when the interval excludes 0 and p < 0.05. Empty when there is no
-  baseline or under 2 seeds."""
-  base = results.get(exp.baseline, [])
-  if not exp.baseline or len(base) < 2:
+def comparisons(exp, results: dict, configs: dict, rung, arms, key: str = 'val_loss') -> dict:
+  """{arm: statistics.Comparison} of each arm against the baseline, with verdicts."""
+  out = {}
+  for arm in arms:
+    if arm == exp.baseline:
+      continue
+    a, b, paired = _aligned(results, configs, rung, arm, exp.baseline, key)
+    if min(len(a), len(b)) >= 2:
+      out[arm] = statistics.compare(a, b, exp.delta, paired)
+  return statistics.verdicts(out)
+
+
+def _p(p: float) -> str:
+  return '-' if p is None or math.isnan(p) else f'{p:.2g}'
+
+
+def differences(exp, results: dict, configs: dict, rung, arms) -> str:
+  """The comparison table of each arm with the baseline (primary metric: val loss)."""
+  comps = comparisons(exp, results, configs, rung, arms)
+  if not comps:
     return ''
-  lines = [f'Against `{exp.baseline}`: difference of means over seeds [95% bootstrap interval] '
-           "and the two-sided p-value of Welch's t-test; * marks a difference both support "
-           '(the interval excludes 0 and p < 0.05). With few seeds the percentile interval is '
-           'narrow-biased, which is why the t-test must agree.', '',
-           '| arm | ' + ' | '.join(t for _, t in COMPARED) + ' |',
-           '|---' * (len(COMPARED) + 1) + '|']
-  for arm in arms:
-    if arm == exp.baseline or len(results.get(arm, [])) < 2:
-      continue
-    cells = []
-    for key, _ in COMPARED:
-      a = [r.get(key) for r in results[arm]]
-      b = [r.get(key) for r in base]
-      if None in a or None in b:
-        cells.append('-')
+  lines = [f'Against `{exp.baseline}`, on val loss (nats; equivalence margin delta = '
+           f'{exp.delta:g}): the mean difference [95% bootstrap interval], the two-sided t-test '
+           "(paired by seed, or Welch's when the arms cannot pair) and its p after Holm's "
+           'correction over the arms, the two one-sided tests of |difference| < delta after '
+           'Holm, the smallest difference these seeds detect with 80% power (MDE), the seeds '
+           'that would detect delta, and the verdict.', '',
+           '| arm | pairing | seeds | difference [95% CI] | p | p (Holm) | TOST p (Holm) | MDE | '
+           'seeds for delta | verdict |', '|---' * 10 + '|']
+  for arm, c in comps.items():
+    lines.append(
+        f"| {arm} | {'paired' if c.paired else 'unpaired'} | {c.n} | {c.diff:+.4f} "
+        f'[{c.low:+.4f}, {c.high:+.4f}] | {_p(c.p)} | {_p(c.p_holm)} | {_p(c.p_tost_holm)} | '
+        f'{c.mde:.4f} | {c.seeds_needed:.0f} | **{c.verdict}** |')
+  rows = []
+  for key, title in SECONDARY:
+    for arm in arms:
+      if arm == exp.baseline:
         continue
-      d, low, high = bootstrap_interval(a, b)
-      p = welch_test(a, b)[2]
-      star = ' *' if (low > 0 or high < 0) and p < 0.05 else ''
-      cells.append(f'{d:+.4f} [{low:+.4f}, {high:+.4f}] p={p:.2g}{star}')
-    lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
+      a, b, paired = _aligned(results, configs, rung, arm, exp.baseline, key)
+      if min(len(a), len(b)) >= 2:
+        c = statistics.compare(a, b, math.inf, paired)
+        rows.append(f'| {title} | {arm} | {c.diff:+.4f} [{c.low:+.4f}, {c.high:+.4f}] | '
+                    f'{_p(c.p)} |')
+  if rows:
+    lines += ['', 'Other metrics against the baseline (difference [95% CI], t-test p, not '
+              'corrected):', '', '| metric | arm | difference [95% CI] | p |',
+              '|---|---|---|---|'] + rows
   return '\n'.join(lines)
 
 
-def _runs(workdir, arm, seeds):
-  out = []
-  for s in seeds:
-    path = os.path.join(workdir, arm, f'seed_{s}', 'metrics.jsonl')
-    if os.path.exists(path):
-      out.append(read_metrics(path))
-  return out
+def _ols(x, y, extra=None):
+  """statsmodels OLS of y on [1, x (, extra columns)]: the fitted model."""
+  import statsmodels.api as sm
+  cols = [np.asarray(x, float)] + ([np.asarray(e, float) for e in extra] if extra else [])
+  return sm.OLS(np.asarray(y, float), sm.add_constant(np.column_stack(cols))).fit()
 
 
-def _curve(runs, key):
-  """(steps, [seeds, steps] values) over the steps every run logged `key` at."""
-  per_run = [{r['step']: r[key] for r in rows if key in r} for rows in runs]
-  if not per_run or not all(per_run):
-    return None, None
-  steps = sorted(set.intersection(*(set(d) for d in per_run)))
-  return np.asarray(steps), np.asarray([[d[s] for s in steps] for d in per_run], dtype=float)
-
-
-def _band_plot(plt, workdir, arms, seeds, key, ylabel, filename, title, logy=False):
-  fig, ax = plt.subplots(figsize=(7, 4.2))
-  drawn = False
+def ladder(exp, workdir: str, results: dict, configs: dict, arms) -> tuple[str, list]:
+  """The compute ladder: loss against training FLOPs per arm (fit on log10 FLOPs), the gap
+  to the baseline per rung, and the slope of the gap against log10 compute with its interval."""
+  rungs = [r for r in exp.rungs if r in results]
+  points, fits, gaps, rows = {}, {}, {}, []
   for arm in arms:
-    steps, vals = _curve(_runs(workdir, arm, seeds), key)
-    if steps is None or not len(steps):
+    pts = [(np.mean([r['train_flops'] for r in _ok(results[r].get(arm, []))]),
+            [x['val_loss'] for x in _ok(results[r].get(arm, []))]) for r in rungs
+           if _ok(results[r].get(arm, []))]
+    if not pts:
       continue
-    mean, std = vals.mean(0), vals.std(0)
-    ax.plot(steps, mean, label=arm)
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    drawn = True
-  if not drawn:
-    plt.close(fig)
-    return None
-  ax.set_xlabel('step')
-  ax.set_ylabel(ylabel)
-  if logy:  # symlog: expert choice's MaxVio is exactly 0
-    ax.set_yscale('symlog', linthresh=1e-2)
-  ax.set_title(title + f' (mean ± std over {len(seeds)} seeds)', fontsize='medium')
-  ax.legend(fontsize='small')
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, filename), dpi=100)
-  plt.close(fig)
-  return filename
-
-
-def _load_heatmaps(plt, workdir, arms, seed):
-  loads = {}
+    points[arm] = pts
+    xs = [math.log10(f) for f, v in pts for _ in v]
+    ys = [y for _, v in pts for y in v]
+    if len(set(xs)) > 1:
+      fit = _ols(xs, ys)
+      fits[arm] = (float(fit.params[0]), float(fit.params[1]))
   for arm in arms:
-    runs = _runs(workdir, arm, [seed])
-    rows = [r for r in runs[0] if 'moe/expert_load' in r] if runs else []
-    if rows:
-      loads[arm] = (np.asarray([r['step'] for r in rows]),
-                    np.asarray([r['moe/expert_load'] for r in rows]))  # [steps, layers, N]
-  if not loads:
-    return None
-  layers = max(v[1].shape[1] for v in loads.values())
-  fig, axes = plt.subplots(len(loads), layers, figsize=(3.2 * layers + 1, 1.9 * len(loads) + 0.8),
-                           squeeze=False, sharex=True)
-  for i, (arm, (steps, load)) in enumerate(loads.items()):
-    n = load.shape[2]
-    for j in range(layers):
-      ax = axes[i, j]
-      if j >= load.shape[1]:
-        ax.axis('off')
+    if arm == exp.baseline or arm not in points:
+      continue
+    x, d, low, high, logc, dd, paired = [], [], [], [], [], [], True
+    for r in rungs:
+      c = comparisons(exp, results[r], configs, r, [arm]).get(arm)
+      if c is None:
         continue
-      ax.imshow(load[:, j, :].T * n, aspect='auto', origin='lower', cmap='magma', vmin=0, vmax=3,
-                extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, n - 0.5),
-                interpolation='nearest')
-      ax.set_title(f'{arm}: MoE layer {j}', fontsize='small')
-      if j == 0:
-        ax.set_ylabel('expert')
-  fig.suptitle(f'Expert load per layer over training, seed {seed} (colour: load / uniform, '
-               '0 to 3)', fontsize='medium')
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'expert_load.png'), dpi=90)
-  plt.close(fig)
-  return 'expert_load.png'
-
-
-def _per_layer_vio(plt, workdir, arms, seeds):
-  data = {}
-  for arm in arms:
-    steps, vals = _curve(_runs(workdir, arm, seeds), 'moe/per_layer/max_vio')
-    if steps is not None and len(steps):
-      data[arm] = (steps, vals.mean(0))  # [steps, layers]
-  if not data:
-    return None
-  fig, axes = plt.subplots(1, len(data), figsize=(4 * len(data), 3.4), squeeze=False,
-                           sharey=True)
-  for ax, (arm, (steps, vio)) in zip(axes[0], data.items()):
-    for j in range(vio.shape[1]):
-      ax.plot(steps, vio[:, j], label=f'MoE layer {j}')
-    ax.set_title(arm, fontsize='small')
-    ax.set_xlabel('step')
-    ax.set_yscale('symlog', linthresh=1e-2)
-  axes[0, 0].set_ylabel('MaxVio (batch), mean over seeds')
-  axes[0, 0].legend(fontsize='x-small')
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'max_vio_per_layer.png'), dpi=90)
-  plt.close(fig)
-  return 'max_vio_per_layer.png'
-
-
-def _active_experts(plt, workdir, arms, seeds):
-  """Routed experts per token: the mean over training (left) and, at the last log, the share
-  of tokens using 0, 1, .. K experts (right; mean over MoE layers and seeds). Drawn when some
-  arm's number varies by token."""
-  curves, hists = {}, {}
-  for arm in arms:
-    runs = _runs(workdir, arm, seeds)
-    last = [[r for r in rows if 'moe/active_experts_hist' in r] for rows in runs]
-    if not runs or not all(last):
+      flops = np.mean([v['train_flops'] for v in _ok(results[r][arm])])
+      x.append(flops)
+      d.append(c.diff)
+      low.append(c.low)
+      high.append(c.high)
+      paired &= c.paired
+      a, b, _ = _aligned(results[r], configs, r, arm, exp.baseline, 'val_loss')
+      if c.paired:
+        logc += [math.log10(flops)] * len(a)
+        dd += [u - w for u, w in zip(a, b)]
+      else:
+        logc += [math.log10(flops)] * (len(a) + len(b))
+        dd += [(u, 1) for u in a] + [(w, 0) for w in b]
+    if len(set(x)) < 2:
       continue
-    hist = np.mean([np.mean(rows[-1]['moe/active_experts_hist'], axis=0) for rows in last], 0)
-    hists[arm] = hist
-    curves[arm] = _curve(runs, 'moe/active_experts')
-  if not any(np.count_nonzero(h > 1e-9) > 1 for h in hists.values()):
-    return None
-  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-  for arm, (steps, vals) in curves.items():
-    left.plot(steps, vals.mean(0), label=arm)
-    left.fill_between(steps, vals.mean(0) - vals.std(0), vals.mean(0) + vals.std(0), alpha=0.2)
-  left.set_xlabel('step')
-  left.set_ylabel('routed experts per token (mean)')
-  left.legend(fontsize='small')
-  most = max(len(h) for h in hists.values())
-  width = 0.8 / len(hists)
-  for i, (arm, h) in enumerate(hists.items()):
-    right.bar(np.arange(len(h)) + (i - (len(hists) - 1) / 2) * width, h, width, label=arm)
-  right.set_xticks(range(most))
-  right.set_xlabel('routed experts of a token (last log)')
-  right.set_ylabel('share of tokens')
-  fig.suptitle(f'Experts per token (mean ± std over {len(seeds)} seeds)', fontsize='medium')
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'active_experts.png'), dpi=90)
-  plt.close(fig)
-  return 'active_experts.png'
+    if paired:
+      fit = _ols(logc, dd)
+      slope, (lo, hi) = float(fit.params[1]), fit.conf_int(0.05)[1]
+      line = (float(fit.params[0]), slope)
+    else:  # y ~ 1 + logC + arm + arm x logC: the interaction is the gap's slope
+      y = [v for v, _ in dd]
+      is_arm = np.asarray([g for _, g in dd], float)
+      fit = _ols(logc, y, [is_arm, is_arm * np.asarray(logc)])
+      slope, (lo, hi) = float(fit.params[3]), fit.conf_int(0.05)[3]
+      line = (float(fit.params[2]), slope)
+    gaps[arm] = (x, d, low, high, line)
+    mean_gap = float(np.mean(d))
+    if lo > 0 or hi < 0:
+      trend = 'the gap grows' if np.sign(slope) == np.sign(mean_gap) else 'the gap shrinks'
+    else:
+      trend = 'no trend detected (the interval includes 0)'
+    rows.append(f"| {arm} | {'paired' if paired else 'unpaired'} | "
+                + ' | '.join(f'{v:+.4f}' for v in d) + f' | {slope:+.4f} [{lo:+.4f}, {hi:+.4f}] '
+                f'| {trend} |')
+  made = [plots.ladder_loss(workdir, points, fits)]
+  if gaps:
+    made.append(plots.ladder_gap(workdir, gaps, exp.baseline))
+  lines = ['## The compute ladder', '',
+           'Rungs: ' + ', '.join(f'`{r}` ({_flops(results[r])} training FLOPs per run, '
+                                 f'{_seeds(results[r])} seeds)' for r in rungs) + '.', '']
+  if rows:
+    lines += [f'The gap to `{exp.baseline}` in val loss at each rung, and its slope per decade '
+              'of training compute (OLS over the seeds of every rung; paired: of the per-seed '
+              'differences; unpaired: the interaction of arm and log-compute) with its 95% '
+              'interval.', '',
+              '| arm | pairing | ' + ' | '.join(f'gap at {r}' for r in rungs) +
+              ' | slope per decade [95% CI] | trend |', '|---' * (len(rungs) + 4) + '|'] + rows
+  return '\n'.join(lines), [m for m in made if m]
 
 
-def write(exp, workdir: str, results: dict, arms, seeds, smoke: bool) -> str:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  plots = [
-      _band_plot(plt, workdir, arms, seeds, 'eval/loss', 'validation loss (nats/token)',
-                 'loss_curves.png', 'Validation loss'),
-      _band_plot(plt, workdir, arms, seeds, 'eval/bpb', 'validation bits per byte',
-                 'bpb_curves.png', 'Validation bits per byte'),
-      _band_plot(plt, workdir, arms, seeds, 'moe/max_vio', 'MaxVio (batch)', 'max_vio.png',
-                 'Load imbalance over training', logy=True),
-      _per_layer_vio(plt, workdir, arms, seeds),
-      _load_heatmaps(plt, workdir, arms, seeds[0]),
-      _active_experts(plt, workdir, arms, seeds),
+def _flops(results: dict) -> str:
+  vals = [r['train_flops'] for rs in results.values() for r in _ok(rs) if 'train_flops' in r]
+  return f'{np.mean(vals):.3g}' if vals else '-'
+
+
+def _seeds(results: dict) -> str:
+  return '/'.join(sorted({str(len(rs)) for rs in results.values()}))
+
+
+def _commit() -> str:
+  """The commit the report was written from (+ a note if the tree had changes), or the
+  installed package's version."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    rev = subprocess.run(['git', '-C', here, 'rev-parse', '--short', 'HEAD'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(['git', '-C', here, 'status', '--porcelain', '--', '..'],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return rev + (' (with uncommitted changes)' if dirty else '')
+  except (OSError, subprocess.CalledProcessError):
+    from importlib import metadata
+    try:
+      return f'moejax {metadata.version("moejax")} (no git checkout)'
+    except metadata.PackageNotFoundError:
+      return 'unknown'
+
+
+def header(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> list[str]:
+  """What was measured: units, steps, tokens, evaluation coverage, base config, commit, time."""
+  c = next(iter(configs.values()))
+  m = c.model
+  first = None
+  for key in configs:
+    path = os.path.join(key.dir(workdir), 'metrics.jsonl')
+    if os.path.exists(path):
+      first = next((r for r in read_metrics(path) if 'data/val_tokens' in r), None)
+      if first:
+        break
+  everything = [r for by_arm in results.values() for rs in by_arm.values() for r in rs]
+  wall = sum(r.get('wall_s', 0.0) for r in everything)
+  diverged = sum('diverged' in r for r in everything)
+  per_rung = []
+  for rung, by_arm in results.items():
+    ok = [r for rs in by_arm.values() for r in _ok(rs)]
+    if not ok:
+      continue
+    steps = sorted({r['final_step'] for r in ok})
+    toks = sorted({r['train_tokens'] for r in ok})
+    ev = sorted({r.get('eval_tokens') for r in ok if r.get('eval_tokens')})
+    per_rung.append(f"{'`' + rung + '`: ' if rung else ''}{'/'.join(map(str, steps))} steps, "
+                    f"{'/'.join(f'{t:,}' for t in toks)} training tokens per run, evaluated on "
+                    f"{'/'.join(f'{e:,}' for e in ev) or '-'} tokens")
+  split = (f"the validation split holds {first['data/val_tokens']:,} tokens in "
+           f"{first['data/val_docs']:,} documents" if first else 'the validation split')
+  unit = ('nats per byte (the byte tokenizer: a token is a byte)' if
+          c.data.tokenizer == 'bytes' and c.data.source != 'prepared' else 'nats per token')
+  return [
+      f'# {exp.name}' + (' (smoke size: not a result)' if smoke else ''), '',
+      f'- Units: val loss is the mean cross-entropy in {unit}, bits/byte its bits per byte of '
+      'text; "eval SE" the standard error of one run\'s val loss over its evaluation '
+      'sequences (mean over seeds).',
+      '- Runs: ' + '; '.join(per_rung) + f' ({split}; val loss is the final evaluation, '
+      f'`train.final_eval_batches`={c.train.final_eval_batches}: 0 is the whole split).',
+      f'- Base config: d_model {m.d_model}, {m.num_layers} layers ({len(moe_layer_ids(m))} MoE), '
+      f'{m.moe.num_experts} experts of width {m.moe.expert_ffn_dim}, K={m.moe.num_experts_per_tok}'
+      f', batch {c.train.batch_size} x {c.data.seq_len} tokens, data `{c.data.source}`, dtype '
+      f'{m.dtype}; each arm\'s overrides are listed under "Arms".',
+      f'- Commit {_commit()}; wall time of the runs {wall / 60:.1f} min (their last sessions)'
+      + (f'; {diverged} run(s) diverged and are counted, not averaged' if diverged else '') + '.',
+      '']
+
+
+def write(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> str:
+  """results {rung or None: {arm: [result per seed]}}, configs {RunKey: config}."""
+  arms = list(dict.fromkeys(k.arm for k in configs))
+  lines = header(exp, workdir, results, configs, smoke)
+  made = []
+  for rung, by_arm in results.items():
+    if rung:
+      lines += [f'## Rung `{rung}`', '']
+    lines += [table(exp, by_arm, arms), '']
+    if exp.baseline and exp.baseline in by_arm:
+      diff = differences(exp, by_arm, configs, rung, arms)
+      if diff:
+        lines += ['### Differences' if rung else '## Differences', '', diff, '']
+  if exp.rungs and len(results) > 1:
+    text, made = ladder(exp, workdir, results, configs, arms)
+    lines += [text, '']
+  top = list(results)[-1]  # the curves of the largest rung (the only one without a ladder)
+  seeds = sorted({k.seed for k in configs if k.rung == top})
+  m = next(c for k, c in configs.items() if k.rung == top).model
+  layers = moe_layer_ids(m)
+  flat = [a for a in arms if next(c for k, c in configs.items() if k.arm == a and k.rung == top
+                                   ).model.moe.router.name == 'expert_choice']
+  made += [
+      plots.band_plot(workdir, arms, seeds, 'eval/loss', plots.LOSS_LABEL, 'loss_curves.png',
+                      'Validation loss (periodic sample)', top),
+      plots.band_plot(workdir, arms, seeds, 'eval/bpb', 'validation bits per byte',
+                      'bpb_curves.png', 'Validation bits per byte', top),
+      plots.band_plot(workdir, arms, seeds, 'moe/max_vio', 'MaxVio (batch)', 'max_vio.png',
+                      'Load imbalance over training', top, logy=True),
+      plots.per_layer_vio(workdir, arms, seeds, layers, top),
+      plots.load_heatmaps(workdir, arms, seeds[0], layers, flat, top),
+      plots.active_experts(workdir, arms, seeds, top),
   ]
-  lines = [f'# {exp.name}' + (' (smoke size: not a result)' if smoke else ''), '',
-           f'Seeds: {list(seeds)}. Values are mean ± std over seeds (sample std), at the last '
-           'evaluation; "MaxVio global" is measured over the whole validation set, "tokens/s" '
-           'is the median training throughput after the first (compiling) interval.', '',
-           table(exp, results, arms), '']
-  comparison = compare(exp, results, arms)
-  if comparison:
-    lines += ['## Differences', '', comparison, '']
   lines += ['## Arms', '']
   for arm in arms:
     spec = exp.arm(arm)
     extra = (f' (upcycled from `{spec.upcycle_from}` at {spec.upcycle_at:g} of the steps, '
              f'mode {spec.upcycle_mode})' if spec.upcycle_from else '')
     lines.append(f'- `{arm}`: `{spec.overrides}`{extra}')
-  lines += [''] + [f'![{p}]({p})' for p in plots if p]
+  for name in exp.rungs:
+    lines.append(f'- rung `{name}`: `{exp.rung(name).overrides}`')
+  for name in exp.post_evals:
+    pe = exp.post_eval(name)
+    lines.append(f'- post-evaluation `{name}` (column `{name} loss`): `{pe.overrides}`' +
+                 (f" on {', '.join(pe.arms)}" if pe.arms else ''))
+  lines += [''] + [f'![{p}]({p})' for p in made if p]
   if exp.note:
     lines += ['', '## Literature', '', exp.note.strip()]
   path = os.path.join(workdir, 'results.md')

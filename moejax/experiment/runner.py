@@ -1,10 +1,12 @@
-"""The experiment runner: named arms (config overrides) x seeds, each a normal training run,
-then a table and plots (report.py).
+"""The experiment runner: named arms (config overrides) x seeds, optionally x rungs of a compute
+ladder, each a normal training run; then the report (report.py).
 
-An experiment file defines `get_experiment() -> Experiment`. Every (arm, seed) trains in
-DIR/ARM/seed_S with `training.loop.train`; a run that finished has DIR/ARM/seed_S/result.json
-and is not redone, an interrupted one resumes from its last checkpoint. At the end DIR/results.md
-holds the table (mean +/- std over seeds) and DIR/*.png the plots (moejax/experiment/report.py).
+An experiment file defines `get_experiment()` (or `get_experiment(arg)` for `NAME:arg`, e.g. an
+accelerator-sized preset) returning an `Experiment`. Every run trains in DIR/ARM/seed_S (with
+rungs, DIR/RUNG/ARM/seed_S) with `training.loop.train`; a run that finished has a result.json
+there and is not redone, an interrupted one resumes from its last checkpoint, and a run that
+diverged is a result of its arm (reported and counted, not an abort of the experiment). Every
+run's config, and its post-evaluation configs, are validated before anything trains.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import copy
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -19,7 +22,7 @@ import numpy as np
 
 from moejax import checks, cli
 from moejax.config import set_fields
-from moejax.errors import ConfigError
+from moejax.errors import ConfigError, Diverged
 from moejax.training.metrics import read_metrics
 
 
@@ -35,6 +38,22 @@ class Arm:
 
 
 @dataclasses.dataclass
+class Rung:
+  """One scale of a compute ladder: overrides of the base (width, depth, experts' width, steps,
+  batch) that every arm shares, and the seeds run at it (default: the experiment's)."""
+  overrides: dict
+  seeds: tuple | None = None
+
+
+@dataclasses.dataclass
+class PostEval:
+  """Evaluate finished runs again under eval-time overrides, e.g. expert choice evaluated
+  non-causally; `arms`: the arms it applies to (default: every arm)."""
+  overrides: dict
+  arms: tuple | None = None
+
+
+@dataclasses.dataclass
 class Experiment:
   name: str
   base: Any  # ml_collections.ConfigDict shared by every arm
@@ -42,18 +61,43 @@ class Experiment:
   seeds: tuple = (0, 1, 2)
   # Extra columns: name -> fn(metric rows of one run, its config) -> number or list per layer.
   columns: dict = dataclasses.field(default_factory=dict)
-  # Evaluate each finished run again under config overrides: name -> overrides; the column
-  # '<name>/loss' holds the result (e.g. expert choice evaluated non-causally).
+  # name -> PostEval (or a dict of overrides for every arm); the column '<name>/loss'.
   post_evals: dict = dataclasses.field(default_factory=dict)
   smoke: dict = dataclasses.field(default_factory=dict)  # overrides for --smoke
   note: str = ''  # what the literature found (markdown)
-  # An arm every other arm is compared with: the report gives each difference of means and its
-  # 95% bootstrap interval over seeds, and whether it excludes 0 (report.compare).
+  # The arm every other arm is compared with (paired by seed where they can pair): report.py.
   baseline: str = ''
+  # The equivalence margin of the primary metric (val_loss, nats per token): within it two
+  # arms are called equivalent when the two one-sided tests say so.
+  delta: float = 0.01
+  rungs: dict = dataclasses.field(default_factory=dict)  # rung name -> Rung (a compute ladder)
 
   def arm(self, name: str) -> Arm:
     a = self.arms[name]
     return a if isinstance(a, Arm) else Arm(dict(a))
+
+  def post_eval(self, name: str) -> PostEval:
+    p = self.post_evals[name]
+    return p if isinstance(p, PostEval) else PostEval(dict(p))
+
+  def rung(self, name: str) -> Rung:
+    r = self.rungs[name]
+    return r if isinstance(r, Rung) else Rung(dict(r))
+
+  def rung_seeds(self, rung: str | None) -> tuple:
+    return tuple((self.rung(rung).seeds if rung else None) or self.seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+  """One run of an experiment: (rung or None, arm, seed)."""
+  rung: str | None
+  arm: str
+  seed: int
+
+  def dir(self, workdir: str) -> str:
+    parts = ([self.rung] if self.rung else []) + [self.arm, f'seed_{self.seed}']
+    return os.path.join(workdir, *parts)
 
 
 def load_module(path: str):
@@ -63,31 +107,55 @@ def load_module(path: str):
 
 def experiment_path(spec: str) -> str:
   """'experiments/x.py' or the name of a shipped experiment ('balancing')."""
-  return cli.shipped_path(spec, 'moejax.experiments', 'experiment', ('common.py', 'metrics.py'))
+  return cli.shipped_path(spec, 'moejax.experiments', 'experiment', SHARED_FILES)
+
+
+SHARED_FILES = ('common.py', 'metrics.py')  # shipped next to the experiments, not experiments
 
 
 def load_experiment(spec: str) -> 'Experiment':
-  module = load_module(experiment_path(spec))
+  """'NAME[:ARG]' or 'path.py[:ARG]' -> the Experiment its get_experiment([ARG]) returns."""
+  path, _, arg = spec.partition(':')
+  module = load_module(experiment_path(path))
   if not hasattr(module, 'get_experiment'):
     raise ConfigError(f'experiment {spec!r}: the file defines no get_experiment()')
-  return module.get_experiment()
+  try:
+    return module.get_experiment(arg) if arg else module.get_experiment()
+  except TypeError as e:
+    if arg and 'positional argument' in str(e):
+      raise ConfigError(f'experiment {spec!r}: it takes no argument; drop ":{arg}"') from None
+    raise
+  except ValueError as e:
+    raise ConfigError(f'experiment {spec!r}: {e}') from None
 
 
 def override_base(exp: 'Experiment', overrides: list) -> 'Experiment':
-  """--config.x=v on the command line: set on the base every arm shares. A field an arm
-  varies cannot be overridden (the comparison would silently change)."""
+  """--config.x=v on the command line: set on the base every arm shares. A field an arm or a
+  rung varies cannot be overridden (the comparison would silently change)."""
   for key, _ in overrides:
     for name in exp.arms:
       if key in exp.arm(name).overrides:
         raise ConfigError(
             f'--config.{key}: arm {name!r} sets this field (it is what the experiment compares); '
             'drop the override, or choose arms with --arms')
+    for name in exp.rungs:
+      if key in exp.rung(name).overrides:
+        raise ConfigError(f'--config.{key}: rung {name!r} sets this field (the ladder varies '
+                          'it); drop the override, or choose rungs with --rungs')
   cli.apply_overrides(exp.base, overrides)
   return exp
 
 
-def run_config(exp: Experiment, arm: str, seed: int, smoke: bool):
+def run_config(exp: Experiment, arm: str, seed: int, smoke: bool, rung: str | None = None):
+  """The config of one run: base, then the rung's overrides, the arm's, the smoke settings."""
   c = copy.deepcopy(exp.base)
+  if rung:
+    rung_fields = exp.rung(rung).overrides
+    clash = sorted(set(rung_fields) & set(exp.arm(arm).overrides))
+    if clash:
+      raise ConfigError(f'experiment {exp.name!r}: rung {rung!r} and arm {arm!r} both set '
+                        f'{clash[0]}; a ladder varies scale, arms what is compared')
+    set_fields(c, rung_fields)
   set_fields(c, exp.arm(arm).overrides)
   if smoke:
     set_fields(c, exp.smoke)
@@ -96,16 +164,83 @@ def run_config(exp: Experiment, arm: str, seed: int, smoke: bool):
   return c
 
 
+def post_eval_config(exp: Experiment, name: str, config):
+  """A run's config under a post-evaluation's overrides."""
+  return set_fields(copy.deepcopy(config), exp.post_eval(name).overrides)
+
+
+def post_evals_of(exp: Experiment, arm: str) -> list[str]:
+  """The post-evaluations that apply to an arm."""
+  return [n for n in exp.post_evals if exp.post_eval(n).arms is None or
+          arm in exp.post_eval(n).arms]
+
+
+def plan(exp: Experiment, smoke: bool = False, arms=None, seeds=None, rungs=None) -> dict:
+  """{RunKey: config} of every run asked for, in the order they run; every config and every
+  post-evaluation config validated first (a ConfigError names the run)."""
+  arms = list(arms or exp.arms)
+  for name in arms:
+    if name not in exp.arms:
+      raise ConfigError(f'--arms: no arm {name!r}; the experiment has {list(exp.arms)}')
+    src = exp.arm(name).upcycle_from
+    if src and src not in arms:
+      arms.insert(arms.index(name), src)  # its source must run first
+  for name in exp.post_evals:
+    unknown = [a for a in (exp.post_eval(name).arms or ()) if a not in exp.arms]
+    if unknown:
+      raise ConfigError(f'experiment {exp.name!r}: post-evaluation {name!r} names no arm '
+                        f'{unknown[0]!r}')
+  rung_names = list(rungs or exp.rungs) or [None]
+  for name in rung_names:
+    if name is not None and name not in exp.rungs:
+      raise ConfigError(f'--rungs: no rung {name!r}; the experiment has {list(exp.rungs)}')
+  configs = {}
+  for rung in rung_names:
+    run_seeds = list(exp.rung_seeds(rung)) if seeds is None else [
+        s for s in seeds if s in exp.rung_seeds(rung)] or list(seeds)
+    for arm in arms:
+      for seed in run_seeds:
+        key = RunKey(rung, arm, seed)
+        c = run_config(exp, arm, seed, smoke, rung)
+        _validate(c, key)
+        for post in post_evals_of(exp, arm):
+          _validate(post_eval_config(exp, post, c), key, post)
+        configs[key] = c
+  return configs
+
+
+def _validate(config, key: RunKey, post: str = ''):
+  try:
+    checks.validate(config, jax.device_count())
+  except ConfigError as e:
+    where = f'arm {key.arm!r}' + (f', rung {key.rung!r}' if key.rung else '') + (
+        f', post-evaluation {post!r}' if post else '')
+    raise ConfigError(f'{where}: {e}') from None
+
+
 def summarize_run(rows: list[dict], config, exp: Experiment, post: dict) -> dict:
+  """result.json of a finished run: the final evaluation (the whole validation split when
+  train.final_eval_batches is 0), its standard error and coverage, the last periodic
+  evaluation, training FLOPs and throughput, the experiment's own columns."""
+  from moejax.costs.flops import train_flops
   evals = [r for r in rows if 'eval/loss' in r]
   speeds = [r['perf/tokens_per_sec'] for r in rows if 'perf/tokens_per_sec' in r][1:]  # compile
   last = evals[-1] if evals else {}
+  src = 'final' if 'final/loss' in last else 'eval'
+  t = config.train
   out = {'final_step': rows[-1]['step'] if rows else 0,
-         'val_loss': last.get('eval/loss'),
-         'val_bpb': last.get('eval/bpb'),
-         'max_vio_global': last.get('eval/max_vio_global'),
-         'dropped_fraction': last.get('eval/dropped_fraction'),
-         'tokens_per_sec': float(np.median(speeds)) if speeds else None}
+         'val_loss': last.get(f'{src}/loss'),
+         'val_loss_se': last.get(f'{src}/loss_se'),
+         'val_bpb': last.get(f'{src}/bpb'),
+         'eval_tokens': last.get(f'{src}/tokens'),
+         'eval_sequences': last.get(f'{src}/sequences'),
+         'max_vio_global': last.get(f'{src}/max_vio_global'),
+         'dropped_fraction': last.get(f'{src}/dropped_fraction'),
+         'active_experts': last.get(f'{src}/active_experts'),
+         'periodic_eval_loss': last.get('eval/loss'),
+         'tokens_per_sec': float(np.median(speeds)) if speeds else None,
+         'train_tokens': t.steps * t.batch_size * config.data.seq_len,
+         'train_flops': train_flops(config)}
   for name, fn in exp.columns.items():
     out[name] = fn(rows, config)
   out.update(post)
@@ -113,35 +248,38 @@ def summarize_run(rows: list[dict], config, exp: Experiment, post: dict) -> dict
 
 
 def post_evaluate(config, run_dir: str, overrides: dict) -> float:
-  """Evaluation loss of the run's last checkpoint under overridden (eval-time) settings."""
+  """Loss of the run's last checkpoint under overridden (eval-time) settings, on the same
+  evaluation as its result: train.final_eval_batches (the whole split at 0), else the
+  periodic sample."""
   from moejax.data import pipeline
   from moejax.training import workdir
   from moejax.training.loop import eval_sets, evaluate_all
   run, _, state = workdir.load(run_dir, config=config, overrides=overrides)
   c = run.config
   splits = pipeline.load_splits(c.data, c.seed)
-  sets = eval_sets(splits, c.train.batch_size, c.train.eval_batches)
+  batches = c.train.final_eval_batches if c.train.final_eval_batches >= 0 else (
+      c.train.eval_batches)
+  sets = eval_sets(splits, c.train.batch_size, batches)
   return evaluate_all(run.trainer, state, sets, splits.val_weights)['eval/loss']
 
 
+def _write_json(path: str, value):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f)
+  os.replace(tmp, path)  # a result exists only for a finished (or diverged) run
+
+
 def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=None,
-        progress: bool = True) -> dict:
-  """Run every missing (arm, seed), then write the report. Returns {arm: [result per seed]}."""
+        progress: bool = True, rungs=None) -> dict:
+  """Run every missing run, then write the report.
+
+  Returns:
+    {arm: [result per seed]} without rungs; {rung: {arm: [result per seed]}} with rungs.
+  """
   from moejax.training.loop import train
   from moejax.upcycle import upcycle
-  arms = list(arms or exp.arms)
-  seeds = list(seeds if seeds is not None else exp.seeds)
-  for name in arms:
-    if name not in exp.arms:
-      raise ConfigError(f'--arms: no arm {name!r}; the experiment has '
-                                   f'{list(exp.arms)}')
-    src = exp.arm(name).upcycle_from
-    if src and src not in arms:
-      arms.insert(arms.index(name), src)  # its source must run first
-  # Check every run's config before the first compile.
-  configs = {(a, s): run_config(exp, a, s, smoke) for a in arms for s in seeds}
-  for c in configs.values():
-    checks.validate(c, jax.device_count())
+  configs = plan(exp, smoke, arms, seeds, rungs)  # every config checked before the first compile
   os.makedirs(workdir, exist_ok=True)
   if not jax.config.jax_compilation_cache_dir:
     # Seeds of one arm compile the same programs: compile once, reuse from disk.
@@ -151,30 +289,39 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
     from tqdm.auto import tqdm
     bar = tqdm(total=len(configs), desc=exp.name, unit='run', dynamic_ncols=True)
   results = {}
-  for (arm, seed), c in configs.items():
-    run_dir = os.path.join(workdir, arm, f'seed_{seed}')
+  for key, c in configs.items():
+    run_dir = key.dir(workdir)
     result_path = os.path.join(run_dir, 'result.json')
     if bar is not None:
-      bar.set_postfix_str(f'{arm} seed {seed}')
+      bar.set_postfix_str(' '.join(filter(None, [key.rung, key.arm, f'seed {key.seed}'])))
     if not os.path.exists(result_path):
-      spec = exp.arm(arm)
-      if spec.upcycle_from and not os.path.isdir(os.path.join(run_dir, 'checkpoints')):
-        source = os.path.join(workdir, spec.upcycle_from, f'seed_{seed}')
-        upcycle(c, source, run_dir, spec.upcycle_mode, int(spec.upcycle_at * c.train.steps))
-      train(c, run_dir)
-      post = {f'{n}/loss': post_evaluate(c, run_dir, o) for n, o in exp.post_evals.items()}
-      summary = summarize_run(read_metrics(os.path.join(run_dir, 'metrics.jsonl')), c, exp,
-                              post)
-      tmp = result_path + '.tmp'
-      with open(tmp, 'w') as f:
-        json.dump(summary, f)
-      os.replace(tmp, result_path)  # a result exists only for a finished run
+      os.makedirs(run_dir, exist_ok=True)
+      _write_json(result_path, _train_one(exp, key, c, workdir, run_dir, train, upcycle))
     with open(result_path) as f:
-      results.setdefault(arm, []).append(json.load(f))
+      results.setdefault(key.rung, {}).setdefault(key.arm, []).append(json.load(f))
     if bar is not None:
       bar.update(1)
   if bar is not None:
     bar.close()
   from moejax.experiment import report
-  report.write(exp, workdir, results, arms, seeds, smoke)
-  return results
+  report.write(exp, workdir, results, configs, smoke)
+  return results if exp.rungs else results.get(None, {})
+
+
+def _train_one(exp: Experiment, key: RunKey, c, workdir: str, run_dir: str, train,
+               upcycle) -> dict:
+  """Train one run (resuming it) and summarize it; a diverged run's result says so."""
+  spec = exp.arm(key.arm)
+  start = time.time()
+  if spec.upcycle_from and not os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+    source = RunKey(key.rung, spec.upcycle_from, key.seed).dir(workdir)
+    upcycle(c, source, run_dir, spec.upcycle_mode, int(spec.upcycle_at * c.train.steps))
+  try:
+    train(c, run_dir)
+  except Diverged as e:
+    return {'diverged': str(e), 'wall_s': time.time() - start,  # this session's time
+            'train_tokens': c.train.steps * c.train.batch_size * c.data.seq_len}
+  post = {f'{n}/loss': post_evaluate(c, run_dir, exp.post_eval(n).overrides)
+          for n in post_evals_of(exp, key.arm)}
+  rows = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+  return {**summarize_run(rows, c, exp, post), 'wall_s': time.time() - start}

@@ -1,0 +1,129 @@
+"""The comparison statistics (moejax/experiment/statistics.py, from scipy and statsmodels) against
+hand-worked closed forms: Student's t with 1 and 2 degrees of freedom has closed-form tails, so
+a paired test of two seeds, Welch's test of two samples of two and TOST of two pairs can be
+computed by hand; Holm's correction by hand; power against the noncentral t; both tails; the
+interval's level; and the verdicts."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from moejax.experiment import statistics as st
+
+
+def cauchy_two_sided(t):
+  """P(|T| > |t|) for Student's t with 1 degree of freedom (the Cauchy distribution)."""
+  return 1 - 2 / math.pi * math.atan(abs(t))
+
+
+def t2_two_sided(t):
+  """P(|T| > |t|) for Student's t with 2 degrees of freedom."""
+  return 1 - abs(t) / math.sqrt(2 + t * t)
+
+
+@pytest.mark.parametrize('sign', [1, -1])
+def test_paired_t_test_of_two_seeds_by_hand(sign):
+  # differences d = (0.3, 0.1) (or their negatives): mean 0.2, sd sqrt(0.02), t = 0.2 /
+  # (sqrt(0.02) / sqrt(2)) = 2, df = 1.
+  a = np.array([1.3, 2.1]) if sign > 0 else np.array([0.7, 1.9])
+  b = np.array([1.0, 2.0])
+  c = st.compare(a, b, delta=0.5, paired=True)
+  assert c.paired and c.n == 2
+  assert c.diff == pytest.approx(sign * 0.2)
+  assert c.sd == pytest.approx(math.sqrt(0.02))
+  assert c.p == pytest.approx(cauchy_two_sided(2.0), rel=1e-10)  # 0.2952
+  # TOST within delta 0.5: the lower test t1 = (0.2 + 0.5) / 0.1 = 7, the upper
+  # t2 = (0.2 - 0.5) / 0.1 = -3 (for d > 0); p = max(P(T > t1), P(T < t2)), df = 1.
+  t1, t2 = (sign * 0.2 + 0.5) / 0.1, (sign * 0.2 - 0.5) / 0.1
+  p_low = 0.5 - math.atan(t1) / math.pi
+  p_up = 0.5 + math.atan(t2) / math.pi
+  assert c.p_tost == pytest.approx(max(p_low, p_up), rel=1e-9)
+
+
+def test_welch_test_of_two_samples_of_two_by_hand():
+  """Equal variances and n = 2 each: Welch's df is 2, t = diff / sqrt(va/2 + vb/2)."""
+  c = st.compare([1.0, 3.0], [0.0, 2.0], delta=0.1, paired=False)
+  t = 1.0 / math.sqrt(2 / 2 + 2 / 2)
+  assert not c.paired and c.diff == pytest.approx(1.0)
+  assert c.p == pytest.approx(t2_two_sided(t), rel=1e-10)
+  # Reversed, the other tail, the same p.
+  assert st.compare([0.0, 2.0], [1.0, 3.0], 0.1, False).p == pytest.approx(c.p, rel=1e-12)
+
+
+def test_pairing_removes_the_shared_seed_effect():
+  """Seed effects shared by both arms: unpaired the difference drowns, paired it shows."""
+  seed_effect = np.array([0.0, 0.3, -0.2, 0.5, 0.1])
+  base = 2.0 + seed_effect
+  arm = base - 0.02 + np.array([0.001, -0.001, 0.002, 0.0, -0.002])
+  paired, unpaired = st.compare(arm, base, 0.005, True), st.compare(arm, base, 0.005, False)
+  assert paired.p < 1e-4 < 0.5 < unpaired.p
+  assert paired.mde < 0.005 < unpaired.mde
+
+
+def test_holm_by_hand():
+  comps = {n: st.Comparison(True, 5, -0.1, -0.2, 0.0, p, 0.9, 0.1, 0.1, 10, 0.01)
+           for n, p in (('a', 0.01), ('b', 0.04), ('c', 0.03))}
+  st.verdicts(comps)
+  # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
+  assert [comps[n].p_holm for n in 'abc'] == pytest.approx([0.03, 0.06, 0.06])
+  assert [comps[n].verdict for n in 'abc'] == ['better', 'inconclusive', 'inconclusive']
+
+
+def _noncentral_power(effect, n, paired):
+  """Power of the two-sided t-test at 5%, from the noncentral t (scipy, not statsmodels)."""
+  df = n - 1 if paired else 2 * n - 2
+  nc = effect * math.sqrt(n if paired else n / 2)
+  crit = stats.t.ppf(0.975, df)
+  return 1 - stats.nct.cdf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+
+
+@pytest.mark.parametrize('paired', [True, False])
+def test_power_minimum_detectable_effect_and_seeds(paired):
+  for n in (3, 5, 12):
+    effect = st.effect_for_power(n, paired)
+    assert _noncentral_power(effect, n, paired) == pytest.approx(0.8, abs=1e-4)
+  # Cohen's table values (G*Power): d = 1 needs 10 pairs, or 17 per group; d = 0.5, 34 pairs.
+  assert st.seeds_for_power(1.0, True) == 10 and st.seeds_for_power(1.0, False) == 17
+  assert st.seeds_for_power(0.5, True) == 34
+  n = st.seeds_for_power(0.7, paired)  # enough and no more
+  assert _noncentral_power(0.7, n, paired) >= 0.8 > _noncentral_power(0.7, n - 1, paired)
+  assert st.effect_for_power(1, paired) == math.inf
+
+
+def test_the_interval_has_its_level_and_resamples_pairs():
+  rng = np.random.default_rng(0)
+  d = rng.normal(0.1, 1.0, 400)
+  low95, high95 = st.bootstrap_interval(d, np.zeros_like(d), True)
+  low90, high90 = st.bootstrap_interval(d, np.zeros_like(d), True, level=0.90)
+  se = d.std(ddof=1) / math.sqrt(len(d))
+  assert low95 < low90 < d.mean() < high90 < high95
+  assert (high95 - low95) / (2 * se) == pytest.approx(1.96, rel=0.1)
+  assert (high90 - low90) / (2 * se) == pytest.approx(1.645, rel=0.1)
+  # Paired: the interval of the mean difference, tight when the seeds move together.
+  base = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+  low, high = st.bootstrap_interval(base + 0.5, base, True)
+  assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
+  low, high = st.bootstrap_interval(base + 0.5, base, False)
+  assert low < -1 and high > 2  # unpaired: the seed spread dominates
+
+
+@pytest.mark.parametrize('shift,delta,verdict', [
+    (-0.1, 0.01, 'better'), (0.1, 0.01, 'worse'), (0.0, 0.05, 'equivalent'),
+    (-0.02, 0.1, 'better, within delta'), (0.0, 0.0001, 'inconclusive')])
+def test_verdicts_both_tails_equivalence_and_too_small(shift, delta, verdict):
+  rng = np.random.default_rng(1)
+  base = 2.0 + rng.normal(0, 0.3, 8)
+  noise = rng.normal(0, 0.002 if verdict != 'inconclusive' else 0.05, 8)
+  comps = st.verdicts({'arm': st.compare(base + shift + noise, base, delta, True)})
+  assert comps['arm'].verdict == verdict, comps['arm']
+
+
+def test_a_constant_difference_is_decided_without_a_t_statistic():
+  """Every seed gives the same difference (sd 0): scipy's t is undefined; the difference is
+  certain and inside (or outside) the margin."""
+  a, b = [2.25, 2.5, 2.75], [2.0, 2.25, 2.5]  # exactly 0.25 apart
+  c = st.compare(a, b, 0.5, True)
+  assert (c.sd, c.p, c.p_tost) == (0.0, 0.0, 0.0)
+  c = st.compare(a, b, 0.125, True)
+  assert (c.p, c.p_tost) == (0.0, 1.0)
