@@ -107,17 +107,27 @@ def load_checkpoint(workdir: str, step: int | None = None):
   return run.config, {'params': state.params, **state.model_state}
 
 
-def _main(argv=None) -> int:
+def parser():
   from moejax import cli
   p = cli.ArgumentParser(prog='python -m moejax.generate', description=__doc__.split('\n')[0])
-  p.add_argument('--workdir', required=True, help='a training run (its newest intact checkpoint)')
-  p.add_argument('--prompt', default='')
-  p.add_argument('--max_new_tokens', type=int, default=200)
-  p.add_argument('--temperature', type=float, default=0.8)
-  p.add_argument('--top_p', type=float, default=0.95)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--step', type=int, default=None, help='a checkpoint step (default: newest)')
-  a = p.parse_args(argv)
+  p.add_argument('--workdir', required=True, help='a training run or an imported Hugging Face '
+                 'model (its newest intact checkpoint, and the tokenizer it carries)')
+  p.add_argument('--prompt', default='', help='the text to continue (empty: start from EOS)')
+  p.add_argument('--max_new_tokens', type=int, default=200,
+                 help='tokens to generate (the prompt and these must fit model.max_seq_len)')
+  p.add_argument('--temperature', type=float, default=0.8,
+                 help='softmax temperature; 0: greedy (the most likely token every step)')
+  p.add_argument('--top_p', type=float, default=0.95,
+                 help='nucleus sampling: sample among the most likely tokens whose '
+                 'probabilities sum to top_p (1: all tokens)')
+  p.add_argument('--seed', type=int, default=0, help='the sampling seed')
+  p.add_argument('--step', type=int, default=None,
+                 help='a checkpoint step (None: the newest intact one)')
+  return p
+
+
+def _main(argv=None) -> int:
+  a = parser().parse_args(argv)
   if a.max_new_tokens < 1:
     raise ConfigError(f'--max_new_tokens={a.max_new_tokens}: must be at least 1')
   if not (np.isfinite(a.temperature) and a.temperature >= 0):
@@ -126,8 +136,8 @@ def _main(argv=None) -> int:
     raise ConfigError(f'--top_p={a.top_p}: must be in (0, 1]')
   if os.path.exists(a.workdir) and not os.path.isdir(a.workdir):
     raise ConfigError(f'--workdir={a.workdir} is a file; give a training run\'s directory')
+  tok = tokenizers.for_run(a.workdir)  # the run's tokenizer (bytes when it has none)
   config, variables = load_checkpoint(a.workdir, a.step)
-  tok = tokenizers.from_dir(a.workdir)  # the run's tokenizer (bytes when it has none)
   prompt = tok.encode(a.prompt) if a.prompt else np.array([tok.eos_id], np.int32)
   if len(prompt) == 0:
     prompt = np.array([tok.eos_id], np.int32)

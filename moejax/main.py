@@ -43,10 +43,11 @@ def _main(argv=None) -> int:
     raise ConfigError('--workdir is required: the directory for checkpoints, metrics and plots')
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
-  from moejax.training.loop import train, summary_line
+  from moejax.training.loop import outputs_line, summary_line, train
   cli.init_distributed(args)
   last = train(config, args.workdir)
   print(summary_line(last, config))
+  print(outputs_line(args.workdir))
   return 0
 
 

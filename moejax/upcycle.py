@@ -155,14 +155,24 @@ def upcycle(config, dense_workdir: str, workdir: str, mode: str = 'copy',
   return step
 
 
-def _main(argv=None) -> int:
+def parser():
   from moejax import cli
   p = cli.ArgumentParser(prog='python -m moejax.upcycle', description=__doc__.split('\n')[0])
   cli.add_config_args(p, what='MoE config')
-  p.add_argument('--dense_workdir', required=True)
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--mode', default='copy', choices=MODES)
-  p.add_argument('--step', type=int, default=None, help='dense checkpoint step (default latest)')
+  p.add_argument('--dense_workdir', required=True,
+                 help='the dense run to start from (a workdir with checkpoints)')
+  p.add_argument('--workdir', required=True, help='the new MoE run (a new folder)')
+  p.add_argument('--mode', default='copy', choices=MODES,
+                 help='copy: every expert is the dense FFN; slice: experts are column slices '
+                 'of it')
+  p.add_argument('--step', type=int, default=None,
+                 help='the dense checkpoint step (None: the newest)')
+  return p
+
+
+def _main(argv=None) -> int:
+  from moejax import cli
+  p = parser()
   args, config = cli.parse(p, argv)
   step = upcycle(config, args.dense_workdir, args.workdir, args.mode, args.step)
   print(f'upcycled {args.dense_workdir} step {step} -> {args.workdir} ({args.mode}); continue '

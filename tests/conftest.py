@@ -9,14 +9,19 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_llvm_disable_expensive_passes=true').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # Training runs in the tests compile the same programs again (resume, refusal checks): a
-# session-wide persistent cache turns those recompiles into loads.
-jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='moejax-jit-cache-'))
+# session-wide persistent cache turns those recompiles into loads. Each test process makes its
+# own and removes it when it exits.
+_CACHE = tempfile.mkdtemp(prefix='moejax-jit-cache-')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 from moejax.config import base_config  # noqa: E402

@@ -87,12 +87,16 @@ def test_other_commands_user_errors(capsys, tmp_path):
 
 
 def test_experiment_overrides_reach_every_arm(tmp_path, capsys):
-  assert experiment.main(['balancing', '--workdir', str(tmp_path), '--config.train.steps=7',
+  assert experiment.main(['balancing', '--workdir', str(tmp_path), '--config.train.lr=0.007',
                           '--print_config']) == 0
-  assert 'steps: 7' in capsys.readouterr().out
+  assert 'lr: 0.007' in capsys.readouterr().out
   exp = experiment.override_base(experiment.load_experiment('balancing'),
-                                 [('train.steps', '7')])
-  assert all(experiment.run_config(exp, a, 0, False).train.steps == 7 for a in exp.arms)
+                                 [('train.lr', '0.007')])
+  assert all(experiment.run_config(exp, a, 0, False, r).train.lr == 0.007 for a in exp.arms
+             for r in exp.rungs)
+  # A field a rung of the ladder varies is refused, naming the rung.
+  with pytest.raises(ConfigError, match="--config.train.steps: rung 'r0' sets this field"):
+    experiment.override_base(experiment.load_experiment('balancing'), [('train.steps', '7')])
 
 
 def test_help_print_config_and_named_configs():
@@ -144,3 +148,47 @@ def test_summary_lists_only_the_losses_that_are_on():
   assert 'aux_loss 1' not in line and 'device_loss' not in line
   assert summary_line({**last, 'finished': True}, c).startswith(
       'finished: this run already reached step 5')
+
+
+def _actions(parser):
+  """Every flag of a parser and of its sub-commands: (parser prog, action)."""
+  import argparse
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for sub in action.choices.values():
+        yield from _actions(sub)
+    elif not isinstance(action, argparse._HelpAction):
+      yield parser.prog, action
+
+
+def test_every_flag_of_every_command_has_help_text():
+  from moejax import main as train_cmd
+  from moejax.bench import command as bench_cmd
+  from moejax.experiment import command as experiment_cmd
+  from moejax.hf import __main__ as hf_cmd
+  from moejax.prepare import __main__ as prepare_cmd
+  parsers = [train_cmd.parser(), generate.parser(), upcycle.parser(), params.parser(),
+             hf_cmd.parser(), prepare_cmd.parser(), bench_cmd.parser(), experiment_cmd.parser()]
+  seen = 0
+  for p in parsers:
+    for prog, action in _actions(p):
+      seen += 1
+      text = (action.help or '').strip()
+      assert len(text.split()) >= 2, f'{prog} {action.option_strings or action.dest}: no help'
+    formatted = p.format_help()
+    assert '(default: None)' not in formatted
+  assert seen > 60  # the commands' flags, sub-commands included
+  assert '(default: 200)' in generate.parser().format_help()  # defaults shown
+
+
+def test_experiment_list_and_seeds(capsys):
+  assert experiment.main(['--list']) == 0
+  out = capsys.readouterr().out
+  assert 'token_vs_expert_choice:' in out and 'expert_threshold' in out and 'rungs: r0' in out
+  assert experiment.main(['bias_rules', '--list']) == 0
+  assert 'arm sign_1e-2' in capsys.readouterr().out
+  from moejax.experiment.command import parse_seeds
+  assert parse_seeds('3', (0, 1, 2, 3, 4)) == [0, 1, 2]
+  assert parse_seeds('0,1', (0, 1, 2)) == [0, 1] and parse_seeds('4,', (0,)) == [4]
+  with pytest.raises(ConfigError, match='--seeds=x'):
+    parse_seeds('x', (0,))

@@ -280,10 +280,15 @@ def test_imported_model_fine_tunes_with_the_router_and_its_bias_fixed(tmp_path):
   imported selection bias (bias_update_rate 0) exactly as imported."""
   from moejax import main
   from moejax.generate import load_checkpoint
+  from moejax.data import corpus, tokenizer as tokenizers
   _build('deepseek_v3', tmp_path / 'hf')
+  texts = [open(f, encoding='utf-8').read() for _, f in corpus.list_files('stdlib')[:20]]
+  tokenizers.train_bpe(texts, 320, str(tmp_path / 'tok'))  # the model's vocabulary: 320
   work = tmp_path / 'work'
   assert hf_main(['import', '--hf_dir', str(tmp_path / 'hf'), '--workdir', str(work),
+                  '--tokenizer', str(tmp_path / 'tok'),
                   '--config.model.moe.router.freeze=true']) == 0
+  assert (work / 'tokenizer.json').exists()
   before = hf.load_pretrained(str(tmp_path / 'hf'))[1]
   args = ['--workdir', str(work), '--config.train.steps=30', '--config.train.lr=3e-3',
           '--config.train.warmup_steps=2', '--config.train.progress=false',
@@ -329,6 +334,23 @@ def test_import_brings_the_tokenizer_and_generate_speaks_it(tmp_path, capsys):
   ids = gen.generate(config.model, variables, tok.encode('def main(')[None], 6, 0.8, 0.95, 0,
                      eos_id=tok.eos_id, num_tokens=tok.vocab_size)
   assert out == 'def main(' + tok.decode(ids[0]) + '\n'
+
+
+def test_an_import_without_a_tokenizer_is_not_sampled_or_trained_as_bytes(tmp_path, capsys):
+  """A Hugging Face folder without a tokenizer: the import warns, and generate and fine-tuning
+  refuse in one line saying how to give it (its ids are not bytes)."""
+  from moejax import generate as gen, main
+  _build('mixtral', tmp_path / 'hf')
+  work = tmp_path / 'work'
+  assert hf_main(['import', '--hf_dir', str(tmp_path / 'hf'), '--workdir', str(work)]) == 0
+  assert 'has no tokenizer' in capsys.readouterr().out
+  assert gen.main(['--workdir', str(work), '--prompt', 'x']) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and 'without a tokenizer' in err and '--tokenizer=PATH' in err
+  assert main.main(['--workdir', str(work), '--config.train.steps=2',
+                    '--config.train.warmup_steps=1']) == 2
+  err = capsys.readouterr().err.strip()
+  assert "config.data.tokenizer='bytes'" in err and 'imported from Hugging Face' in err
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path):

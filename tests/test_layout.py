@@ -117,3 +117,16 @@ def test_shipped_files_import_siblings_as_packages(folder):
       if isinstance(node, ast.ImportFrom) and node.module and not node.level:
         sibling = (ROOT / folder / f'{node.module}.py').exists()
         assert not sibling, f'{path.name} imports {node.module!r} by path; use moejax.{folder}'
+
+
+def test_a_test_session_leaves_no_cache_folder_behind(tmp_path):
+  """tests/conftest.py's compilation cache is removed when the session's processes exit."""
+  import os
+  import subprocess
+  import sys
+  env = {**os.environ, 'TMPDIR': str(tmp_path)}
+  subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                  '--basetemp', str(tmp_path / 'base'),
+                  'tests/test_layout.py::test_the_cycle_finder_finds_one'],
+                 cwd=ROOT, env=env, check=True, capture_output=True)
+  assert not [p for p in os.listdir(tmp_path) if p.startswith('moejax-jit-cache-')]

@@ -137,7 +137,7 @@ def test_rerun_with_other_settings_or_into_a_foreign_folder_is_refused(tmp_path)
 
 
 def test_jsonl_and_parquet_inputs_and_lines_without_text(tmp_path, capsys):
-  import pyarrow as pa
+  pa = pytest.importorskip('pyarrow', reason='Parquet inputs need the data extra (pyarrow)')
   import pyarrow.parquet as pq
   rows = [{'text': f'document number {i} ' * 20} for i in range(40)]
   with open(tmp_path / 'a.jsonl', 'w') as f:
@@ -313,6 +313,7 @@ def test_in_memory_sources_take_a_tokenizer_too(tmp_path):
 
 
 def test_an_unreadable_input_file_is_named(tmp_path):
+  pytest.importorskip('pyarrow', reason='Parquet inputs need the data extra (pyarrow)')
   (tmp_path / 'bad.parquet').write_bytes(b'not parquet at all')
   with pytest.raises(ConfigError, match=r'bad.parquet: cannot be read \(Arrow'):
     prepare(str(tmp_path / 'bad.parquet'), str(tmp_path / 'out'), **_quiet())
@@ -326,3 +327,56 @@ def test_mixture_of_two_folders_with_one_name_is_refused(two_corpora, tmp_path):
   c.source, c.mixture, c.seq_len = 'prepared', f'{two_corpora[0]}=1,{twin}=1', 16
   with pytest.raises(ConfigError, match="two corpora are named 'pa'"):
     pipeline.load_splits(c, 0)
+
+
+def _named(root, names, size=400):
+  os.makedirs(root, exist_ok=True)
+  for n in names:
+    (root / n).write_text(f'# {n}\n' + 'a few words of text, and more of them. ' * (size // 40))
+  return str(root)
+
+
+def test_a_small_corpus_gets_a_validation_document_decided_before_writing(tmp_path):
+  """No name hashes under 1%: the document closest to the threshold is the validation split,
+  said in a line; the split is the same on a re-run (decided by the names alone)."""
+  # Document names are 'FOLDER/FILE' (documents.find_files): the hash is of those.
+  names = [n for n in (f'doc{i}.md' for i in range(200))
+           if corpus.split_score(f'docs/{n}') >= 100][:12]
+  closest = min(names, key=lambda n: corpus.split_score(f'docs/{n}'))
+  src = _named(tmp_path / 'docs', names)
+  lines = []
+  meta = prepare(src, str(tmp_path / 'out'), '*.md', val_percent=1, progress=False,
+                 log=lines.append)
+  assert meta['splits']['validation']['docs'] == 1 and meta['splits']['train']['docs'] == 11
+  assert any('no document name hashes into the validation split' in l and closest in l
+             for l in lines)
+  val = shards.open_split(str(tmp_path / 'out'), meta, 'validation')
+  text = tokenizers.ByteTokenizer().decode(val.slice(0, len(val)))
+  assert text.startswith(f'# {closest}')
+  # Every name under 99.99%: the one farthest above goes to train instead.
+  assert all(corpus.split_score(f'docs/{n}') < 9999 for n in names)
+  meta = prepare(src, str(tmp_path / 'all_val'), '*.md', val_percent=99.99, **_quiet())
+  assert meta['splits']['train']['docs'] == 1
+
+
+def test_one_document_is_refused_before_anything_is_written(tmp_path):
+  src = _named(tmp_path / 'one', ['only.md'])
+  with pytest.raises(ConfigError, match=r'--inputs: 1 document\(s\); a train and a validation'):
+    prepare(src, str(tmp_path / 'out'), '*.md', **_quiet())
+  assert not os.path.exists(tmp_path / 'out')
+
+
+def test_a_folder_left_by_an_interrupted_run_is_finished_or_said_safe_to_delete(tmp_path):
+  src = _corpus(tmp_path, n=30)
+  out = str(tmp_path / 'out')
+  with pytest.raises(KeyboardInterrupt):
+    prepare(src, out, '*.txt', val_percent=20, shard_tokens=2000, stop_after_shards=2,
+            **_quiet())
+  before = sorted(os.listdir(out))
+  with pytest.raises(ConfigError, match=r'holds an unfinished run \(safe to delete.*made with '
+                     r'--val_percent=20, not 10.*same settings to finish it'):
+    prepare(src, out, '*.txt', val_percent=10, shard_tokens=2000, **_quiet())
+  assert sorted(os.listdir(out)) == before  # nothing touched
+  meta = prepare(src, out, '*.txt', val_percent=20, shard_tokens=2000, **_quiet())
+  assert meta['splits']['validation']['docs'] > 0
+

@@ -1,4 +1,5 @@
-"""README's two commands are the ones CI runs, and the quickstart config is what README says."""
+"""README's commands are the ones CI runs, and every relative link of README, docs/ and
+experiments/README.md resolves."""
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -14,12 +15,29 @@ def test_ci_runs_readme_test_command():
           '--workdir=runs/quickstart') in readme
 
 
-def test_every_package_is_installed():
-  """pyproject lists packages explicitly: a new folder of moejax must be in the list, or the
-  wheel (Colab) lacks it while an editable install hides the gap."""
-  import tomllib
-  listed = set(tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['setuptools']
-               ['packages'])
-  found = {'.'.join(p.parent.relative_to(ROOT).parts)
-           for p in (ROOT / 'moejax').rglob('__init__.py')}
-  assert found <= listed, sorted(found - listed)
+def _links(path: pathlib.Path):
+  """The relative link targets of a Markdown file (images included), without anchors."""
+  import re
+  for target in re.findall(r'\]\(([^)\s]+)\)', path.read_text()):
+    if not target.startswith(('http://', 'https://', 'mailto:', '#')):
+      yield target.split('#')[0]
+
+
+def test_every_relative_link_in_the_docs_resolves():
+  pages = [ROOT / 'README.md', ROOT / 'experiments' / 'README.md',
+           *sorted((ROOT / 'docs').glob('*.md'))]
+  assert len(pages) >= 8
+  checked = 0
+  for page in pages:
+    for target in _links(page):
+      assert (page.parent / target).exists(), f'{page.relative_to(ROOT)}: broken link {target}'
+      checked += 1
+  assert checked > 20
+
+
+def test_the_link_check_finds_a_broken_link(tmp_path):
+  page = tmp_path / 'page.md'
+  page.write_text('see [a](missing.md), [b](https://example.com) and ![c](img.png#x)\n')
+  (tmp_path / 'img.png').write_bytes(b'')
+  assert list(_links(page)) == ['missing.md', 'img.png']
+  assert not (page.parent / 'missing.md').exists()

@@ -57,7 +57,7 @@ def test_eos_from_tokenizer_config_or_refused(bpe, tmp_path):
 
 
 def test_sentencepiece_round_trip(tmp_path):
-  import sentencepiece as spm
+  spm = pytest.importorskip('sentencepiece', reason='SentencePiece models need the data extra')
   lines = [line for t in _stdlib_texts(10) for line in t.splitlines() if line.strip()]
   spm.SentencePieceTrainer.Train(
       sentence_iterator=iter(lines), model_prefix=str(tmp_path / 'sp'), vocab_size=400,

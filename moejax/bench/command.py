@@ -11,20 +11,25 @@ import sys
 from moejax import cli
 
 
-def _main(argv=None):
+def parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog='python -m moejax.bench', description=__doc__.split('\n')[0])
-  sub = p.add_subparsers(dest='what', required=True)
-  m = sub.add_parser('moe', help='MoE layer vs dense FFN, forward + backward')
-  m.add_argument('--tokens', type=int, default=8192)
-  m.add_argument('--seq', type=int, default=512)
-  m.add_argument('--d-model', type=int, default=512)
-  m.add_argument('--experts', type=int, default=64)
-  m.add_argument('--expert-dim', type=int, default=256)
-  m.add_argument('--top-k', type=int, default=6)
-  m.add_argument('--shared', type=int, default=1)
-  m.add_argument('--dtype', default='float32')
-  m.add_argument('--block-size', type=int, default=0, help='0: automatic (config default)')
-  m.add_argument('--capacity-factors', type=float, nargs='*', default=[1.25])
+  sub = p.add_subparsers(dest='what', required=True, metavar='{moe,train,data}',
+                         help='moe: the MoE layer; train: the whole train step; data: the input '
+                         'pipeline')
+  m = sub.add_parser('moe', help='MoE layer vs dense FFN, forward + backward',
+                     formatter_class=cli.HelpFormatter)
+  m.add_argument('--tokens', type=int, default=8192, help='tokens per call')
+  m.add_argument('--seq', type=int, default=512, help='tokens per sequence')
+  m.add_argument('--d-model', type=int, default=512, help='model width')
+  m.add_argument('--experts', type=int, default=64, help='routed experts')
+  m.add_argument('--expert-dim', type=int, default=256, help='width of each expert')
+  m.add_argument('--top-k', type=int, default=6, help='experts per token')
+  m.add_argument('--shared', type=int, default=1, help='shared experts')
+  m.add_argument('--dtype', default='float32', help='compute dtype: float32 or bfloat16')
+  m.add_argument('--block-size', type=int, default=0,
+                 help='rows per block of the blocked kernel; 0: automatic (the config default)')
+  m.add_argument('--capacity-factors', type=float, nargs='*', default=[1.25],
+                 help='one capacity-dispatch row per factor')
   m.add_argument('--ragged-dot', action='store_true',
                  help='also time jax.lax.ragged_dot (very slow on CPU)')
   m.add_argument('--group-size', type=int, default=512,
@@ -33,31 +38,40 @@ def _main(argv=None):
                  'block (grouped_mm and eager experts; needs the torch extra)')
   m.add_argument('--meshes', nargs='*', default=['expert=8', 'data=2,expert=4', 'expert=64'],
                  help='meshes for the all-to-all rows')
-  m.add_argument('--reps', type=int, default=3)
-  m.add_argument('--json', action='store_true', help='one JSON object per line (default)')
-  tr = sub.add_parser('train', help='whole train step: MoE vs dense of equal active params')
-  tr.add_argument('--batch', type=int, default=16)
-  tr.add_argument('--seq', type=int, default=128)
-  tr.add_argument('--d-model', type=int, default=128)
-  tr.add_argument('--heads', type=int, default=4)
-  tr.add_argument('--layers', type=int, default=4)
-  tr.add_argument('--experts', type=int, default=16)
-  tr.add_argument('--expert-dim', type=int, default=64)
-  tr.add_argument('--top-k', type=int, default=4)
-  tr.add_argument('--shared', type=int, default=1)
-  tr.add_argument('--block-size', type=int, default=0, help='0: automatic (config default)')
-  tr.add_argument('--dispatches', nargs='+', default=['dropless', 'capacity', 'einsum'])
+  m.add_argument('--reps', type=int, default=3, help='timed runs per case (the median)')
+  m.add_argument('--json', action='store_true', help='one JSON object per line (the only output)')
+  tr = sub.add_parser('train', help='whole train step: MoE vs dense of equal active params',
+                      formatter_class=cli.HelpFormatter)
+  tr.add_argument('--batch', type=int, default=16, help='sequences per step')
+  tr.add_argument('--seq', type=int, default=128, help='tokens per sequence')
+  tr.add_argument('--d-model', type=int, default=128, help='model width')
+  tr.add_argument('--heads', type=int, default=4, help='attention heads')
+  tr.add_argument('--layers', type=int, default=4, help='layers (all MoE, or all dense)')
+  tr.add_argument('--experts', type=int, default=16, help='routed experts')
+  tr.add_argument('--expert-dim', type=int, default=64, help='width of each expert')
+  tr.add_argument('--top-k', type=int, default=4, help='experts per token')
+  tr.add_argument('--shared', type=int, default=1, help='shared experts')
+  tr.add_argument('--block-size', type=int, default=0,
+                  help='rows per block of the blocked kernel; 0: automatic (the config default)')
+  tr.add_argument('--dispatches', nargs='+', default=['dropless', 'capacity', 'einsum'],
+                  help='one MoE row per dispatch path')
   tr.add_argument('--depths', type=int, nargs='*', default=[4, 16, 64],
                   help='layer counts whose compile time is measured')
-  tr.add_argument('--reps', type=int, default=5)
-  tr.add_argument('--json', action='store_true', help='one JSON object per line (default)')
-  d = sub.add_parser('data', help='input pipeline tokens/s against what the train step uses')
+  tr.add_argument('--reps', type=int, default=5, help='timed steps per case (the median)')
+  tr.add_argument('--json', action='store_true', help='one JSON object per line (the only output)')
+  d = sub.add_parser('data', help='input pipeline tokens/s against what the train step uses',
+                     formatter_class=cli.HelpFormatter)
   d.add_argument('--config', default='quickstart', help='the batch, sequence and model')
   d.add_argument('--prepared_dir', default='',
-                 help='prepared shards to read (default: the stdlib, prepared in a temp folder)')
-  d.add_argument('--batches', type=int, default=200)
-  d.add_argument('--reps', type=int, default=5)
-  d.add_argument('--json', action='store_true', help='one JSON object per line (default)')
+                 help='prepared shards to read (empty: the stdlib, prepared in a temp folder)')
+  d.add_argument('--batches', type=int, default=200, help='batches timed per loader')
+  d.add_argument('--reps', type=int, default=5, help='timed train steps (the median)')
+  d.add_argument('--json', action='store_true', help='one JSON object per line (the only output)')
+  return p
+
+
+def _main(argv=None):
+  p = parser()
   a = p.parse_args(argv)
   if a.what == 'train':
     return _train(p, a)

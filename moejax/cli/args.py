@@ -16,8 +16,26 @@ CONFIG_HELP = ('Every config field, its default and what it means: moejax/config
                '--config.train.steps=50; --print_config prints the resolved config and exits.')
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Descriptions as written; a flag's help ends with its default when it has a meaningful one
+  (not for required flags, switches, or an empty default)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ''
+    default = action.default
+    if ('%(default)' in text or action.required or default is None or default == '' or
+        isinstance(default, bool) or default is argparse.SUPPRESS or not action.option_strings):
+      return text
+    return text + ' (default: %(default)s)'
+
+
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose usage errors are one line (`error: ...`) with exit code 2."""
+  """argparse whose usage errors are one line (`error: ...`) with exit code 2, and whose help
+  shows each flag's default."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault('formatter_class', HelpFormatter)
+    super().__init__(*args, **kwargs)
 
   def error(self, message):
     raise ConfigError(f'{message} (see {self.prog} --help)')

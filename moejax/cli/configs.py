@@ -38,11 +38,14 @@ def shipped_path(spec: str, package: str, what: str, skip=()) -> str:
     if shipped.is_file():
       return str(shipped)
   close = difflib.get_close_matches(name, names, n=1)
-  hint = f'; did you mean {close[0]!r}?' if close and close[0] != name else ''
-  if not hint and name in names:  # 'quickstart.py' from another folder: the name works
-    hint = f'; the shipped one is named {name!r} (without .py)'
+  if name in names:  # 'quickstart.py' from another folder: the name works
+    hint = f'the shipped one is named {name!r} (without .py)'
+  elif close:
+    hint = f'did you mean {close[0]!r}?'
+  else:
+    hint = f'give a path or one of {names}'
   raise ConfigError(f'{what}={spec}: no such file, and no shipped {what.lstrip("-")} of that '
-                    f'name{hint}; give a path or one of {names}')
+                    f'name; {hint}')
 
 
 def named_configs() -> list[str]:

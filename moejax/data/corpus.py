@@ -62,9 +62,13 @@ def list_files(source: str, paths: str = '', pattern: str = '*.py') -> list[tupl
   return files
 
 
+def split_score(name: str) -> int:
+  """A document's place in [0, 10000), by a hash of its name: the split is decided by it."""
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], 'little') % 10_000
+
+
 def is_validation(relpath: str, val_percent: float) -> bool:
-  digest = hashlib.sha256(relpath.encode()).digest()
-  return int.from_bytes(digest[:8], 'little') % 10_000 < val_percent * 100
+  return split_score(relpath) < val_percent * 100
 
 
 def split_files(files, val_percent: float):

@@ -206,3 +206,29 @@ def from_dir(path: str):
     if os.path.exists(os.path.join(path, name)):
       return load(os.path.join(path, name))
   return ByteTokenizer()
+
+
+# A workdir imported from Hugging Face (moejax/hf) carries its source config under this name.
+IMPORTED_MARK = 'hf_config.json'
+_NO_TOKENIZER = ("its ids are not bytes. Copy the model's tokenizer.json (or tokenizer.model) "
+                 'into the workdir, or import it again with --tokenizer=PATH')
+
+
+def for_run(workdir: str):
+  """The tokenizer a run samples with: the one saved in its workdir; bytes when there is none,
+  except for a model imported from Hugging Face without one, which is refused."""
+  tok = from_dir(workdir)
+  if isinstance(tok, ByteTokenizer) and os.path.exists(os.path.join(workdir, IMPORTED_MARK)):
+    raise ConfigError(f'--workdir={workdir}: imported from Hugging Face without a tokenizer; '
+                      + _NO_TOKENIZER)
+  return tok
+
+
+def check_training(data_cfg, workdir: str) -> None:
+  """Fine-tuning an imported model on text tokenized as bytes is refused: not its tokens."""
+  if (data_cfg.source != 'prepared' and data_cfg.tokenizer == 'bytes' and
+      os.path.exists(os.path.join(workdir, IMPORTED_MARK))):
+    raise ConfigError(f'config.data.tokenizer=\'bytes\': {workdir} holds a model imported from '
+                      'Hugging Face, whose tokens are not bytes; set --config.data.tokenizer to '
+                      'its tokenizer (a tokenizer.json, its folder or a .model), or train on a '
+                      'corpus prepared with it (data.source=prepared)')

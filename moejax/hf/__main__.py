@@ -15,26 +15,39 @@ import sys
 from moejax.errors import ConfigError
 
 
-def _main(argv=None) -> int:
+def parser():
   from moejax import cli
-  p = cli.ArgumentParser(prog='python -m moejax.hf', description=__doc__.split('\n')[0])
-  sub = p.add_subparsers(dest='what', required=True)
-  imp = sub.add_parser('import', help='Hugging Face folder -> moejax workdir')
-  imp.add_argument('--hf_dir', required=True)
-  imp.add_argument('--workdir', required=True)
+  p = cli.ArgumentParser(prog='python -m moejax.hf', description=__doc__.split('\n\n')[0])
+  sub = p.add_subparsers(dest='what', required=True, metavar='{import,export}',
+                         help='import: a Hugging Face folder into a moejax workdir; export: a '
+                         'workdir into a Hugging Face folder')
+  imp = sub.add_parser('import', help='Hugging Face folder -> moejax workdir',
+                       formatter_class=cli.HelpFormatter)
+  imp.add_argument('--hf_dir', required=True, help='the Hugging Face folder: config.json and '
+                   'safetensors (one file, or shards with their index), its tokenizer if any')
+  imp.add_argument('--workdir', required=True, help='the moejax workdir to write (new or empty)')
+  imp.add_argument('--tokenizer', default='', help='a tokenizer.json, its folder or a '
+                   'SentencePiece .model, for a Hugging Face folder that has none')
   imp.add_argument('--dtype', default='float32', help='compute dtype: float32 or bfloat16 '
                    '(parameters stay float32 for training)')
   # Across hosts (run the same command on each): every process assembles and writes only its
   # devices' shards, so the checkpoint may be larger than any one host's memory.
   cli.add_distributed_args(imp)
-  exp = sub.add_parser('export', help='moejax workdir -> Hugging Face folder')
-  exp.add_argument('--workdir', required=True)
-  exp.add_argument('--hf_dir', required=True)
-  exp.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
+  exp = sub.add_parser('export', help='moejax workdir -> Hugging Face folder',
+                       formatter_class=cli.HelpFormatter)
+  exp.add_argument('--workdir', required=True, help='a moejax run or imported workdir')
+  exp.add_argument('--hf_dir', required=True, help='the Hugging Face folder to write (new)')
+  exp.add_argument('--step', type=int, default=None, help='checkpoint step (None: the newest)')
   exp.add_argument('--model_type', default='',
                    help='the family, for a workdir not imported from Hugging Face')
   exp.add_argument('--dtype', default='float32', help='float32 or bfloat16 weights')
-  exp.add_argument('--shard_gb', type=float, default=5.0, help='safetensors shard size')
+  exp.add_argument('--shard_gb', type=float, default=5.0, help='safetensors shard size in GB')
+  return p
+
+
+def _main(argv=None) -> int:
+  from moejax import cli
+  p = parser()
   argv = sys.argv[1:] if argv is None else list(argv)
   rest, overrides = cli.split_overrides(argv)
   a = p.parse_args(rest)
@@ -50,7 +63,8 @@ def _main(argv=None) -> int:
     for key, text in overrides:  # typed as the field they set
       node, last = field_parent(base_config(), key, f'--config.{key}')
       values[key] = cli.parse_value(key, text, node[last])
-    convert.import_workdir(a.hf_dir, a.workdir, a.dtype, overrides=values)
+    convert.import_workdir(a.hf_dir, a.workdir, a.dtype, overrides=values,
+                           tokenizer=a.tokenizer)
   else:
     export.export_workdir(a.workdir, a.hf_dir, a.step, a.model_type, a.dtype,
                            int(a.shard_gb * 2**30))

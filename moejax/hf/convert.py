@@ -199,11 +199,13 @@ def _config_file(fields: dict, hf_dir: str, hf: dict, extra: dict) -> str:
 
 
 def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
-                  overrides: dict | None = None) -> dict:
-  """Write workdir: config.py, the Hugging Face config (for export), the tokenizer when the
-  folder has one, and an Orbax checkpoint at step 0 (fresh optimizer state). overrides:
-  dotted config fields to set as well (e.g. {'model.moe.router.freeze': True}), written into
-  config.py; the model's shape fields come from the checkpoint."""
+                  overrides: dict | None = None, tokenizer: str = '') -> dict:
+  """Write workdir: config.py, the Hugging Face config (for export), the tokenizer (the
+  folder's, or `tokenizer`: a tokenizer.json, its folder or a SentencePiece .model), and an
+  Orbax checkpoint at step 0 (fresh optimizer state). overrides: dotted config fields to set
+  as well (e.g. {'model.moe.router.freeze': True}), written into config.py; the model's shape
+  fields come from the checkpoint. Without any tokenizer the workdir is marked so, and sampling
+  or fine-tuning it is refused until one is given (its ids are not bytes)."""
   from moejax.data import tokenizer as tokenizers
   from moejax.training.checkpoint import Checkpointer
   from moejax.training.step import TrainState
@@ -221,8 +223,12 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   _mtp_depth(hf, reader, c, fields)
   extra = {}
   tok = None
-  if any(os.path.exists(os.path.join(hf_dir, n)) for n in ('tokenizer.json', 'tokenizer.model')):
+  if tokenizer:
+    tok = tokenizers.load(tokenizer)
+  elif any(os.path.exists(os.path.join(hf_dir, n)) for n in ('tokenizer.json',
+                                                             'tokenizer.model')):
     tok = tokenizers.from_dir(hf_dir)
+  if tok is not None:
     # Validated where it is now; the workdir's copy is what config.py names.
     extra['data.tokenizer'] = tok.spec
     copied = os.path.join(os.path.abspath(workdir), 'tokenizer.json' if isinstance(
@@ -269,10 +275,15 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   ck.save(0, state, data_state, c.to_dict())
   ck.wait()
   ck.close()
+  if tok is None and first:
+    log(f'warning: {hf_dir} has no tokenizer (tokenizer.json or tokenizer.model): sampling and '
+        f'fine-tuning {workdir} are refused until it has one, since its ids are not bytes. '
+        'Import again with --tokenizer=PATH, or copy the model\'s tokenizer.json into the '
+        'workdir.')
   if first:
     with open(os.path.join(workdir, 'config.py'), 'w') as f:
       f.write(_config_file(fields, hf_dir, hf, extra))
-    with open(os.path.join(workdir, 'hf_config.json'), 'w') as f:
+    with open(os.path.join(workdir, tokenizers.IMPORTED_MARK), 'w') as f:
       json.dump(hf, f, indent=1)
   read, share = read_share(reader)
   report = {'parameters': n, 'peak_memory_mb': peak_memory_mb(), 'model_type': hf['model_type'],

@@ -187,8 +187,8 @@ def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_typ
     raise ConfigError(f'--dtype={dtype}: one of float32, bfloat16')
   workdirs.checkpoints(workdir)[0].close()  # a workdir without checkpoints is said first
   base = None
-  if os.path.exists(os.path.join(workdir, 'hf_config.json')):
-    with open(os.path.join(workdir, 'hf_config.json')) as f:
+  if os.path.exists(os.path.join(workdir, tokenizers.IMPORTED_MARK)):
+    with open(os.path.join(workdir, tokenizers.IMPORTED_MARK)) as f:
       base = json.load(f)
     model_type = model_type or base['model_type']
   if model_type not in families.FAMILIES:

@@ -57,9 +57,12 @@ def _resume_settings(output: str, s: dict) -> None:
     changed = [k for k in s if old.get(k) != s[k]]
     if changed:
       k = changed[0]
-      raise ConfigError(f'--output={output} was prepared with --{k}={old.get(k)!r}, not '
-                        f'{s[k]!r}; re-run with the same settings to finish it, or give a new '
-                        '--output')
+      finished = os.path.exists(os.path.join(output, 'metadata.json'))
+      what = ('holds a corpus prepared' if finished else
+              'holds an unfinished run (safe to delete: it holds only that run\'s files) made')
+      raise ConfigError(f'--output={output} {what} with --{k}={old.get(k)!r}, not {s[k]!r}; '
+                        're-run with the same settings to ' + ('use' if finished else 'finish') +
+                        ' it, or give a new --output')
   elif os.path.isdir(output) and os.listdir(output):
     raise ConfigError(f'--output={output} is not empty and holds no prepared corpus; give a '
                       'new or empty folder (nothing in it is touched)')
@@ -84,9 +87,55 @@ def _batches(docs, batch_bytes: int):
     yield batch, 0
 
 
-def _train_texts(files, s, skipped):
+class Split:
+  """Which split each document goes to, decided before anything is written: a hash of its name
+  (--val_percent of them to validation), except that a corpus where no name hashes into one of
+  the splits gives it the document closest to the threshold, so both splits have one."""
+
+  def __init__(self, files, text_field: str, val_percent: float):
+    self.val_percent = val_percent
+    self.to_val = self.to_train = None
+    cut = val_percent * 100
+    best_val, best_train, found_val, found_train, count = None, None, False, False, 0
+    for name, text, _ in documents.read(files, text_field, documents.Skipped()):
+      if text is None:
+        continue
+      count += 1
+      score = corpus.split_score(name)
+      found_val |= score < cut
+      found_train |= score >= cut
+      if found_val and found_train:  # the hash alone gives both splits (a large corpus: soon)
+        return
+      if best_val is None or score < best_val[0]:
+        best_val = (score, name)
+      if best_train is None or score > best_train[0]:
+        best_train = (score, name)
+    if count < 2:
+      raise ConfigError(f'--inputs: {count} document(s); a train and a validation split need at '
+                        'least two documents (add files, or split the text into several)')
+    if not found_val:
+      self.to_val = best_val[1]
+    if not found_train:
+      self.to_train = best_train[1]
+
+  def is_validation(self, name: str) -> bool:
+    if name == self.to_val:
+      return True
+    if name == self.to_train:
+      return False
+    return corpus.is_validation(name, self.val_percent)
+
+  def note(self) -> str:
+    """A line saying which document was moved, or ''."""
+    moved = [(n, s) for n, s in ((self.to_val, 'validation'), (self.to_train, 'train')) if n]
+    return '; '.join(f'note: no document name hashes into the {split} split at --val_percent='
+                     f'{self.val_percent:g}, so {name} (the closest) is in it' for name, split in
+                     moved)
+
+
+def _train_texts(files, s, skipped, split: Split):
   for name, text, _ in documents.read(files, s['text_field'], skipped):
-    if text is not None and not corpus.is_validation(name, s['val_percent']):
+    if text is not None and not split.is_validation(name):
       yield text
 
 
@@ -101,12 +150,16 @@ def prepare(inputs: str, output: str, file_glob: str = '*.txt,*.md,*.py,*.jsonl,
   _check(s, output)
   files = documents.find_files(inputs, file_glob)  # before anything is written
   tok = None if vocab_size else tokenizers.load(tokenizer)
+  split_of = Split(files, text_field, val_percent)  # also before: both splits get documents
+  if split_of.note():
+    log(split_of.note())
   _resume_settings(output, s)
   t0 = time.perf_counter()
   skipped = documents.Skipped()
   if vocab_size:
     tok = (tokenizers.from_dir(output) if os.path.exists(os.path.join(output, 'tokenizer.json'))
-           else tokenizers.train_bpe(_train_texts(files, s, skipped), vocab_size, output))
+           else tokenizers.train_bpe(_train_texts(files, s, skipped, split_of), vocab_size,
+                                     output))
     skipped = documents.Skipped()  # the tokenizing pass below counts them again
   else:
     tokenizers.copy_files(tok, output)
@@ -132,7 +185,7 @@ def prepare(inputs: str, output: str, file_glob: str = '*.txt,*.md,*.py,*.jsonl,
         continue
       todo = []
       for index, name, text in batch:
-        split = 'validation' if corpus.is_validation(name, val_percent) else 'train'
+        split = 'validation' if split_of.is_validation(name) else 'train'
         if index > after[split]:
           todo.append((index, split, text))
       encoded = tok.encode_batch([text for _, _, text in todo])
@@ -152,11 +205,6 @@ def prepare(inputs: str, output: str, file_glob: str = '*.txt,*.md,*.py,*.jsonl,
     print(line, file=sys.stderr)
   seconds = time.perf_counter() - t0
   meta = _finish(output, tok, fmt, dtype, s)
-  for split in shards.SPLITS:
-    if not meta['splits'][split]['docs']:
-      raise ConfigError(f'--inputs={inputs!r}: the {split} split has no document (the corpus '
-                        f'has {meta["splits"]["train"]["docs"] + meta["splits"]["validation"]["docs"]}'
-                        '); give more documents or change --val_percent')
   meta['report'] = {'seconds': seconds, 'new_text_mb': new_bytes / 1e6,
                     'mb_per_s': new_bytes / 1e6 / seconds,
                     'tokens_per_s': new_tokens / seconds,

@@ -8,9 +8,8 @@ from __future__ import annotations
 import sys
 
 
-def _main(argv=None) -> int:
+def parser():
   from moejax import cli
-  from moejax.prepare import prepare
   p = cli.ArgumentParser(prog='python -m moejax.prepare', description=__doc__.split('\n')[0])
   p.add_argument('--inputs', required=True,
                  help="files and folders, comma-separated ('stdlib': Python's standard library)")
@@ -28,10 +27,16 @@ def _main(argv=None) -> int:
   p.add_argument('--shard_tokens', type=int, default=1 << 24, help='tokens per shard')
   p.add_argument('--batch_mb', type=float, default=16,
                  help='text tokenized at once (with shard_tokens, the memory bound)')
-  p.add_argument('--no_progress', action='store_true')
+  p.add_argument('--no_progress', action='store_true', help='no progress bar')
   p.add_argument('--stop_after_shards', type=int, default=0,
-                 help='stop after writing this many shards, as if interrupted (for tests)')
-  a = p.parse_args(argv)
+                 help='stop after writing this many shards, as if interrupted (for tests; 0: '
+                 'never)')
+  return p
+
+
+def _main(argv=None) -> int:
+  from moejax.prepare import prepare
+  a = parser().parse_args(argv)
   try:
     prepare(a.inputs, a.output, a.file_glob, a.text_field, a.tokenizer, a.vocab_size, a.format,
             a.val_percent, a.shard_tokens, a.batch_mb, not a.no_progress, a.stop_after_shards)
