@@ -139,7 +139,7 @@ def _check_train(c):
   _positive(c, 'train.steps train.batch_size train.lr train.log_every train.eval_every '
             'train.checkpoint_every train.keep_checkpoints train.max_nonfinite')
   _positive(c, 'train.warmup_steps train.weight_decay train.grad_clip train.stop_after '
-            'train.eval_batches', allow_zero=True)
+            'train.eval_batches train.peak_tflops', allow_zero=True)
   if not (isinstance(t.final_eval_batches, int) and t.final_eval_batches >= -1):
     fail('train.final_eval_batches', t.final_eval_batches, 'must be -1 (no final evaluation), '
          '0 (the whole validation split) or a number of batches')

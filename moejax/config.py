@@ -182,6 +182,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
   t.progress = True
+  # The device's dense bf16 peak in TFLOP/s, for perf/mfu (model FLOPs utilisation); 0: the
+  # table of moejax/costs/flops.py by device kind (TPU v4-v6e, A100-B200), none on CPU.
+  t.peak_tflops = 0.0
   t.stop_after = 0  # stop (with a checkpoint) after this step, as if preempted; 0: never.
   # Divergence guard: a step whose loss, gradient norm or new parameters are not finite is never
   # applied (checked on device). Then 'stop' ends the run with exit code 3 naming the step (the

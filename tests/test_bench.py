@@ -4,10 +4,11 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from moejax.bench.command import main
-from moejax.bench.moe import ExpertsFloor
+from moejax.bench.moe import ExpertsFloor, forced_routing
 
 
 def test_experts_floor_is_k_expert_passes_plus_shared():
@@ -21,6 +22,29 @@ def test_experts_floor_is_k_expert_passes_plus_shared():
   swiglu = lambda w, x: (jax.nn.silu(x @ w['wi_0']) * (x @ w['wi_1'])) @ w['wo']  # noqa
   want = 3 * swiglu({k: v[0] for k, v in e.items()}, x) + swiglu(p['shared'], x)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_forced_routing_balanced_and_random():
+  """Balanced: every expert the same load (T K / N), distinct experts per token; random:
+  distinct experts per token, uneven loads, and another seed another draw."""
+  b = np.asarray(forced_routing('balanced', 12, 2, 8))
+  assert b.shape == (12, 2) and (b[:, 0] != b[:, 1]).all()
+  assert np.bincount(b.ravel(), minlength=8).tolist() == [3] * 8
+  r = np.asarray(forced_routing('random', 200, 3, 8))
+  assert all(len(set(row)) == 3 for row in r) and r.min() >= 0 and r.max() < 8
+  counts = np.bincount(r.ravel(), minlength=8)
+  assert counts.sum() == 600 and counts.max() > counts.min()
+  assert not np.array_equal(r, np.asarray(forced_routing('random', 200, 3, 8, seed=1)))
+
+
+def test_bench_moe_forced_routing_rows(capsys):
+  main(['moe', '--tokens', '128', '--seq', '64', '--d-model', '16', '--experts', '4',
+        '--expert-dim', '8', '--top-k', '2', '--reps', '1', '--capacity-factors', '1.0',
+        '--group-size', '0', '--routing', 'balanced', '--meshes'])
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert {r['routing'] for r in rows} == {'balanced'}
+  # Every expert exactly its share: capacity at factor 1.0 (C = T K / N) drops nothing.
+  assert next(r for r in rows if r['case'] == 'capacity_cf1')['dropped_fraction'] == 0.0
 
 
 def test_bench_moe_smoke(capsys):
@@ -85,3 +109,28 @@ def test_bench_data_smoke(capsys, tmp_path):
     assert r['tokens_per_s'] > 0 and r['times_train_step'] == r['tokens_per_s'] / rows[2][
         'tokens_per_s']
     assert abs(r['tokens_per_s'] - r['batches_per_s'] * 4 * 16) <= 1e-9 * r['tokens_per_s']
+
+
+@pytest.mark.slow
+def test_bench_accelerator_runs_on_cpu_at_small_shapes(tmp_path, capsys):
+  """The accelerator check end to end on the CPU (8 simulated devices: expert parallelism
+  included): every numerics row within tolerance, the layer rows at 8, 64 and 256 experts for
+  each backend, the train step with its TFLOP/s, and the two files."""
+  assert main(['accelerator', '--out', str(tmp_path), '--no_tests', '--json']) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  numerics = [r for r in rows if r['check'] == 'numerics']
+  assert numerics and all(r['ok'] for r in numerics), [r for r in numerics if not r['ok']]
+  assert {r['dispatch'] for r in numerics} >= {'capacity', 'einsum', 'dropless', 'all_to_all',
+                                               'ring'}
+  assert {r['block'] for r in numerics} == {'swiglu', 'mlp'}
+  layer = [r for r in rows if r['check'] == 'moe_layer']
+  assert {r['experts'] for r in layer} == {8, 64, 256}
+  assert {r['routing'] for r in layer} == {'learned', 'balanced'}
+  assert {'dense_ffn', 'dropless_blocked', 'dropless_ragged_dot'} <= {r['case'] for r in layer}
+  train = [r for r in rows if r['check'] == 'train_step']
+  assert [r['case'] for r in train] == ['dense', 'moe_dropless']
+  assert all(r['tflops_per_device'] > 0 and r['mfu'] is None for r in train)  # CPU: no peak
+  saved = json.load(open(tmp_path / 'accelerator.json'))
+  assert saved['header']['small_shapes'] and len(saved['rows']) == len(rows)
+  md = (tmp_path / 'accelerator.md').read_text()
+  assert '## Numerics' in md and '## Train step' in md and '| 256 |' in md

@@ -33,6 +33,7 @@ def _dense(x, index, gates, w, first, num_local):
   return jnp.einsum('tef,efd,te->td', h, w[2], gate)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize('block', [1, 3, 4, 64])
 @pytest.mark.parametrize('first,num_local', [(0, 6), (2, 3)])
 def test_fused_matches_loop_reference(block, first, num_local):
@@ -46,6 +47,7 @@ def test_fused_matches_loop_reference(block, first, num_local):
   np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize('block,first,num_local', [(3, 0, 6), (2, 2, 3)])
 def test_fused_gradients_match_dense_autodiff(block, first, num_local):
   x, index, gates, w = _problem()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from moejax import kernels
 from moejax.moe.dispatch.capacity import CapacityDispatch, capacity_slots, expert_capacity
 from moejax.moe.dispatch.einsum import EinsumDispatch
 from moejax.moe.experts.swiglu import SwiGLUExperts
@@ -115,8 +116,11 @@ def _layer(dispatch, backend='auto'):
   return MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), c.model.d_model)
 
 
+TOKAMAX = pytest.mark.skipif(not kernels.available('tokamax'),
+                             reason="the tokamax backend needs the kernels extra (pip install "
+                             "'moejax[kernels]')")
 PATHS = [('capacity', 'auto'), ('einsum', 'auto'), ('dropless', 'blocked'),
-         ('dropless', 'ragged_dot')]
+         ('dropless', 'ragged_dot'), pytest.param('dropless', 'tokamax', marks=TOKAMAX)]
 
 
 @pytest.fixture(scope='module')
@@ -137,6 +141,7 @@ def _numpy_router(x, w, k, norm):
   return index, weights
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize('dispatch,backend', PATHS)
 def test_moe_layer_matches_loop_reference(layer_case, dispatch, backend):
   x, params = layer_case
@@ -167,6 +172,7 @@ def _dense_reference(params, x):
   return y.reshape(x.shape)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize('dispatch,backend', PATHS)
 def test_moe_layer_gradients_match_dense_reference(layer_case, dispatch, backend):
   x, params = layer_case

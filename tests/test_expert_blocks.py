@@ -14,7 +14,7 @@ from moejax.errors import ConfigError
 from moejax.moe.layer import MoEFFN
 
 from conftest import tiny_config, train_side_by_side, trainer_on
-from test_dispatch import _numpy_router
+from test_dispatch import TOKAMAX, _numpy_router
 
 _erf = np.vectorize(math.erf)
 ACT = {'relu': lambda a: np.maximum(a, 0), 'gelu': lambda a: 0.5 * a * (1 + _erf(a / 2 ** 0.5))}
@@ -54,10 +54,12 @@ def _reference(tokens, p, activation):
   return y
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize('dispatch,backend,activation', [
     ('capacity', 'auto', 'relu'), ('einsum', 'auto', 'relu'), ('dropless', 'blocked', 'relu'),
     ('dropless', 'ragged_dot', 'relu'), ('all_to_all', 'auto', 'relu'),
-    ('ring', 'blocked', 'relu'), ('dropless', 'blocked', 'gelu')])
+    ('ring', 'blocked', 'relu'), ('dropless', 'blocked', 'gelu'),
+    pytest.param('dropless', 'tokamax', 'relu', marks=TOKAMAX)])
 def test_every_dispatch_path_runs_the_mlp_block(case, dispatch, backend, activation):
   x, params = case
   assert set(params['params']['experts']) == {'wi', 'wo'}
@@ -68,7 +70,9 @@ def test_every_dispatch_path_runs_the_mlp_block(case, dispatch, backend, activat
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot'])
+@pytest.mark.accelerator
+@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot',
+                                     pytest.param('tokamax', marks=TOKAMAX)])
 def test_mlp_gradients_match_an_all_experts_formulation(case, backend):
   x, params = case
   layer = _layer(backend=backend)

@@ -131,6 +131,7 @@ def case():
   return x, params
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize('dispatch,backend', [
     ('capacity', 'auto'), ('einsum', 'auto'), ('dropless', 'blocked'),
     ('dropless', 'ragged_dot'), ('all_to_all', 'auto'), ('ring', 'blocked')])

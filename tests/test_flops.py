@@ -50,3 +50,27 @@ def test_tied_embeddings_count_as_the_head_and_mla_by_its_dims():
   m.attention = 'mla'
   m.mla.qk_nope_head_dim, m.mla.qk_rope_head_dim, m.mla.v_head_dim = 8, 4, 6
   assert flops_per_token(m, 16)['attention'] == 3 * 2 * 16 * 4 * (8 + 4 + 6)
+
+
+@pytest.mark.parametrize('kind,peak', [
+    ('TPU v4', 275.0), ('TPU v5 lite', 197.0), ('TPU v5p', 459.0), ('TPU v6 lite', 918.0),
+    ('NVIDIA A100-SXM4-80GB', 312.0), ('NVIDIA H100 80GB HBM3', 989.0), ('NVIDIA H200', 989.0),
+    ('NVIDIA B200', 2250.0), ('cpu', 0.0)])
+def test_peak_by_device_kind(kind, peak):
+  from moejax.costs.flops import peak_tflops
+  assert peak_tflops(kind) == peak
+  assert peak_tflops(kind, 123.0) == 123.0  # train.peak_tflops overrides the table
+
+
+def test_throughput_is_flops_times_tokens_over_devices_and_peak():
+  import jax
+  from moejax.training.loop import Throughput
+  c = tiny_config()
+  c.train.peak_tflops = 2.0
+  perf = Throughput(c)
+  per_token = flops_per_token(c.model, 16)['train']
+  out = perf.of(1e6)
+  assert out['perf/tflops_per_device'] == pytest.approx(per_token * 1e6 / jax.device_count() / 1e12)
+  assert out['perf/mfu'] == pytest.approx(out['perf/tflops_per_device'] / 2.0)
+  c.train.peak_tflops = 0.0
+  assert 'perf/mfu' not in Throughput(c).of(1e6)  # CPU: no peak, no MFU

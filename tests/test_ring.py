@@ -11,7 +11,7 @@ from moejax.kernels.grouped import dropless_swiglu, grouped_swiglu
 from moejax.costs.planner import all_to_all, parse_mesh
 
 from conftest import tiny_config, train_side_by_side, trainer_on
-from test_dispatch import loop_reference
+from test_dispatch import TOKAMAX, loop_reference
 
 ONE = dict(data=1, fsdp=1, expert=1, tensor=1)
 
@@ -32,7 +32,9 @@ def _problem(t=12, n=8, k=2, d=6, f=5, seed=0, nulls=False):
   return x, index, gates, w
 
 
-@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot'])
+@pytest.mark.accelerator
+@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot',
+                                     pytest.param('tokamax', marks=TOKAMAX)])
 @pytest.mark.parametrize('ranks,nulls', [(1, False), (2, False), (4, False), (4, True)])
 def test_expert_ranks_sum_to_the_loop_reference(backend, ranks, nulls):
   """Each rank computes only the choices of its N / EP experts; the sum over ranks (what the
@@ -50,7 +52,8 @@ def test_expert_ranks_sum_to_the_loop_reference(backend, ranks, nulls):
   np.testing.assert_allclose(total, loop_reference(x, index, gates, w), rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot'])
+@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot',
+                                     pytest.param('tokamax', marks=TOKAMAX)])
 def test_rows_past_the_groups_are_zero(backend):
   """Groups (2, 1) over 6 rows: rows 0-2 are computed, rows 3-5 (parked) are exactly zero."""
   x, _, _, w = _problem(n=2)
@@ -75,6 +78,7 @@ def test_planner_ring_bytes_hand_worked():
   assert all_to_all(m, parse_mesh('data=8'), 100, 'bf16')['ring_bytes_per_token_per_layer'] == 0
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize('mesh', [dict(data=1, fsdp=1, expert=8, tensor=1),
                                   dict(data=2, fsdp=1, expert=4, tensor=1)])
 def test_ring_on_8_devices_equals_dropless_on_1(mesh):

@@ -2,6 +2,8 @@
   python -m moejax.bench moe --json     the MoE layer against the dense FFN (bench/moe.py)
   python -m moejax.bench train --json   the whole train step, MoE against dense (bench/train.py)
   python -m moejax.bench data --json    the input pipeline against the train step (bench/data.py)
+  python -m moejax.bench accelerator --json --out=DIR   one check of a GPU or TPU (or the CPU at
+                                        small shapes): numerics, the layer, a train step, MFU
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from moejax import cli
 
 def parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog='python -m moejax.bench', description=__doc__.split('\n')[0])
-  sub = p.add_subparsers(dest='what', required=True, metavar='{moe,train,data}',
+  sub = p.add_subparsers(dest='what', required=True, metavar='{moe,train,data,accelerator}',
                          help='moe: the MoE layer; train: the whole train step; data: the input '
-                         'pipeline')
+                         'pipeline; accelerator: one check of this machine')
   m = sub.add_parser('moe', help='MoE layer vs dense FFN, forward + backward',
                      formatter_class=cli.HelpFormatter)
   m.add_argument('--tokens', type=int, default=8192, help='tokens per call')
@@ -31,7 +33,12 @@ def parser() -> cli.ArgumentParser:
   m.add_argument('--capacity-factors', type=float, nargs='*', default=[1.25],
                  help='one capacity-dispatch row per factor')
   m.add_argument('--ragged-dot', action='store_true',
-                 help='also time jax.lax.ragged_dot (very slow on CPU)')
+                 help='also time the ragged_dot backend (jax.lax.ragged_dot; very slow on CPU)')
+  m.add_argument('--tokamax', action='store_true',
+                 help="also time the tokamax backend (needs the kernels extra)")
+  m.add_argument('--routing', default='learned', choices=('learned', 'balanced', 'random'),
+                 help="the MoE rows' routing: the router's (learned), or forced: every expert "
+                 'the same load (balanced) or uniform random experts (random)')
   m.add_argument('--group-size', type=int, default=512,
                  help='einsum (GShard) path tokens per group; 0 skips it')
   m.add_argument('--hf', action='store_true', help="also time Hugging Face's DeepSeek-V3 MoE "
@@ -67,6 +74,16 @@ def parser() -> cli.ArgumentParser:
   d.add_argument('--batches', type=int, default=200, help='batches timed per loader')
   d.add_argument('--reps', type=int, default=5, help='timed train steps (the median)')
   d.add_argument('--json', action='store_true', help='one JSON object per line (the only output)')
+  acc = sub.add_parser('accelerator', help='one check of this machine: numerics of every '
+                       'path and backend, the MoE layer and a ~100M-parameter train step at '
+                       'bfloat16 with MFU (small shapes on CPU)', formatter_class=cli.HelpFormatter)
+  acc.add_argument('--out', required=True, help='folder for accelerator.json and accelerator.md')
+  acc.add_argument('--small', action='store_true',
+                   help='the small (CPU) shapes on an accelerator too')
+  acc.add_argument('--no_tests', action='store_true',
+                   help='skip running the tests marked accelerator (pytest -m accelerator)')
+  acc.add_argument('--json', action='store_true', help='one JSON object per line (the only output '
+                   'besides the files)')
   return p
 
 
@@ -77,6 +94,12 @@ def _main(argv=None):
     return _train(p, a)
   if a.what == 'data':
     return _data(p, a)
+  if a.what == 'accelerator':
+    from moejax.bench import accelerator
+    accelerator.run(a.out, small=True if a.small else None, tests=not a.no_tests,
+                    command='python -m moejax.bench ' + ' '.join(argv or sys.argv[1:]))
+    print(f"tables: {a.out}/accelerator.md, rows: {a.out}/accelerator.json", file=sys.stderr)
+    return 0
   for name in ('tokens', 'seq', 'd_model', 'experts', 'expert_dim', 'top_k', 'reps'):
     if getattr(a, name) < 1:
       p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
@@ -84,6 +107,10 @@ def _main(argv=None):
     p.error('--shared, --group-size and --block-size must be >= 0')
   if a.top_k > a.experts:
     p.error(f'--top-k={a.top_k} exceeds --experts={a.experts}')
+  if a.tokamax:
+    from moejax import kernels
+    if not kernels.available('tokamax'):
+      p.error("--tokamax: tokamax is not installed (pip install 'moejax[kernels]')")
   if a.dtype not in ('float32', 'bfloat16'):
     p.error(f"--dtype={a.dtype}: use float32 or bfloat16")
   if any(not f > 0 for f in a.capacity_factors):

@@ -9,7 +9,11 @@ matmuls forward, x3 for forward + backward, over its K routed and its shared exp
 router), temp_bytes (compiled temporary memory from memory_analysis()) and its ratio to the
 dense FFN's, and dropped_fraction.
 
-Also: the einsum (GShard) path at --group-size; with --hf (needs the torch extra) Hugging Face's
+--routing=balanced|random replaces the router's choice by a forced one (every expert the same
+load, or uniform random experts), so the dispatch and kernels are timed without the learned
+router's imbalance, next to the learned routing's cost (--routing=learned, the default).
+Also: --ragged-dot and --tokamax rows (the dropless kernels' grouped-matmul backends); the einsum
+(GShard) path at --group-size; with --hf (needs the torch extra) Hugging Face's
 DeepSeek-V3 MoE block on the same shape and our speed-up over it; and one 'all_to_all' row per
 --meshes entry with the per-layer bytes each device sends in expert parallelism (planner.py).
 """
@@ -38,9 +42,24 @@ def _time(fn, args, reps: int) -> float:
   return statistics.median(times) * 1e3
 
 
-def _fwd_bwd(module, x, cot):
+ROUTINGS = ('learned', 'balanced', 'random')
+
+
+def forced_routing(kind: str, tokens: int, k: int, num_experts: int, seed: int = 0):
+  """[T, K] experts to route to instead of the router's choice (MaxText's and Megatron's
+  forced routing for benchmarks): 'balanced', token t takes experts (t K + j) mod N, so every
+  expert gets T K / N (within one); 'random', K distinct experts drawn uniformly per token."""
+  if kind == 'balanced':
+    return ((jnp.arange(tokens)[:, None] * k + jnp.arange(k)) % num_experts).astype(jnp.int32)
+  keys = jax.random.split(jax.random.key(seed), tokens)
+  return jax.vmap(lambda key: jax.random.permutation(key, num_experts)[:k])(keys).astype(
+      jnp.int32)
+
+
+def _fwd_bwd(module, x, cot, replay=None):
   def loss(params, x):
-    y = module.apply(params, x)
+    y = module.apply(params, x) if replay is None else module.apply(params, x, None, True,
+                                                                    replay)
     y, aux = (y if isinstance(y, tuple) else (y, {}))
     return jnp.sum(y * cot), aux.get('dropped_fraction', jnp.zeros(()))
 
@@ -95,9 +114,10 @@ def bench_moe(a):
   cases = [('dense_ffn', SwiGLU(active * a.expert_dim, dtype)),
            ('experts_floor', ExpertsFloor(a.experts, a.top_k, a.expert_dim, a.shared, dtype))]
   cases.append(('dropless_blocked', MoEFFN(_moe_cfg(a, 'dropless', 'blocked'), a.d_model, dtype)))
-  if a.ragged_dot:
-    cases.append(('dropless_ragged_dot',
-                  MoEFFN(_moe_cfg(a, 'dropless', 'ragged_dot'), a.d_model, dtype)))
+  for backend in ('ragged_dot', 'tokamax'):
+    if getattr(a, backend, False):
+      cases.append((f'dropless_{backend}',
+                    MoEFFN(_moe_cfg(a, 'dropless', backend), a.d_model, dtype)))
   for f in a.capacity_factors:
     cases.append((f'capacity_cf{f:g}', MoEFFN(_moe_cfg(a, 'capacity', factor=f), a.d_model,
                                                dtype)))
@@ -106,9 +126,12 @@ def bench_moe(a):
     cases.append((f'einsum_g{a.group_size}_cf{f:g}',
                   MoEFFN(_moe_cfg(a, 'einsum', factor=f), a.d_model, dtype)))
   dense = None
+  routing = getattr(a, 'routing', 'learned')
+  replay = None if routing == 'learned' else forced_routing(routing, batch * a.seq, a.top_k,
+                                                            a.experts)
   for name, module in cases:
     params = nn.unbox(jax.jit(module.init)(jax.random.key(2), x))
-    fn = _fwd_bwd(module, x, cot)
+    fn = _fwd_bwd(module, x, cot, replay if isinstance(module, MoEFFN) else None)
     compiled = fn.lower(params, x).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     (_, dropped), _ = jax.block_until_ready(fn(params, x))  # also the warm-up run
@@ -121,7 +144,8 @@ def bench_moe(a):
         'ms': round(ms, 2), 'ratio_to_dense': round(ms / dense[0], 3),
         'active_gflops_per_s': round(flops / ms / 1e6, 2),
         'temp_bytes': int(temp), 'temp_ratio_to_dense': round(temp / max(dense[1], 1), 3),
-        'dropped_fraction': round(float(dropped), 4), 'backend': jax.default_backend()}
+        'dropped_fraction': round(float(dropped), 4), 'routing': routing,
+        'backend': jax.default_backend()}
 
 
 def all_to_all_rows(a):

@@ -3,8 +3,10 @@ MoE model against a dense model with the same active parameters and the same att
 
 Rows, one JSON object per line:
 - 'dense' and 'moe_<dispatch>' for each --dispatches entry: ms per step (median of --reps
-  after a warm-up), tokens/s, ratio to the dense step, compile seconds, compiled temporary
-  memory (memory_analysis) and its ratio to the dense step's;
+  after a warm-up), tokens/s, ratio to the dense step, model TFLOP/s per device (training
+  FLOPs per token, moejax/costs/flops.py, x tokens/s) and MFU against the device's bf16 peak
+  (None on CPU), compile seconds, compiled temporary memory (memory_analysis) and its ratio to
+  the dense step's;
 - 'compile_depth' for each --depths entry: compile seconds of the MoE step (first dispatch) at
   that depth. Layers are nn.scan stacks, so compile time should not grow with depth.
 
@@ -20,6 +22,8 @@ import jax
 import numpy as np
 
 from moejax.config import base_config
+from moejax.costs.flops import flops_per_token, peak_tflops
+from moejax.costs.parameters import count_params
 from moejax.training.workdir import open_run
 
 
@@ -43,6 +47,9 @@ def _config(a, dispatch: str | None, layers: int):
   c.data.seq_len, m.max_seq_len = a.seq, max(a.seq, 8)
   c.train.batch_size, c.train.steps, c.train.warmup_steps = a.batch, 1000, 10
   c.mesh.data = 1
+  m.dtype = getattr(a, 'dtype', 'float32')
+  if dispatch in ('dropless', 'ring'):
+    m.moe.experts.backend = getattr(a, 'backend', 'auto')
   return c
 
 
@@ -75,14 +82,21 @@ def bench_train(a):
   """Yields one row per case, as soon as it is measured."""
   tokens = a.batch * a.seq
   dense = None
+  peak = peak_tflops(jax.devices()[0].device_kind, getattr(a, 'peak_tflops', 0.0))
   for name, dispatch in [('dense', None)] + [(f'moe_{d}', d) for d in a.dispatches]:
-    compile_s, ms, temp = _step(a, _config(a, dispatch, a.layers), a.reps)
+    config = _config(a, dispatch, a.layers)
+    compile_s, ms, temp = _step(a, config, a.reps)
     if dense is None:
       dense = (ms, temp)
+    counts = count_params(config.model)
+    tflops = flops_per_token(config.model, a.seq)['train'] * tokens / ms * 1e3 / 1e12
     yield {'case': name, 'layers': a.layers, 'tokens_per_step': tokens, 'd_model': a.d_model,
            'experts': a.experts, 'top_k': a.top_k, 'shared': a.shared,
-           'expert_dim': a.expert_dim, 'ms': round(ms, 2),
+           'expert_dim': a.expert_dim, 'params': counts['total'],
+           'active_params': counts['active'], 'dtype': config.model.dtype, 'ms': round(ms, 2),
            'tokens_per_sec': round(tokens / ms * 1e3), 'ratio_to_dense': round(ms / dense[0], 3),
+           'tflops_per_device': round(tflops, 4),
+           'mfu': round(tflops / peak, 4) if peak else None,
            'compile_s': round(compile_s, 2), 'temp_bytes': int(temp),
            'temp_ratio_to_dense': round(temp / max(dense[1], 1), 3),
            'backend': jax.default_backend()}

@@ -86,3 +86,24 @@ def train_flops(config) -> float:
   t = config.train
   tokens = t.steps * t.batch_size * config.data.seq_len
   return flops_per_token(config.model, config.data.seq_len)['train'] * tokens
+
+
+# Dense bfloat16 peak TFLOP/s per chip, the figure model FLOPs utilisation (MFU) is quoted
+# against (MaxText's convention), by a substring of jax's device_kind. From the vendors' data
+# sheets: TPU v4 275, v5e 197, v5p 459, v6e (Trillium) 918; NVIDIA A100 312, H100 (SXM) 989,
+# H200 989, B200 2250.
+PEAK_TFLOPS = (('TPU v4', 275.0), ('TPU v5 lite', 197.0), ('TPU v5e', 197.0),
+               ('TPU v5p', 459.0), ('TPU v5', 459.0), ('TPU v6 lite', 918.0),
+               ('TPU v6e', 918.0), ('A100', 312.0), ('H100', 989.0), ('H200', 989.0),
+               ('B200', 2250.0))
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float:
+  """The device's dense bf16 peak (TFLOP/s): `override` when set, else the table's; 0 when
+  unknown (a CPU), which leaves MFU unreported."""
+  if override:
+    return float(override)
+  for key, value in PEAK_TFLOPS:
+    if key.lower() in device_kind.lower():
+      return value
+  return 0.0

@@ -28,7 +28,8 @@ from moejax.training.metrics import read_metrics
 BASE_COLUMNS = (('val_loss', 'val loss'), ('val_loss_se', 'eval SE'),
                 ('val_bpb', 'val bits/byte'), ('max_vio_global', 'MaxVio global'),
                 ('dropped_fraction', 'dropped'), ('active_experts', 'experts/token'),
-                ('tokens_per_sec', 'tokens/s'))
+                ('tokens_per_sec', 'tokens/s'), ('tflops_per_device', 'TFLOP/s/device'),
+                ('mfu', 'MFU'))
 SECONDARY = (('val_bpb', 'val bits/byte'), ('max_vio_global', 'MaxVio global'))
 
 
@@ -247,7 +248,7 @@ def _seeds(results: dict) -> str:
   return '/'.join(sorted({str(len(rs)) for rs in results.values()}))
 
 
-def _commit() -> str:
+def commit() -> str:
   """The commit the report was written from (+ a note if the tree had changes), or the
   installed package's version."""
   here = os.path.dirname(os.path.abspath(__file__))
@@ -305,7 +306,9 @@ def header(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> list
       f'{m.moe.num_experts} experts of width {m.moe.expert_ffn_dim}, K={m.moe.num_experts_per_tok}'
       f', batch {c.train.batch_size} x {c.data.seq_len} tokens, data `{c.data.source}`, dtype '
       f'{m.dtype}; each arm\'s overrides are listed under "Arms".',
-      f'- Commit {_commit()}; wall time of the runs {wall / 60:.1f} min (their last sessions)'
+      f'- Report written at commit {commit()}; runs trained at '
+      f"{', '.join(sorted({r.get('commit', 'an unrecorded commit') for r in everything}))}; "
+      f'wall time of the runs {wall / 60:.1f} min (their last sessions)'
       + (f'; {diverged} run(s) diverged and are counted, not averaged' if diverged else '') + '.',
       '']
 

@@ -224,7 +224,6 @@ def summarize_run(rows: list[dict], config, exp: Experiment, post: dict) -> dict
   evaluation, training FLOPs and throughput, the experiment's own columns."""
   from moejax.costs.flops import train_flops
   evals = [r for r in rows if 'eval/loss' in r]
-  speeds = [r['perf/tokens_per_sec'] for r in rows if 'perf/tokens_per_sec' in r][1:]  # compile
   last = evals[-1] if evals else {}
   src = 'final' if 'final/loss' in last else 'eval'
   t = config.train
@@ -238,13 +237,21 @@ def summarize_run(rows: list[dict], config, exp: Experiment, post: dict) -> dict
          'dropped_fraction': last.get(f'{src}/dropped_fraction'),
          'active_experts': last.get(f'{src}/active_experts'),
          'periodic_eval_loss': last.get('eval/loss'),
-         'tokens_per_sec': float(np.median(speeds)) if speeds else None,
+         'tokens_per_sec': _median(rows, 'perf/tokens_per_sec'),
+         'tflops_per_device': _median(rows, 'perf/tflops_per_device'),
+         'mfu': _median(rows, 'perf/mfu'),
          'train_tokens': t.steps * t.batch_size * config.data.seq_len,
          'train_flops': train_flops(config)}
   for name, fn in exp.columns.items():
     out[name] = fn(rows, config)
   out.update(post)
   return out
+
+
+def _median(rows, key):
+  """The median of a logged value after the first (compiling) interval, or None."""
+  values = [r[key] for r in rows if key in r][1:]
+  return float(np.median(values)) if values else None
 
 
 def post_evaluate(config, run_dir: str, overrides: dict) -> float:
@@ -311,6 +318,7 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
 def _train_one(exp: Experiment, key: RunKey, c, workdir: str, run_dir: str, train,
                upcycle) -> dict:
   """Train one run (resuming it) and summarize it; a diverged run's result says so."""
+  from moejax.experiment.report import commit
   spec = exp.arm(key.arm)
   start = time.time()
   if spec.upcycle_from and not os.path.isdir(os.path.join(run_dir, 'checkpoints')):
@@ -320,8 +328,10 @@ def _train_one(exp: Experiment, key: RunKey, c, workdir: str, run_dir: str, trai
     train(c, run_dir)
   except Diverged as e:
     return {'diverged': str(e), 'wall_s': time.time() - start,  # this session's time
-            'train_tokens': c.train.steps * c.train.batch_size * c.data.seq_len}
+            'train_tokens': c.train.steps * c.train.batch_size * c.data.seq_len,
+            'commit': commit()}
   post = {f'{n}/loss': post_evaluate(c, run_dir, exp.post_eval(n).overrides)
           for n in post_evals_of(exp, key.arm)}
   rows = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
-  return {**summarize_run(rows, c, exp, post), 'wall_s': time.time() - start}
+  return {**summarize_run(rows, c, exp, post), 'wall_s': time.time() - start,
+          'commit': commit()}

@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels import resolve_backend
+from moejax.kernels import GROUPED, ragged_dot, resolve_backend
 from moejax.kernels.blocked import blocked_swiglu, fused_dropless
 
 
@@ -16,8 +16,9 @@ def grouped_swiglu(x_sorted, group_sizes, wi_0, wi_1, wo, backend: str = 'auto',
                    block_size: int = 0):
   """Rows sorted by expert [M, D], group e holds group_sizes[e] rows -> [M, D]. Rows past
   sum(group_sizes) belong to no expert and come out zero (dispatchers park rows there)."""
-  if resolve_backend(backend) == 'ragged_dot':
-    rd = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes)
+  backend = resolve_backend(backend)
+  if backend in GROUPED:
+    rd = functools.partial(ragged_dot(backend), group_sizes=group_sizes)
     h = jax.nn.silu(rd(x_sorted, wi_0)) * rd(x_sorted, wi_1)
     valid = jnp.arange(x_sorted.shape[0]) < jnp.sum(group_sizes)
     return jnp.where(valid[:, None], rd(h, wo), 0)
@@ -29,7 +30,7 @@ def dropless_swiglu(x, expert_index, gates, num_local: int, first, weights, back
   """sum over each token's choices among experts first .. first + num_local - 1 (weights
   (wi_0, wi_1, wo) of those experts) of gate * SwiGLU_e(x) [T, D]; other choices add nothing.
   'blocked' runs the fused kernel (tokens gathered per block, no sorted copies); 'ragged_dot'
-  sorts the assignments and runs the grouped matmul. num_experts: all the experts the choices
+  and 'tokamax' sort the assignments and run their grouped matmul. num_experts: all the experts the choices
   go to (default num_local), for the automatic block size."""
   if resolve_backend(backend) == 'blocked':
     return fused_dropless(x, expert_index, gates, num_local, first, *weights, block_size,

@@ -230,6 +230,7 @@ class _Loop:
     t, config = self.t, self.config
     eval_causal = float(routing_is_causal(config.model, train=False))
     tokens_per_step = t.batch_size * config.data.seq_len
+    perf = Throughput(config)
     last, tick, ticked_step = {}, time.perf_counter(), start
     step, pending = start, None  # pending: (step, metrics) whose finite flag is still unread
     while step < t.steps:
@@ -253,6 +254,7 @@ class _Loop:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         metrics['perf/tokens_per_sec'] = tokens_per_step * (step - ticked_step) / (now - tick)
+        metrics.update(perf.of(metrics['perf/tokens_per_sec']))
         tick, ticked_step = now, step
         if self.guard.skipped:
           metrics['train/skipped_steps'] = self.guard.skipped
@@ -279,6 +281,25 @@ class _Loop:
     return last
 
 
+class Throughput:
+  """Model FLOPs per second per device and utilisation (MFU) from the tokens per second:
+  training FLOPs per token (moejax/costs/flops.py) x tokens/s / devices, against the device's
+  dense bf16 peak (train.peak_tflops, else the table by device kind; unknown on CPU)."""
+
+  def __init__(self, config):
+    from moejax.costs.flops import flops_per_token, peak_tflops
+    self.flops = flops_per_token(config.model, config.data.seq_len)['train']
+    self.devices = jax.device_count()
+    self.peak = peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops)
+
+  def of(self, tokens_per_sec: float) -> dict:
+    tflops = self.flops * tokens_per_sec / self.devices / 1e12
+    out = {'perf/tflops_per_device': tflops}
+    if self.peak:
+      out['perf/mfu'] = tflops / self.peak
+    return out
+
+
 def summary_line(last: dict, config) -> str:
   """The command's last line: the losses that are on, evaluation, speed."""
   if last.get('finished'):
@@ -298,7 +319,7 @@ def _pairs(last: dict, config) -> str:
   if last.get('eval/active_experts', config.model.moe.num_experts_per_tok) != (
       config.model.moe.num_experts_per_tok):
     keys.append('eval/active_experts')  # routed experts per token, when not always K
-  keys.append('perf/tokens_per_sec')
+  keys += ['perf/tokens_per_sec', 'perf/tflops_per_device', 'perf/mfu']
   return ', '.join(f'{k} {float(last[k]):.4g}' for k in keys if k in last
                    and getattr(last[k], 'ndim', 0) == 0 and not isinstance(last[k], list))
 

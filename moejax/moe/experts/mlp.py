@@ -6,7 +6,7 @@ It keeps the expert block's contract (moe/experts/base.py): weights() stacked wi
 first, and shard(weights) whose capacity / grouped / dropless calls are all any dispatcher
 makes, so every dispatch path, expert parallelism included, runs it unchanged. Its grouped
 experts run on 'ragged_dot' (TPU/GPU) or 'blocked' (CPU: blocks of one expert each,
-differentiated by autodiff; moe/blocked.py blocked_ffn); dropless sorts the (token, choice)
+differentiated by autodiff; kernels/blocked.py blocked_ffn); dropless sorts the (token, choice)
 pairs by expert (experts.dropless_combine).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from moejax.kernels import resolve_backend
+from moejax.kernels import GROUPED, ragged_dot, resolve_backend
 from moejax.kernels.blocked import blocked_ffn
 from moejax.kernels.grouped import dropless_combine
 from moejax.moe.experts.base import ExpertBlock, register
@@ -84,10 +84,12 @@ class MLPShard:
     wi, wo = self.weights
     x_sorted = x_sorted.astype(wi.dtype)
     with jax.named_scope('experts'):
-      if resolve_backend(self.backend) == 'ragged_dot':
-        h = ACTIVATIONS[self.activation](jax.lax.ragged_dot(x_sorted, wi, group_sizes))
+      backend = resolve_backend(self.backend)
+      if backend in GROUPED:
+        rd = ragged_dot(backend)
+        h = ACTIVATIONS[self.activation](rd(x_sorted, wi, group_sizes))
         valid = jnp.arange(x_sorted.shape[0]) < jnp.sum(group_sizes)
-        return jnp.where(valid[:, None], jax.lax.ragged_dot(h, wo, group_sizes), 0)
+        return jnp.where(valid[:, None], rd(h, wo, group_sizes), 0)
       return blocked_ffn(x_sorted, group_sizes, self._one, self.weights, self.block_size)
 
   def dropless(self, x, index, gates, first):
