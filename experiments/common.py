@@ -13,7 +13,7 @@ from moejax.experiment import Rung
 # --smoke: a few steps on a small slice of the corpus, so the tests can run every experiment.
 SMOKE = {'train.steps': 4, 'train.warmup_steps': 1, 'train.log_every': 2, 'train.eval_every': 2,
          'train.checkpoint_every': 2, 'train.eval_batches': 1, 'train.batch_size': 8,
-         'data.seq_len': 32, 'data.max_bytes': 100_000, 'train.final_eval_batches': 1}
+         'data.seq_len': 32, 'data.max_bytes': 100_000, 'train.final_eval_batches': 2}
 
 
 def base(steps: int = 200):

@@ -147,3 +147,21 @@ def test_eval_batches_sample_the_whole_split_the_same_every_time():
   es = pipeline.eval_set(chunks, 4, 5)
   assert (es.tokens, es.sequences, es.split_tokens) == (80, 20, 801)
   assert '80 tokens in 20 sequences (10.0% of the split' in es.label()
+
+
+def test_the_evaluation_loss_is_the_mean_over_sequences_with_its_standard_error():
+  """Two batches of two sequences with per-sequence losses 1, 2 and 3, 4: the loss is their
+  mean 2.5 and its standard error sd / sqrt(4) = 1.2910 / 2."""
+  from moejax.training.loop import evaluate
+
+  class Fake:
+    def __init__(self):
+      self.rows = iter([np.array([1.0, 2.0]), np.array([3.0, 4.0])])
+
+    def eval_step(self, state, batch):
+      rows = next(self.rows)
+      return {'eval/loss': np.float32(rows.mean()), 'eval/row_loss': rows}
+  out = evaluate(Fake(), None, [None, None])
+  assert out['eval/loss'] == pytest.approx(2.5)
+  assert out['eval/loss_se'] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+

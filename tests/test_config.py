@@ -124,3 +124,16 @@ def test_quickstart_parameter_counts():
                                                                            786048)
   # Hand count of the routed experts: 3 MoE layers x 16 experts x 3 matrices of 128 x 64.
   assert counts['routed_experts'] == 3 * 16 * 3 * 128 * 64
+
+
+def test_a_mesh_that_does_not_fit_blames_the_axes_that_were_set():
+  c = base_config()
+  c.mesh.expert = 3
+  with pytest.raises(ConfigError, match=r'^config.mesh.expert=3: does not divide the 8 devices '
+                     r'\(mesh.data=-1 takes the rest\); pick a divisor of 8$'):
+    mesh_shape(c.mesh, 8)
+  c.mesh.tensor = 2
+  with pytest.raises(ConfigError, match=r"^config.mesh=\{'expert': 3, 'tensor': 2\}: these axes "
+                     r'multiply to 6, which does not divide the 8 devices'):
+    mesh_shape(c.mesh, 8)
+

@@ -267,3 +267,34 @@ def test_a_loss_is_one_row_and_its_function(monkeypatch):
   metrics = moe_metrics(stacked)
   assert float(metrics['moe/peak_loss']) == pytest.approx(float(aux['peak_loss']))
   assert 'moe/peak_loss 0.' in summary_line({'step': 1, **jax.device_get(metrics)}, c)
+
+
+def test_a_loss_off_is_not_computed_but_the_monitors_always_are():
+  """Weight 0: the Switch loss (a monitor) is still computed and logged, the sequence-wise
+  loss is not; with its weight on, it is."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+
+  def aux_of(**fields):
+    c = _config(**fields)
+    layer = MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), c.model.d_model)
+    return layer.apply(layer.init(jax.random.key(1), x), x)[1]
+  off = aux_of(balance__aux_loss_weight=0.0)
+  assert 'aux_loss' in off and 'z_loss' in off and 'seq_aux_loss' not in off
+  assert float(off['aux_loss']) > 0.9  # the real value, about 1 near uniform routing
+  assert 'seq_aux_loss' in aux_of(balance__seq_aux_loss_weight=1e-2)
+
+
+def test_the_l1_penalty_is_weighted_by_the_layers_adaptive_coefficient():
+  """ReLU routing: the layer's loss is the config's weights times their losses plus the
+  coefficient in the layer state (not balance.l1_target) times the L1 penalty."""
+  c = _config(router__name='relu', balance__l1_target=2.0, balance__l1_init=0.25,
+              balance__aux_loss_weight=0.0)
+  layer = MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), c.model.d_model)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  v = layer.init(jax.random.key(1), x)
+  assert float(v['moe_state']['l1_coef']) == 0.25
+  _, aux = layer.apply(v, x)
+  want = c.model.moe.balance.z_loss_weight * aux['z_loss'] + 0.25 * aux['l1_loss']
+  np.testing.assert_allclose(aux['loss'], want, rtol=1e-6)
+  assert float(aux['l1_loss']) > 0
+

@@ -199,3 +199,24 @@ def test_capacity_drops_under_small_factor(layer_case):
   layer = MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), 32)
   _, aux = layer.apply(params, x, train=True)
   assert 0.4 <= float(aux['dropped_fraction']) < 1.0  # at least half the choices cannot fit
+
+
+@TOKAMAX
+def test_the_tokamax_backend_runs_tokamax(layer_case, monkeypatch):
+  """experts.backend='tokamax' goes through tokamax.ragged_dot (the same numbers as XLA's
+  ragged_dot on CPU, so only a spy can tell)."""
+  import tokamax
+  calls = []
+  real = tokamax.ragged_dot
+
+  def spy(*args, **kwargs):
+    calls.append(args[0].shape)
+    return real(*args, **kwargs)
+  monkeypatch.setattr(tokamax, 'ragged_dot', spy)
+  x, params = layer_case
+  _layer('dropless', 'tokamax').apply(params, x)
+  assert len(calls) == 3  # wi_0, wi_1 and wo of the SwiGLU experts
+  calls.clear()
+  _layer('dropless', 'ragged_dot').apply(params, x)
+  assert not calls
+

@@ -92,7 +92,12 @@ def test_runner_table_plots_no_rerun_and_a_diverged_run(tmp_path, monkeypatch):
   assert [len(results[a]) for a in arms] == [3, 3]
   r = json.load(open(os.path.join(workdir, 'sign_1e-2', 'seed_0', 'result.json')))
   assert r['final_step'] == 4 and r['val_loss'] > 0 and r['tokens_per_sec'] > 0
-  assert r['eval_tokens'] == 8 * 32 and r['val_loss_se'] > 0 and r['train_flops'] > 0
+  # The result is the final evaluation (2 batches), not the last periodic one (1 batch).
+  rows = [row for row in experiment.runner.read_metrics(
+      os.path.join(workdir, 'sign_1e-2', 'seed_0', 'metrics.jsonl')) if 'final/loss' in row]
+  assert r['val_loss'] == rows[-1]['final/loss'] != r['periodic_eval_loss']
+  assert r['eval_tokens'] == 2 * 8 * 32 and r['val_loss_se'] == rows[-1]['final/loss_se'] > 0
+  assert r['train_flops'] > 0
   assert 'diverged' in results['sign_1e-2'][2]
   # Different seeds are different runs.
   assert results[arms[0]][0]['val_loss'] != results[arms[0]][1]['val_loss']
