@@ -159,6 +159,11 @@ def base_config() -> ml_collections.ConfigDict:
   # accelerators prefer matmul sizes in multiples of 128; the padded ids are never seen).
   dt.vocab_multiple = 1
   dt.seq_len = 128
+  # A routing trace to train on (python -m moejax.routes --trace, or an inference engine's
+  # routed experts with their tokens; format in moejax/routes/trace.py): the training batches
+  # are its sequences (data.seq_len + 1 tokens each), every MoE layer routed as recorded
+  # (router replay). Evaluation stays on the validation sets above. main --replay=FILE sets it.
+  dt.replay = ''
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 300

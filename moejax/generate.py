@@ -38,9 +38,10 @@ def empty_cache(model: Transformer, batch: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def decode(model, variables, cache, tokens, positions):
-  """Run tokens [b, s] at absolute positions [b, s] through the cache: (logits, new cache)."""
-  (logits, _), mutated = model.apply({**variables, 'cache': cache}, tokens, positions,
+def decode(model, variables, cache, tokens, positions, replay=None):
+  """Run tokens [b, s] at absolute positions [b, s] through the cache: (logits, new cache).
+  replay [M, b * s, K]: route the MoE layers as recorded."""
+  (logits, _), mutated = model.apply({**variables, 'cache': cache}, tokens, positions, replay,
                                      mutable=['cache'])
   return logits, mutated['cache']
 
@@ -61,9 +62,10 @@ def sample_token(logits, rng, temperature: float, top_p: float):
 
 def generate(model_cfg, variables, prompt: np.ndarray, max_new_tokens: int, temperature=0.8,
              top_p=0.95, seed=0, stop_at_eos=True, eos_id: int = ByteTokenizer.eos_id,
-             num_tokens: int | None = None) -> np.ndarray:
+             num_tokens: int | None = None, replay=None) -> np.ndarray:
   """prompt [b, P] int -> generated ids [b, max_new_tokens] (EOS-padded after an EOS).
-  num_tokens: the tokenizer's size; ids past it (vocab_size padding) are never sampled."""
+  num_tokens: the tokenizer's size; ids past it (vocab_size padding) are never sampled.
+  replay [b, P, M, K]: the prompt's routes (a trace's), replayed in the prefill."""
   if not routing_is_causal(model_cfg, train=False):
     raise ConfigError('this model routes non-causally at evaluation (capacity dispatch with '
                       "priority='choice', or expert choice with ec_eval='expert_choice'); "
@@ -76,7 +78,10 @@ def generate(model_cfg, variables, prompt: np.ndarray, max_new_tokens: int, temp
   model = decoding_model(model_cfg, cache_len)
   cache = empty_cache(model, b)
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-  logits, cache = decode(model, variables, cache, jnp.asarray(prompt), positions)
+  if replay is not None:
+    from moejax.routes.trace import to_model
+    replay = jnp.asarray(to_model(replay))
+  logits, cache = decode(model, variables, cache, jnp.asarray(prompt), positions, replay)
   rng = jax.random.key(seed)
   out, done = [], np.zeros((b,), bool)
   def trim(logits):
@@ -123,6 +128,12 @@ def parser():
   p.add_argument('--seed', type=int, default=0, help='the sampling seed')
   p.add_argument('--step', type=int, default=None,
                  help='a checkpoint step (None: the newest intact one)')
+  p.add_argument('--replay', default=None, metavar='FILE',
+                 help='a routing trace (python -m moejax.routes --trace): the prompt is its '
+                 'sequence --replay_row, prefilled with the MoE layers routed as recorded '
+                 '(instead of --prompt); the new tokens route as usual')
+  p.add_argument('--replay_row', type=int, default=0,
+                 help="which of the trace's sequences is the prompt (0: the first)")
   return p
 
 
@@ -137,13 +148,29 @@ def _main(argv=None) -> int:
   if os.path.exists(a.workdir) and not os.path.isdir(a.workdir):
     raise ConfigError(f'--workdir={a.workdir} is a file; give a training run\'s directory')
   tok = tokenizers.for_run(a.workdir)  # the run's tokenizer (bytes when it has none)
+  replay, text = None, a.prompt
+  if a.replay:
+    from moejax.routes import trace as traces
+    if a.prompt:
+      raise ConfigError('--prompt and --replay: the prompt of a replay is the trace\'s '
+                        'sequence (--replay_row); give one of them')
+    trace = traces.read(a.replay)
+    if not 0 <= a.replay_row < len(trace.expert_index):
+      raise ConfigError(f'--replay_row={a.replay_row}: {a.replay} holds '
+                        f'{len(trace.expert_index)} sequences (rows 0 to '
+                        f'{len(trace.expert_index) - 1})')
   config, variables = load_checkpoint(a.workdir, a.step)
-  prompt = tok.encode(a.prompt) if a.prompt else np.array([tok.eos_id], np.int32)
-  if len(prompt) == 0:
-    prompt = np.array([tok.eos_id], np.int32)
+  if a.replay:
+    traces.check(trace, config.model, need_tokens=True)
+    prompt = np.asarray(trace.token_ids[a.replay_row], np.int32)
+    replay, text = np.asarray(trace.expert_index[a.replay_row:a.replay_row + 1]), None
+  else:
+    prompt = tok.encode(a.prompt) if a.prompt else np.array([tok.eos_id], np.int32)
+    if len(prompt) == 0:
+      prompt = np.array([tok.eos_id], np.int32)
   ids = generate(config.model, variables, prompt[None], a.max_new_tokens, a.temperature,
-                 a.top_p, a.seed, eos_id=tok.eos_id, num_tokens=tok.vocab_size)
-  print(a.prompt + tok.decode(ids[0]))
+                 a.top_p, a.seed, eos_id=tok.eos_id, num_tokens=tok.vocab_size, replay=replay)
+  print((tok.decode(prompt) if text is None else text) + tok.decode(ids[0]))
   return 0
 
 

@@ -26,6 +26,10 @@ def parser() -> cli.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
   cli.add_config_args(p)
   p.add_argument('--workdir', help='directory for checkpoints, metrics and plots (required)')
+  p.add_argument('--replay', default=None, metavar='FILE',
+                 help='train on a routing trace (python -m moejax.routes --trace=FILE, or an '
+                 "inference engine's routed experts [batch, seq, moe_layers, top_k] with the "
+                 'token ids), every MoE layer routed as recorded; sets config.data.replay')
   cli.add_distributed_args(p)
   return p
 
@@ -44,6 +48,8 @@ def _main(argv=None) -> int:
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   from moejax.training.loop import outputs_line, summary_line, train
+  if args.replay:
+    config.data.replay = os.path.abspath(args.replay)
   cli.init_distributed(args)
   last = train(config, args.workdir)
   print(summary_line(last, config))

@@ -167,8 +167,10 @@ def test_every_flag_of_every_command_has_help_text():
   from moejax.experiment import command as experiment_cmd
   from moejax.hf import __main__ as hf_cmd
   from moejax.prepare import __main__ as prepare_cmd
+  from moejax.routes import __main__ as routes_cmd
   parsers = [train_cmd.parser(), generate.parser(), upcycle.parser(), params.parser(),
-             hf_cmd.parser(), prepare_cmd.parser(), bench_cmd.parser(), experiment_cmd.parser()]
+             hf_cmd.parser(), prepare_cmd.parser(), bench_cmd.parser(), experiment_cmd.parser(),
+             routes_cmd.parser()]
   seen = 0
   for p in parsers:
     for prog, action in _actions(p):

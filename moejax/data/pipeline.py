@@ -49,6 +49,10 @@ class PackedChunks:
   def bytes_per_token(self) -> float:
     return self.stream.num_bytes / len(self.stream)
 
+  @property
+  def num_tokens(self) -> int:
+    return len(self.stream)
+
   def __len__(self):
     return (len(self.stream) - 1) // self.seq_len
 
@@ -78,7 +82,7 @@ class Splits:
   num_val_docs: int
 
 
-def _in_memory(data_cfg, seed: int, tok) -> Splits:
+def _in_memory(data_cfg, seed: int, tok, validation_only: bool = False) -> Splits:
   files = corpus.list_files(data_cfg.source, data_cfg.paths, data_cfg.file_glob)
   train_files, val_files = corpus.split_files(files, data_cfg.val_percent)
   dtype = shards.token_dtype(tok.vocab_size)
@@ -98,9 +102,12 @@ def _in_memory(data_cfg, seed: int, tok) -> Splits:
     return ArrayTokens(tokens, num_bytes, len(raw))
 
   order = np.random.default_rng(seed).permutation(len(train_files))
-  train = stream(train_files, order, data_cfg.max_bytes)
   val = stream(val_files)
   where = 'config.data.paths (or raise data.max_bytes)'
+  if validation_only:  # not read: the training text
+    return Splits([], [], {'': PackedChunks(val, data_cfg.seq_len, 'validation', where)},
+                  {'': 1.0}, tok, len(train_files), len(val_files))
+  train = stream(train_files, order, data_cfg.max_bytes)
   return Splits([PackedChunks(train, data_cfg.seq_len, where=where)], [1.0],
                 {'': PackedChunks(val, data_cfg.seq_len, 'validation', where)}, {'': 1.0}, tok,
                 len(train_files), len(val_files))
@@ -120,6 +127,18 @@ def parse_weighted(text: str, field: str) -> list[tuple[str, float]]:
       raise ConfigError(f'{field}: {part!r}: weights must be positive')
     out.append((key, weight))
   return out
+
+
+def validation_chunks(path: str, seq_len: int, field: str) -> PackedChunks:
+  """The validation split of a prepared folder, checked (errors name `field`)."""
+  meta = shards.read_metadata(path, field)
+  return PackedChunks(shards.open_split(path, meta, 'validation'), seq_len, 'validation', path)
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+  """Whether two folders (prepared corpora or workdirs) carry the same tokenizer file (or
+  both none: bytes)."""
+  return _tokenizer_id(a) == _tokenizer_id(b)
 
 
 def _tokenizer_id(path: str) -> str:
@@ -163,26 +182,27 @@ def _prepared(data_cfg) -> Splits:
     docs[0] += meta['splits']['train']['docs']
     docs[1] += meta['splits']['validation']['docs']
   for name, path in extra:
-    meta = shards.read_metadata(path, 'config.data.eval_sets')
+    chunks = validation_chunks(path, seq, 'config.data.eval_sets')
     if _tokenizer_id(path) != tok_id:
       raise ConfigError(f'config.data.eval_sets: {path} was prepared with another tokenizer '
                         'than the training data; its losses would not compare')
     if name in val:
       raise ConfigError(f'config.data.eval_sets: the name {name!r} is taken; write NAME=DIR')
-    val[name] = PackedChunks(shards.open_split(path, meta, 'validation'), seq, 'validation',
-                             path)
+    val[name] = chunks
   total = sum(val_weights.values())
   return Splits(train, weights, val, {k: w / total for k, w in val_weights.items()}, tok,
                 *docs)
 
 
-def load_splits(data_cfg, seed: int, vocab_size: int | None = None) -> Splits:
+def load_splits(data_cfg, seed: int, vocab_size: int | None = None,
+                validation_only: bool = False) -> Splits:
   """The training and evaluation data of a config; every corpus and tokenizer error (and a
-  model.vocab_size that does not fit the tokenizer) raised here, before anything compiles."""
+  model.vocab_size that does not fit the tokenizer) raised here, before anything compiles.
+  validation_only: the text of the training split is not read (splits.train may be empty)."""
   if data_cfg.source == 'prepared':
     splits = _prepared(data_cfg)
   else:
-    splits = _in_memory(data_cfg, seed, tokenizers.load(data_cfg.tokenizer))
+    splits = _in_memory(data_cfg, seed, tokenizers.load(data_cfg.tokenizer), validation_only)
   if vocab_size is not None:
     def fail(field, value, why):
       raise ConfigError(f'config.{field}={value}: {why}')
@@ -204,7 +224,10 @@ def check_batch(splits: Splits, batch_size: int, eval_batches: int) -> None:
                         'lower train.batch_size or data.seq_len, or give more validation text')
 
 
-def _to_example(rows: np.ndarray) -> dict:
+def _to_example(rows) -> dict:
+  if isinstance(rows, dict):  # a routing trace's sequences and their routes (data.replay)
+    return {'inputs': rows['tokens'][:, :-1], 'targets': rows['tokens'][:, 1:],
+            'replay': rows['routes'][:, :-1]}
   return {'inputs': rows[:, :-1], 'targets': rows[:, 1:]}
 
 

@@ -32,8 +32,8 @@ class MoEFFN(nn.Module):
     Returns:
       (y [b, s, d] in `dtype`, aux): aux['loss'] the weighted balance loss (a scalar), the
       unweighted losses (moe/losses.py), load statistics ('expert_load' [N], 'max_vio', 'cv',
-      'router_entropy', 'active_experts', 'active_experts_hist' [K + 1]), drop statistics, and
-      'expert_index' [b * s, K].
+      'router_entropy', 'active_experts', 'active_experts_hist' [K + 1]), drop statistics,
+      'expert_index' and 'combine_weights' [b * s, K].
     """
     cfg = self.moe
     b, s, d = x.shape
@@ -89,6 +89,7 @@ class MoEFFN(nn.Module):
         **balance.load_stats(counts, routing.probs),
         **balance.active_experts(routing, n),
         **stats,
-        'expert_index': routing.expert_index,  # [T, K] the routing, for replay
+        'expert_index': routing.expert_index,  # [T, K] the routing, for replay and traces
+        'combine_weights': routing.combine_weights,  # [T, K] their gate weights
     }
     return nn.with_logical_constraint(y, ('batch', 'length', 'act_embed')), aux

@@ -106,6 +106,9 @@ def train(config, workdir: str) -> dict:
   _make_workdir(workdir)
   # Corpus and tokenizer errors, also before compiling.
   splits = pipeline.load_splits(config.data, config.seed, config.model.vocab_size)
+  if config.data.replay:  # train on a routing trace, routed as recorded
+    from moejax.routes.trace import ReplayRows
+    splits.train, splits.weights = [ReplayRows.open(config.data.replay, config)], [1.0]
   pipeline.check_batch(splits, config.train.batch_size, config.train.eval_batches)
   if jax.process_index() == 0:
     tokenizers.copy_files(splits.tokenizer, workdir)  # generate reads it from the run
@@ -185,7 +188,7 @@ class _Loop:
     val = next(iter(splits.val.values()))
     self.writer.write(0, {
         'data/unigram_entropy_val': pipeline.unigram_entropy(val.tokens),
-        'data/train_tokens': sum(len(c.stream) for c in splits.train),
+        'data/train_tokens': sum(c.num_tokens for c in splits.train),
         'data/val_tokens': sum(len(c.stream) for c in splits.val.values()),
         'data/bytes_per_token_val': val.bytes_per_token,
         'data/train_docs': splits.num_train_docs, 'data/val_docs': splits.num_val_docs,

@@ -162,8 +162,12 @@ class Trainer:
     # The forward pass returns each MoE layer's loss-free bias update (from this step's global
     # expert counts) in the collection 'bias_updates'; the step applies it, never
     # differentiated.
+    replay = batch.get('replay')  # [b, s, M, K]: route as recorded (data.replay)
+    if replay is not None:
+      b, s, m, k = replay.shape
+      replay = jnp.transpose(replay, (2, 0, 1, 3)).reshape(m, b * s, k)
     (logits, aux), updates = self.model.apply(
-        {'params': params, **model_state}, batch['inputs'], rngs={'router': rng},
+        {'params': params, **model_state}, batch['inputs'], None, replay, rngs={'router': rng},
         mutable=['bias_updates'])
     new_state = balance.apply_bias_updates(model_state, updates)
     ce = cross_entropy(logits, batch['targets'])
