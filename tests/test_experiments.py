@@ -103,7 +103,7 @@ def test_runner_table_plots_no_rerun_and_a_diverged_run(tmp_path, monkeypatch):
   assert results[arms[0]][0]['val_loss'] != results[arms[0]][1]['val_loss']
   md = open(os.path.join(workdir, 'results.md')).read()
   assert '| sign_1e-2 | 2 (1 diverged) |' in md and '±' in md and 'smoke' in md
-  assert '1 run(s) diverged' in md and 'written at commit ' in md and '256 tokens' in md
+  assert '1 run(s) diverged' in md and 'written at commit ' in md and 'evaluated on 512 tokens' in md
   row = next(line for line in md.splitlines() if line.startswith('| sign_1e-2 | paired | 2 |'))
   assert '**' in row  # a verdict
   for png in ('loss_curves.png', 'bpb_curves.png', 'max_vio.png', 'max_vio_per_layer.png',

@@ -71,7 +71,6 @@ def test_bad_remat_settings_name_the_field(remat, names, field):
     validate(_config(remat=remat, remat_save=names), 1)
 
 @pytest.mark.accelerator
-
 def test_bfloat16_compute_tracks_float32():
   """20 AdamW steps on one learnable batch (a repeating pattern). bfloat16 activations
   (8 significant bits: relative rounding 2^-8) with float32 parameters, optimizer and router

@@ -2,6 +2,7 @@
 with known answers; the trace format and its refusals; replay reproducing the traced pass
 exactly, in evaluation, training and generation; the command on a short native run and on a
 tiny imported Hugging Face model; the token view in a real browser (slow)."""
+import dataclasses
 import json
 import math
 import re
@@ -347,6 +348,19 @@ def test_the_commands_replay_a_trace_they_wrote(native, capsys):
   r = json.loads((root / 'replayed' / 'routes.json').read_text())
   assert r['replay']['agreement'] == 1.0 and r['replay']['max_logit_diff'] == 0.0
   assert r['replay']['loss_replayed'] == r['replay']['loss_own']
+  # Agreement is about which experts, not which slot: the same trace with each token's experts
+  # listed in reverse order still agrees fully (a slot-by-slot comparison would not).
+  t = traces.read(trace)
+  flipped = str(root / 'flipped.npz')
+  traces.write(flipped, dataclasses.replace(t, expert_index=t.expert_index[..., ::-1],
+                                            weights=t.weights[..., ::-1]))
+  assert (t.expert_index[..., 0] != t.expert_index[..., -1]).any()
+  assert routes_main(['--workdir', str(root / 'run'), '--replay', flipped, '--out',
+                      str(root / 'flipped'), '--no-progress', '--sample_tokens', '0',
+                      '--saturation_checkpoints', '0']) == 0
+  r = json.loads((root / 'flipped' / 'routes.json').read_text())
+  assert r['replay']['agreement'] == 1.0
+  assert r['replay']['loss_replayed'] == pytest.approx(r['replay']['loss_own'], rel=1e-5)
   first = json.loads((root / 'report' / 'routes.json').read_text())
   expected = (first['sets']['code']['loss'] * 16 + first['sets']['prose']['loss'] * 16) / 32
   assert r['sets']['trace']['loss'] == pytest.approx(expected, rel=1e-6)

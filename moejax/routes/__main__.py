@@ -182,7 +182,8 @@ def _analyse(a, run, state, ckpt, rows, replay, earlier, sat_rows, update) -> di
     out['replay'] = {
         'file': os.path.abspath(a.replay), 'loss_replayed': float(np.mean(losses['trace'])),
         'loss_own': float(np.mean(own.row_loss)),
-        'agreement': float(np.mean(own.trace.expert_index == np.asarray(replay.expert_index))),
+        # Which experts, not in which slot: a trace may list a token's experts in any order.
+        'agreement': analysis.saturation(replay.expert_index, own.trace.expert_index, n),
         'max_logit_diff': diff}
   saturation = None
   if earlier:

@@ -156,7 +156,8 @@ def markdown(report: dict, header: list[str], made: dict, decode, layer: int,
     r = report['replay']
     md += ['## Replay', '', f'The trace\'s routes replayed: loss {r["loss_replayed"]:.6f}; the '
            f'model routing itself: {r["loss_own"]:.6f}; {100 * r["agreement"]:.2f}% of the '
-           f'trace\'s (token, layer, slot) experts equal the model\'s own; the largest logit '
+           f'trace\'s experts (per token and layer, in any slot) are the model\'s own choice; '
+           f'the largest logit '
            f'difference between the two passes {r["max_logit_diff"]:.3g}.', '']
   md += ['## Load per layer', '', f'![expert load]({made["load"]})', '',
          f'| MoE layer (model layer) | MaxVio | load entropy (nats; even: {np.log(n):.3f}) | '
