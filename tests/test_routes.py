@@ -92,6 +92,12 @@ def test_normalized_mutual_information_by_hand():
   l0 = np.asarray([0, 0, 1, 1])
   index = np.stack([l0, (l0 + 1) % 2, np.asarray([0, 1, 0, 1])], axis=-1)[None, :, :, None]
   np.testing.assert_allclose(analysis.cross_layer_agreement(index), [1.0, 0.0], atol=1e-12)
+  # With two slots, the first slot (the top expert) is what is compared: the second slots here
+  # are a constant in layer 0 and independent of layer 1's top expert.
+  top = np.stack([l0, (l0 + 1) % 2], axis=-1)  # [4, M=2]
+  second = np.stack([np.full(4, 7), np.asarray([0, 1, 0, 1]) + 2], axis=-1)
+  index = np.stack([top, second], axis=-1)[None]  # [1, 4, 2, 2]
+  np.testing.assert_allclose(analysis.cross_layer_agreement(index), [1.0], atol=1e-12)
 
 
 def test_saturation_by_hand():
@@ -100,6 +106,13 @@ def test_saturation_by_hand():
   final = np.asarray([[1, 0], [2, 5]])[None, :, None]
   assert analysis.saturation(now, final, 8) == 0.75
   assert analysis.saturation(final, final, 8) == 1.0
+  # Null slots (ids >= N) are no experts: a null slot in both is not a kept expert, and a
+  # token with one real expert at the end is saturated when it keeps that one.
+  now = np.asarray([[0, 8], [2, 3]])[None, :, None]
+  final = np.asarray([[0, 8], [3, 8]])[None, :, None]
+  assert analysis.saturation(now, final, 8) == 1.0
+  now = np.asarray([[1, 8], [2, 8]])[None, :, None]
+  assert analysis.saturation(now, final, 8) == 0.0
 
 
 # ---------------------------------------------------------------- the trace format
@@ -139,6 +152,7 @@ def test_trace_round_trip_and_the_model_layout(tmp_path):
     (lambda t: t.expert_index.__setitem__((1, 2, 1, 1), -1), 'expert id -1'),
     (lambda t: setattr(t, 'token_ids', t.token_ids[:, :2]), 'token_ids has shape [2, 2]'),
     (lambda t: t.token_ids.__setitem__((0, 0), 300), 'token id 300'),
+    (lambda t: t.token_ids.__setitem__((1, 1), 258), 'token id 258 is outside'),
     (lambda t: setattr(t, 'moe_layers', np.asarray([1, 3])), 'traced at MoE layers [1, 3]'),
     (lambda t: setattr(t, 'token_ids', None), 'holds no token_ids'),
 ])

@@ -127,6 +127,9 @@ def test_a_constant_difference_is_decided_without_a_t_statistic():
   assert (c.sd, c.p, c.p_tost) == (0.0, 0.0, 0.0)
   c = st.compare(a, b, 0.125, True)
   assert (c.p, c.p_tost) == (0.0, 1.0)
+  # On the margin itself: equivalence needs |difference| < delta, strictly.
+  c = st.compare(a, b, 0.25, True)
+  assert (c.p, c.p_tost) == (0.0, 1.0)
 
 
 def test_unpaired_is_welch_not_the_pooled_t_test():
