@@ -20,6 +20,7 @@ def get_experiment():
                                'model.moe.balance.aux_loss_weight': 0.0}},
       columns={'steps to MaxVio<0.5 per layer': steps_to_balance(0.5),
                'final MaxVio per layer': tail_mean('moe/per_layer/max_vio')},
+      baseline='first_layer_dense',
       smoke=SMOKE,
       note="""DeepSeekMoE (Dai et al., 2024) keeps the first layer dense because the first
 layer's load-balance state converges especially slowly. Here: does the first MoE layer reach

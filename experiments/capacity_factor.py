@@ -33,6 +33,7 @@ def get_experiment():
             'cf_2.0': capacity(2.0), 'dropless': {}},
       columns={'train dropped': tail_mean('moe/dropped_fraction'),
                'expert FLOPs vs dropless': expert_flops_vs_dropless},
+      baseline='dropless',
       smoke=SMOKE,
       note="""Switch Transformer (Fedus et al., 2021) trains well at factors 1.0-1.25 and finds
 higher factors help quality a little at a cost in compute and memory; GShard used 2.0 with

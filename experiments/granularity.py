@@ -21,6 +21,7 @@ def get_experiment():
       arms={'8x128_top2': moe(8, 128, 2), '16x64_top4': moe(16, 64, 4),
             '32x32_top8': moe(32, 32, 8), 'shared1_15x64_top3': moe(15, 64, 3, shared=1)},
       columns={'train loss': tail_mean('train/ce_loss')},
+      baseline='8x128_top2',
       smoke=SMOKE,
       note="""DeepSeekMoE (Dai et al., 2024) found finer experts (more, smaller, more of them
 active) and shared-expert isolation both lower the loss at fixed cost. OLMoE (Muennighoff et al.,

@@ -29,6 +29,7 @@ def get_experiment():
                             'model.moe.num_shared_experts': 1,
                             'model.moe.router.norm_topk_prob': False}},
       columns={'train loss': tail_mean('train/ce_loss')},
+      baseline='dense',
       smoke=SMOKE,
       note="""DeepSeekMoE (Dai et al., 2024), 2B total parameters, Pile loss: dense 2.060, hash
 1.932, Switch 1.881, GShard 1.867, DeepSeekMoE 1.808 (lower is better).""")

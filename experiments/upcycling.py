@@ -28,6 +28,7 @@ def get_experiment():
             'upcycled_slice': Arm(SLICE, upcycle_from='dense', upcycle_at=0.5,
                                   upcycle_mode='slice'),
             'moe_scratch_copy_shape': COPY},
+      baseline='dense',
       smoke=SMOKE,
       note="""Komatsuzaki et al. (2022, "Sparse Upcycling") find upcycled models beat their
 dense parents continued for the same extra compute, and beat MoE models trained from scratch
