@@ -167,24 +167,20 @@ def _analyse(a, run, state, ckpt, rows, replay, earlier, sat_rows, update) -> di
   model = run.config.model
   n = model.moe.num_experts
   sets, losses, out = {}, {}, {}
-  for name, r in rows.items():
-    got = collect.collect(run, state, r, a.batch,
-                          None if replay is None else replay.expert_index, update)
-    sets[name], losses[name] = got.trace, got.row_loss
   if replay is not None:
-    own = collect.collect(run, state, rows['trace'], a.batch, progress=update)
-    diff = 0.0
-    for start in range(0, len(rows['trace']), a.batch):
-      part = slice(start, start + a.batch)
-      lr, _ = collect.forward(run, state, rows['trace'][part], replay.expert_index[part])
-      lo, _ = collect.forward(run, state, rows['trace'][part])
-      diff = max(diff, float(np.max(np.abs(np.asarray(lr) - np.asarray(lo)))))
+    got, own, diff = collect.collect_replay(run, state, rows['trace'], a.batch,
+                                            replay.expert_index, update)
+    sets['trace'], losses['trace'] = got.trace, got.row_loss
     out['replay'] = {
-        'file': os.path.abspath(a.replay), 'loss_replayed': float(np.mean(losses['trace'])),
+        'file': os.path.abspath(a.replay), 'loss_replayed': float(np.mean(got.row_loss)),
         'loss_own': float(np.mean(own.row_loss)),
         # Which experts, not in which slot: a trace may list a token's experts in any order.
         'agreement': analysis.saturation(replay.expert_index, own.trace.expert_index, n),
         'max_logit_diff': diff}
+  else:
+    for name, r in rows.items():
+      got = collect.collect(run, state, r, a.batch, progress=update)
+      sets[name], losses[name] = got.trace, got.row_loss
   saturation = None
   if earlier:
     final = sets[next(iter(sets))].expert_index[:len(sat_rows)]

@@ -41,6 +41,26 @@ class Collected:
   row_loss: np.ndarray  # [S] each sequence's mean next-token loss (nats)
 
 
+class _Parts:
+  """One pass's routing and losses, batch by batch, assembled into a Collected."""
+
+  def __init__(self):
+    self.idx, self.weights, self.losses = [], [], []
+
+  def add(self, part, logits, aux):
+    aux = jax.device_get(aux)
+    self.idx.append(traces.from_model(aux['expert_index'], len(part)))
+    self.weights.append(traces.from_model(aux['combine_weights'], len(part)))
+    self.losses.append(next_token_losses(logits, part))
+
+  def done(self, run, rows) -> Collected:
+    model = run.config.model
+    trace = traces.Trace(np.concatenate(self.idx).astype(np.int32), rows.astype(np.int32),
+                         np.concatenate(self.weights).astype(np.float32),
+                         np.asarray(moe_layer_ids(model), np.int32), model.moe.num_experts)
+    return Collected(trace, np.concatenate(self.losses))
+
+
 def collect(run, state, rows, batch: int, replay=None, progress=None) -> Collected:
   """The routing and losses of the model on `rows` [S, L] (token ids), `batch` sequences at a
   time; replay [S, L, M, K]: routed as recorded instead.
@@ -50,19 +70,33 @@ def collect(run, state, rows, batch: int, replay=None, progress=None) -> Collect
     loss [S].
   """
   rows = np.asarray(rows)
-  idx, weights, losses = [], [], []
+  parts = _Parts()
   for start in range(0, len(rows), batch):
     part = rows[start:start + batch]
-    logits, aux = forward(run, state, part,
-                          None if replay is None else replay[start:start + batch])
-    aux = jax.device_get(aux)
-    idx.append(traces.from_model(aux['expert_index'], len(part)))
-    weights.append(traces.from_model(aux['combine_weights'], len(part)))
-    losses.append(next_token_losses(logits, part))
+    parts.add(part, *forward(run, state, part,
+                             None if replay is None else replay[start:start + batch]))
     if progress is not None:
       progress(len(part))
-  model = run.config.model
-  trace = traces.Trace(np.concatenate(idx).astype(np.int32), rows.astype(np.int32),
-                       np.concatenate(weights).astype(np.float32),
-                       np.asarray(moe_layer_ids(model), np.int32), model.moe.num_experts)
-  return Collected(trace, np.concatenate(losses))
+  return parts.done(run, rows)
+
+
+def collect_replay(run, state, rows, batch: int, replay,
+                   progress=None) -> tuple[Collected, Collected, float]:
+  """Both passes over `rows` [S, L], batch by batch: routed as `replay` [S, L, M, K] recorded,
+  and as the model routes itself.
+
+  Returns:
+    (the replayed pass, the model's own pass, the largest |logit difference| between them).
+  """
+  rows = np.asarray(rows)
+  replayed, own, diff = _Parts(), _Parts(), 0.0
+  for start in range(0, len(rows), batch):
+    part = rows[start:start + batch]
+    lr, aux_r = forward(run, state, part, replay[start:start + batch])
+    lo, aux_o = forward(run, state, part)
+    replayed.add(part, lr, aux_r)
+    own.add(part, lo, aux_o)
+    diff = max(diff, float(jnp.max(jnp.abs(lr - lo))))
+    if progress is not None:
+      progress(2 * len(part))
+  return replayed.done(run, rows), own.done(run, rows), diff
