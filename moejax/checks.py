@@ -22,7 +22,11 @@ from moejax.training.guard import NONFINITE
 
 DTYPES = ('float32', 'bfloat16')
 QK_NORMS = ('none', 'head', 'full', 'l2')
-ROPE_SCALINGS = ('none', 'llama3')
+ROPE_SCALINGS = ('none', 'llama3', 'yarn')
+# The gqa-only attention features and the value that turns each off (MLA has none of them).
+GQA_ONLY = (('nope_every', 0), ('attention_chunk', 0), ('rotary_dim', 0), ('sliding_window', 0),
+            ('attention_sinks', False), ('attention_out_bias', False),
+            ('attention_output_gate', False), ('qkv_bias', False))
 
 
 def fail(field: str, value, fix: str):
@@ -113,12 +117,24 @@ def _check_model(c):
       m.rope_scaling.high_freq_factor >= m.rope_scaling.low_freq_factor):
     fail('model.rope_scaling.high_freq_factor', m.rope_scaling.high_freq_factor,
          f'must be at least low_freq_factor={m.rope_scaling.low_freq_factor}')
-  if m.attention == 'mla' and (m.nope_every or m.attention_chunk or
-                               m.rope_scaling.kind != 'none'):
-    fail('model.attention', m.attention, 'MLA has no NoPE layers, attention chunks or rotary '
-         "scaling; set model.nope_every=0, attention_chunk=0, rope_scaling.kind='none'")
-  if m.attention == 'mla' and m.qkv_bias:
-    fail('model.qkv_bias', m.qkv_bias, "applies to attention='gqa'; set it to False")
+  _positive(c, 'model.rope_scaling.beta_fast model.rope_scaling.beta_slow')
+  _positive(c, 'model.rope_scaling.attention_factor model.rotary_dim model.sliding_window',
+            allow_zero=True)
+  if m.rotary_dim % 2 or m.rotary_dim > m.head_dim:
+    fail('model.rotary_dim', m.rotary_dim, f'must be even and at most model.head_dim='
+         f'{m.head_dim} (0: rotate the whole head)')
+  pattern = m.sliding_pattern
+  if (not isinstance(pattern, (tuple, list)) or not pattern or
+      any(p not in (0, 1) or isinstance(p, float) for p in pattern)):
+    fail('model.sliding_pattern', pattern, 'must be a non-empty tuple of 0 and 1 (1: the layer '
+         'attends within model.sliding_window), repeated over the layers, e.g. (1, 0)')
+  if m.attention == 'mla':
+    if m.rope_scaling.kind != 'none':
+      fail('model.rope_scaling.kind', m.rope_scaling.kind, "MLA has no rotary scaling; set it "
+           "to 'none'")
+    for field, off in GQA_ONLY:
+      if m[field] != off:
+        fail(f'model.{field}', m[field], f"applies to attention='gqa'; set it to {off!r}")
   if m.attention == 'mla' and m.qk_norm != 'none':
     fail('model.qk_norm', m.qk_norm, "applies to attention='gqa' (MLA normalises its own "
          "latents); set it to 'none'")

@@ -43,11 +43,29 @@ def base_config() -> ml_collections.ConfigDict:
   m.ffn_dim = 512  # width of the dense SwiGLU FFN layers.
   m.max_seq_len = 1024  # length of the RoPE table.
   m.rope_theta = 10000.0
-  # Rotary frequencies stretched for long context: kind 'none' or 'llama3' (Llama 3/4: wavelengths
-  # beyond original_max_len / low_freq_factor divided by factor, a smooth blend in between).
+  # Rotary frequencies stretched for long context (model/rope.py): kind 'none', 'llama3'
+  # (Llama 3/4: wavelengths beyond original_max_len / low_freq_factor divided by factor, a
+  # smooth blend in between) or 'yarn' (arXiv:2309.00071: dims turning fewer than beta_slow
+  # times over original_max_len divided by factor, more than beta_fast times kept, a ramp
+  # between, bounds rounded outward when truncate; cos and sin times attention_factor, 0:
+  # 0.1 ln(factor) + 1).
   m.rope_scaling = ml_collections.ConfigDict({'kind': 'none', 'factor': 8.0,
                                               'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-                                              'original_max_len': 8192})
+                                              'original_max_len': 8192, 'beta_fast': 32.0,
+                                              'beta_slow': 1.0, 'truncate': True,
+                                              'attention_factor': 0.0})
+  m.rotary_dim = 0  # gqa: rotate the first rotary_dim dims of each head (partial rotary); 0: all.
+  # gqa: layers whose entry in sliding_pattern (repeated over the layers: layer i reads entry
+  # i % len) is 1 attend to their sliding_window latest positions, their own included; 0: no
+  # window. E.g. (1, 0): alternating with full attention, starting with a windowed layer.
+  m.sliding_window = 0
+  m.sliding_pattern = (1,)
+  # gqa: a learned logit per head joins each softmax as a column with no value (attention
+  # sinks); a bias on the output projection; the heads' outputs scaled by sigmoid(x W_g)
+  # before it (gated attention, arXiv:2505.06708).
+  m.attention_sinks = False
+  m.attention_out_bias = False
+  m.attention_output_gate = False
   # gqa: every nope_every-th layer (0: none) has no rotary embedding and attends to all earlier
   # positions; the others attend within chunks of attention_chunk positions (0: no chunks).
   # Queries of the layers without rotation are scaled by
@@ -119,14 +137,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Keep a selection bias even without updates (rate 0): a fixed one, e.g. imported
   # (DeepSeek-V3's e_score_correction_bias). A rate > 0 always keeps one.
   b.selection_bias = False
-  # The router, the dispatcher and the expert block are chosen by name; each section's other
-  # fields are the settings of the registered pieces, collected from their classes with the
-  # defaults (and meanings) the classes give: moe/routers/*.py, moe/dispatch/*.py,
-  # moe/experts/*.py. A field the chosen piece does not read may not be set.
-  # Routers: 'topk', 'noisy_topk', 'hash', 'sinkhorn', 'expert_choice', 'top_p', 'relu', ...
-  # ('top_p' and 'relu' choose a variable number of experts per token, at most
-  # num_experts_per_tok, the static number of routing slots).
-  moe.router = _pieces('router', 'topk')
   # Dispatchers: 'capacity' (indexed, token dropping), 'einsum' (GShard one-hot, token
   # dropping, per group of group_size tokens), 'all_to_all' (capacity per device, shard_map
   # all-to-all over the expert mesh axis), 'dropless', 'ring' (dropless expert parallelism:

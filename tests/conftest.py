@@ -43,6 +43,23 @@ def tiny_config(**moe):
   return c
 
 
+def expert_block_config(block: str, dispatch: str = 'dropless', backend: str = 'auto',
+                        **experts):
+  """tiny_config() with the expert block `block` (its settings `experts`) on a dispatch path
+  where nothing drops, and no shared expert: for checks of a block on every path."""
+  c = tiny_config()
+  moe = c.model.moe
+  moe.experts.name, moe.experts.backend = block, backend
+  for k, v in experts.items():
+    moe.experts[k] = v
+  moe.dispatch.name, moe.num_shared_experts = dispatch, 0
+  if dispatch in ('capacity', 'einsum', 'all_to_all'):
+    moe.dispatch.capacity_factor = 100.0  # nothing drops
+  if dispatch == 'einsum':
+    moe.dispatch.group_size = 16
+  return c
+
+
 def trainer_on(c, sizes: dict):
   """A Trainer for config c on a mesh of these axis sizes, over the first devices."""
   import numpy as np

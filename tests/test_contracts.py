@@ -140,8 +140,8 @@ def test_a_router_is_one_class_and_one_registry_line(monkeypatch):
   router.*, the logits' settings it inherits, K, and the general balance losses."""
   monkeypatch.setitem(registry.ROUTERS, 'first', FirstExperts)
   assert set(FirstExperts.reads()) == {
-      'router.dtype', 'router.jitter', 'router.freeze', 'router.offset', 'num_experts_per_tok',
-      *losses.general_fields()}
+      'router.dtype', 'router.jitter', 'router.freeze', 'router.logit_bias', 'router.offset',
+      'num_experts_per_tok', *losses.general_fields()}
   assert base_config().model.moe.router.offset == 0  # its setting joined the schema
   c = _config(router__name='first', router__offset=3)
   validate(c, 1)
@@ -178,7 +178,7 @@ def test_pieces_are_built_from_their_config_sections():
   assert (experts.block_size, experts.backend, experts.d_ff) == (24, 'auto', 16)
   for cls in registry.EXPERTS.values():  # an expert block's own fields are in its section
     assert all(f.split('.')[1] in c.model.moe.experts for f in getattr(cls, 'READS', ())), cls
-  with pytest.raises(ConfigError, match=r"experts.name='gelu': must be one of \['mlp', 'swiglu'\]"):
+  with pytest.raises(ConfigError, match=r"experts.name='gelu': must be one of \['glu', 'mlp', 'swiglu'\]"):
     validate(_config(experts__name='gelu'), 1)
 
 

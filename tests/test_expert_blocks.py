@@ -13,7 +13,7 @@ from moejax.checks import validate
 from moejax.errors import ConfigError
 from moejax.moe.layer import MoEFFN
 
-from conftest import tiny_config, train_side_by_side, trainer_on
+from conftest import expert_block_config, tiny_config, train_side_by_side, trainer_on
 from test_dispatch import TOKAMAX, _numpy_router
 
 _erf = np.vectorize(math.erf)
@@ -21,15 +21,7 @@ ACT = {'relu': lambda a: np.maximum(a, 0), 'gelu': lambda a: 0.5 * a * (1 + _erf
 
 
 def _config(dispatch='dropless', activation='relu', backend='auto'):
-  c = tiny_config()
-  moe = c.model.moe
-  moe.experts.name, moe.experts.activation, moe.experts.backend = 'mlp', activation, backend
-  moe.dispatch.name, moe.num_shared_experts = dispatch, 0
-  if dispatch in ('capacity', 'einsum', 'all_to_all'):
-    moe.dispatch.capacity_factor = 100.0  # nothing drops
-  if dispatch == 'einsum':
-    moe.dispatch.group_size = 16
-  return c
+  return expert_block_config('mlp', dispatch, backend, activation=activation)
 
 
 def _layer(**kw):

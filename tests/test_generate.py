@@ -34,13 +34,25 @@ ROUTING = {
 }
 
 
+# Attention features whose masks or extra columns must hold on the cache too: a window of 3
+# on alternate layers (the prefill of 5 and the single steps both cross it), sinks, the output
+# gate and bias, partial rotary with yarn scaling.
+FEATURES = {'window_sinks_gate': {'sliding_window': 3, 'sliding_pattern': (1, 0),
+                                  'attention_sinks': True, 'attention_out_bias': True,
+                                  'attention_output_gate': True, 'rotary_dim': 4}}
+
+
 @pytest.mark.parametrize('attention,routing', [('gqa', None), ('mla', None)] +
-                         [('gqa', r) for r in ROUTING])
+                         [('gqa', r) for r in ROUTING] + [('gqa', f) for f in FEATURES])
 def test_incremental_decoding_equals_full_forward(attention, routing):
   m = _cfg(attention)
   for key, value in ROUTING.get(routing, {}).items():
     group, field = key.split('.')
     m.moe[group][field] = value
+  for key, value in FEATURES.get(routing, {}).items():
+    m[key] = value
+  if routing in FEATURES:
+    m.rope_scaling.kind, m.rope_scaling.factor, m.rope_scaling.original_max_len = 'yarn', 4., 8
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
   full_model = Transformer(ml_collections.FrozenConfigDict(m), train=False)
   variables = jax.jit(full_model.init)(jax.random.key(1), tokens)

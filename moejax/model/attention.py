@@ -1,40 +1,19 @@
-"""Attention building blocks: rotary embeddings, the decoding cache, grouped-query attention.
-(RMSNorm, SwiGLU and the parameter helpers are leaf modules in moejax/nn/layers.py.)
+"""Attention building blocks: the decoding cache, grouped-query attention (rotary embeddings:
+rope.py; RMSNorm, SwiGLU and the parameter helpers: moejax/nn/layers.py).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from moejax.model.rope import apply_rope
 from moejax.nn.layers import Dtype, RMSNorm, constrain, param_with_axes
 
-
-def rope_frequencies(d: int, theta: float, scaling=None):
-  """The d/2 rotation frequencies; scaling ('llama3', factor, low_freq_factor,
-  high_freq_factor, original_max_len) stretches the long wavelengths as Llama 3/4 do."""
-  inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  if not scaling or scaling[0] == 'none':
-    return inv_freq
-  _, factor, low, high, original = scaling
-  wavelen = 2 * jnp.pi / inv_freq
-  low_wavelen, high_wavelen = original / low, original / high
-  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-  smooth = (original / wavelen - low) / max(high - low, 1e-9)  # no band when high == low
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-  return jnp.where(medium, smoothed, scaled)
-
-
-def apply_rope(x, positions, theta: float, scaling=None):
-  """Rotate x [b, s, h, d] by positions [b, s] (the half-split convention of GPT-NeoX/Llama)."""
-  inv_freq = rope_frequencies(x.shape[-1], theta, scaling)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
-  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+__all__ = ['GroupedQueryAttention', 'apply_rope', 'update_cache']
 
 
 def _rms(t, eps: float):
@@ -64,7 +43,8 @@ def update_cache(module: nn.Module, new: dict, cache_len: int):
 
 class GroupedQueryAttention(nn.Module):
   """Grouped-query attention with rotary embeddings: num_heads query heads share
-  num_kv_heads key/value heads (num_heads % num_kv_heads == 0); causal, optionally chunked."""
+  num_kv_heads key/value heads (num_heads % num_kv_heads == 0); causal, optionally chunked or
+  within a sliding window, optionally with attention sinks and an output gate."""
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -77,13 +57,24 @@ class GroupedQueryAttention(nn.Module):
   qk_norm: str = 'none'
   norm_eps: float = 1e-6
   qkv_bias: bool = False  # biases on the query, key and value projections
-  rope_scaling: tuple = ()  # ('llama3', factor, low, high, original_max_len) or ()
+  rope_scaling: Any = None  # model.rope_scaling (rope.py), or None
+  rotary_dim: int = 0  # rotate the first rotary_dim dims of each head (0: all of them)
   # Layers without the rotation (use_rope False) attend to all earlier positions; layers with
   # it, to the earlier positions of their chunk of `chunk` positions (0: no chunks).
   chunk: int = 0
   # Without the rotation, queries are scaled by 1 + scale * log(1 + floor((pos + 1) / floor))
   # (attention temperature tuning, arXiv:2501.19399); scale 0: off.
   temperature: tuple = (0.0, 8192)
+  # Layers called with sliding=True attend to the `window` latest positions, their own
+  # included (key position > query position - window); 0: no window.
+  window: int = 0
+  # A learned logit per head that joins each query's softmax as an extra column with no value
+  # (attention sinks): the weights over the real keys then sum to less than 1.
+  sinks: bool = False
+  out_bias: bool = False  # a bias on the output projection
+  # The output of each head scaled by sigmoid(x W_gate) [b, s, h, hd] before the output
+  # projection (gated attention, arXiv:2505.06708).
+  output_gate: bool = False
 
   def _qk_norm(self, t, name: str):
     """t [b, s, heads, hd] -> normalised as qk_norm says ('l2' comes after the rotation)."""
@@ -96,13 +87,14 @@ class GroupedQueryAttention(nn.Module):
     return t
 
   @nn.compact
-  def __call__(self, x, positions, use_rope=True):
+  def __call__(self, x, positions, use_rope=True, sliding=False):
     """Causal self-attention of a block.
 
     Args:
       x: [b, s, d] the normed block input.
       positions: [b, s] int32 absolute positions (decoding: of the new tokens).
       use_rope: a (possibly traced) bool, False for the layers without rotary embedding.
+      sliding: a (possibly traced) bool, True for the layers attending within `window`.
     Returns:
       [b, s, d] in `dtype`.
     """
@@ -128,8 +120,8 @@ class GroupedQueryAttention(nn.Module):
       v = v + param_with_axes(self, 'bv', (kv, hd), ('kv_heads', 'head_dim'), zeros).astype(
           v.dtype)
     q, k = self._qk_norm(q, 'q_norm'), self._qk_norm(k, 'k_norm')
-    rq = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
-    rk = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
+    rq = apply_rope(q, positions, self.rope_theta, self.rope_scaling, self.rotary_dim)
+    rk = apply_rope(k, positions, self.rope_theta, self.rope_scaling, self.rotary_dim)
     if self.qk_norm == 'l2':  # parameter-free, on the rotated layers only (Llama 4)
       rq = _rms(rq, self.norm_eps).astype(q.dtype)
       rk = _rms(rk, self.norm_eps).astype(k.dtype)
@@ -153,8 +145,25 @@ class GroupedQueryAttention(nn.Module):
       same = (positions[:, None, None, :, None] // self.chunk ==
               key_pos[:, None, None, None, :] // self.chunk)
       causal = causal & (same | jnp.logical_not(use_rope))
+    if self.window:
+      near = (positions[:, None, None, :, None] - key_pos[:, None, None, None, :] <
+              self.window)
+      causal = causal & (near | jnp.logical_not(sliding))
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [b, kv, group, q, s]
+    if self.sinks:  # one more column per query: the head's sink logit, dropped after softmax
+      sink = param_with_axes(self, 'sinks', (h,), ('heads',), nn.initializers.zeros)
+      sink = jnp.broadcast_to(sink.reshape(kv, h // kv)[None, :, :, None, None],
+                              logits.shape[:-1] + (1,))
+      probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+    else:
+      probs = jax.nn.softmax(logits, axis=-1)
+    probs = probs.astype(self.dtype)  # [b, kv, group, q, s]
     out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v).reshape(b, s, h, hd)
+    if self.output_gate:
+      wg = param_with_axes(self, 'wg', (d, h, hd), ('embed', 'heads', 'head_dim'))
+      out = out * jax.nn.sigmoid(jnp.einsum('bsd,dhk->bshk', x, wg.astype(self.dtype)))
     out = jnp.einsum('bshk,hkd->bsd', out, wo.astype(self.dtype))
+    if self.out_bias:
+      out = out + param_with_axes(self, 'bo', (d,), ('embed',),
+                                  nn.initializers.zeros).astype(out.dtype)
     return constrain(out, ('batch', 'length', 'act_embed'))

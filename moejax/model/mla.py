@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.model.attention import apply_rope, update_cache
+from moejax.model.attention import update_cache
+from moejax.model.rope import apply_rope
 from moejax.nn.layers import RMSNorm, constrain, param_with_axes
 
 

@@ -51,15 +51,17 @@ class Block(nn.Module):
                                       self.cache_len, name='attn')
       x = x + checkpoint_name(attn(h, positions), 'attn_out')
     else:
-      r = c.rope_scaling
       attn = GroupedQueryAttention(
           c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype, self.cache_len,
-          c.qk_norm, c.norm_eps, c.qkv_bias,
-          (r.kind, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_len),
-          c.attention_chunk, (c.nope_temperature, c.nope_temperature_floor), name='attn')
+          qk_norm=c.qk_norm, norm_eps=c.norm_eps, qkv_bias=c.qkv_bias,
+          rope_scaling=c.rope_scaling if c.rope_scaling.kind != 'none' else None,
+          rotary_dim=c.rotary_dim, chunk=c.attention_chunk,
+          temperature=(c.nope_temperature, c.nope_temperature_floor),
+          window=c.sliding_window, sinks=c.attention_sinks, out_bias=c.attention_out_bias,
+          output_gate=c.attention_output_gate, name='attn')
       # Every nope_every-th layer has no rotary embedding (Llama 4's NoPE layers).
       use_rope = True if not c.nope_every else (layer + 1) % c.nope_every != 0
-      x = x + checkpoint_name(attn(h, positions, use_rope), 'attn_out')
+      x = x + checkpoint_name(attn(h, positions, use_rope, sliding_layer(c, layer)), 'attn_out')
     h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x), 'ffn_in')
     if self.moe:
       f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name=names.MOE)(
@@ -67,6 +69,17 @@ class Block(nn.Module):
     else:
       f, aux = SwiGLU(c.ffn_dim, dtype, name=names.FFN)(h), None
     return x + checkpoint_name(f, 'ffn_out'), aux
+
+
+def sliding_layer(c, layer):
+  """Whether layer `layer` (an int, or traced in a scanned stack) attends within
+  model.sliding_window: its entry of model.sliding_pattern, repeated over the layers."""
+  if not c.sliding_window:
+    return False
+  pattern = tuple(int(p) for p in c.sliding_pattern)
+  if all(pattern):
+    return True
+  return jnp.asarray(pattern, bool)[layer % len(pattern)]
 
 
 class Period(nn.Module):

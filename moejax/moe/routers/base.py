@@ -134,10 +134,13 @@ class LearnedRouter(Router):
   dtype: the router matmul's dtype (scores are always float32).
   jitter: Switch's input jitter, x * U(1 - eps, 1 + eps) while training.
   freeze: no gradient reaches the router weights (fine-tuning; the optimizer skips them too).
+  logit_bias: a learned bias added to the logits (parameter 'b' [num_experts]); unlike the
+    balance strategies' selection bias it changes the weights too and is trained by gradient.
   """
   dtype: str = 'float32'
   jitter: float = 0.0
   freeze: bool = False
+  logit_bias: bool = False
 
   DTYPES = ('float32', 'bfloat16')
 
@@ -157,9 +160,12 @@ class LearnedRouter(Router):
     if train and self.jitter > 0:
       eps = self.jitter
       x = x * jax.random.uniform(self.make_rng('router'), x.shape, dtype, 1 - eps, 1 + eps)
+    b = (param_with_axes(self, 'b', (num_experts,), ('router_expert',), nn.initializers.zeros)
+         if self.logit_bias else None)
     if self.freeze:
-      w = jax.lax.stop_gradient(w)
-    return jnp.dot(x, w.astype(dtype)).astype(jnp.float32)
+      w, b = jax.lax.stop_gradient(w), None if b is None else jax.lax.stop_gradient(b)
+    logits = jnp.dot(x, w.astype(dtype)).astype(jnp.float32)
+    return logits if b is None else logits + b
 
 
 class ScoreRouter(LearnedRouter):

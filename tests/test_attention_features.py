@@ -1,0 +1,137 @@
+"""The general attention features against NumPy transcriptions of their definitions: sliding
+windows per layer (both edges of the window), attention sinks (a softmax with one more column),
+the output gate and bias, partial rotary embedding; yarn frequencies against transformers'."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from moejax.model.attention import GroupedQueryAttention
+from moejax.model.rope import apply_rope, attention_factor, rope_frequencies
+from moejax.model.transformer import sliding_layer
+
+B, S, D, H, KV, HD = 2, 7, 12, 4, 2, 6
+
+
+def _rope_np(x, pos, theta, rotary_dim, inv_freq=None, mscale=1.0):
+  """x [s, h, hd]: the first rotary_dim dims rotated in half-split pairs, the rest kept."""
+  r = rotary_dim
+  if inv_freq is None:
+    inv_freq = 1.0 / theta ** (np.arange(0, r, 2) / r)
+  ang = pos[:, None] * inv_freq[None]  # [s, r/2]
+  cos, sin = np.cos(ang)[:, None] * mscale, np.sin(ang)[:, None] * mscale
+  x1, x2 = x[..., :r // 2], x[..., r // 2:r]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]], axis=-1)
+
+
+def _reference(p, x, window, sliding, sinks, gate, bias, rotary_dim, theta=100.0):
+  """One sequence x [s, d], every head looped over, the mask written out element by element."""
+  q = np.einsum('sd,dhk->shk', x, p['wq'])
+  k = np.einsum('sd,dhk->shk', x, p['wk'])
+  v = np.einsum('sd,dhk->shk', x, p['wv'])
+  pos = np.arange(x.shape[0], dtype=np.float64)
+  q, k = _rope_np(q, pos, theta, rotary_dim), _rope_np(k, pos, theta, rotary_dim)
+  out = np.zeros((x.shape[0], H, HD))
+  for h in range(H):
+    g = h // (H // KV)
+    for i in range(x.shape[0]):
+      allowed = [j for j in range(x.shape[0]) if j <= i and (not sliding or i - j < window)]
+      logits = np.array([q[i, h] @ k[j, g] / np.sqrt(HD) for j in allowed])
+      cols = np.append(logits, p['sinks'][h]) if sinks else logits
+      w = np.exp(cols - cols.max())
+      w = w / w.sum()
+      out[i, h] = sum(w[n] * v[j, g] for n, j in enumerate(allowed))
+  if gate:
+    out = out / (1 + np.exp(-np.einsum('sd,dhk->shk', x, p['wg'])))
+  y = np.einsum('shk,hkd->sd', out, p['wo'])
+  return y + p['bo'] if bias else y
+
+
+@pytest.mark.parametrize('window,sliding,sinks,gate,bias,rotary_dim', [
+    (3, True, False, False, False, 0),   # the window alone
+    (3, False, False, False, False, 0),  # a full layer of a windowed model ignores the window
+    (1, True, False, False, False, 0),   # the narrowest window: each token sees itself only
+    (0, False, True, False, False, 0),   # sinks alone
+    (0, False, False, True, True, 4),    # output gate, output bias, partial rotary
+    (2, True, True, True, True, 2),      # all together
+])
+def test_attention_features_match_the_reference(window, sliding, sinks, gate, bias, rotary_dim):
+  attn = GroupedQueryAttention(H, KV, HD, 100.0, rotary_dim=rotary_dim, window=window,
+                               sinks=sinks, out_bias=bias, output_gate=gate)
+  x = jax.random.normal(jax.random.key(0), (B, S, D))
+  pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+  params = nn.unbox(attn.init(jax.random.key(1), x, pos))['params']
+  # Every parameter random (the sinks and bias start at zero), sinks large enough to matter.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [jax.random.normal(k, l.shape) * (0.5 if l.ndim > 1 else 2.)
+                                     for k, l in zip(keys, leaves)])
+  got = attn.apply({'params': params}, x, pos, True, sliding)
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  for b in range(B):
+    want = _reference(p, np.asarray(x[b], np.float64), window, sliding, sinks, gate, bias,
+                      rotary_dim or HD)
+    np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)
+
+
+def test_sinks_take_weight_from_the_real_keys():
+  """A very large sink logit leaves almost nothing for the values: the output goes to 0 (a
+  sink that joined after the softmax, or renormalised, would not)."""
+  attn = GroupedQueryAttention(H, KV, HD, 100.0, sinks=True)
+  x = jax.random.normal(jax.random.key(0), (1, S, D))
+  pos = jnp.arange(S)[None]
+  params = nn.unbox(attn.init(jax.random.key(1), x, pos))['params']
+  base = attn.apply({'params': params}, x, pos)
+  params['sinks'] = jnp.full((H,), 30.0)
+  assert float(jnp.max(jnp.abs(attn.apply({'params': params}, x, pos)))) < 1e-8
+  assert float(jnp.max(jnp.abs(base))) > 1e-2
+
+
+def test_sliding_pattern_repeats_over_the_layers():
+  c = ml_collections.ConfigDict({'sliding_window': 4, 'sliding_pattern': (1, 0, 0)})
+  assert [bool(sliding_layer(c, jnp.asarray(i))) for i in range(7)] == [
+      True, False, False, True, False, False, True]
+  c.sliding_window = 0
+  assert sliding_layer(c, 3) is False
+  c.sliding_window, c.sliding_pattern = 4, (1,)
+  assert sliding_layer(c, 5) is True
+
+
+def _yarn(factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original=4096,
+          attention=0.0):
+  return {'kind': 'yarn', 'factor': factor, 'beta_fast': beta_fast, 'beta_slow': beta_slow,
+          'truncate': truncate, 'original_max_len': original, 'attention_factor': attention}
+
+
+@pytest.mark.parametrize('truncate', [False, True])
+@pytest.mark.parametrize('head_dim,theta', [(64, 150000.0), (16, 10000.0)])
+def test_yarn_frequencies_match_transformers(truncate, head_dim, theta):
+  torch = pytest.importorskip('torch')
+  from transformers import GptOssConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  cfg = GptOssConfig(head_dim=head_dim, num_attention_heads=4, hidden_size=64,
+                     rope_parameters={'rope_type': 'yarn', 'rope_theta': theta, 'factor': 32.0,
+                                      'beta_fast': 32.0, 'beta_slow': 1.0, 'truncate': truncate,
+                                      'original_max_position_embeddings': 4096})
+  inv_freq, scale = ROPE_INIT_FUNCTIONS['yarn'](cfg, torch.device('cpu'))
+  ours = rope_frequencies(head_dim, theta, _yarn(truncate=truncate))
+  np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
+  assert attention_factor(_yarn(truncate=truncate)) == pytest.approx(scale, rel=1e-12)
+  # The ramp has both ends in range: some dims kept, some divided by the factor.
+  plain = np.asarray(rope_frequencies(head_dim, theta))
+  assert np.isclose(ours, plain).any() and np.isclose(ours, plain / 32).any()
+
+
+def test_yarn_scales_cos_and_sin_and_partial_rotary_keeps_the_rest():
+  x = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
+  pos = jnp.arange(5)[None]
+  s = _yarn(factor=4.0, original=8, attention=1.5)
+  got = np.asarray(apply_rope(x, pos, 10000.0, s, rotary_dim=4))
+  inv = np.asarray(rope_frequencies(4, 10000.0, s))
+  want = _rope_np(np.asarray(x[0], np.float64), np.arange(5.0), 10000.0, 4, inv, 1.5)
+  np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got[..., 4:], np.asarray(x)[..., 4:])
+  assert attention_factor(_yarn(factor=4.0)) == pytest.approx(0.1 * np.log(4.0) + 1)
+  assert attention_factor({'kind': 'llama3'}) == 1.0
