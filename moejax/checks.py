@@ -26,7 +26,7 @@ ROPE_SCALINGS = ('none', 'llama3', 'yarn')
 # The gqa-only attention features and the value that turns each off (MLA has none of them).
 GQA_ONLY = (('nope_every', 0), ('attention_chunk', 0), ('rotary_dim', 0), ('sliding_window', 0),
             ('attention_sinks', False), ('attention_out_bias', False),
-            ('attention_output_gate', False), ('qkv_bias', False))
+            ('attention_output_gate', False), ('qkv_bias', False), ('attention_scale', 0.0))
 
 
 def fail(field: str, value, fix: str):
@@ -106,6 +106,10 @@ def _check_model(c):
   elif m.remat_save:
     fail('model.remat_save', m.remat_save, f"is used only with model.remat='names' (it is "
          f"{m.remat!r}); set model.remat='names' or leave remat_save empty")
+  _one_of(c, 'model.norm', ('rms', 'layer'))
+  _one_of(c, 'model.norm_placement', ('pre', 'post', 'both'))
+  _positive(c, 'model.embedding_multiplier model.residual_multiplier model.logit_divisor')
+  _positive(c, 'model.attention_scale', allow_zero=True)
   _one_of(c, 'model.attention', ('gqa', 'mla'))
   _one_of(c, 'model.qk_norm', QK_NORMS)
   _one_of(c, 'model.rope_scaling.kind', ROPE_SCALINGS)

@@ -76,6 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
   m.nope_temperature = 0.0
   m.nope_temperature_floor = 8192
   m.norm_eps = 1e-6
+  m.norm = 'rms'  # 'rms' (RMSNorm) or 'layer' (LayerNorm with a bias): every norm of a block.
+  # Around each sublayer f: 'pre' x + f(norm(x)), 'post' x + norm(f(x)) (OLMo 2), 'both'
+  # x + norm(f(norm(x))) (Gemma 2).
+  m.norm_placement = 'pre'
+  # Scalar multipliers (muP-style; Granite): the embeddings, each residual branch, the
+  # attention logits (0: head_dim ** -0.5) and the output logits (divided by logit_divisor).
+  m.embedding_multiplier = 1.0
+  m.residual_multiplier = 1.0
+  m.attention_scale = 0.0
+  m.logit_divisor = 1.0
   m.tie_embeddings = False
   m.dtype = 'float32'  # activation/compute dtype; params are kept in float32.
   # Rematerialisation of each block in the backward pass: 'none' (keep every activation),

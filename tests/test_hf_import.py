@@ -61,6 +61,24 @@ FAMILIES = {
                                           'factor': 8.0, 'low_freq_factor': 1.0,
                                           'high_freq_factor': 4.0,
                                           'original_max_position_embeddings': 16})),
+    # gpt-oss: windows of 4 on alternate layers (12 tokens cross them), attention sinks,
+    # biases on attention, router and experts, gate/up interleaved in one stacked tensor, the
+    # clamped gate at a limit that bites at these scales, yarn rotary scaling.
+    'gpt_oss': ('GptOssConfig', 'GptOssForCausalLM',
+                dict(intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=4,
+                     swiglu_limit=1.5,
+                     rope_parameters={'rope_type': 'yarn', 'rope_theta': 1.5e5, 'factor': 8.0,
+                                      'beta_fast': 32.0, 'beta_slow': 1.0, 'truncate': False,
+                                      'original_max_position_embeddings': 32})),
+    # FlexOlmo: norms after each sublayer (not before), q/k norms over the whole projection.
+    'flex_olmo': ('FlexOlmoConfig', 'FlexOlmoForCausalLM',
+                  dict(intermediate_size=16, num_experts=6, norm_topk_prob=False)),
+    # Granite MoE: multipliers on the embeddings, residual branches, attention scores and
+    # logits; the experts as stacked Linear weights [N, 2F, D].
+    'granitemoe': ('GraniteMoeConfig', 'GraniteMoeForCausalLM',
+                   dict(intermediate_size=16, num_local_experts=4, embedding_multiplier=3.0,
+                        residual_multiplier=0.5, attention_multiplier=0.2,
+                        logits_scaling=4.0)),
 }
 
 
@@ -75,6 +93,8 @@ def _build(kind: str, folder, **kw):
         p.uniform_(0.5, 1.5)
       elif name.endswith('bias'):
         p.uniform_(-0.5, 0.5)
+      elif name.endswith('sinks'):  # a per-head logit next to the scores
+        p.normal_(0, 1.0)
       elif 'experts.' in name and p.ndim == 3:  # stacked experts start at zero in Llama 4
         p.normal_(0, 0.3)
     for name, b in model.named_buffers():
@@ -118,7 +138,8 @@ def test_logits_and_routing_equal_transformers(family):
   assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
   # The same experts chosen in every routed layer (as sets: ties aside, order is free).
   ours = np.sort(np.asarray(aux['expert_index']), -1)  # [moe layers, T, K]
-  assert len(chosen) == ours.shape[0] == (3 if kind in ('mixtral', 'olmoe') else 2)
+  every = ('mixtral', 'olmoe', 'gpt_oss', 'flex_olmo', 'granitemoe')  # all 3 layers MoE
+  assert len(chosen) == ours.shape[0] == (3 if kind in every else 2)
   for layer, want in enumerate(chosen):
     np.testing.assert_array_equal(ours[layer], want.reshape(ours[layer].shape))
 
@@ -357,8 +378,15 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   _build('mixtral', tmp_path / 'hf')
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for change, match in (
-      ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: "
-                               'deepseek_v2, deepseek_v3, llama4_text, mixtral, olmoe, qwen2_moe, qwen3_moe'),
+      ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: deepseek_v2, "
+                               'deepseek_v3, flex_olmo, gpt_oss, granitemoe, llama4_text, '
+                               'mixtral, olmoe, qwen2_moe, qwen3_moe'),
+      ({'model_type': 'qwen3_next'}, "model_type 'qwen3_next' is not supported: it needs "
+                                     'linear-attention \\(Gated DeltaNet\\) layers'),
+      ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not supported \\(only SiLU-gated FFNs\\)"),
+      ({'attention_bias': True}, 'attention_bias=True is not supported'),
+      ({'rope_parameters': {'rope_type': 'dynamic', 'factor': 2.0}},
+       "rope_type 'dynamic' is not supported"),
       ({'quantization_config': {'quant_method': 'fp8'}}, 'quantized \\(fp8\\)'),
       ({'hidden_size': 64}, r'tensor model.embed_tokens.weight: shape \[320, 32\], but this '
                             r'config needs \[320, 64\]'),
@@ -424,3 +452,50 @@ def test_import_across_two_processes_reads_and_writes_only_its_shards(tmp_path):
   assert sorted(one.keys()) == sorted(two.keys()) == sorted(reader.keys())
   for name in reader.keys():
     np.testing.assert_array_equal(two.get(name), one.get(name), err_msg=name)
+
+
+def _moejax_model(**fields):
+  from moejax.config import base_config, set_fields
+  c = base_config()
+  set_fields(c, {'model.first_k_dense': 0, 'model.moe.num_shared_experts': 0, **fields})
+  return c
+
+
+@pytest.mark.parametrize('model_type,fields,named', [
+    ('mixtral', {}, None),  # expressible: exported
+    ('mixtral', {'model.moe.num_shared_experts': 1}, 'num_shared_experts=1'),
+    ('mixtral', {'model.tie_embeddings': True}, 'tie_embeddings=True'),
+    ('mixtral', {'model.sliding_window': 8, 'model.sliding_pattern': (1, 0)},
+     r'sliding_pattern=\(1, 0\)'),  # mixtral windows every layer or none
+    ('gpt_oss', {'model.sliding_window': 8, 'model.sliding_pattern': (1, 0)}, 'qkv_bias=False'),
+    ('qwen3_moe', {'model.qk_norm': 'head', 'model.attention_sinks': True},
+     'attention_sinks=True'),
+    ('qwen2_moe', {'model.moe.router.score_fn': 'sigmoid'}, "score_fn='sigmoid'"),
+    ('deepseek_v3', {'model.attention': 'mla', 'model.moe.router.score_fn': 'sigmoid',
+                     'model.moe.router.num_groups': 4, 'model.moe.router.topk_groups': 2,
+                     'model.moe.router.group_score': 'max'}, 'group_score'),
+])
+def test_export_writes_only_what_the_family_expresses(model_type, fields, named):
+  """Export reads its config.json back through the family's entry: a model that does not come
+  back as it is gets one line naming the fields."""
+  from moejax.hf import families
+  c = _moejax_model(**fields)
+  if named is None:
+    hf_cfg = families.hf_config(c, None, model_type)
+    assert families.model_fields(hf_cfg, 'back')['model.moe.num_experts'] == 8
+    return
+  with pytest.raises(ConfigError, match=f'--model_type={model_type}: .*{named}'):
+    families.hf_config(c, None, model_type)
+
+
+def test_a_family_entry_round_trips_every_field_it_reads():
+  """For each family, import -> export -> import gives the same fields (the keys and rules are
+  inverse to each other), from a config.json transformers itself wrote."""
+  from moejax.hf import convert, families
+  for kind, (cfg_cls, _, extra) in FAMILIES.items():
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra}).to_dict()
+    cfg['model_type'] = kind
+    fields = families.model_fields(cfg, kind)
+    c, _ = convert.moejax_config(cfg, kind)
+    again = families.model_fields(families.hf_config(c, None, kind), kind)
+    assert again == fields, kind

@@ -38,7 +38,11 @@ PUBLISHED = {'deepseek_v3': (671, '37', 'active_without_input_embedding'),
 CARDS = {'qwen3_moe': (30.5, '3.3', 'active'), 'qwen3_moe:235b': (235, '22', 'active'),
          'olmoe': (6.9, '1.3', 'active'), 'qwen2_moe': (14.3, '2.7', 'active'),
          'deepseek_v2:lite': (15.7, '2.4', 'active_without_input_embedding'),
-         'llama4:maverick': (400, '17', 'active'), 'llama4': (109, '17', 'active')}
+         'llama4:maverick': (400, '17', 'active'), 'llama4': (109, '17', 'active'),
+         # gpt-oss's model card (arXiv:2508.10925, Table 1) counts the unembedding but not the
+         # embedding in its active parameters; it gives both to two decimals.
+         'gpt_oss': (20.91, '3.61', 'active_without_input_embedding'),
+         'gpt_oss:120b': (116.83, '5.13', 'active_without_input_embedding')}
 # Llama 4's totals count the whole multimodal model; moejax builds the language model only, so
 # Scout's text model is 107.8B for the published 109B (the vision encoder and projector, about
 # 0.8B, make up the rest): checked within 1.2%, the one figure here outside 1%.
@@ -64,12 +68,15 @@ def test_parameter_counts_match_the_model_cards(spec):
   assert _within_published(counts[convention] / 1e9, active), counts[convention]
 
 
-@pytest.mark.parametrize('name', list(PUBLISHED) + ['qwen3_moe', 'olmoe', 'qwen2_moe', 'llama4'])
+@pytest.mark.parametrize('name', list(PUBLISHED) + ['qwen3_moe', 'olmoe', 'qwen2_moe', 'llama4',
+                                                    'gpt_oss'])
 def test_tiny_variant_trains(name):
   c = load(name, 'tiny')
   full = load(name)
   # Same structure as the published model.
   assert c.model.attention == full.model.attention
+  assert (c.model.moe.experts.to_dict(), c.model.sliding_pattern) == (
+      full.model.moe.experts.to_dict(), full.model.sliding_pattern)
   assert (c.model.first_k_dense > 0) == (full.model.first_k_dense > 0)
   assert c.model.moe.router.to_dict().keys() == full.model.moe.router.to_dict().keys()
   assert (c.model.moe.num_shared_experts, c.model.moe.router.score_fn) == (

@@ -79,7 +79,7 @@ def _reader(hf_dir: str, prefix: str):
 def _mtp_depth(hf: dict, reader, c, fields: dict) -> None:
   """DeepSeek-V3's multi-token-prediction layers (after the last layer) become model.mtp when
   the checkpoint has their weights (transformers saves none; the published one has one)."""
-  depth = hf.get('num_nextn_predict_layers') or 0
+  depth = hf.get(families.family(hf, '').mtp_key) or 0
   if depth and f'model.layers.{hf["num_hidden_layers"]}.eh_proj.weight' in reader:
     fields['model.mtp.depth'] = depth
     set_fields(c, {'model.mtp.depth': depth})
@@ -174,8 +174,7 @@ def load_pretrained(hf_dir: str, dtype: str = 'float32'):
   fam = families.family(hf, hf_dir)
   reader = _reader(hf_dir, prefix)
   _mtp_depth(hf, reader, c, {})
-  variables = import_variables(reader, c.model, fam, DTYPES[dtype],
-                               families.rope_interleaved(hf))
+  variables = import_variables(reader, c.model, fam, DTYPES[dtype], fam.interleaved(hf))
   return Transformer(c.model, train=False), variables
 
 
@@ -261,7 +260,7 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   # holds more than its devices' shards (and one tensor), nor reads the others'.
   targets = {('params',) + p: t for p, t in _paths(shard.params)}
   targets.update(_paths(shard.model_state))
-  variables = import_variables(reader, c.model, fam, interleaved=families.rope_interleaved(hf),
+  variables = import_variables(reader, c.model, fam, interleaved=fam.interleaved(hf),
                                shardings=targets)
   params = variables.pop('params')
   with trainer.context():

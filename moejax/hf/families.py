@@ -1,229 +1,312 @@
-"""Hugging Face MoE families: how each one's config.json becomes moejax config fields, and where
-its tensors live. A family is data (names and switches), not code in the model: the model only
-has general features (`qk_norm`, `norm_topk_prob`, dense layers by schedule, ...).
+"""The Hugging Face MoE families moejax imports and exports: one table entry each.
+
+An entry says how the family's config.json maps to moejax config fields (`config`: Keys,
+Consts and shared rules from rules.py), which moejax fields every model of the family has
+(`fixed`), and where its tensors live (module names and the experts' layout; the tensor names
+of each feature are in weights.py). Import and export both read the entry: import turns a
+config.json into fields; export writes a config.json from a model config, then reads it back
+through the same entry and refuses, naming the field, any model the family cannot express.
+The model itself has only general features; no family is named outside this file.
+
+Adding a family that recombines features moejax has is one entry here (and a tiny model in
+tests/test_hf_import.py).
 """
 from __future__ import annotations
 
 import dataclasses
 
 from moejax.errors import ConfigError
+from moejax.hf.rules import (Const, Key, LatentHeads, NopeLayers, Rope, Schedule,
+                             SharedExpertGate, SlidingLayers, TopkMethod, moe_layers)
+
+__all__ = ['FAMILIES', 'REFUSED', 'Family', 'family', 'model_fields', 'hf_config', 'moe_layers']
+
+
+PER_EXPERT = tuple(f'experts.{{e}}.{p}_proj.weight' for p in ('gate', 'up', 'down'))
+STACKED = ('experts.gate_up_proj', 'experts.gate_up_proj', 'experts.down_proj')
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  model_type: str
-  moe_module: str  # the MoE block's module name under model.layers.N
-  expert_names: tuple[str, str, str]  # (gate, up, down) projections of one expert
-  qk_norm: str = 'none'  # moejax model.qk_norm
-  always_norm_topk: bool = False  # renormalise the K weights whatever the config says
-  z_loss_key: str = ''  # config key of a router z-loss coefficient, if the family has one
-  qkv_bias_key: str = ''  # config key saying whether q/k/v projections have biases
-  qkv_bias_default: bool = False
-  shared_key: str = ''  # config key of the gated shared expert's width (0 or absent: none)
-  shared_module: str = 'shared_expert'  # the shared expert's module name in the MoE block
-  latent_attention: bool = False  # MLA (q_a/q_b/kv_a/kv_b projections)
-  router_name: str = 'gate'  # the router's module name in the MoE block
-  dense_module: str = 'mlp'  # a dense layer's FFN module name
-  fused_experts: bool = False  # experts stored stacked: gate_up_proj [N, D, 2F], down_proj
-  interleaved_rope: bool = False  # q/k rotary dims in interleaved pairs (reordered at import)
+  """One Hugging Face family.
 
+  config: the pieces mapping config.json <-> moejax fields, read and written in order.
+  fixed: (field, value) that every model of the family has (import sets, export requires).
+  Tensors, under model.layers.N: the MoE block `moe_module` holds the router `router` and the
+  experts, named by expert_names (gate, up, down; {e} stands for the expert) and laid out as
+  `experts` says: 'per_expert' (one Linear each, [out, in]), 'stacked' (one tensor for all,
+  gate_up [N, D, 2F] and down [N, F, D]) or 'stacked_linear' (stacked Linear weights, gate_up
+  [N, 2F, D] and down [N, D, F]); in a stacked gate_up, gate and up are `gate_up`: 'halves'
+  or 'interleaved' (alternate columns). Biases sit next to their weights (x.bias, or x_bias
+  for a stacked x). The shared expert is `shared_module`; a dense layer's FFN `dense_module`. rope_pairs: the q/k rotary dims' order in the checkpoint, 'halves'
+  (moejax's), 'interleaved' (reordered at import), or a config.json key saying whether they
+  are interleaved (true when absent; export writes false). mtp_key: the config.json key of the
+  multi-token-prediction depth, if the family has one.
+  """
+  model_type: str
+  architecture: str
+  config: tuple
+  fixed: tuple = ()
+  moe_module: str = 'mlp'
+  router: str = 'gate'
+  experts: str = 'per_expert'
+  gate_up: str = 'halves'
+  expert_names: tuple = PER_EXPERT
+  shared_module: str = 'shared_expert'
+  dense_module: str = 'mlp'
+  rope_pairs: str = 'halves'
+  mtp_key: str = ''
+
+  def interleaved(self, hf: dict) -> bool:
+    """Whether the checkpoint's rotary dims are interleaved pairs."""
+    if self.rope_pairs in ('halves', 'interleaved'):
+      return self.rope_pairs == 'interleaved'
+    return bool(hf.get(self.rope_pairs, True))
+
+
+def _heads(hf):
+  return hf['num_attention_heads']
+
+
+def _head_dim(hf):
+  return hf['hidden_size'] // hf['num_attention_heads']
+
+
+# The keys of every family with grouped-query attention (the shape, norms, top-K).
+SHAPE = (
+    Key('vocab_size', 'model.vocab_size'), Key('hidden_size', 'model.d_model'),
+    Key('num_hidden_layers', 'model.num_layers'),
+    Key('num_attention_heads', 'model.num_heads'),
+    Key('max_position_embeddings', 'model.max_seq_len', 4096),
+    Key('rms_norm_eps', 'model.norm_eps', 1e-6),
+    Key('num_experts_per_tok', 'model.moe.num_experts_per_tok'),
+    Key('router_aux_loss_coef', 'model.moe.balance.aux_loss_weight', 0.0, float),
+    Const('hidden_act', 'silu', 'only SiLU-gated FFNs'),
+    Rope(),
+)
+GQA = SHAPE + (
+    Key('num_key_value_heads', 'model.num_kv_heads', _heads),
+    Key('head_dim', 'model.head_dim', _head_dim),
+)
+NO_ATTENTION_BIAS = Const('attention_bias', False, 'biased attention projections: gpt_oss '
+                          'has them', absent=False)
+NORM_TOPK = Key('norm_topk_prob', 'model.moe.router.norm_topk_prob', False, bool)
+SPARSE_STEP = (Key('intermediate_size', 'model.ffn_dim'),
+               Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
+               Key('num_experts', 'model.moe.num_experts', aliases=('num_local_experts',)),
+               Schedule('sparse_step'))
+LATENT = SHAPE + (
+    LatentHeads(), Key('intermediate_size', 'model.ffn_dim'),
+    Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
+    Key('n_routed_experts', 'model.moe.num_experts'),
+    Key('n_shared_experts', 'model.moe.num_shared_experts', 0),
+    Key('routed_scaling_factor', 'model.moe.router.routed_scaling_factor', 1.0, float),
+    Key('q_lora_rank', 'model.mla.q_lora_rank', 0, to_hf=lambda r, m: r or None),
+    Key('kv_lora_rank', 'model.mla.kv_lora_rank'),
+    Key('qk_nope_head_dim', 'model.mla.qk_nope_head_dim'),
+    Key('qk_rope_head_dim', 'model.mla.qk_rope_head_dim'),
+    Key('v_head_dim', 'model.mla.v_head_dim'),
+    Const('mlp_bias', False, 'biased FFN projections', absent=False), NO_ATTENTION_BIAS,
+    Schedule('first_k_dense'))
 
 FAMILIES = {f.model_type: f for f in (
-    Family('mixtral', 'block_sparse_moe', ('w1', 'w3', 'w2'), always_norm_topk=True),
-    Family('qwen3_moe', 'mlp', ('gate_proj', 'up_proj', 'down_proj'), qk_norm='head'),
-    Family('olmoe', 'mlp', ('gate_proj', 'up_proj', 'down_proj'), qk_norm='full',
-           z_loss_key='router_z_loss_coef'),
-    Family('qwen2_moe', 'mlp', ('gate_proj', 'up_proj', 'down_proj'), qkv_bias_key='qkv_bias',
-           qkv_bias_default=True, shared_key='shared_expert_intermediate_size'),
-    Family('deepseek_v2', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
-           shared_module='shared_experts', latent_attention=True),
-    Family('deepseek_v3', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
-           shared_module='shared_experts', latent_attention=True),
-    Family('llama4_text', 'feed_forward', ('gate_up_proj', 'gate_up_proj', 'down_proj'),
-           router_name='router', dense_module='feed_forward', fused_experts=True,
-           interleaved_rope=True),
+    Family('mixtral', 'MixtralForCausalLM', GQA + (
+        Key('num_local_experts', 'model.moe.num_experts'),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('router_jitter_noise', 'model.moe.router.jitter', 0.0, float),
+        NO_ATTENTION_BIAS, SlidingLayers(), Schedule('every')),
+        fixed=(('model.moe.router.norm_topk_prob', True),),
+        moe_module='block_sparse_moe',
+        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2'))),
+    Family('qwen3_moe', 'Qwen3MoeForCausalLM', GQA + SPARSE_STEP + (
+        NORM_TOPK, NO_ATTENTION_BIAS, SlidingLayers(switch='use_sliding_window')),
+        fixed=(('model.qk_norm', 'head'),)),
+    Family('olmoe', 'OlmoeForCausalLM', GQA + (
+        Key('num_experts', 'model.moe.num_experts', aliases=('num_local_experts',)),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('router_z_loss_coef', 'model.moe.balance.z_loss_weight', 0.0, float),
+        NORM_TOPK, NO_ATTENTION_BIAS, Const('clip_qkv', None, 'clipped q/k/v'),
+        Schedule('every')),
+        fixed=(('model.qk_norm', 'full'),)),
+    Family('qwen2_moe', 'Qwen2MoeForCausalLM', GQA + SPARSE_STEP + (
+        NORM_TOPK, Key('qkv_bias', 'model.qkv_bias', True, bool), NO_ATTENTION_BIAS,
+        SharedExpertGate(), SlidingLayers(layer_types=True, switch='use_sliding_window'))),
+    Family('deepseek_v2', 'DeepseekV2ForCausalLM', LATENT + (
+        TopkMethod('softmax', 'greedy'),),
+        fixed=(('model.attention', 'mla'), ('model.moe.router.norm_topk_prob', False)),
+        shared_module='shared_experts', rope_pairs='interleaved'),
+    Family('deepseek_v3', 'DeepseekV3ForCausalLM', LATENT + (
+        NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc')),
+        fixed=(('model.attention', 'mla'),),
+        shared_module='shared_experts', rope_pairs='rope_interleave',
+        mtp_key='num_nextn_predict_layers'),
+    Family('llama4_text', 'Llama4ForCausalLM', GQA + (
+        Key('num_local_experts', 'model.moe.num_experts'),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('intermediate_size_mlp', 'model.ffn_dim', lambda hf: hf['intermediate_size']),
+        Key('use_qk_norm', 'model.qk_norm', False, lambda v: 'l2' if v else 'none',
+            lambda v, m: v == 'l2'),
+        NO_ATTENTION_BIAS, NopeLayers(), Schedule('layer_list')),
+        fixed=(('model.moe.num_shared_experts', 1), ('model.moe.router.score_fn', 'sigmoid'),
+               ('model.moe.router.norm_topk_prob', False), ('model.moe.gate_input', True)),
+        moe_module='feed_forward', router='router', experts='stacked', expert_names=STACKED,
+        dense_module='feed_forward', rope_pairs='interleaved'),
+    Family('gpt_oss', 'GptOssForCausalLM', GQA + (
+        Key('num_local_experts', 'model.moe.num_experts'),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('swiglu_alpha', 'model.moe.experts.alpha', 1.702, float),
+        Key('swiglu_limit', 'model.moe.experts.limit', 7.0, float),
+        Const('attention_bias', True, 'gpt_oss always biases its attention projections'),
+        SlidingLayers(layer_types=True), Schedule('every')),
+        fixed=(('model.qkv_bias', True), ('model.attention_out_bias', True),
+               ('model.attention_sinks', True), ('model.moe.router.logit_bias', True),
+               ('model.moe.experts.name', 'glu'), ('model.moe.experts.bias', True),
+               ('model.moe.experts.up_offset', 1.0)),
+        router='router', experts='stacked', gate_up='interleaved', expert_names=STACKED),
+    Family('flex_olmo', 'FlexOlmoForCausalLM', GQA + (
+        Key('num_experts', 'model.moe.num_experts', aliases=('num_local_experts',)),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        NORM_TOPK, NO_ATTENTION_BIAS, Schedule('every')),
+        fixed=(('model.qk_norm', 'full'), ('model.norm_placement', 'post'))),
+    Family('granitemoe', 'GraniteMoeForCausalLM', GQA + (
+        Key('num_local_experts', 'model.moe.num_experts'),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('embedding_multiplier', 'model.embedding_multiplier', 1.0, float),
+        Key('residual_multiplier', 'model.residual_multiplier', 1.0, float),
+        Key('attention_multiplier', 'model.attention_scale', 1.0, float,
+            lambda v, m: v or m.head_dim ** -0.5),
+        Key('logits_scaling', 'model.logit_divisor', 1.0, float),
+        NO_ATTENTION_BIAS, Schedule('every')),
+        fixed=(('model.moe.router.norm_topk_prob', True),),
+        moe_module='block_sparse_moe', router='router.layer', experts='stacked_linear',
+        expert_names=('input_linear.weight', 'input_linear.weight', 'output_linear.weight')),
 )}
+
+# Families transformers has that need something moejax does not build, and what.
+REFUSED = {
+    'qwen3_next': 'linear-attention (Gated DeltaNet) layers',
+    'qwen3_5_moe': 'linear-attention (Gated DeltaNet) layers',
+    'deepseek_v32': 'a learned sparse-attention indexer',
+    'minimax': 'linear-attention (lightning attention) layers',
+    'granitemoehybrid': 'Mamba layers',
+    'jamba': 'Mamba layers',
+    'longcat_flash': 'shortcut-connected MoE blocks (two attention sublayers per layer)',
+}
+
+# Fields every import sets before the family's own (what a family leaves unsaid is off).
+IMPORT_BASE = {'model.moe.num_shared_experts': 0, 'model.moe.dispatch.name': 'dropless',
+               'model.moe.balance.aux_loss_weight': 0.0,
+               'model.moe.balance.z_loss_weight': 0.0}
 
 
 def family(hf: dict, where: str) -> Family:
+  """The entry of a config.json's model_type, or one line saying why there is none."""
   kind = hf.get('model_type', '')
+  if kind in REFUSED:
+    raise ConfigError(f'{where}: model_type {kind!r} is not supported: it needs '
+                      f'{REFUSED[kind]}, which moejax does not build')
   if kind not in FAMILIES:
     raise ConfigError(f'{where}: model_type {kind!r} is not supported; supported: '
                       f'{", ".join(sorted(FAMILIES))}')
   return FAMILIES[kind]
 
 
-def _rope(hf: dict, where: str) -> dict:
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  kind = rope.get('rope_type', rope.get('type', 'default'))
-  f = {'model.rope_theta': float(rope.get('rope_theta', hf.get('rope_theta', 10000.0)))}
-  if kind == 'llama3':
-    f.update({'model.rope_scaling.kind': 'llama3',
-              'model.rope_scaling.factor': float(rope['factor']),
-              'model.rope_scaling.low_freq_factor': float(rope['low_freq_factor']),
-              'model.rope_scaling.high_freq_factor': float(rope['high_freq_factor']),
-              'model.rope_scaling.original_max_len': int(rope['original_max_position_embeddings'])})
-  elif kind != 'default':
-    raise ConfigError(f'{where}: rope_type {kind!r} is not supported; only the default rotation '
-                      "and 'llama3' scaling")
-  return f
-
-
-def moe_layers(hf: dict) -> list[int]:
-  """Indices of the layers whose FFN is MoE: Qwen's decoder_sparse_step and mlp_only_layers,
-  DeepSeek's first_k_dense_replace and moe_layer_freq."""
-  n = hf['num_hidden_layers']
-  if 'moe_layers' in hf and isinstance(hf['moe_layers'], list):  # Llama 4 lists them
-    return sorted(hf['moe_layers'])
-  if 'interleave_moe_layer_step' in hf:
-    step = hf['interleave_moe_layer_step'] or 1
-    return [i for i in range(n) if (i + 1) % step == 0]
-  if 'first_k_dense_replace' in hf:
-    first, freq = hf['first_k_dense_replace'] or 0, hf.get('moe_layer_freq') or 1
-    return [i for i in range(n) if i >= first and (i - first) % freq == 0]
-  step = hf.get('decoder_sparse_step', 1) or 1
-  dense = set(hf.get('mlp_only_layers') or [])
-  return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
-
-
-def schedule(hf: dict, where: str) -> tuple[int, int]:
-  """(first_k_dense, moe_layer_freq) giving the family's MoE layers, or a one-line refusal."""
-  from moejax.model.schedule import moe_layer_ids
-  import types
-  want, n = moe_layers(hf), hf['num_hidden_layers']
-  if not want:
-    raise ConfigError(f'{where}: no layer is MoE; import a MoE model')
-  for freq in range(1, n + 1):
-    first = want[0]
-    got = moe_layer_ids(types.SimpleNamespace(num_layers=n, first_k_dense=first,
-                                              moe_layer_freq=freq))
-    if got == want:
-      return first, freq
-  raise ConfigError(f'{where}: MoE layers {want} follow no "first K dense, then every F-th" '
-                    'schedule, which moejax layers are built from')
-
-
 def model_fields(hf: dict, where: str) -> dict:
-  """The moejax config fields (dotted, under config.) of a Hugging Face config.json."""
+  """The moejax config fields (dotted, from 'model.') of a Hugging Face config.json."""
   fam = family(hf, where)
-  for key, ok in (('hidden_act', 'silu'),):
-    if hf.get(key, ok) != ok:
-      raise ConfigError(f'{where}: {key}={hf[key]!r} is not supported (only {ok!r})')
-  qkv_bias = bool(hf.get(fam.qkv_bias_key, fam.qkv_bias_default)) if fam.qkv_bias_key else False
-  if hf.get('attention_bias'):
-    raise ConfigError(f'{where}: attention_bias=true is not supported (biased q/k/v projections)')
-  if hf.get('clip_qkv') is not None:
-    raise ConfigError(f'{where}: clip_qkv={hf["clip_qkv"]} is not supported')
-  if hf.get('sliding_window') and hf.get('use_sliding_window', True):
-    raise ConfigError(f'{where}: sliding_window={hf["sliding_window"]} (sliding-window '
-                      'attention) is not supported')
-  heads, d = hf['num_attention_heads'], hf['hidden_size']
-  experts = hf.get('num_local_experts') or hf.get('num_experts') or hf.get('n_routed_experts')
-  first, freq = schedule(hf, where)
-  expert_width = hf.get('moe_intermediate_size') or hf['intermediate_size']
-  f = {
-      'model.vocab_size': hf['vocab_size'], 'model.d_model': d,
-      'model.num_layers': hf['num_hidden_layers'], 'model.num_heads': heads,
-      'model.num_kv_heads': hf.get('num_key_value_heads') or heads,
-      'model.head_dim': hf.get('head_dim') or d // heads,
-      'model.ffn_dim': hf['intermediate_size'],
-      'model.max_seq_len': hf.get('max_position_embeddings', 4096),
-      **_rope(hf, where),
-      'model.norm_eps': hf.get('rms_norm_eps', 1e-6),
-      'model.qk_norm': fam.qk_norm,
-      'model.first_k_dense': first, 'model.moe_layer_freq': freq,
-      'model.moe.num_experts': experts,
-      'model.moe.num_experts_per_tok': hf['num_experts_per_tok'],
-      'model.moe.expert_ffn_dim': expert_width,
-      'model.qkv_bias': qkv_bias,
-      'model.moe.num_shared_experts': 0,
-      'model.moe.router.score_fn': 'softmax',
-      'model.moe.router.norm_topk_prob': bool(fam.always_norm_topk or hf.get('norm_topk_prob')),
-      'model.moe.dispatch.name': 'dropless',
-      'model.moe.balance.aux_loss_weight': float(hf.get('router_aux_loss_coef') or 0.0),
-      'model.moe.balance.z_loss_weight': float(hf.get(fam.z_loss_key) or 0.0)
-      if fam.z_loss_key else 0.0,
-  }
-  shared = hf.get(fam.shared_key) if fam.shared_key else 0
-  if shared:
-    f.update({'model.moe.num_shared_experts': 1, 'model.moe.shared_expert_ffn_dim': shared,
-              'model.moe.shared_expert_gate': True})
-  if fam.latent_attention:
-    f.update(_latent(hf, where))
-  if fam.model_type == 'llama4_text':
-    f.update(_llama4(hf, where))
-  if hf.get('router_jitter_noise'):
-    f['model.moe.router.jitter'] = float(hf['router_jitter_noise'])
-  return f
+  if hf.get('sliding_window') and not any(isinstance(p, SlidingLayers) for p in fam.config):
+    raise ConfigError(f'{where}: sliding_window={hf["sliding_window"]} is not supported for '
+                      f'{fam.model_type} (its entry maps no sliding window)')
+  out = dict(IMPORT_BASE)
+  for piece in fam.config:
+    out.update(piece.read(hf, where))
+  out.update(dict(fam.fixed))
+  return out
 
 
-def rope_interleaved(hf: dict) -> bool:
-  """Whether the checkpoint's rotary dims are interleaved pairs (DeepSeek-V2 and Llama 4
-  always; V3 unless rope_interleave is false) rather than moejax's halves; import reorders
-  them."""
-  kind = hf.get('model_type')
-  return (kind in ('deepseek_v2', 'llama4_text') or
-          (kind == 'deepseek_v3' and hf.get('rope_interleave', True)))
+def hf_config(c, base: dict | None, model_type: str) -> dict:
+  """A config.json of moejax config c as `model_type` (over `base`, the imported config.json,
+  when there is one), refused in one line when the family cannot express the model."""
+  fam = FAMILIES[model_type]
+  m = c.model
+  hf = dict(base or {})
+  hf['model_type'] = model_type
+  for piece in fam.config:
+    piece.write(m, hf)
+  hf['tie_word_embeddings'] = False
+  if fam.mtp_key:
+    hf[fam.mtp_key] = m.mtp.depth
+  elif m.mtp.depth:
+    raise ConfigError(f'--model_type={model_type}: this model has multi-token prediction '
+                      f'(model.mtp.depth={m.mtp.depth}), which {model_type} does not')
+  if fam.rope_pairs not in ('halves', 'interleaved'):
+    hf[fam.rope_pairs] = False  # written in moejax's halves
+  hf.setdefault('architectures', [fam.architecture])
+  for key in ('pad_token_id', 'bos_token_id', 'eos_token_id'):  # not transformers' defaults
+    hf.setdefault(key, None)
+  _same_model(c, hf, fam)
+  return hf
 
 
-def _latent(hf: dict, where: str) -> dict:
-  """DeepSeek-V2/V3: MLA, the shared experts, and routing (softmax or sigmoid, greedy or
-  group-limited, scaled; V3's e_score_correction_bias as a fixed selection bias)."""
-  nope, rope = hf['qk_nope_head_dim'], hf['qk_rope_head_dim']
-  f = {'model.attention': 'mla', 'model.head_dim': nope + rope, 'model.num_kv_heads':
-       hf['num_attention_heads'],
-       'model.mla.q_lora_rank': hf.get('q_lora_rank') or 0,
-       'model.mla.kv_lora_rank': hf['kv_lora_rank'], 'model.mla.qk_nope_head_dim': nope,
-       'model.mla.qk_rope_head_dim': rope, 'model.mla.v_head_dim': hf['v_head_dim'],
-       'model.moe.num_shared_experts': hf.get('n_shared_experts') or 0,
-       'model.moe.router.routed_scaling_factor': float(hf.get('routed_scaling_factor') or 1.0),
-       'model.moe.router.norm_topk_prob': bool(hf.get('norm_topk_prob'))}
-  v3 = hf['model_type'] == 'deepseek_v3'
-  if not v3:  # DeepSeek-V2's router never renormalises its top-K weights
-    f['model.moe.router.norm_topk_prob'] = False
-  if hf.get('mlp_bias'):
-    raise ConfigError(f'{where}: mlp_bias=true is not supported')
-  scoring = hf.get('scoring_func') or ('sigmoid' if v3 else 'softmax')
-  method = hf.get('topk_method') or ('noaux_tc' if v3 else 'greedy')
-  if scoring not in ('sigmoid', 'softmax'):
-    raise ConfigError(f'{where}: scoring_func={scoring!r} is not supported')
-  f['model.moe.router.score_fn'] = scoring
-  groups, keep = hf.get('n_group') or 1, hf.get('topk_group') or 1
-  if method in ('group_limited_greedy', 'noaux_tc') and groups > 1:
-    f.update({'model.moe.router.num_groups': groups, 'model.moe.router.topk_groups': keep,
-              'model.moe.router.group_score': 'top2_sum' if method == 'noaux_tc' else 'max'})
-  elif method not in ('greedy', 'group_limited_greedy', 'noaux_tc'):
-    raise ConfigError(f'{where}: topk_method={method!r} is not supported')
-  if method == 'noaux_tc':
-    f['model.moe.balance.selection_bias'] = True
-    f['model.moe.balance.aux_loss_weight'] = 0.0
-  else:
-    f['model.moe.balance.aux_loss_weight'] = float(hf.get('aux_loss_alpha') or 0.0)
-  return f
+def _leaves(node, prefix):
+  for k, v in node.items():
+    if hasattr(v, 'items'):
+      yield from _leaves(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v
 
 
-def _llama4(hf: dict, where: str) -> dict:
-  """Llama 4 (text): top-1 sigmoid router gating the expert's input, one shared expert of the
-  routed width, dense layers of their own width; NoPE every k-th layer (full attention,
-  temperature-tuned queries), the other layers rotated, chunked and L2-normalised."""
-  n = hf['num_hidden_layers']
-  f = {'model.ffn_dim': hf.get('intermediate_size_mlp') or hf['intermediate_size'],
-       'model.moe.num_shared_experts': 1, 'model.moe.router.score_fn': 'sigmoid',
-       'model.moe.router.norm_topk_prob': False, 'model.moe.gate_input': True,
-       'model.qk_norm': 'l2' if hf.get('use_qk_norm') else 'none'}
-  rope = list(hf.get('no_rope_layers') or [1] * n)  # 1: rotated, 0: NoPE
-  every = hf.get('no_rope_layer_interval') or 4
-  if all(rope):
-    every = 0
-  elif rope != [int((i + 1) % every != 0) for i in range(n)]:
-    raise ConfigError(f'{where}: no_rope_layers {rope} is not "every {every}th layer"')
-  f['model.nope_every'] = every
-  chunk = hf.get('attention_chunk_size') or 0
-  types = hf.get('layer_types')
-  if chunk and types and types != ['chunked_attention' if r else 'full_attention' for r in rope]:
-    raise ConfigError(f'{where}: layer_types must be chunked exactly on the rotated layers')
-  f['model.attention_chunk'] = chunk
-  if hf.get('attn_temperature_tuning') and every:
-    f['model.nope_temperature'] = float(hf.get('attn_scale', 0.1))
-    f['model.nope_temperature_floor'] = int(hf.get('floor_scale', 8192))
-  return f
+# Fields that do not change what the exported model computes (training, kernels, precision).
+_NOT_THE_MODEL = ('model.dtype', 'model.remat', 'model.remat_save', 'model.mtp.',
+                  'model.moe.dispatch.', 'model.moe.balance.', 'model.moe.router.dtype',
+                  'model.moe.router.jitter', 'model.moe.router.freeze',
+                  'model.moe.experts.backend', 'model.moe.experts.block_size')
+
+
+def _unused(m, field: str) -> bool:
+  """Fields the model does not read as configured (so any value exports the same model)."""
+  from moejax.model.schedule import layer_plan
+  return ((field.startswith('model.mla.') and m.attention != 'mla') or
+          (field.startswith('model.rope_scaling.') and field != 'model.rope_scaling.kind' and
+           m.rope_scaling.kind == 'none') or
+          (field == 'model.sliding_pattern' and not m.sliding_window) or
+          (field == 'model.nope_temperature_floor' and not m.nope_temperature) or
+          (field == 'model.moe.shared_expert_ffn_dim' and not m.moe.num_shared_experts) or
+          (field == 'model.ffn_dim' and layer_plan(m)[0] == 0 and m.moe_layer_freq == 1))
+
+
+def _same_model(c, hf: dict, fam: Family) -> None:
+  """Read the written config.json back through the entry: every field that shapes the model
+  must come back as it is, else the family cannot express this model."""
+  from moejax.config import base_config, get_field
+  from moejax.moe.routers.base import resolve_group_score
+  back = model_fields(hf, f'--model_type={fam.model_type}')
+  defaults = base_config()
+  unchecked = {f for piece in fam.config for f in getattr(piece, 'UNCHECKED', ())}
+  wrong = []
+  for field, value in _leaves(c.model, 'model.'):
+    if field.startswith(_NOT_THE_MODEL) or field in unchecked or _unused(c.model, field):
+      continue
+    got = back[field] if field in back else get_field(defaults, field)
+    if field == 'model.moe.router.group_score':
+      value = resolve_group_score(value, c.model.moe.router.score_fn)
+      got = resolve_group_score(got, back.get('model.moe.router.score_fn', 'softmax'))
+    if field == 'model.attention_scale':  # 0: head_dim ** -0.5
+      value = value or c.model.head_dim ** -0.5
+      got = got or back.get('model.head_dim', c.model.head_dim) ** -0.5
+    if field == 'model.moe.shared_expert_ffn_dim':  # 0: num_shared * the expert width
+      moe = c.model.moe
+      value = value or moe.num_shared_experts * moe.expert_ffn_dim
+      got = got or back.get('model.moe.num_shared_experts', 0) * back.get(
+          'model.moe.expert_ffn_dim', 0)
+    if isinstance(value, (tuple, list)):
+      value, got = tuple(value), tuple(got)
+    if value != got:
+      wrong.append(f'{field.removeprefix("model.")}={value!r}')
+  m = c.model
+  if ((m.moe.balance.selection_bias or m.moe.balance.bias_update_rate > 0) and
+      not back.get('model.moe.balance.selection_bias')):
+    wrong.append('balance.selection_bias=True')
+  if wrong:
+    raise ConfigError(f'--model_type={fam.model_type}: this model ({", ".join(wrong)}) is not '
+                      f'a {fam.model_type} model')

@@ -68,9 +68,33 @@ def attention(interleaved: bool) -> list:
       (('attn', 'wk'), 'self_attn.k_proj.weight', *_heads('num_kv_heads', interleaved)),
       (('attn', 'wv'), 'self_attn.v_proj.weight', *_heads('num_kv_heads')),
       (('attn', 'wo'), 'self_attn.o_proj.weight', _out_to_moejax, _out_to_hf),
-      (('attn_norm', 'scale'), 'input_layernorm.weight', _same, _same),
-      (('ffn_norm', 'scale'), 'post_attention_layernorm.weight', _same, _same),
   ]
+
+
+# Hugging Face's names of a block's norms, by placement (moejax's are {attn,ffn}_norm before
+# a sublayer, {attn,ffn}_post_norm after it). In a pre-norm block post_attention_layernorm is
+# the one before the FFN.
+NORM_NAMES = {
+    'pre': (('attn_norm', 'input_layernorm'), ('ffn_norm', 'post_attention_layernorm')),
+    'post': (('attn_post_norm', 'post_attention_layernorm'),
+             ('ffn_post_norm', 'post_feedforward_layernorm')),
+    'both': (('attn_norm', 'input_layernorm'), ('attn_post_norm', 'post_attention_layernorm'),
+             ('ffn_norm', 'pre_feedforward_layernorm'),
+             ('ffn_post_norm', 'post_feedforward_layernorm')),
+}
+
+
+def norm_tensors(moejax_name: str, hf_name: str, m) -> list:
+  """A norm's scale (and bias, for LayerNorm) and its tensors."""
+  out = [((moejax_name, 'scale'), f'{hf_name}.weight', _same, _same)]
+  if m.norm == 'layer':
+    out.append(((moejax_name, 'bias'), f'{hf_name}.bias', _same, _same))
+  return out
+
+
+def block_norms(m) -> list:
+  return [t for ours, theirs in NORM_NAMES[m.norm_placement]
+          for t in norm_tensors(ours, theirs, m)]
 
 
 QK_NORM = [
@@ -98,13 +122,38 @@ def dense_ffn(module: str) -> list:
   ]
 
 
-def _fused_half(which: int):
-  """gate_up_proj [N, D, 2F] -> its gate (0) or up (1) half [N, D, F]; the export joins the two
-  halves again (export_tensors)."""
+def _swap(w, m=None):  # [..., a, b] -> [..., b, a]
+  return np.swapaxes(w, -1, -2)
+
+
+def _bias_name(weight_name: str) -> str:
+  """The bias next to a weight: x.weight -> x.bias, a stacked x -> x_bias."""
+  return (weight_name.removesuffix('.weight') + '.bias' if weight_name.endswith('.weight')
+          else weight_name + '_bias')
+
+
+def _fused_part(which: int, interleaved: bool, turn=None):
+  """A stacked gate_up tensor -> its gate (0) or up (1) part [N, ..., F] (after `turn`, which
+  brings a [N, 2F, D] layout to [N, D, 2F]): the halves, or alternate columns when
+  interleaved. The export joins the parts again (join_parts)."""
   def to_moejax(w, m):
+    w = turn(w, m) if turn is not None else w
+    if interleaved:
+      return w[..., which::2]
     f = w.shape[-1] // 2
     return w[..., which * f:(which + 1) * f]
-  return to_moejax, _same
+  return to_moejax
+
+
+def join_parts(parts, fam):
+  """The gate and up parts [N, ..., F] -> the family's stacked tensor (inverse of
+  _fused_part): [N, ..., 2F], or [N, 2F, D] for 'stacked_linear' weights."""
+  gate, up = (np.asarray(p, np.float32) for p in parts)
+  if fam.gate_up == 'interleaved':
+    out = np.stack([gate, up], axis=-1).reshape(gate.shape[:-1] + (2 * gate.shape[-1],))
+  else:
+    out = np.concatenate([gate, up], axis=-1)
+  return _swap(out) if fam.experts == 'stacked_linear' and out.ndim == 3 else out
 
 
 def _rope_order(rope: int, interleaved: bool):
@@ -163,9 +212,7 @@ def latent_attention(m, interleaved: bool) -> list:
       (('attn', 'wkv_a'), 'self_attn.kv_a_proj_with_mqa.weight', *_mla_kv_a(m, interleaved)),
       (('attn', 'kv_norm', 'scale'), 'self_attn.kv_a_layernorm.weight', _same, _same),
       (('attn', 'wkv_b'), 'self_attn.kv_b_proj.weight', *_per_head()),
-      (('attn', 'wo'), 'self_attn.o_proj.weight', _out_to_moejax_latent, _out_to_hf_latent),
-      (('attn_norm', 'scale'), 'input_layernorm.weight', _same, _same),
-      (('ffn_norm', 'scale'), 'post_attention_layernorm.weight', _same, _same)]
+      (('attn', 'wo'), 'self_attn.o_proj.weight', _out_to_moejax_latent, _out_to_hf_latent)]
 
 
 def _out_to_moejax_latent(w, m):  # o_proj [D, H * v] -> [H, v, D]
@@ -184,23 +231,41 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
     out = [(*t, False) for t in latent_attention(m, interleaved)]
   else:
     out = [(*t, False) for t in attention(interleaved)]
+  out += [(*t, False) for t in block_norms(m)]
   if m.qk_norm in ('head', 'full'):  # 'l2' has no scale
     out += [(*t, False) for t in QK_NORM]
   if m.qkv_bias:
     out += [(*t, False) for t in QKV_BIAS]
+  if m.attention_out_bias:
+    out.append((('attn', 'bo'), 'self_attn.o_proj.bias', _same, _same, False))
+  if m.attention_sinks:
+    out.append((('attn', 'sinks'), 'self_attn.sinks', _same, _same, False))
   if not moe:
     return out + [(*t, False) for t in dense_ffn(fam.dense_module)]
-  gate, up, down = fam.expert_names
+  gate, up, down = (f'{fam.moe_module}.{n}' for n in fam.expert_names)
   mod = fam.moe_module
   moe_, experts = names.MOE, names.EXPERTS
-  out.append(((moe_, names.ROUTER, 'w'), f'{mod}.{fam.router_name}.weight', _t, _t, False))
-  if fam.fused_experts:  # stacked tensors holding every expert ('fused': one HF tensor, 2 leaves)
-    out += [((moe_, experts, 'wi_0'), f'{mod}.experts.{gate}', *_fused_half(0), 'fused'),
-            ((moe_, experts, 'wi_1'), f'{mod}.experts.{up}', *_fused_half(1), 'fused'),
-            ((moe_, experts, 'wo'), f'{mod}.experts.{down}', _same, _same, False)]
+  router = f'{mod}.{fam.router}'
+  out.append(((moe_, names.ROUTER, 'w'), f'{router}.weight', _t, _t, False))
+  if m.moe.router.logit_bias:
+    out.append(((moe_, names.ROUTER, 'b'), f'{router}.bias', _same, _same, False))
+  biased = m.moe.experts.name == 'glu' and m.moe.experts.bias
+  if fam.experts != 'per_expert':  # stacked tensors holding every expert (one for gate and up)
+    turn = _swap if fam.experts == 'stacked_linear' else _same  # [N, out, in] <-> [N, in, out]
+    inter = fam.gate_up == 'interleaved'
+    out += [((moe_, experts, 'wi_0'), gate, _fused_part(0, inter, turn), _same, 'fused'),
+            ((moe_, experts, 'wi_1'), up, _fused_part(1, inter, turn), _same, 'fused'),
+            ((moe_, experts, 'wo'), down, turn, turn, False)]
+    if biased:
+      out += [((moe_, experts, 'bi_0'), _bias_name(gate), _fused_part(0, inter), _same, 'fused'),
+              ((moe_, experts, 'bi_1'), _bias_name(up), _fused_part(1, inter), _same, 'fused'),
+              ((moe_, experts, 'bo'), _bias_name(down), _same, _same, False)]
   else:
-    for leaf, proj in (('wi_0', gate), ('wi_1', up), ('wo', down)):
-      out.append(((moe_, experts, leaf), f'{mod}.experts.{{e}}.{proj}.weight', _t, _t, True))
+    for leaf, name in (('wi_0', gate), ('wi_1', up), ('wo', down)):
+      out.append(((moe_, experts, leaf), name, _t, _t, True))
+    if biased:
+      for leaf, name in (('bi_0', gate), ('bi_1', up), ('bo', down)):
+        out.append(((moe_, experts, leaf), _bias_name(name), _same, _same, True))
   if m.moe.num_shared_experts:
     for leaf, proj in (('wi_0', 'gate_proj'), ('wi_1', 'up_proj'), ('wo', 'down_proj')):
       out.append(((moe_, names.SHARED, leaf), f'{mod}.{fam.shared_module}.{proj}.weight', _t,
@@ -208,23 +273,24 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
   if m.moe.shared_expert_gate:
     out.append(((moe_, 'shared_gate'), f'{mod}.shared_expert_gate.weight', _t, _t, False))
   if m.moe.balance.selection_bias or m.moe.balance.bias_update_rate > 0:
-    out.append((('moe_state', moe_, 'bias'), f'{mod}.gate.e_score_correction_bias', _same,
+    out.append((('moe_state', moe_, 'bias'), f'{router}.e_score_correction_bias', _same,
                 _same, False))
   return out
 
 
-TOP = [
-    (('params', 'embedding'), 'model.embed_tokens.weight', _same, _same),
-    (('params', 'final_norm', 'scale'), 'model.norm.weight', _same, _same),
-    (('params', 'head'), 'lm_head.weight', _t, _t),
-]
+def top(m) -> list:
+  """The embedding, the final norm and the head."""
+  return ([(('params', 'embedding'), 'model.embed_tokens.weight', _same, _same)] +
+          [(('params',) + path, name, a, b) for path, name, a, b in
+           norm_tensors('final_norm', 'model.norm', m)] +
+          [(('params', 'head'), 'lm_head.weight', _t, _t)])
 
 
 def leaves(m, fam, interleaved: bool = False):
   """Every moejax variable: (full path from the collection, [(layer or None, index in stack or
   None)], HF name template, to moejax, to HF, experts?) where the list gives the layers a
   stacked leaf holds."""
-  out = [(path, [(None, None)], name, a, b, False) for path, name, a, b in TOP]
+  out = [(path, [(None, None)], name, a, b, False) for path, name, a, b in top(m)]
   grouped = {}
   for layer, ((stack, block), index, moe) in enumerate(slots(m)):
     for path, name, a, b, per_expert in block_tensors(m, fam, moe, interleaved):

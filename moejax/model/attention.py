@@ -75,6 +75,7 @@ class GroupedQueryAttention(nn.Module):
   # The output of each head scaled by sigmoid(x W_gate) [b, s, h, hd] before the output
   # projection (gated attention, arXiv:2505.06708).
   output_gate: bool = False
+  scale: float = 0.0  # the attention logits' scale; 0: head_dim ** -0.5
 
   def _qk_norm(self, t, name: str):
     """t [b, s, heads, hd] -> normalised as qk_norm says ('l2' comes after the rotation)."""
@@ -139,7 +140,8 @@ class GroupedQueryAttention(nn.Module):
       cache, key_pos = update_cache(self, {'k': k, 'v': v}, self.cache_len)
       k, v, key_pos = cache['k'], cache['v'], key_pos[None]  # [b, L, kv, hd]
     q = q.reshape(b, s, kv, h // kv, hd)  # [b, s, kv, group, hd]
-    logits = jnp.einsum('bqkgd,bskd->bkgqs', q, k).astype(jnp.float32) * hd ** -0.5
+    logits = jnp.einsum('bqkgd,bskd->bkgqs', q, k).astype(jnp.float32) * (
+        self.scale or hd ** -0.5)
     causal = positions[:, None, None, :, None] >= key_pos[:, None, None, None, :]
     if self.chunk:
       same = (positions[:, None, None, :, None] // self.chunk ==

@@ -21,12 +21,13 @@ from moejax.model.remat import rematted
 from moejax.model.schedule import has_moe, layer_plan
 from moejax.moe.layer import MoEFFN
 from moejax.nn import names
-from moejax.nn.layers import RMSNorm, SwiGLU, param_with_axes
+from moejax.nn.layers import SwiGLU, make_norm, param_with_axes
 
 
 class Block(nn.Module):
-  """One pre-norm decoder block: x + attention(norm(x)), then + FFN(norm(x)), the FFN dense
-  (SwiGLU) or MoE."""
+  """One decoder block: x + attention, then + FFN (dense SwiGLU or MoE), each sublayer with its
+  norms where model.norm_placement says: 'pre' x + f(norm(x)), 'post' x + norm(f(x)), 'both'
+  x + norm(f(norm(x))); the branch times model.residual_multiplier."""
   cfg: Any  # model config (FrozenConfigDict)
   moe: bool
   train: bool = True
@@ -45,11 +46,21 @@ class Block(nn.Module):
     """
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
-    h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='attn_norm')(x), 'attn_in')
+    pre, post = c.norm_placement in ('pre', 'both'), c.norm_placement in ('post', 'both')
+
+    def sublayer(x, f, name):
+      """x + residual_multiplier * [post-norm] f([pre-norm] x)."""
+      h = make_norm(c.norm, c.norm_eps, dtype, f'{name}_norm')(x) if pre else x
+      out = f(checkpoint_name(h, f'{name}_in'))
+      if post:
+        out = make_norm(c.norm, c.norm_eps, dtype, f'{name}_post_norm')(out)
+      out = out * c.residual_multiplier if c.residual_multiplier != 1 else out
+      return x + checkpoint_name(out, f'{name}_out')
+
     if c.attention == 'mla':
       attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.norm_eps, dtype,
                                       self.cache_len, name='attn')
-      x = x + checkpoint_name(attn(h, positions), 'attn_out')
+      x = sublayer(x, lambda h: attn(h, positions), 'attn')
     else:
       attn = GroupedQueryAttention(
           c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype, self.cache_len,
@@ -58,17 +69,21 @@ class Block(nn.Module):
           rotary_dim=c.rotary_dim, chunk=c.attention_chunk,
           temperature=(c.nope_temperature, c.nope_temperature_floor),
           window=c.sliding_window, sinks=c.attention_sinks, out_bias=c.attention_out_bias,
-          output_gate=c.attention_output_gate, name='attn')
+          output_gate=c.attention_output_gate, scale=c.attention_scale, name='attn')
       # Every nope_every-th layer has no rotary embedding (Llama 4's NoPE layers).
       use_rope = True if not c.nope_every else (layer + 1) % c.nope_every != 0
-      x = x + checkpoint_name(attn(h, positions, use_rope, sliding_layer(c, layer)), 'attn_out')
-    h = checkpoint_name(RMSNorm(c.norm_eps, dtype, name='ffn_norm')(x), 'ffn_in')
-    if self.moe:
-      f, aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name=names.MOE)(
-          h, token_ids, self.train, replay)
-    else:
-      f, aux = SwiGLU(c.ffn_dim, dtype, name=names.FFN)(h), None
-    return x + checkpoint_name(f, 'ffn_out'), aux
+      x = sublayer(x, lambda h: attn(h, positions, use_rope, sliding_layer(c, layer)), 'attn')
+    aux = []
+
+    def ffn(h):
+      if not self.moe:
+        return SwiGLU(c.ffn_dim, dtype, name=names.FFN)(h)
+      f, moe_aux = MoEFFN(c.moe, c.d_model, dtype, c.vocab_size, name=names.MOE)(
+          h, token_ids, self.train, replay, layer)
+      aux.append(moe_aux)
+      return f
+    x = sublayer(x, ffn, 'ffn')
+    return x, (aux[0] if aux else None)
 
 
 def sliding_layer(c, layer):
@@ -151,6 +166,8 @@ class Transformer(nn.Module):
     embedding = param_with_axes(self, 'embedding', (c.vocab_size, c.d_model), ('vocab', 'embed'),
                                 nn.initializers.normal(stddev=1.0))
     x = embedding.astype(dtype)[tokens]  # [b, s, d]
+    if c.embedding_multiplier != 1:
+      x = x * c.embedding_multiplier
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
     prefix, periods, tail = layer_plan(c)
@@ -177,11 +194,13 @@ class Transformer(nn.Module):
         self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'))
 
     def output(h, norm_name):
-      h = RMSNorm(c.norm_eps, dtype, name=norm_name)(h)
+      h = make_norm(c.norm, c.norm_eps, dtype, norm_name)(h)
       if c.tie_embeddings:
         out = jnp.einsum('bsd,vd->bsv', h.astype(jnp.float32), embedding) * c.d_model ** -0.5
       else:
         out = jnp.einsum('bsd,dv->bsv', h, head.astype(dtype)).astype(jnp.float32)
+      if c.logit_divisor != 1:
+        out = out / c.logit_divisor
       return nn.with_logical_constraint(out, ('batch', 'length', 'vocab'))
 
     logits = output(x, 'final_norm')
@@ -202,8 +221,9 @@ class Transformer(nn.Module):
     moe = has_moe(c)  # the MTP block is MoE when the model's blocks are
     for k in range(1, c.mtp.depth + 1):
       s = tokens.shape[1] - k
-      h_prev = RMSNorm(c.norm_eps, dtype, name=f'mtp_{k}_hnorm')(h[:, :s])
-      e = RMSNorm(c.norm_eps, dtype, name=f'mtp_{k}_enorm')(embedding.astype(dtype)[tokens[:, k:]])
+      h_prev = make_norm(c.norm, c.norm_eps, dtype, f'mtp_{k}_hnorm')(h[:, :s])
+      e = make_norm(c.norm, c.norm_eps, dtype, f'mtp_{k}_enorm')(
+          embedding.astype(dtype)[tokens[:, k:]])
       proj = param_with_axes(self, f'mtp_{k}_proj', (2 * c.d_model, c.d_model), ('mlp', 'embed'))
       h = jnp.concatenate([h_prev, e], axis=-1) @ proj.astype(dtype)  # [b, s, d]
       h, aux = Block(c, moe, self.train, name=f'mtp_{k}_block')(

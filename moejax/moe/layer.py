@@ -20,7 +20,7 @@ class MoEFFN(nn.Module):
   vocab_size: int = 258
 
   @nn.compact
-  def __call__(self, x, token_ids=None, train: bool = True, replay=None):
+  def __call__(self, x, token_ids=None, train: bool = True, replay=None, layer=None):
     """Route, dispatch, combine; add the shared experts.
 
     Args:
@@ -29,6 +29,7 @@ class MoEFFN(nn.Module):
       train: training routing (jitter, noise, expert choice) and balance-state updates.
       replay: [b * s, K] experts to route to (recorded as aux['expert_index'] by an earlier
         pass) instead of selecting; only routers with REPLAY (topk) support it.
+      layer: this layer's index in the model, for routers that route by depth.
     Returns:
       (y [b, s, d] in `dtype`, aux): aux['loss'] the weighted balance loss (a scalar), the
       unweighted losses (moe/losses.py), load statistics ('expert_load' [N], 'max_vio', 'cv',
@@ -49,7 +50,9 @@ class MoEFFN(nn.Module):
                        f'({", ".join(registry.replaying_routers())}), not {cfg.router.name!r}')
     with jax.named_scope('route'):
       routing = router(tokens, ids, b, train, bias=state.get('bias'), state=own,
-                       replay=replay)
+                       replay=replay, layer=layer)
+    if router.has_variable('params', 'w'):  # losses on the router's weights read it
+      routing = routing.replace(router_weight=nn.unbox(router.get_variable('params', 'w')))
     # Null slots (index >= N: zero-computation experts, unused slots) all go to dispatch as N.
     to_dispatch, routed = tokens, routing.replace(
         expert_index=jnp.minimum(routing.expert_index, n))

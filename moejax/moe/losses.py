@@ -188,6 +188,15 @@ def l1_penalty(r: RouterOutput, target: float):
   return jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * gates, axis=-1))
 
 
+def simbal_loss(r: RouterOutput):
+  """SimBal (arXiv:2506.14038): || W^T W - I ||_1 over the router weight W [D, N + Z] (entrywise,
+  summed): near-orthogonal expert columns keep similar tokens' scores similar (the router
+  preserves token similarity), which balances without pushing every token toward uniform."""
+  w = r.router_weight.astype(jnp.float32)
+  gram = w.T @ w  # [N + Z, N + Z]
+  return jnp.sum(jnp.abs(gram - jnp.eye(gram.shape[0], dtype=gram.dtype)))
+
+
 def _devices(moe) -> int:
   """The device groups of the device and communication losses: balance.num_devices, or (0)
   the size of the expert axis of the mesh being traced."""
@@ -226,6 +235,8 @@ LOSSES = (
     # coefficient the layer keeps (balance.layer_state), which l1_init and l1_growth drive.
     Loss('l1_loss', 'l1_target', lambda r, moe, b: l1_penalty(r, moe.balance.l1_target),
          reads=('l1_init', 'l1_growth'), general=False, coefficient='l1_coef'),
+    # A loss on the router's own weights: offered by the routers that have them.
+    Loss('simbal_loss', 'simbal_loss_weight', lambda r, moe, b: simbal_loss(r), general=False),
 )
 BY_NAME = {loss.name: loss for loss in LOSSES}
 

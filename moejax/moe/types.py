@@ -32,6 +32,9 @@ class RouterOutput:
   soft_load: Any = None
   # [T] float32 weight of the token itself in the output (identity experts), or None.
   passthrough: Any = None
+  # [D, N + Z] float32: a learned router's weight matrix (losses on the router itself), set by
+  # the layer; None for routers without one.
+  router_weight: Any = None
 
 
 def active_slots(expert_index, num_experts: int):

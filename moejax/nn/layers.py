@@ -1,5 +1,6 @@
 """Leaf building blocks that the model (model/) and the MoE pieces (moe/) both use:
-parameters with logical axis names, activation constraints, RMSNorm and the SwiGLU FFN.
+parameters with logical axis names, activation constraints, RMSNorm, LayerNorm and the SwiGLU
+FFN.
 Parameters are float32; computation runs in `dtype`. Imports nothing from moejax.
 """
 from __future__ import annotations
@@ -30,6 +31,29 @@ class RMSNorm(nn.Module):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
     return (xf * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with a scale and a bias, statistics in float32."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param_with_axes(self, 'scale', (x.shape[-1],), ('norm',), nn.initializers.ones)
+    bias = param_with_axes(self, 'bias', (x.shape[-1],), ('norm',), nn.initializers.zeros)
+    xf = x.astype(jnp.float32)
+    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf * scale + bias).astype(self.dtype)
+
+
+NORMS = {'rms': RMSNorm, 'layer': LayerNorm}
+
+
+def make_norm(kind: str, eps: float, dtype, name: str) -> nn.Module:
+  """The model's norm (model.norm: 'rms' or 'layer') named `name`."""
+  return NORMS[kind](eps, dtype, name=name)
 
 
 class SwiGLU(nn.Module):

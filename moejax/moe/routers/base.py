@@ -54,6 +54,7 @@ class Router(nn.Module):
       bias: [N] the selection bias (routers with SELECTION_BIAS), or None.
       state: {name: array} the router's own layer state (state_init), or None.
       replay: [T, K] experts to use instead of selecting (routers with REPLAY), or None.
+      layer: this layer's index in the model (an int, or traced in a scanned stack), or None.
     Returns:
       RouterOutput (moe/types.py): expert_index and combine_weights [T, K], probs and logits
       [T, N + Z].
@@ -143,6 +144,7 @@ class LearnedRouter(Router):
   logit_bias: bool = False
 
   DTYPES = ('float32', 'bfloat16')
+  EXTRA_LOSSES = ('simbal_loss',)  # on the weight matrix a learned router has
 
   @classmethod
   def check(cls, moe, fail):

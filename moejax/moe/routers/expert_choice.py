@@ -72,7 +72,7 @@ class ExpertChoiceRouter(LearnedRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               state=None, replay=None) -> RouterOutput:
+               state=None, replay=None, layer=None) -> RouterOutput:
     """batch: the sequences in the call (the 'sequence' scope routes each on its own)."""
     del token_ids, bias, state, replay
     n, c = self.num_experts, self.ec_capacity_factor

@@ -81,7 +81,7 @@ class ExpertThresholdRouter(LearnedRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               state=None, replay=None) -> RouterOutput:
+               state=None, replay=None, layer=None) -> RouterOutput:
     del token_ids, batch, bias, replay
     n = self.num_experts
     tau = state['threshold']  # [N]

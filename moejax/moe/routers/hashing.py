@@ -15,6 +15,9 @@ from moejax.moe.routers.base import Router, register
 from moejax.moe.types import RouterOutput
 
 
+KINDS = ('random', 'balanced')
+
+
 def hash_table(vocab_size: int, num_experts: int, k: int, kind: str, seed: int) -> np.ndarray:
   """[vocab, K] int32 expert ids, distinct within a row."""
   if kind == 'balanced':
@@ -33,7 +36,7 @@ class HashRouter(Router):
   hash_kind: str = 'random'
   hash_seed: int = 0
 
-  KINDS = ('random', 'balanced')
+  KINDS = KINDS
 
   @classmethod
   def check(cls, moe, fail):
@@ -42,7 +45,7 @@ class HashRouter(Router):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               state=None, replay=None) -> RouterOutput:
+               state=None, replay=None, layer=None) -> RouterOutput:
     del batch, train, bias, state, replay
     if token_ids is None:
       raise ValueError("router.name='hash' routes by token id; the MoE layer got none")

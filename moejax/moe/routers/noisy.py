@@ -23,7 +23,7 @@ class NoisyTopKRouter(ScoreRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               state=None, replay=None) -> RouterOutput:
+               state=None, replay=None, layer=None) -> RouterOutput:
     del token_ids, batch, state, replay
     logits = self.logits(x, self.num_experts, train)  # [T, N] clean
     w_noise = param_with_axes(self, 'w_noise', (x.shape[-1], self.num_experts),

@@ -26,7 +26,8 @@ from moejax.moe.types import RouterOutput
 class ReLURouter(LearnedRouter):
   """Gates relu(x W): an expert is active iff its gate is positive; at most K per token, the
   rest null slots. Steered to balance.l1_target active experts by the adaptive L1 loss."""
-  EXTRA_LOSSES = ('l1_loss',)  # the L1 penalty on its gates (balance.l1_target > 0)
+  # The L1 penalty on its gates (balance.l1_target > 0), and the learned routers' own.
+  EXTRA_LOSSES = LearnedRouter.EXTRA_LOSSES + ('l1_loss',)
 
   @classmethod
   def check(cls, moe, fail):
@@ -47,7 +48,7 @@ class ReLURouter(LearnedRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               state=None, replay=None) -> RouterOutput:
+               state=None, replay=None, layer=None) -> RouterOutput:
     del token_ids, batch, bias, state, replay
     n = self.num_experts
     logits = self.logits(x, n, train)  # [T, N]

@@ -47,7 +47,7 @@ class SinkhornRouter(LearnedRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               state=None, replay=None) -> RouterOutput:
+               state=None, replay=None, layer=None) -> RouterOutput:
     del token_ids, batch, bias, state, replay
     logits = self.logits(x, self.num_experts, train)  # [T, N]
     probs = jax.nn.softmax(logits, axis=-1)

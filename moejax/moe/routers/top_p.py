@@ -36,7 +36,7 @@ class TopPRouter(LearnedRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               state=None, replay=None) -> RouterOutput:
+               state=None, replay=None, layer=None) -> RouterOutput:
     del token_ids, batch, bias, state, replay
     n = self.num_experts
     logits = self.logits(x, n, train)  # [T, N]

@@ -6,6 +6,10 @@ score_fn='softmax', norm_topk_prob=True: the K weights renormalised to sum to 1,
   softmax over the K selected logits (GShard, Mixtral, Qwen3).
 score_fn='sigmoid' (DeepSeek-V3): affinities s = sigmoid(logits), selection on s + bias,
   weights s_i / sum_selected s_j, times routed_scaling_factor.
+score_fn='sqrtsoftplus' (DeepSeek-V4): affinities s = sqrt(softplus(logits)), used as sigmoid's.
+hash_layers = H: the first H layers of the model choose their experts by a fixed token-id ->
+  experts table (hash_kind, hash_seed: moe/routers/hashing.py), the weights still those of the
+  learned scores at the chosen experts (DeepSeek-V4's hash layers); later layers select top-K.
 Group-limited selection (router.num_groups / topk_groups) and the loss-free bias apply to both.
 
 router.null_experts = Z (MoE++, arXiv:2410.07348; the zero-computation experts of
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from moejax.moe.routers.base import ScoreRouter, register
+from moejax.moe.routers.hashing import KINDS as HASH_KINDS, hash_table
 from moejax.moe.types import RouterOutput
 
 
@@ -34,9 +39,12 @@ class TopKRouter(ScoreRouter):
   routed_scaling_factor: float = 1.0
   null_experts: int = 0
   null_kind: str = 'zero'
+  hash_layers: int = 0
+  hash_kind: str = 'random'
+  hash_seed: int = 0
 
   REPLAY = True
-  SCORE_FNS = ('softmax', 'sigmoid')
+  SCORE_FNS = ('softmax', 'sigmoid', 'sqrtsoftplus')
 
   @classmethod
   def check(cls, moe, fail):
@@ -54,6 +62,13 @@ class TopKRouter(ScoreRouter):
     if r.null_experts and r.num_groups > 1:
       fail('model.moe.router.null_experts', r.null_experts,
            'cannot be combined with group-limited routing (router.num_groups > 1)')
+    if not (isinstance(r.hash_layers, int) and r.hash_layers >= 0):
+      fail('model.moe.router.hash_layers', r.hash_layers, 'must be 0 or more')
+    if r.hash_kind not in HASH_KINDS:
+      fail('model.moe.router.hash_kind', r.hash_kind, f'must be one of {list(HASH_KINDS)}')
+    if r.hash_layers and r.null_experts:
+      fail('model.moe.router.hash_layers', r.hash_layers, 'cannot be combined with '
+           'model.moe.router.null_experts (the table holds real experts)')
     if r.null_experts and moe.gate_input:
       fail('model.moe.router.null_experts', r.null_experts,
            'cannot be combined with model.moe.gate_input (the gate scales the input of one '
@@ -67,22 +82,31 @@ class TopKRouter(ScoreRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch: int = 1, train: bool = True, bias=None,
-               state=None, replay=None) -> RouterOutput:
+               state=None, replay=None, layer=None) -> RouterOutput:
     """replay [T, K]: use these experts instead of selecting (recorded from an earlier pass);
     the weights are still computed from this pass's scores, so gradients flow as usual.
-    bias [N]: the selection bias (loss-free balancing), added to the scores for selection."""
-    del token_ids, batch, state
+    bias [N]: the selection bias (loss-free balancing), added to the scores for selection.
+    layer: this layer's index in the model (hash_layers)."""
+    del batch, state
     n, z = self.num_experts, self.null_experts
     logits = self.logits(x, n + z, train)  # [T, N + Z]
-    if self.score_fn == 'sigmoid':
-      scores = jax.nn.sigmoid(logits)  # [T, N]
-      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    else:
+    if self.score_fn == 'softmax':
       scores = probs = jax.nn.softmax(logits, axis=-1)  # [T, N]
+    else:  # affinities, each in its own range
+      scores = (jax.nn.sigmoid(logits) if self.score_fn == 'sigmoid' else
+                jnp.sqrt(jax.nn.softplus(logits)))  # [T, N]
+      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     if bias is not None and z:
       bias = jnp.concatenate([bias, jnp.zeros((z,), bias.dtype)])  # null experts: no bias
     if replay is None:
       index = self.select(scores, bias)  # [T, K]
+      if self.hash_layers:
+        if token_ids is None or layer is None:
+          raise ValueError('router.hash_layers routes by token id in the first layers; the MoE '
+                           'layer got no token ids or layer index')
+        table = jnp.asarray(hash_table(self.vocab_size, n, self.k, self.hash_kind,
+                                       self.hash_seed))
+        index = jnp.where(layer < self.hash_layers, table[token_ids], index)
     else:
       index = replay.astype(jnp.int32)
     weights = jnp.take_along_axis(scores, index, axis=-1)  # [T, K]
