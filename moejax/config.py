@@ -126,7 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
   # device_loss_weight (DeepSeekMoE a2), comm_loss_weight (DeepSeek-V2 a3),
   # importance_loss_weight / load_loss_weight (Shazeer 2017), entropy_loss_weight (top-p
   # routing's dynamic loss, 1e-4), l1_target (ReMoE: the active experts per token its L1
-  # penalty steers to, > 0 turns it on).
+  # penalty steers to, > 0 turns it on), simbal_loss_weight (SimBal: |W^T W - I| on the router
+  # weight, learned routers).
   moe.balance = b = ml_collections.ConfigDict(losses.weight_defaults())
   # Tokens the Switch loss averages over: 'global' (the whole batch), 'micro_batch' (each
   # data-parallel rank's share, as plain data parallelism computes it) or 'sequence'.

@@ -41,3 +41,16 @@ def test_the_link_check_finds_a_broken_link(tmp_path):
   (tmp_path / 'img.png').write_bytes(b'')
   assert list(_links(page)) == ['missing.md', 'img.png']
   assert not (page.parent / 'missing.md').exists()
+
+
+def test_readme_lists_every_hugging_face_family_and_every_refusal():
+  """README's families table and refusals are the table in moejax/hf/families.py."""
+  import re
+  from moejax.hf.families import FAMILIES, REFUSED
+  readme = (ROOT / 'README.md').read_text()
+  section = readme.split('## Hugging Face families')[1].split('\n## ')[0]
+  rows = re.findall(r'^\| (.+?) \|', section, re.M)[1:]  # past the header
+  listed = {t for row in rows for t in re.findall(r'`(\w+)`', row)} - {'llama4'}
+  assert listed == set(FAMILIES)
+  refused = section.split('Refused in one line')[1]
+  assert all(f'`{kind}`' in refused for kind in REFUSED)

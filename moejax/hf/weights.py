@@ -33,8 +33,9 @@ def slots(m) -> list[tuple[tuple[str, str], int | None, bool]]:
 # (moejax path within the block, HF name within model.layers.N, to moejax, to HF); the
 # transforms get the array and the model config.
 def _heads(n_attr, interleaved: bool = False):
-  def order(m):
-    return _rope_order(m.head_dim, interleaved)
+  def order(m):  # the rotated dims (rotary_dim, or all) reordered, the rest kept
+    r = m.rotary_dim or m.head_dim
+    return np.concatenate([_rope_order(r, interleaved), np.arange(r, m.head_dim)])
 
   def to_moejax(w, m):  # [H * hd, D] -> [D, H, hd]
     return w.reshape(getattr(m, n_attr), m.head_dim, -1)[:, order(m)].transpose(2, 0, 1)
