@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Apply the gate weight to the expert's input instead of its output (Llama 4: experts see
   # sigmoid(logit) * x); exact for one expert per token, so it needs num_experts_per_tok = 1.
   moe.gate_input = False
+  # Default MoE (arXiv:2504.12463; moe/default_outputs.py): beta > 0 keeps an EMA (decay beta)
+  # of each expert's outputs, which the experts a token did not choose contribute to the
+  # router's gradient (not to the output); 0: off. Runs on the 'dropless' dispatcher.
+  moe.default_outputs_decay = 0.0
   # The router, the dispatcher and the expert block are chosen by name; each section's other
   # fields are the settings of the registered pieces, collected from their classes with the
   # defaults (and meanings) the classes give: moe/routers/*.py, moe/dispatch/*.py,

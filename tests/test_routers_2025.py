@@ -152,3 +152,128 @@ def test_simbal_loss_reaches_the_router_through_the_layer():
   c.model.moe.router.name = 'hash'
   with pytest.raises(ConfigError, match=r'balance.simbal_loss_weight=0.1: is not read by'):
     validate(c, 1)
+
+
+def test_null_bias_balances_the_null_experts_too():
+  """With router.null_bias the selection bias covers N + Z experts: its sign-rule step comes
+  from the counts of all of them (null slots counted at ids N .. N + Z - 1), and a bias on a
+  null expert changes how often it is chosen; without it the bias has N entries."""
+  c = tiny_config()
+  moe = c.model.moe
+  moe.num_shared_experts, moe.router.null_experts = 0, 2
+  moe.balance.bias_update_rate = 0.1
+  x = jax.random.normal(jax.random.key(6), (2, 16, 32))
+  plain = MoEFFN(ml_collections.FrozenConfigDict(moe), 32)
+  assert plain.init(jax.random.key(7), x)['moe_state']['bias'].shape == (8,)
+  moe.router.null_bias = True
+  layer = MoEFFN(ml_collections.FrozenConfigDict(moe), 32)
+  variables = nn.unbox(layer.init(jax.random.key(7), x))
+  assert variables['moe_state']['bias'].shape == (10,)
+  (_, aux), upd = layer.apply(variables, x, mutable=['bias_updates'])
+  index = np.asarray(aux['expert_index']).reshape(-1)
+  counts = np.bincount(index, minlength=10).astype(float)
+  assert counts[8:].sum() > 0  # null slots are taken in this case
+  np.testing.assert_allclose(upd['bias_updates']['bias'], 0.1 * np.sign(counts.mean() - counts))
+  # A large bias on both null experts: every token fills its slots with them.
+  variables['moe_state']['bias'] = jnp.array([0.] * 8 + [10., 10.])
+  _, aux = layer.apply(variables, x)
+  assert set(np.unique(np.asarray(aux['expert_index'])[..., :2])) == {8, 9}
+  validate(c, 1)
+  moe.router.null_experts = 0
+  with pytest.raises(ConfigError, match=r'router.null_bias=True: biases the null experts'):
+    validate(c, 1)
+
+
+def _default_moe(beta=0.9):
+  c = tiny_config()
+  moe = c.model.moe
+  moe.num_shared_experts, moe.default_outputs_decay = 0, beta
+  moe.balance.aux_loss_weight = moe.balance.z_loss_weight = 0.0
+  return c, MoEFFN(ml_collections.FrozenConfigDict(moe), 32)
+
+
+def test_default_moe_forward_is_sparse_and_router_gradient_is_dense():
+  """The output equals plain top-K's; the router weight's gradient gains, for each token,
+  sum over its unchosen experts i of dL/dp_i = cot . Ehat_i (through the softmax), computed
+  here by hand; the experts' gradients are unchanged."""
+  c, layer = _default_moe()
+  x = jax.random.normal(jax.random.key(8), (2, 8, 32))
+  variables = nn.unbox(layer.init(jax.random.key(9), x))
+  ehat = jax.random.normal(jax.random.key(10), (8, 32))
+  variables['moe_state']['default_out'] = ehat
+  c.model.moe.default_outputs_decay = 0.0
+  plain = MoEFFN(ml_collections.FrozenConfigDict(c.model.moe), 32)
+  y, aux = layer.apply(variables, x)
+  y0, _ = plain.apply({'params': variables['params']}, x)
+  np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
+  cot = jax.random.normal(jax.random.key(11), y.shape)
+  grad = lambda lyr, v: jax.grad(lambda p: jnp.sum(lyr.apply({**v, 'params': p}, x)[0] * cot))(
+      v['params'])
+  g, g0 = grad(layer, variables), grad(plain, {'params': variables['params']})
+  # (plain dropless runs the fused blocked kernel, Default MoE the sorted path: float32 sums
+  # in another order)
+  np.testing.assert_allclose(g['experts']['wi_0'], g0['experts']['wi_0'], rtol=1e-5, atol=1e-6)
+  # By hand: the extra term's gradient on the router weight W (logits = t W, p = softmax).
+  t = np.asarray(x, np.float64).reshape(-1, 32)
+  w = np.asarray(variables['params']['router']['w'], np.float64)
+  logits = t @ w
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  unchosen = np.ones_like(p, bool)
+  np.put_along_axis(unchosen, np.asarray(aux['expert_index']), False, -1)
+  dp = np.where(unchosen, np.asarray(cot, np.float64).reshape(-1, 32) @ np.asarray(ehat).T, 0)
+  dlogits = p * (dp - (p * dp).sum(-1, keepdims=True))  # softmax's Jacobian
+  np.testing.assert_allclose(g['router']['w'] - g0['router']['w'], t.T @ dlogits, rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_default_moe_ema_update_by_hand():
+  """One training step: each expert with tokens moves its default output toward the mean of
+  its (ungated) outputs over them by 1 - beta; an expert without tokens keeps its own."""
+  _, layer = _default_moe(beta=0.75)
+  x = jax.random.normal(jax.random.key(12), (1, 6, 32))
+  variables = nn.unbox(layer.init(jax.random.key(13), x))
+  variables['moe_state']['default_out'] = jnp.ones((8, 32))
+  (_, aux), upd = layer.apply(variables, x, mutable=['bias_updates'])
+  delta = np.asarray(upd['bias_updates']['default_out'])
+  index = np.asarray(aux['expert_index'])
+  e = variables['params']['experts']
+  tokens = np.asarray(x[0], np.float64)
+  for i in range(8):
+    rows = np.nonzero((index == i).any(-1))[0]
+    if not len(rows):
+      np.testing.assert_array_equal(delta[i], 0)
+      continue
+    h = tokens[rows] @ np.asarray(e['wi_0'][i])
+    out = (h / (1 + np.exp(-h)) * (tokens[rows] @ np.asarray(e['wi_1'][i]))) @ np.asarray(
+        e['wo'][i])
+    np.testing.assert_allclose(delta[i], 0.25 * (out.mean(0) - 1.0), rtol=1e-4, atol=1e-6)
+  assert (index != index[0, 0]).any() and len(np.unique(index)) < 8  # some idle, some not
+
+
+def test_default_moe_is_checked():
+  c, _ = _default_moe()
+  validate(c, 1)
+  c.model.moe.dispatch.name = 'capacity'
+  with pytest.raises(ConfigError, match=r"default_outputs_decay=0.9: .*dispatch.name='dropless'"):
+    validate(c, 1)
+  c.model.moe.dispatch.name, c.model.moe.default_outputs_decay = 'dropless', 1.0
+  with pytest.raises(ConfigError, match=r'default_outputs_decay=1.0: must be in \[0, 1\)'):
+    validate(c, 1)
+
+
+def test_default_moe_trains_and_its_state_moves():
+  """Through the train step on 8 devices: the default outputs start at 0 and move, the loss is
+  finite."""
+  from conftest import trainer_on
+  c, _ = _default_moe()
+  trainer = trainer_on(c, dict(data=8, fsdp=1, expert=1, tensor=1))
+  state = trainer.init(0)
+  rng = np.random.default_rng(0)
+  rows = rng.integers(0, 256, (8, 17)).astype(np.int32)
+  for _ in range(2):
+    state, m = trainer.train_step(state, {'inputs': rows[:, :-1], 'targets': rows[:, 1:]})
+  assert np.isfinite(float(m['train/loss']))
+  moved = np.asarray(state.model_state['moe_state']['moe_layers']['moe_block']['moe'][
+      'default_out'])
+  assert moved.shape == (2, 8, 32) and np.abs(moved).max() > 0

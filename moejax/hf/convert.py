@@ -29,6 +29,9 @@ from moejax.errors import ConfigError
 from moejax.hf import families, tensor_files, weights
 
 DTYPES = {'float32': np.float32, 'bfloat16': jnp.bfloat16}
+# Layer state no Hugging Face checkpoint holds, started at zero when a run's settings ask for
+# it: the damped bias rule's momentum, Default MoE's expert outputs.
+STATE_FROM_ZERO = ('bias_momentum', 'default_out')
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -145,6 +148,12 @@ def import_variables(reader, m, fam, dtype=np.float32, interleaved: bool = False
                              to_moejax, to_hf, per_expert, shape, leaf_dtype)
     _set(out, path, fill() if shardings is None else
          jax.make_array_from_callback(shape, shardings[path], _once_per_index(fill)))
+  for path in [p for p in shapes if p[0] == 'moe_state' and p[-1] in STATE_FROM_ZERO]:
+    # Layer state the checkpoint cannot carry, which starts at zero (a run's own settings).
+    shape = shapes.pop(path).shape
+    zeros = np.zeros(shape, np.float32)
+    _set(out, path, zeros if shardings is None else
+         jax.make_array_from_callback(shape, shardings[path], lambda i, z=zeros: z[i]))
   if shapes:
     raise AssertionError(f'variables with no source: {sorted(shapes)}')
   return out

@@ -40,11 +40,13 @@ def dropless_swiglu(x, expert_index, gates, num_local: int, first, weights, back
   return dropless_combine(x, expert_index, gates, num_local, first, run)
 
 
-def dropless_combine(x, expert_index, gates, num_local: int, first, grouped):
+def dropless_combine(x, expert_index, gates, num_local: int, first, grouped,
+                     expert_sums: bool = False):
   """Dropless by sorting: x [T, D], expert_index and gates [T, K] -> sum over each token's
   choices among experts first .. first + num_local - 1 of gate * expert(x) [T, D]; choices of
   other experts add nothing. `grouped(x_sorted, group_sizes)` runs the local experts on rows
-  sorted by expert (rows past the groups give 0)."""
+  sorted by expert (rows past the groups give 0). With expert_sums, also each local expert's
+  sum of its (ungated) outputs [num_local, D] and its row count [num_local]."""
   t, k = expert_index.shape
   local = expert_index - first
   mine = (local >= 0) & (local < num_local)
@@ -54,4 +56,8 @@ def dropless_combine(x, expert_index, gates, num_local: int, first, grouped):
   y_sorted = grouped(x[order // k], group_sizes)  # [T*K, D]
   y_assign = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
   y_assign = y_assign.reshape(t, k, -1)  # [T, K, D]
-  return jnp.einsum('tkd,tk->td', y_assign, gates.astype(y_assign.dtype))
+  y = jnp.einsum('tkd,tk->td', y_assign, gates.astype(y_assign.dtype))
+  if not expert_sums:
+    return y
+  sums = jax.ops.segment_sum(y_sorted, flat[order], num_segments=num_local + 1)[:num_local]
+  return y, sums, group_sizes

@@ -66,6 +66,8 @@ def state_updates(state: dict, routing: RouterOutput, counts, cfg) -> dict:
   b, out = cfg.balance, {}
   if 'bias' in state and b.bias_update_rate > 0:
     bias = state['bias']
+    if bias.shape[0] != counts.shape[0]:  # the bias covers zero-computation experts too
+      counts = expert_counts(routing.expert_index, bias.shape[0])
     if b.bias_update == 'damped':
       new_bias, new_momentum = damped_update(counts, b.bias_update_rate, bias,
                                              state['bias_momentum'], b.bias_momentum,
@@ -73,7 +75,7 @@ def state_updates(state: dict, routing: RouterOutput, counts, cfg) -> dict:
       out['bias'], out['bias_momentum'] = new_bias - bias, new_momentum - state['bias_momentum']
     else:
       out['bias'] = bias_update(counts, b.bias_update_rate, b.bias_update, bias,
-                                selection_scores(routing, cfg.router.score_fn, cfg.num_experts),
+                                selection_scores(routing, cfg.router.score_fn, bias.shape[0]),
                                 cfg.num_experts_per_tok)
   if 'l1_coef' in state:
     coef = state['l1_coef']
@@ -93,9 +95,14 @@ def damped_update(counts, rate: float, bias, momentum, beta: float, clamp: float
 
 
 def selection_scores(r: RouterOutput, score_fn: str, num_experts: int):
-  """The scores the bias [N] is added to for selection: sigmoid or softmax of the logits, of
-  the N routed experts [T, N] (a router's zero-computation experts take no bias)."""
-  scores = jax.nn.sigmoid(r.logits) if score_fn == 'sigmoid' else jax.nn.softmax(r.logits, -1)
+  """The scores the bias is added to for selection, of the first num_experts experts (the N
+  routed ones, or N + Z when the bias covers zero-computation experts too) [T, num_experts]."""
+  if score_fn == 'sigmoid':
+    scores = jax.nn.sigmoid(r.logits)
+  elif score_fn == 'sqrtsoftplus':
+    scores = jnp.sqrt(jax.nn.softplus(r.logits))
+  else:
+    scores = jax.nn.softmax(r.logits, -1)
   return scores[:, :num_experts]
 
 

@@ -9,7 +9,8 @@ from flax import linen as nn
 
 from moejax.nn import names
 from moejax.nn.layers import SwiGLU, param_with_axes
-from moejax.moe import balance, losses, registry
+from moejax.moe import balance, default_outputs, losses, registry
+from moejax.moe.dispatch.base import no_drops
 
 
 class MoEFFN(nn.Module):
@@ -42,7 +43,7 @@ class MoEFFN(nn.Module):
     tokens = x.reshape(b * s, d)  # [T, D]
     ids = None if token_ids is None else token_ids.reshape(b * s)
     router = registry.make_router(cfg, self.vocab_size)
-    state = balance.layer_state(self, n, cfg.balance)
+    state = balance.layer_state(self, router.bias_size(cfg), cfg.balance)
     own = {name: self.variable('moe_state', name, lambda v=value: v).value
            for name, value in router.state_init(cfg).items()}  # the router's own state
     if replay is not None and not router.REPLAY:
@@ -62,8 +63,16 @@ class MoEFFN(nn.Module):
       routed = routed.replace(combine_weights=jnp.ones_like(routing.combine_weights))
     experts = registry.make_experts(cfg, d, self.dtype)
     dispatch = None if router.uses_dispatch(cfg, train) else router.OWN_DISPATCH
+    beta = cfg.default_outputs_decay  # Default MoE (moe/default_outputs.py)
     with jax.named_scope('dispatch'):
-      y, stats = registry.make_dispatcher(cfg, dispatch)(to_dispatch, routed, experts, train)
+      if beta and routing.expert_choice is None:
+        defaults = self.variable('moe_state', default_outputs.STATE,
+                                 lambda: jnp.zeros((n, d), jnp.float32)).value
+        y, expert_sums, expert_rows = default_outputs.dispatch(to_dispatch, routed, experts)
+        y = y + default_outputs.dense_router_term(routing, defaults, n).astype(y.dtype)
+        stats = no_drops()
+      else:
+        y, stats = registry.make_dispatcher(cfg, dispatch)(to_dispatch, routed, experts, train)
     with jax.named_scope('balance'):
       layer_losses = losses.layer_losses(routing, cfg, b)
       counts = balance.routing_counts(routing, n)
@@ -71,6 +80,9 @@ class MoEFFN(nn.Module):
         # Returned, not applied: the train step adds them to the state (MaxText's way).
         deltas = {**balance.state_updates(state, routing, counts, cfg),
                   **router.state_update(own, routing, cfg)}
+        if beta and routing.expert_choice is None:
+          deltas[default_outputs.STATE] = default_outputs.update(defaults, expert_sums,
+                                                                 expert_rows, beta)
         for name, delta in deltas.items():
           self.put_variable('bias_updates', name, delta)
     if routing.passthrough is not None:  # identity experts: gate * the token itself

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from moejax import kernels
-from moejax.moe import balance, losses
+from moejax.moe import balance, default_outputs, losses
 from moejax.moe.dispatch import DISPATCHERS
 from moejax.moe.experts import EXPERTS
 from moejax.moe.routers import ROUTERS
@@ -23,7 +23,8 @@ __all__ = ['DISPATCHERS', 'EXPERTS', 'ROUTERS', 'check', 'make_dispatcher', 'mak
 
 # Fields under model.moe every MoE layer reads, whichever pieces are chosen.
 ALWAYS_READ = ('num_experts', 'expert_ffn_dim', 'num_shared_experts', 'shared_expert_ffn_dim',
-               'shared_expert_gate', 'gate_input', 'router.name', 'experts.name')
+               'shared_expert_gate', 'gate_input', 'default_outputs_decay', 'router.name',
+               'experts.name')
 
 
 def make_router(moe, vocab_size: int):
@@ -135,6 +136,7 @@ def check(config, fail, defaults):
            f'--config.model.moe.{field}={default!r}, its default) or choose '
            f'{_piece_kind(field)} that reads it{_readers(field)}')
   balance.check(moe, fail)
+  default_outputs.check(moe, fail)
   router.check(moe, fail)
   if hasattr(block, 'check'):
     block.check(moe, fail)

@@ -112,6 +112,11 @@ class Router(nn.Module):
     return {}
 
   @classmethod
+  def bias_size(cls, moe) -> int:
+    """The experts the selection bias covers (SELECTION_BIAS routers): N by default."""
+    return moe.num_experts
+
+  @classmethod
   def expected_experts(cls, moe) -> float:
     """The routed experts a token uses on average (its FLOPs): K unless it says otherwise."""
     return float(moe.num_experts_per_tok)

@@ -17,6 +17,9 @@ LongCat-Flash): the router scores N + Z experts and picks K of them as usual, bu
 expert N + z is a null slot that no dispatcher computes; 'zero' experts add nothing, 'identity'
 ones add gate * x (RouterOutput.passthrough). So a token uses 0 .. K real experts, and
 balancing all N + Z experts (the aux loss) keeps K N / (N + Z) of them per token on average.
+router.null_bias: the selection bias (loss-free balancing) covers the Z null experts too, so
+its updates balance all N + Z and steer the real experts per token as the aux loss does
+(LongCat-Flash); without it the null experts take no bias.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class TopKRouter(ScoreRouter):
   routed_scaling_factor: float = 1.0
   null_experts: int = 0
   null_kind: str = 'zero'
+  null_bias: bool = False
   hash_layers: int = 0
   hash_kind: str = 'random'
   hash_seed: int = 0
@@ -66,6 +70,9 @@ class TopKRouter(ScoreRouter):
       fail('model.moe.router.hash_layers', r.hash_layers, 'must be 0 or more')
     if r.hash_kind not in HASH_KINDS:
       fail('model.moe.router.hash_kind', r.hash_kind, f'must be one of {list(HASH_KINDS)}')
+    if r.null_bias and not r.null_experts:
+      fail('model.moe.router.null_bias', r.null_bias, 'biases the null experts; set '
+           'model.moe.router.null_experts > 0 or leave it False')
     if r.hash_layers and r.null_experts:
       fail('model.moe.router.hash_layers', r.hash_layers, 'cannot be combined with '
            'model.moe.router.null_experts (the table holds real experts)')
@@ -73,6 +80,12 @@ class TopKRouter(ScoreRouter):
       fail('model.moe.router.null_experts', r.null_experts,
            'cannot be combined with model.moe.gate_input (the gate scales the input of one '
            'real expert)')
+
+  @classmethod
+  def bias_size(cls, moe) -> int:
+    """N, or N + Z when the selection bias covers the null experts (null_bias)."""
+    r = moe.router
+    return moe.num_experts + (r.null_experts if r.null_bias else 0)
 
   @classmethod
   def expected_experts(cls, moe) -> float:
@@ -96,8 +109,8 @@ class TopKRouter(ScoreRouter):
       scores = (jax.nn.sigmoid(logits) if self.score_fn == 'sigmoid' else
                 jnp.sqrt(jax.nn.softplus(logits)))  # [T, N]
       probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    if bias is not None and z:
-      bias = jnp.concatenate([bias, jnp.zeros((z,), bias.dtype)])  # null experts: no bias
+    if bias is not None and bias.shape[0] < n + z:  # null experts without a bias of their own
+      bias = jnp.concatenate([bias, jnp.zeros((n + z - bias.shape[0],), bias.dtype)])
     if replay is None:
       index = self.select(scores, bias)  # [T, K]
       if self.hash_layers:
