@@ -22,11 +22,12 @@ from moejax.training.guard import NONFINITE
 
 DTYPES = ('float32', 'bfloat16')
 QK_NORMS = ('none', 'head', 'full', 'l2')
-ROPE_SCALINGS = ('none', 'llama3', 'yarn')
+ROPE_SCALINGS = ('none', 'llama3', 'yarn', 'longrope')
 # The gqa-only attention features and the value that turns each off (MLA has none of them).
 GQA_ONLY = (('nope_every', 0), ('attention_chunk', 0), ('rotary_dim', 0), ('sliding_window', 0),
             ('attention_sinks', False), ('attention_out_bias', False),
-            ('attention_output_gate', False), ('qkv_bias', False), ('attention_scale', 0.0))
+            ('attention_output_gate', False), ('qkv_bias', False), ('attention_scale', 0.0),
+            ('qk_norm_after_rope', False))
 
 
 def fail(field: str, value, fix: str):
@@ -124,6 +125,21 @@ def _check_model(c):
   _positive(c, 'model.rope_scaling.beta_fast model.rope_scaling.beta_slow')
   _positive(c, 'model.rope_scaling.attention_factor model.rotary_dim model.sliding_window',
             allow_zero=True)
+  r = m.rope_scaling
+  if r.kind == 'longrope':
+    half = (m.rotary_dim or m.head_dim) // 2
+    for field in ('short_factor', 'long_factor'):
+      values = r[field]
+      if (not isinstance(values, (tuple, list)) or len(values) != half or
+          not all(isinstance(v, (int, float)) and v > 0 for v in values)):
+        fail(f'model.rope_scaling.{field}', values, f'longrope needs {half} positive numbers, '
+             'one per rotary frequency (rotary_dim or head_dim, halved)')
+  if m.qk_norm_after_rope and m.qk_norm not in ('head', 'full'):
+    fail('model.qk_norm_after_rope', m.qk_norm_after_rope, "moves the 'head' or 'full' q/k "
+         f"norm after the rotation; model.qk_norm is {m.qk_norm!r}")
+  if m.head_bias and m.tie_embeddings:
+    fail('model.head_bias', m.head_bias, 'is a bias of the untied output head; set '
+         'model.tie_embeddings=False or head_bias=False')
   if m.rotary_dim % 2 or m.rotary_dim > m.head_dim:
     fail('model.rotary_dim', m.rotary_dim, f'must be even and at most model.head_dim='
          f'{m.head_dim} (0: rotate the whole head)')

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   # width: Qwen3) or 'full' (over the whole projection: OLMoE); 'l2': without a scale, after
   # the rotation, on the rotated layers only (Llama 4).
   m.qk_norm = 'none'
+  m.qk_norm_after_rope = False  # 'head' / 'full': normalise after the rotation instead.
   m.qkv_bias = False  # gqa: biases on the query, key and value projections (Qwen2).
   m.mla = mla = ml_collections.ConfigDict()
   mla.q_lora_rank = 0  # 0: queries projected directly.
@@ -48,12 +49,15 @@ def base_config() -> ml_collections.ConfigDict:
   # smooth blend in between) or 'yarn' (arXiv:2309.00071: dims turning fewer than beta_slow
   # times over original_max_len divided by factor, more than beta_fast times kept, a ramp
   # between, bounds rounded outward when truncate; cos and sin times attention_factor, 0:
-  # 0.1 ln(factor) + 1).
+  # 0.1 ln(factor) + 1) or 'longrope' (each frequency divided by its entry of long_factor when
+  # a call's positions reach past original_max_len, else of short_factor; cos and sin times
+  # attention_factor, 0: sqrt(1 + ln(factor) / ln(original_max_len))).
   m.rope_scaling = ml_collections.ConfigDict({'kind': 'none', 'factor': 8.0,
                                               'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                                               'original_max_len': 8192, 'beta_fast': 32.0,
                                               'beta_slow': 1.0, 'truncate': True,
-                                              'attention_factor': 0.0})
+                                              'attention_factor': 0.0, 'short_factor': (),
+                                              'long_factor': ()})
   m.rotary_dim = 0  # gqa: rotate the first rotary_dim dims of each head (partial rotary); 0: all.
   # gqa: layers whose entry in sliding_pattern (repeated over the layers: layer i reads entry
   # i % len) is 1 attend to their sliding_window latest positions, their own included; 0: no
@@ -87,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_scale = 0.0
   m.logit_divisor = 1.0
   m.tie_embeddings = False
+  m.head_bias = False  # a bias on the output head (untied)
   m.dtype = 'float32'  # activation/compute dtype; params are kept in float32.
   # Rematerialisation of each block in the backward pass: 'none' (keep every activation),
   # 'full' (keep only each block's input, recompute the rest), 'names' (keep the activations

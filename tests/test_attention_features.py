@@ -135,3 +135,34 @@ def test_yarn_scales_cos_and_sin_and_partial_rotary_keeps_the_rest():
   np.testing.assert_array_equal(got[..., 4:], np.asarray(x)[..., 4:])
   assert attention_factor(_yarn(factor=4.0)) == pytest.approx(0.1 * np.log(4.0) + 1)
   assert attention_factor({'kind': 'llama3'}) == 1.0
+
+
+@pytest.mark.parametrize('after', [False, True])
+def test_qk_norm_before_or_after_the_rotation(after):
+  """Per-head RMSNorm of q and k (scales not 1) before or after the rotation: the two differ
+  (the scale does not commute with the rotation) and each matches its order written out."""
+  attn = GroupedQueryAttention(H, KV, HD, 100.0, qk_norm='head', qk_norm_after_rope=after)
+  x = jax.random.normal(jax.random.key(0), (1, S, D))
+  pos = jnp.arange(S)[None]
+  params = nn.unbox(attn.init(jax.random.key(1), x, pos))['params']
+  params['q_norm']['scale'] = jnp.linspace(0.5, 2.0, HD)
+  params['k_norm']['scale'] = jnp.linspace(2.0, 0.5, HD)
+  got = np.asarray(attn.apply({'params': params}, x, pos))[0]
+  p = {k: np.asarray(v, np.float64) for k, v in params.items() if not isinstance(v, dict)}
+  xs = np.asarray(x[0], np.float64)
+  rms = lambda t, s: t / np.sqrt((t * t).mean(-1, keepdims=True) + 1e-6) * s
+  q, k = np.einsum('sd,dhk->shk', xs, p['wq']), np.einsum('sd,dhk->shk', xs, p['wk'])
+  qs, ks = np.asarray(params['q_norm']['scale']), np.asarray(params['k_norm']['scale'])
+  ps = np.arange(S, dtype=np.float64)
+  if after:
+    q, k = rms(_rope_np(q, ps, 100.0, HD), qs), rms(_rope_np(k, ps, 100.0, HD), ks)
+  else:
+    q, k = _rope_np(rms(q, qs), ps, 100.0, HD), _rope_np(rms(k, ks), ps, 100.0, HD)
+  v = np.einsum('sd,dhk->shk', xs, p['wv'])
+  out = np.zeros((S, H, HD))
+  for h in range(H):
+    g = h // (H // KV)
+    logits = q[:, h] @ k[:, g].T / np.sqrt(HD) + np.triu(np.full((S, S), -np.inf), 1)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    out[:, h] = (w / w.sum(-1, keepdims=True)) @ v[:, g]
+  np.testing.assert_allclose(got, np.einsum('shk,hkd->sd', out, p['wo']), rtol=1e-4, atol=1e-5)

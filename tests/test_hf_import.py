@@ -79,6 +79,16 @@ FAMILIES = {
                    dict(intermediate_size=16, num_local_experts=4, embedding_multiplier=3.0,
                         residual_multiplier=0.5, attention_multiplier=0.2,
                         logits_scaling=4.0)),
+    # PhiMoE: LayerNorm, biases on attention and head, SparseMixer routing, longrope (within
+    # its original length, where transformers' PhiMoE takes the short factors) and a window.
+    'phimoe': ('PhimoeConfig', 'PhimoeForCausalLM',
+               dict(intermediate_size=16, num_local_experts=4, attention_bias=True,
+                    lm_head_bias=True, sliding_window=5, router_jitter_noise=0.2,
+                    rope_parameters={'rope_type': 'longrope', 'rope_theta': 1e4,
+                                     'short_factor': [1.0, 1.5, 3.0, 6.0],
+                                     'long_factor': [2.0, 4.0, 8.0, 16.0],
+                                     'short_mscale': 1.2, 'long_mscale': 1.2,
+                                     'original_max_position_embeddings': 64})),
 }
 
 
@@ -138,7 +148,7 @@ def test_logits_and_routing_equal_transformers(family):
   assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
   # The same experts chosen in every routed layer (as sets: ties aside, order is free).
   ours = np.sort(np.asarray(aux['expert_index']), -1)  # [moe layers, T, K]
-  every = ('mixtral', 'olmoe', 'gpt_oss', 'flex_olmo', 'granitemoe')  # all 3 layers MoE
+  every = ('mixtral', 'olmoe', 'gpt_oss', 'flex_olmo', 'granitemoe', 'phimoe')  # 3 MoE layers
   assert len(chosen) == ours.shape[0] == (3 if kind in every else 2)
   for layer, want in enumerate(chosen):
     np.testing.assert_array_equal(ours[layer], want.reshape(ours[layer].shape))
@@ -380,7 +390,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   for change, match in (
       ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: deepseek_v2, "
                                'deepseek_v3, flex_olmo, gpt_oss, granitemoe, llama4_text, '
-                               'mixtral, olmoe, qwen2_moe, qwen3_moe'),
+                               'mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe'),
       ({'model_type': 'qwen3_next'}, "model_type 'qwen3_next' is not supported: it needs "
                                      'linear-attention \\(Gated DeltaNet\\) layers'),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not supported \\(only SiLU-gated FFNs\\)"),

@@ -277,3 +277,59 @@ def test_default_moe_trains_and_its_state_moves():
   moved = np.asarray(state.model_state['moe_state']['moe_layers']['moe_block']['moe'][
       'default_out'])
   assert moved.shape == (2, 8, 32) and np.abs(moved).max() > 0
+
+
+def test_sparsemixer_evaluation_by_hand():
+  """Logits (4, 3.9, 1, -2), eps 0.02: the candidates of slot 1 are those within 2 eps of the
+  best relative to max(|l|, best): 4 and 3.9 ((4 - 3.9) / 4 = 0.025 is not > 0.04); weight =
+  softmax over them at 4. Slot 2 (4 taken, best 3.9): (3.9 - 1) / 3.9 > 0.04 drops 1, so 3.9
+  alone, weight 1."""
+  from moejax.moe.routers.sparsemixer import SparseMixerRouter
+  router = _router(SparseMixerRouter, 4, 2, sparsemixer_eps=0.02)
+  out = router.apply(_identity(4), jnp.array([[4.0, 3.9, 1.0, -2.0]]), train=False)
+  np.testing.assert_array_equal(out.expert_index, [[0, 1]])
+  np.testing.assert_allclose(out.combine_weights, [[1 / (1 + np.exp(-0.1)), 1.0]], rtol=1e-6)
+  # A wider eps keeps expert 2 in slot 2's candidates: (3.9 - 1) / 3.9 = 0.74 <= 2 x 0.4.
+  wide = _router(SparseMixerRouter, 4, 2, sparsemixer_eps=0.4)
+  out = wide.apply(_identity(4), jnp.array([[4.0, 3.9, 1.0, -2.0]]), train=False)
+  np.testing.assert_allclose(out.combine_weights[0, 1], 1 / (1 + np.exp(-2.9)), rtol=1e-6)
+
+
+def test_sparsemixer_training_samples_candidates_only_and_scales_by_heun():
+  """Training: the sampled expert is always a candidate; its forward weight is the softmax
+  weight times 1 or 0.3333; the gradient is that of the unscaled weight."""
+  from moejax.moe.routers.sparsemixer import sparsemixer_slot
+  logits = jnp.tile(jnp.array([[4.0, 3.9, 3.8, -2.0]]), (4000, 1))
+  taken = jnp.zeros(logits.shape, bool)
+  chosen, w = sparsemixer_slot(logits, taken, 0.05, jax.random.key(0))
+  assert set(np.unique(chosen)) == {0, 1, 2}  # -2 is never a candidate
+  p = np.asarray(jax.nn.softmax(jnp.array([4.0, 3.9, 3.8])))
+  ratio = np.asarray(w) / p[np.asarray(chosen)]
+  np.testing.assert_allclose(np.unique(ratio), [0.3333, 1.0], rtol=1e-5)
+  assert (ratio[np.asarray(chosen) == 0] == 1).all()  # the best one is never scaled down
+  # Non-best choices keep weight 1 with probability 1/4.
+  assert abs(np.mean(ratio[np.asarray(chosen) != 0] == 1) - 0.25) < 0.04
+  g = jax.grad(lambda l: jnp.sum(sparsemixer_slot(l, taken[:1], 0.05,
+                                                  jax.random.key(1))[1]))(logits[:1])
+  c = int(sparsemixer_slot(logits[:1], taken[:1], 0.05, jax.random.key(1))[0][0])
+  want = p[c] * ((np.arange(3) == c) - p)
+  np.testing.assert_allclose(g[0, :3], want, rtol=1e-5, atol=1e-7)
+  assert float(g[0, 3]) == 0
+
+
+def test_longrope_switches_factors_at_the_original_length():
+  """Frequencies divided by the short factors while the call's positions stay within the
+  original length, by the long ones past it; cos and sin scaled by the attention factor."""
+  from moejax.model.rope import apply_rope, attention_factor
+  s = {'kind': 'longrope', 'factor': 4.0, 'original_max_len': 8, 'attention_factor': 0.0,
+       'short_factor': (1.0, 2.0), 'long_factor': (4.0, 8.0)}
+  x = jnp.ones((1, 9, 1, 4))
+  scale = attention_factor(s)
+  assert scale == pytest.approx(np.sqrt(1 + np.log(4.0) / np.log(8)))
+  for n, factors in ((8, (1.0, 2.0)), (9, (4.0, 8.0))):
+    pos = jnp.arange(n)[None]
+    got = np.asarray(apply_rope(x[:, :n], pos, 100.0, s))
+    inv = 1 / (100.0 ** (np.arange(0, 4, 2) / 4) * np.array(factors))
+    ang = np.arange(n)[:, None] * inv
+    want = np.concatenate([np.cos(ang) - np.sin(ang), np.cos(ang) + np.sin(ang)], -1) * scale
+    np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-5, atol=1e-6)

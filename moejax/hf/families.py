@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 from moejax.errors import ConfigError
-from moejax.hf.rules import (Const, Key, LatentHeads, NopeLayers, Rope, Schedule,
-                             SharedExpertGate, SlidingLayers, TopkMethod, moe_layers)
+from moejax.hf.rules import (AttentionBias, Const, Key, LatentHeads, NopeLayers, Rope,
+                             Schedule, SharedExpertGate, SlidingLayers, TopkMethod, moe_layers)
 
 __all__ = ['FAMILIES', 'REFUSED', 'Family', 'family', 'model_fields', 'hf_config', 'moe_layers']
 
@@ -180,6 +180,16 @@ FAMILIES = {f.model_type: f for f in (
         fixed=(('model.moe.router.norm_topk_prob', True),),
         moe_module='block_sparse_moe', router='router.layer', experts='stacked_linear',
         expert_names=('input_linear.weight', 'input_linear.weight', 'output_linear.weight')),
+    Family('phimoe', 'PhimoeForCausalLM', GQA + (
+        Key('num_local_experts', 'model.moe.num_experts'),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('router_jitter_noise', 'model.moe.router.sparsemixer_eps', 0.01, float),
+        Key('input_jitter_noise', 'model.moe.router.jitter', 0.0, float),
+        Key('lm_head_bias', 'model.head_bias', False, bool),
+        AttentionBias(), SlidingLayers(), Schedule('every')),
+        fixed=(('model.norm', 'layer'), ('model.moe.router.name', 'sparsemixer')),
+        moe_module='block_sparse_moe',
+        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2'))),
 )}
 
 # Families transformers has that need something moejax does not build, and what.

@@ -112,9 +112,23 @@ class Rope:
                 'model.rope_scaling.truncate': bool(rope.get('truncate', True)),
                 'model.rope_scaling.attention_factor': float(rope.get('attention_factor') or 0),
                 'model.rope_scaling.original_max_len': int(original)})
+    elif kind == 'longrope':
+      original = int(rope['original_max_position_embeddings'])
+      short, long = rope.get('short_mscale'), rope.get('long_mscale')
+      if short != long:
+        raise ConfigError(f'{where}: rope_parameters short_mscale={short} and long_mscale={long} '
+                          'differ; one attention factor for both lengths is supported')
+      f.update({'model.rope_scaling.kind': 'longrope',
+                'model.rope_scaling.factor': float(rope.get('factor') or
+                                                   hf['max_position_embeddings'] / original),
+                'model.rope_scaling.original_max_len': original,
+                'model.rope_scaling.short_factor': tuple(float(v) for v in rope['short_factor']),
+                'model.rope_scaling.long_factor': tuple(float(v) for v in rope['long_factor']),
+                'model.rope_scaling.attention_factor':
+                    float(short or rope.get('attention_factor') or 0)})
     elif kind != 'default':
       raise ConfigError(f'{where}: rope_type {kind!r} is not supported; the default rotation, '
-                        "'llama3' and 'yarn' scaling are")
+                        "'llama3', 'yarn' and 'longrope' scaling are")
     return f
 
   def write(self, m, hf: dict) -> None:
@@ -132,6 +146,13 @@ class Rope:
                   original_max_position_embeddings=r.original_max_len)
       if r.attention_factor:
         rope['attention_factor'] = r.attention_factor
+    elif r.kind == 'longrope':
+      from moejax.model.rope import attention_factor
+      scale = attention_factor(r)
+      rope.update(rope_type='longrope', factor=r.factor, short_factor=list(r.short_factor),
+                  long_factor=list(r.long_factor), attention_factor=scale,
+                  short_mscale=scale, long_mscale=scale,
+                  original_max_position_embeddings=r.original_max_len)
     if m.rotary_dim:
       rope['partial_rotary_factor'] = m.rotary_dim / m.head_dim
     hf['rope_parameters'] = rope
@@ -239,6 +260,17 @@ class SlidingLayers:
                            'full_attention' for i in range(m.num_layers)]
     else:
       hf.pop('layer_types', None)
+
+
+class AttentionBias:
+  """attention_bias <-> biases on all four attention projections (q, k, v and the output)."""
+
+  def read(self, hf: dict, where: str) -> dict:
+    on = bool(hf.get('attention_bias', False))
+    return {'model.qkv_bias': on, 'model.attention_out_bias': on}
+
+  def write(self, m, hf: dict) -> None:
+    hf['attention_bias'] = bool(m.qkv_bias)
 
 
 class SharedExpertGate:

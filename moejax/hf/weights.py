@@ -284,7 +284,8 @@ def top(m) -> list:
   return ([(('params', 'embedding'), 'model.embed_tokens.weight', _same, _same)] +
           [(('params',) + path, name, a, b) for path, name, a, b in
            norm_tensors('final_norm', 'model.norm', m)] +
-          [(('params', 'head'), 'lm_head.weight', _t, _t)])
+          [(('params', 'head'), 'lm_head.weight', _t, _t)] +
+          ([(('params', 'head_bias'), 'lm_head.bias', _same, _same)] if m.head_bias else []))
 
 
 def leaves(m, fam, interleaved: bool = False):

@@ -55,6 +55,7 @@ class GroupedQueryAttention(nn.Module):
   # scale of head_dim shared by the heads), 'full' (over the whole projection, a scale per
   # element) or 'none'.
   qk_norm: str = 'none'
+  qk_norm_after_rope: bool = False  # 'head' / 'full' after the rotation instead of before it
   norm_eps: float = 1e-6
   qkv_bias: bool = False  # biases on the query, key and value projections
   rope_scaling: Any = None  # model.rope_scaling (rope.py), or None
@@ -120,7 +121,8 @@ class GroupedQueryAttention(nn.Module):
           k.dtype)
       v = v + param_with_axes(self, 'bv', (kv, hd), ('kv_heads', 'head_dim'), zeros).astype(
           v.dtype)
-    q, k = self._qk_norm(q, 'q_norm'), self._qk_norm(k, 'k_norm')
+    if not self.qk_norm_after_rope:
+      q, k = self._qk_norm(q, 'q_norm'), self._qk_norm(k, 'k_norm')
     rq = apply_rope(q, positions, self.rope_theta, self.rope_scaling, self.rotary_dim)
     rk = apply_rope(k, positions, self.rope_theta, self.rope_scaling, self.rotary_dim)
     if self.qk_norm == 'l2':  # parameter-free, on the rotated layers only (Llama 4)
@@ -134,6 +136,8 @@ class GroupedQueryAttention(nn.Module):
         pos = positions.astype(jnp.float32)[:, :, None, None]
         q = q * (1 + scale * jnp.log1p(jnp.floor((pos + 1) / floor))).astype(q.dtype)
       q, k = jnp.where(use_rope, rq, q), jnp.where(use_rope, rk, k)
+    if self.qk_norm_after_rope:
+      q, k = self._qk_norm(q, 'q_norm'), self._qk_norm(k, 'k_norm')
     q = constrain(q, ('batch', 'length', 'act_heads', None))
     key_pos = positions  # [b, s]
     if self.cache_len:

@@ -3,12 +3,16 @@
 first `rotary_dim` dims).
 
 `scaling` is a mapping with the fields of model.rope_scaling (config.py): kind ('none',
-'llama3', 'yarn'), factor, original_max_len; llama3: low_freq_factor, high_freq_factor; yarn:
-beta_fast, beta_slow, truncate, attention_factor (0: 0.1 ln(factor) + 1).
+'llama3', 'yarn', 'longrope'), factor, original_max_len; llama3: low_freq_factor,
+high_freq_factor; yarn: beta_fast, beta_slow, truncate, attention_factor (0: 0.1 ln(factor) +
+1); longrope: short_factor, long_factor (one divisor per frequency: the long ones when the
+call's positions reach past original_max_len, else the short ones), attention_factor (0:
+sqrt(1 + ln(factor) / ln(original_max_len))).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,22 +51,32 @@ def _yarn(inv_freq, d: int, theta: float, s):
 
 
 def attention_factor(scaling) -> float:
-  """What yarn multiplies cos and sin by (so attention logits by its square); 1 otherwise."""
-  if not scaling or scaling['kind'] != 'yarn':
+  """What yarn and longrope multiply cos and sin by (so attention logits by its square); 1
+  otherwise."""
+  if not scaling or scaling['kind'] not in ('yarn', 'longrope'):
     return 1.0
   if scaling['attention_factor']:
     return float(scaling['attention_factor'])
-  return 0.1 * math.log(scaling['factor']) + 1.0 if scaling['factor'] > 1 else 1.0
+  factor = scaling['factor']
+  if factor <= 1:
+    return 1.0
+  if scaling['kind'] == 'yarn':
+    return 0.1 * math.log(factor) + 1.0
+  return math.sqrt(1 + math.log(factor) / math.log(scaling['original_max_len']))
 
 
-def rope_frequencies(d: int, theta: float, scaling=None):
-  """The d/2 rotation frequencies [d/2] float32, stretched as `scaling` says."""
+def rope_frequencies(d: int, theta: float, scaling=None, long: Any = False):
+  """The d/2 rotation frequencies [d/2] float32, stretched as `scaling` says (longrope: by
+  its long factors where `long`, a possibly traced bool, else its short ones)."""
   inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
   kind = scaling['kind'] if scaling else 'none'
   if kind == 'llama3':
     return _llama3(inv_freq, scaling)
   if kind == 'yarn':
     return _yarn(inv_freq, d, theta, scaling)
+  if kind == 'longrope':
+    short = jnp.asarray(scaling['short_factor'], jnp.float32)
+    return inv_freq / jnp.where(long, jnp.asarray(scaling['long_factor'], jnp.float32), short)
   return inv_freq
 
 
@@ -80,7 +94,10 @@ def apply_rope(x, positions, theta: float, scaling=None, rotary_dim: int = 0):
     [b, s, h, d] in x's dtype.
   """
   r = rotary_dim or x.shape[-1]
-  inv_freq = rope_frequencies(r, theta, scaling)
+  long = False
+  if scaling and scaling['kind'] == 'longrope':  # as transformers: by the call's positions
+    long = jnp.max(positions) + 1 > scaling['original_max_len']
+  inv_freq = rope_frequencies(r, theta, scaling, long)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, r/2]
   mscale = attention_factor(scaling)
   cos = (jnp.cos(angles) * mscale)[:, :, None, :]

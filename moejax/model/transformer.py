@@ -64,7 +64,8 @@ class Block(nn.Module):
     else:
       attn = GroupedQueryAttention(
           c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, dtype, self.cache_len,
-          qk_norm=c.qk_norm, norm_eps=c.norm_eps, qkv_bias=c.qkv_bias,
+          qk_norm=c.qk_norm, qk_norm_after_rope=c.qk_norm_after_rope, norm_eps=c.norm_eps,
+          qkv_bias=c.qkv_bias,
           rope_scaling=c.rope_scaling if c.rope_scaling.kind != 'none' else None,
           rotary_dim=c.rotary_dim, chunk=c.attention_chunk,
           temperature=(c.nope_temperature, c.nope_temperature_floor),
@@ -192,6 +193,8 @@ class Transformer(nn.Module):
 
     head = None if c.tie_embeddings else param_with_axes(
         self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'))
+    head_bias = param_with_axes(self, 'head_bias', (c.vocab_size,), ('vocab',),
+                                nn.initializers.zeros) if c.head_bias else None
 
     def output(h, norm_name):
       h = make_norm(c.norm, c.norm_eps, dtype, norm_name)(h)
@@ -199,6 +202,8 @@ class Transformer(nn.Module):
         out = jnp.einsum('bsd,vd->bsv', h.astype(jnp.float32), embedding) * c.d_model ** -0.5
       else:
         out = jnp.einsum('bsd,dv->bsv', h, head.astype(dtype)).astype(jnp.float32)
+        if head_bias is not None:
+          out = out + head_bias
       if c.logit_divisor != 1:
         out = out / c.logit_divisor
       return nn.with_logical_constraint(out, ('batch', 'length', 'vocab'))
