@@ -70,6 +70,7 @@ def test_bench_moe_smoke(capsys):
   assert a2a[0]['tokens_per_device'] == 32 and 'skipped' in a2a[1]
 
 
+@pytest.mark.slow  # a whole train benchmark: the integration step
 def test_bench_train_smoke(capsys):
   """The whole-step benchmark at a tiny shape: one row per case, then the depth sweep."""
   main(['train', '--batch', '4', '--seq', '16', '--d-model', '32', '--heads', '2',

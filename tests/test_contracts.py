@@ -92,8 +92,8 @@ def test_expert_choice_dispatch_is_the_routers_own():
 
 def test_unknown_names_list_the_registry():
   with pytest.raises(ConfigError, match=r"router.name='nope': must be one of \["
-                     r"'expert_choice', 'expert_threshold', 'hash', 'noisy_topk', 'relu', 'sinkhorn', "
-                     r"'top_p', 'topk'\]"):
+                     r"'expert_choice', 'expert_threshold', 'grouped_topk', 'hash', 'noisy_topk', "
+                     r"'relu', 'sinkhorn', 'sparsemixer', 'top_p', 'topk'\]"):
     validate(_config(router__name='nope'), 1)
   with pytest.raises(ConfigError, match=r"dispatch.name='nope': must be one of \['all_to_all', "
                      r"'capacity'"):
@@ -126,7 +126,7 @@ class FirstExperts(LearnedRouter):
 
   @nn.compact
   def __call__(self, x, token_ids=None, batch=1, train=True, bias=None, state=None,
-               replay=None):
+               replay=None, layer=None):
     t = x.shape[0]
     logits = self.logits(x, self.num_experts, train)
     first = (jnp.arange(t)[:, None] + self.offset) % self.num_experts
@@ -141,7 +141,7 @@ def test_a_router_is_one_class_and_one_registry_line(monkeypatch):
   monkeypatch.setitem(registry.ROUTERS, 'first', FirstExperts)
   assert set(FirstExperts.reads()) == {
       'router.dtype', 'router.jitter', 'router.freeze', 'router.logit_bias', 'router.offset',
-      'num_experts_per_tok', *losses.general_fields()}
+      'num_experts_per_tok', 'balance.simbal_loss_weight', *losses.general_fields()}
   assert base_config().model.moe.router.offset == 0  # its setting joined the schema
   c = _config(router__name='first', router__offset=3)
   validate(c, 1)

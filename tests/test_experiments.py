@@ -76,6 +76,7 @@ def test_the_tpu_preset_asks_for_a_prepared_corpus():
     experiment.load_experiment('token_vs_expert_choice:gpu')
 
 
+@pytest.mark.slow  # the runner end to end (six short runs): the integration step
 def test_runner_table_plots_no_rerun_and_a_diverged_run(tmp_path, monkeypatch):
   exp = load('bias_rules')
   workdir = str(tmp_path)

@@ -154,6 +154,7 @@ def test_logits_and_routing_equal_transformers(family):
     np.testing.assert_array_equal(ours[layer], want.reshape(ours[layer].shape))
 
 
+@pytest.mark.slow  # 16 decoding steps per family: the integration step
 def test_greedy_generation_equals_transformers(family):
   kind, folder, ref_model = family
   prompt = _ids()[:1, :5]
@@ -195,6 +196,7 @@ def test_workdir_round_trip(tmp_path):
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # a second import of each family: the integration step
 def test_bfloat16_import_runs(family):
   kind, folder, ref_model = family
   model, variables = hf.load_pretrained(str(folder), dtype='bfloat16')
@@ -509,3 +511,43 @@ def test_a_family_entry_round_trips_every_field_it_reads():
     c, _ = convert.moejax_config(cfg, kind)
     again = families.model_fields(families.hf_config(c, None, kind), kind)
     assert again == fields, kind
+
+
+@pytest.mark.slow  # fine-tuning through the command line: the integration step
+def test_gpt_oss_fine_tunes_and_exports_with_parity(tmp_path):
+  """gpt-oss imported, fine-tuned by python -m moejax.main (every kind of its weights moves:
+  sinks, attention, router and expert biases, the stacked experts), exported: transformers
+  computes the fine-tuned model's logits as moejax does."""
+  from moejax import main
+  from moejax.data import corpus, tokenizer as tokenizers
+  from moejax.generate import load_checkpoint
+  from moejax.model.transformer import Transformer
+  _build('gpt_oss', tmp_path / 'hf')
+  texts = [open(f, encoding='utf-8').read() for _, f in corpus.list_files('stdlib')[:20]]
+  tokenizers.train_bpe(texts, 320, str(tmp_path / 'tok'))
+  work, out = tmp_path / 'work', tmp_path / 'out'
+  assert hf_main(['import', '--hf_dir', str(tmp_path / 'hf'), '--workdir', str(work),
+                  '--tokenizer', str(tmp_path / 'tok')]) == 0
+  before = hf.load_pretrained(str(tmp_path / 'hf'))[1]
+  assert main.main(['--workdir', str(work), '--config.train.steps=12', '--config.train.lr=3e-3',
+                    '--config.train.warmup_steps=2', '--config.train.progress=false',
+                    '--config.train.log_every=4', '--config.train.eval_every=12',
+                    '--config.data.max_bytes=100000', '--config.data.seq_len=32',
+                    '--config.train.batch_size=8']) == 0
+  rows = [r for r in read_metrics(str(work / 'metrics.jsonl')) if 'train/loss' in r]
+  assert rows[-1]['train/loss'] < rows[0]['train/loss']
+  config, after = load_checkpoint(str(work))
+  block = ('moe_layers', 'moe_block')
+  for path in (('attn', 'sinks'), ('attn', 'bo'), ('moe', 'router', 'b'),
+               ('moe', 'experts', 'bi_0'), ('moe', 'experts', 'wi_1')):
+    a, b = after['params'], before['params']
+    for k in block + path:
+      a, b = a[k], b[k]
+    assert not np.array_equal(np.asarray(a), np.asarray(b)), path
+  hf.export_workdir(str(work), str(out), log=lambda *_: None)
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  ids = _ids()
+  ours, _ = Transformer(config.model, train=False).apply(after, jnp.asarray(ids.numpy()))
+  with torch.no_grad():
+    theirs = again(ids).logits.numpy()
+  assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()
