@@ -247,8 +247,10 @@ class SlidingLayers:
     if other:
       raise ConfigError(f'{where}: layer_types has {other[0]!r} layers, which moejax does not '
                         'build (sliding_attention and full_attention are)')
-    return {'model.sliding_window': int(window),
-            'model.sliding_pattern': tuple(_period([kinds[t] for t in types]))}
+    pattern = tuple(_period([kinds[t] for t in types]))
+    if not any(pattern):  # a window no layer uses
+      return {'model.sliding_window': 0, 'model.sliding_pattern': (1,)}
+    return {'model.sliding_window': int(window), 'model.sliding_pattern': pattern}
 
   def write(self, m, hf: dict) -> None:
     hf['sliding_window'] = m.sliding_window or None
