@@ -79,6 +79,12 @@ FAMILIES = {
                    dict(intermediate_size=16, num_local_experts=4, embedding_multiplier=3.0,
                         residual_multiplier=0.5, attention_multiplier=0.2,
                         logits_scaling=4.0)),
+    # dots.llm1: DeepSeek-V3's routing (sigmoid, groups by their top-2 sum, a selection bias,
+    # shared experts, a dense first layer) with GQA and per-head q/k norms.
+    'dots1': ('Dots1Config', 'Dots1ForCausalLM',
+              dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                   n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                   norm_topk_prob=True, routed_scaling_factor=2.5)),
     # PhiMoE: LayerNorm, biases on attention and head, SparseMixer routing, longrope (within
     # its original length, where transformers' PhiMoE takes the short factors) and a window.
     'phimoe': ('PhimoeConfig', 'PhimoeForCausalLM',
@@ -391,8 +397,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for change, match in (
       ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: deepseek_v2, "
-                               'deepseek_v3, flex_olmo, gpt_oss, granitemoe, llama4_text, '
-                               'mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe'),
+                               'deepseek_v3, dots1, flex_olmo, gpt_oss, granitemoe, '
+                               'llama4_text, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe'),
       ({'model_type': 'qwen3_next'}, "model_type 'qwen3_next' is not supported: it needs "
                                      'linear-attention \\(Gated DeltaNet\\) layers'),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not supported \\(only SiLU-gated FFNs\\)"),

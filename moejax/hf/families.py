@@ -180,6 +180,15 @@ FAMILIES = {f.model_type: f for f in (
         fixed=(('model.moe.router.norm_topk_prob', True),),
         moe_module='block_sparse_moe', router='router.layer', experts='stacked_linear',
         expert_names=('input_linear.weight', 'input_linear.weight', 'output_linear.weight')),
+    Family('dots1', 'Dots1ForCausalLM', GQA + (
+        Key('intermediate_size', 'model.ffn_dim'),
+        Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('n_routed_experts', 'model.moe.num_experts'),
+        Key('n_shared_experts', 'model.moe.num_shared_experts', 0),
+        Key('routed_scaling_factor', 'model.moe.router.routed_scaling_factor', 1.0, float),
+        NORM_TOPK, NO_ATTENTION_BIAS, TopkMethod('sigmoid', 'noaux_tc'),
+        SlidingLayers(layer_types=True), Schedule('first_k_dense')),
+        fixed=(('model.qk_norm', 'head'),), shared_module='shared_experts'),
     Family('phimoe', 'PhimoeForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
