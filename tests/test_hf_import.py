@@ -85,6 +85,14 @@ FAMILIES = {
               dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
                    n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                    norm_topk_prob=True, routed_scaling_factor=2.5)),
+    # GLM-4.5 (glm4_moe): the same routing, half of each head rotated, q/k/v biases, per-head
+    # q/k norms.
+    'glm4_moe': ('Glm4MoeConfig', 'Glm4MoeForCausalLM',
+                 dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                      n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                      routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
+                      head_dim=8, rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                                                   'partial_rotary_factor': 0.5})),
     # PhiMoE: LayerNorm, biases on attention and head, SparseMixer routing, longrope (within
     # its original length, where transformers' PhiMoE takes the short factors) and a window.
     'phimoe': ('PhimoeConfig', 'PhimoeForCausalLM',
@@ -397,7 +405,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for change, match in (
       ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: deepseek_v2, "
-                               'deepseek_v3, dots1, flex_olmo, gpt_oss, granitemoe, '
+                               'deepseek_v3, dots1, flex_olmo, glm4_moe, gpt_oss, granitemoe, '
                                'llama4_text, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe'),
       ({'model_type': 'qwen3_next'}, "model_type 'qwen3_next' is not supported: it needs "
                                      'linear-attention \\(Gated DeltaNet\\) layers'),

@@ -189,6 +189,17 @@ FAMILIES = {f.model_type: f for f in (
         NORM_TOPK, NO_ATTENTION_BIAS, TopkMethod('sigmoid', 'noaux_tc'),
         SlidingLayers(layer_types=True), Schedule('first_k_dense')),
         fixed=(('model.qk_norm', 'head'),), shared_module='shared_experts'),
+    Family('glm4_moe', 'Glm4MoeForCausalLM', GQA + (
+        Key('intermediate_size', 'model.ffn_dim'),
+        Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('n_routed_experts', 'model.moe.num_experts'),
+        Key('n_shared_experts', 'model.moe.num_shared_experts', 0),
+        Key('routed_scaling_factor', 'model.moe.router.routed_scaling_factor', 1.0, float),
+        Key('attention_bias', 'model.qkv_bias', False, bool),
+        Key('use_qk_norm', 'model.qk_norm', False, lambda v: 'head' if v else 'none',
+            lambda v, m: v == 'head'),
+        NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc'), Schedule('first_k_dense')),
+        shared_module='shared_experts'),
     Family('phimoe', 'PhimoeForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
