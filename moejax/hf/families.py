@@ -41,7 +41,8 @@ class Family:
   for a stacked x). The shared expert is `shared_module`; a dense layer's FFN `dense_module`. rope_pairs: the q/k rotary dims' order in the checkpoint, 'halves'
   (moejax's), 'interleaved' (reordered at import), or a config.json key saying whether they
   are interleaved (true when absent; export writes false). mtp_key: the config.json key of the
-  multi-token-prediction depth, if the family has one.
+  multi-token-prediction depth, if the family has one. selection_bias: where a fixed selection
+  bias lives in the MoE block ('': the router's e_score_correction_bias).
   """
   model_type: str
   architecture: str
@@ -56,6 +57,7 @@ class Family:
   dense_module: str = 'mlp'
   rope_pairs: str = 'halves'
   mtp_key: str = ''
+  selection_bias: str = ''  # the fixed selection bias's tensor in the MoE block ('': router's)
 
   def interleaved(self, hf: dict) -> bool:
     """Whether the checkpoint's rotary dims are interleaved pairs."""

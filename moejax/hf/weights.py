@@ -274,8 +274,9 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
   if m.moe.shared_expert_gate:
     out.append(((moe_, 'shared_gate'), f'{mod}.shared_expert_gate.weight', _t, _t, False))
   if m.moe.balance.selection_bias or m.moe.balance.bias_update_rate > 0:
-    out.append((('moe_state', moe_, 'bias'), f'{router}.e_score_correction_bias', _same,
-                _same, False))
+    where = (f'{mod}.{fam.selection_bias}' if fam.selection_bias else
+             f'{router}.e_score_correction_bias')
+    out.append((('moe_state', moe_, 'bias'), where, _same, _same, False))
   return out
 
 
