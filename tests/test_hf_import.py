@@ -93,6 +93,12 @@ FAMILIES = {
                       routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
                       head_dim=8, rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
                                                    'partial_rotary_factor': 0.5})),
+    # MiniMax-M2: sigmoid scores with a selection bias kept beside the router, renormalised,
+    # q/k norms over the whole projection, half of each head rotated.
+    'minimax_m2': ('MiniMaxM2Config', 'MiniMaxM2ForCausalLM',
+                   dict(intermediate_size=16, num_local_experts=6, head_dim=8,
+                        rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                                         'partial_rotary_factor': 0.5})),
     # PhiMoE: LayerNorm, biases on attention and head, SparseMixer routing, longrope (within
     # its original length, where transformers' PhiMoE takes the short factors) and a window.
     'phimoe': ('PhimoeConfig', 'PhimoeForCausalLM',
@@ -162,7 +168,8 @@ def test_logits_and_routing_equal_transformers(family):
   assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
   # The same experts chosen in every routed layer (as sets: ties aside, order is free).
   ours = np.sort(np.asarray(aux['expert_index']), -1)  # [moe layers, T, K]
-  every = ('mixtral', 'olmoe', 'gpt_oss', 'flex_olmo', 'granitemoe', 'phimoe')  # 3 MoE layers
+  every = ('mixtral', 'olmoe', 'gpt_oss', 'flex_olmo', 'granitemoe', 'phimoe',  # 3 MoE
+           'minimax_m2')
   assert len(chosen) == ours.shape[0] == (3 if kind in every else 2)
   for layer, want in enumerate(chosen):
     np.testing.assert_array_equal(ours[layer], want.reshape(ours[layer].shape))
@@ -406,7 +413,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   for change, match in (
       ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: deepseek_v2, "
                                'deepseek_v3, dots1, flex_olmo, glm4_moe, gpt_oss, granitemoe, '
-                               'llama4_text, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe'),
+                               'llama4_text, minimax_m2, mixtral, olmoe, phimoe, qwen2_moe, '
+                               'qwen3_moe'),
       ({'model_type': 'qwen3_next'}, "model_type 'qwen3_next' is not supported: it needs "
                                      'linear-attention \\(Gated DeltaNet\\) layers'),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not supported \\(only SiLU-gated FFNs\\)"),

@@ -202,6 +202,16 @@ FAMILIES = {f.model_type: f for f in (
             lambda v, m: v == 'head'),
         NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc'), Schedule('first_k_dense')),
         shared_module='shared_experts'),
+    Family('minimax_m2', 'MiniMaxM2ForCausalLM', GQA + (
+        Key('num_local_experts', 'model.moe.num_experts'),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('router_jitter_noise', 'model.moe.router.jitter', 0.0, float),
+        NO_ATTENTION_BIAS, Schedule('every')),
+        fixed=(('model.qk_norm', 'full'), ('model.moe.router.score_fn', 'sigmoid'),
+               ('model.moe.router.norm_topk_prob', True),
+               ('model.moe.balance.selection_bias', True)),
+        moe_module='block_sparse_moe', selection_bias='e_score_correction_bias',
+        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2'))),
     Family('phimoe', 'PhimoeForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
