@@ -233,6 +233,14 @@ REFUSED = {
     'granitemoehybrid': 'Mamba layers',
     'jamba': 'Mamba layers',
     'longcat_flash': 'shortcut-connected MoE blocks (two attention sublayers per layer)',
+    'deepseek_v4': 'hyper-connections (several residual streams) and compressed sparse '
+                   'attention',
+    'kimi_linear': 'linear-attention (Kimi Delta Attention) layers',
+    'nemotron_h': 'Mamba-2 layers',
+    'lfm2_moe': 'short-convolution layers',
+    'jetmoe': 'mixture-of-attention-heads layers',
+    'switch_transformers': 'an encoder-decoder model',
+    'nllb_moe': 'an encoder-decoder model',
 }
 
 # Fields every import sets before the family's own (what a family leaves unsaid is off).
