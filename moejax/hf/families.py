@@ -42,7 +42,8 @@ class Family:
   (moejax's), 'interleaved' (reordered at import), or a config.json key saying whether they
   are interleaved (true when absent; export writes false). mtp_key: the config.json key of the
   multi-token-prediction depth, if the family has one. selection_bias: where a fixed selection
-  bias lives in the MoE block ('': the router's e_score_correction_bias).
+  bias lives in the MoE block ('': the router's e_score_correction_bias), [1, N] if
+  selection_bias_2d.
   """
   model_type: str
   architecture: str
@@ -58,12 +59,18 @@ class Family:
   rope_pairs: str = 'halves'
   mtp_key: str = ''
   selection_bias: str = ''  # the fixed selection bias's tensor in the MoE block ('': router's)
+  selection_bias_2d: bool = False  # stored as [1, N]
 
   def interleaved(self, hf: dict) -> bool:
     """Whether the checkpoint's rotary dims are interleaved pairs."""
     if self.rope_pairs in ('halves', 'interleaved'):
       return self.rope_pairs == 'interleaved'
     return bool(hf.get(self.rope_pairs, True))
+
+
+def _without(pieces: tuple, *keys: str) -> tuple:
+  """The pieces but the Keys of these config.json keys (a family that spells them its way)."""
+  return tuple(p for p in pieces if getattr(p, 'hf', None) not in keys)
 
 
 def _heads(hf):

@@ -165,6 +165,10 @@ def moe_layers(hf: dict) -> list[int]:
   n = hf['num_hidden_layers']
   if isinstance(hf.get('moe_layers'), list):
     return sorted(hf['moe_layers'])
+  if 'moe_layer_start_index' in hf:  # every interval-th layer from start to end (-1: the last)
+    start, end = hf['moe_layer_start_index'] or 0, hf.get('moe_layer_end_index', -1)
+    end, step = n - 1 if end in (None, -1) else end, hf.get('moe_layer_interval') or 1
+    return [i for i in range(n) if (i + 1) % step == 0 and start <= i <= end]
   if 'interleave_moe_layer_step' in hf:
     step = hf['interleave_moe_layer_step'] or 1
     return [i for i in range(n) if (i + 1) % step == 0]
@@ -181,8 +185,9 @@ class Schedule:
   """Which layers are MoE <-> model.first_k_dense and model.moe_layer_freq. Import reads any
   of the spellings (moe_layers); export writes the family's: 'every' (all layers MoE, no key),
   'sparse_step' (decoder_sparse_step, mlp_only_layers), 'first_k_dense'
-  (first_k_dense_replace, moe_layer_freq) or 'layer_list' (moe_layers,
-  interleave_moe_layer_step)."""
+  (first_k_dense_replace, moe_layer_freq), 'layer_list' (moe_layers,
+  interleave_moe_layer_step) or 'start_end_interval' (moe_layer_start_index,
+  moe_layer_end_index, moe_layer_interval: layers i >= start with (i + 1) % interval == 0)."""
   style: str
 
   def read(self, hf: dict, where: str) -> dict:
@@ -212,6 +217,13 @@ class Schedule:
                 mlp_only_layers=[i for i in range(m.num_layers) if i not in ids])
     elif self.style == 'first_k_dense':
       hf.update(first_k_dense_replace=m.first_k_dense, moe_layer_freq=m.moe_layer_freq)
+    elif self.style == 'start_end_interval':
+      if (ids[0] + 1) % m.moe_layer_freq:
+        raise ConfigError(f'--model_type={hf["model_type"]}: puts MoE layers where (i + 1) is a '
+                          f"multiple of the interval; this model's first MoE layer is "
+                          f'{ids[0]} with moe_layer_freq={m.moe_layer_freq}')
+      hf.update(moe_layer_start_index=ids[0], moe_layer_end_index=m.num_layers - 1,
+                moe_layer_interval=m.moe_layer_freq)
     else:
       hf.update(moe_layers=ids, interleave_moe_layer_step=m.moe_layer_freq)
 

@@ -276,7 +276,9 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
   if m.moe.balance.selection_bias or m.moe.balance.bias_update_rate > 0:
     where = (f'{mod}.{fam.selection_bias}' if fam.selection_bias else
              f'{router}.e_score_correction_bias')
-    out.append((('moe_state', moe_, 'bias'), where, _same, _same, False))
+    flat, row = ((lambda b, m: b.reshape(-1)), (lambda b, m: b.reshape(1, -1))) if (
+        fam.selection_bias_2d) else (_same, _same)
+    out.append((('moe_state', moe_, 'bias'), where, flat, row, False))
   return out
 
 
