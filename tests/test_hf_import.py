@@ -99,6 +99,11 @@ FAMILIES = {
                    dict(intermediate_size=16, num_local_experts=6, head_dim=8,
                         rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
                                          'partial_rotary_factor': 0.5})),
+    # ERNIE 4.5: softmax scores with a selection bias stored [1, N], renormalised; MoE layers
+    # by start index and interval (layer 0 dense); interleaved rotary pairs; tied embeddings.
+    'ernie4_5_moe': ('Ernie4_5_MoeConfig', 'Ernie4_5_MoeForCausalLM',
+                     dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
+                          moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)),
     # PhiMoE: LayerNorm, biases on attention and head, SparseMixer routing, longrope (within
     # its original length, where transformers' PhiMoE takes the short factors) and a window.
     'phimoe': ('PhimoeConfig', 'PhimoeForCausalLM',
@@ -412,9 +417,9 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for change, match in (
       ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: deepseek_v2, "
-                               'deepseek_v3, dots1, flex_olmo, glm4_moe, gpt_oss, granitemoe, '
-                               'llama4_text, minimax_m2, mixtral, olmoe, phimoe, qwen2_moe, '
-                               'qwen3_moe'),
+                               'deepseek_v3, dots1, ernie4_5_moe, flex_olmo, glm4_moe, gpt_oss, '
+                               'granitemoe, llama4_text, minimax_m2, mixtral, olmoe, phimoe, '
+                               'qwen2_moe, qwen3_moe'),
       ({'model_type': 'qwen3_next'}, "model_type 'qwen3_next' is not supported: it needs "
                                      'linear-attention \\(Gated DeltaNet\\) layers'),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not supported \\(only SiLU-gated FFNs\\)"),

@@ -219,6 +219,18 @@ FAMILIES = {f.model_type: f for f in (
                ('model.moe.balance.selection_bias', True)),
         moe_module='block_sparse_moe', selection_bias='e_score_correction_bias',
         expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2'))),
+    Family('ernie4_5_moe', 'Ernie4_5_MoeForCausalLM', _without(GQA, 'num_experts_per_tok') + (
+        Key('moe_k', 'model.moe.num_experts_per_tok', aliases=('num_experts_per_tok',)),
+        Key('moe_num_experts', 'model.moe.num_experts', aliases=('num_experts',)),
+        Key('intermediate_size', 'model.ffn_dim'),
+        Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('moe_num_shared_experts', 'model.moe.num_shared_experts', 0),
+        Const('use_bias', False, 'biased linear layers', absent=False),
+        Schedule('start_end_interval')),
+        fixed=(('model.moe.router.norm_topk_prob', True),
+               ('model.moe.balance.selection_bias', True)),
+        shared_module='shared_experts', rope_pairs='interleaved',
+        selection_bias='moe_statics.e_score_correction_bias', selection_bias_2d=True),
     Family('phimoe', 'PhimoeForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
