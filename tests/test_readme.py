@@ -54,3 +54,13 @@ def test_readme_lists_every_hugging_face_family_and_every_refusal():
   assert listed == set(FAMILIES)
   refused = section.split('Refused in one line')[1]
   assert all(f'`{kind}`' in refused for kind in REFUSED)
+
+
+def test_readme_lists_every_router():
+  """README's router table has one row per registered router."""
+  import re
+  from moejax.moe.registry import ROUTERS
+  readme = (ROOT / 'README.md').read_text()
+  section = readme.split('## Routers')[1].split('\n## ')[0]
+  rows = re.findall(r'^\| `(\w+)` \|', section, re.M)
+  assert sorted(rows) == sorted(ROUTERS)
