@@ -52,6 +52,30 @@ def test_tied_embeddings_count_as_the_head_and_mla_by_its_dims():
   assert flops_per_token(m, 16)['attention'] == 3 * 2 * 16 * 4 * (8 + 4 + 6)
 
 
+def test_windows_chunks_and_nope_layers_count_their_own_context():
+  """Per layer: a windowed layer over min(seq, window) positions, a chunked one over its chunk,
+  a NoPE layer over the whole sequence; 4 layers, seq 16."""
+  per = lambda ctx: 2 * ctx * 4 * (8 + 8)
+  m = tiny_config().model
+  m.num_layers, m.sliding_window, m.sliding_pattern = 4, 5, (1, 0)
+  assert flops_per_token(m, 16)['attention'] == 2 * per(5) + 2 * per(16)
+  m.sliding_window, m.attention_chunk, m.nope_every = 0, 6, 4  # layer 3 is NoPE
+  assert flops_per_token(m, 16)['attention'] == 3 * per(6) + per(16)
+  m.sliding_window, m.sliding_pattern = 4, (1,)  # window inside the chunk wins where smaller
+  assert flops_per_token(m, 16)['attention'] == 3 * per(4) + per(4)
+
+
+def test_biases_and_sinks_are_not_matmul_weights():
+  """Biases on the attention projections, the router, the experts and the head, and the
+  sinks, are additions: the matmul weights stay those of the unbiased model."""
+  m = tiny_config().model
+  base = flops_per_token(m, 16)['matmul_weights']
+  m.qkv_bias = m.attention_out_bias = m.attention_sinks = m.head_bias = True
+  m.moe.router.logit_bias = True
+  m.moe.experts.name, m.moe.experts.bias = 'glu', True
+  assert flops_per_token(m, 16)['matmul_weights'] == base
+
+
 @pytest.mark.parametrize('kind,peak', [
     ('TPU v4', 275.0), ('TPU v5 lite', 197.0), ('TPU v5p', 459.0), ('TPU v6 lite', 918.0),
     ('NVIDIA A100-SXM4-80GB', 312.0), ('NVIDIA H100 80GB HBM3', 989.0), ('NVIDIA H200', 989.0),

@@ -9,8 +9,8 @@ Forward FLOPs of one token, the PaLM / MaxText convention:
                                             not the input embedding (a lookup) nor the norms;
   + per attention layer 2 x ctx x heads x (d_qk + d_v)   scores and the weighted sum over a
                                             context of ctx = seq_len positions (its chunk for
-                                            chunked layers); the full length, as PaLM counts it,
-                                            not the causal half.
+                                            chunked layers, its window for windowed ones); the
+                                            full length, as PaLM counts it, not the causal half.
 Training is 3 x forward (the backward pass costs two forwards). `train_flops(config)` is that
 times the tokens of the run (train.steps x train.batch_size x data.seq_len).
 """
@@ -25,6 +25,11 @@ from flax import linen as nn
 from moejax.model.transformer import Transformer
 from moejax.moe.registry import ROUTERS
 from moejax.nn import names
+
+
+# Parameters that are added, not multiplied: norm scales and biases (stacked per layer or per
+# expert, so not told apart by their rank) and attention sinks.
+NOT_MATMUL = ('scale', 'bias', 'bq', 'bk', 'bv', 'bo', 'bi_0', 'bi_1', 'b', 'head_bias', 'sinks')
 
 
 def expected_experts(model_cfg) -> float:
@@ -43,21 +48,34 @@ def _matmul_weights(model_cfg) -> tuple[float, float]:
     size = float(np.prod(leaf.shape))
     if keys[-1] == 'embedding':
       used += size if model_cfg.tie_embeddings else 0.0  # a lookup, unless it is the head too
+    elif keys[-1] in NOT_MATMUL:
+      continue
     elif names.EXPERTS in keys:
       used += size * share
       routed += size * share
-    elif leaf.ndim >= 2 and keys[-1] != 'scale':
-      used += size  # weight matrices (stacked layers included); vectors are norms and biases
+    elif leaf.ndim >= 2:
+      used += size  # weight matrices (stacked layers included)
   return used, routed
 
 
-def _attention_per_layer(m, seq_len: int) -> float:
-  """Forward FLOPs of one token's attention scores and weighted sum in one layer."""
+def _context(m, layer: int, seq_len: int) -> int:
+  """The positions a token of layer `layer` attends over: its chunk on chunked (rotated)
+  layers, its window on windowed ones, else the whole sequence."""
+  ctx = seq_len
+  rotated = not m.nope_every or (layer + 1) % m.nope_every != 0
+  if m.attention_chunk and rotated:
+    ctx = min(ctx, m.attention_chunk)
+  if m.sliding_window and m.sliding_pattern[layer % len(m.sliding_pattern)]:
+    ctx = min(ctx, m.sliding_window)
+  return ctx
+
+
+def _attention_per_layer(m, ctx: int) -> float:
+  """Forward FLOPs of one token's attention scores and weighted sum over ctx positions."""
   if m.attention == 'mla':
     qk, v = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
   else:
     qk = v = m.head_dim
-  ctx = min(seq_len, m.attention_chunk) if m.attention_chunk else seq_len
   return 2.0 * ctx * m.num_heads * (qk + v)
 
 
@@ -65,16 +83,10 @@ def flops_per_token(model_cfg, seq_len: int) -> dict:
   """{'forward', 'train' (3 x forward), 'matmul_weights', 'routed_weights', 'attention',
   'expected_experts'} of one token at this sequence length."""
   used, routed = _matmul_weights(model_cfg)
-  layers = model_cfg.num_layers + model_cfg.mtp.depth
-  if model_cfg.attention_chunk and model_cfg.nope_every:  # NoPE layers attend to everything
-    full = model_cfg.num_layers // model_cfg.nope_every
-    chunked = model_cfg.num_layers - full + model_cfg.mtp.depth
-    unchunked = ml_collections.ConfigDict(model_cfg.to_dict())
-    unchunked.attention_chunk = 0
-    attention = (full * _attention_per_layer(unchunked, seq_len) +
-                 chunked * _attention_per_layer(model_cfg, seq_len))
-  else:
-    attention = layers * _attention_per_layer(model_cfg, seq_len)
+  m = model_cfg
+  # The MTP blocks are numbered after the last layer (model/transformer.py).
+  attention = sum(_attention_per_layer(m, _context(m, i, seq_len))
+                  for i in range(m.num_layers + m.mtp.depth))
   forward = 2.0 * used + attention
   return {'forward': forward, 'train': 3.0 * forward, 'matmul_weights': used,
           'routed_weights': routed, 'attention': attention,
