@@ -38,8 +38,10 @@ def parser():
   exp.add_argument('--workdir', required=True, help='a moejax run or imported workdir')
   exp.add_argument('--hf_dir', required=True, help='the Hugging Face folder to write (new)')
   exp.add_argument('--step', type=int, default=None, help='checkpoint step (None: the newest)')
+  from moejax.hf.families import FAMILIES
   exp.add_argument('--model_type', default='',
-                   help='the family, for a workdir not imported from Hugging Face')
+                   help='the family, for a workdir not imported from Hugging Face: '
+                   f'{", ".join(sorted(FAMILIES))}')
   exp.add_argument('--dtype', default='float32', help='float32 or bfloat16 weights')
   exp.add_argument('--shard_gb', type=float, default=5.0, help='safetensors shard size in GB')
   return p
