@@ -104,12 +104,16 @@ SPARSE_STEP = (Key('intermediate_size', 'model.ffn_dim'),
                Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
                Key('num_experts', 'model.moe.num_experts', aliases=('num_local_experts',)),
                Schedule('sparse_step'))
-LATENT = SHAPE + (
-    LatentHeads(), Key('intermediate_size', 'model.ffn_dim'),
+# Fine-grained and shared experts as DeepSeekMoE spells them (and the families after it): the
+# dense layers' width, the experts' width, the routed and shared experts, the weights' scale.
+FINE_GRAINED = (
+    Key('intermediate_size', 'model.ffn_dim'),
     Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
     Key('n_routed_experts', 'model.moe.num_experts'),
     Key('n_shared_experts', 'model.moe.num_shared_experts', 0),
-    Key('routed_scaling_factor', 'model.moe.router.routed_scaling_factor', 1.0, float),
+    Key('routed_scaling_factor', 'model.moe.router.routed_scaling_factor', 1.0, float))
+LATENT = SHAPE + FINE_GRAINED + (
+    LatentHeads(),
     Key('q_lora_rank', 'model.mla.q_lora_rank', 0, to_hf=lambda r, m: r or None),
     Key('kv_lora_rank', 'model.mla.kv_lora_rank'),
     Key('qk_nope_head_dim', 'model.mla.qk_nope_head_dim'),
@@ -189,21 +193,11 @@ FAMILIES = {f.model_type: f for f in (
         fixed=(('model.moe.router.norm_topk_prob', True),),
         moe_module='block_sparse_moe', router='router.layer', experts='stacked_linear',
         expert_names=('input_linear.weight', 'input_linear.weight', 'output_linear.weight')),
-    Family('dots1', 'Dots1ForCausalLM', GQA + (
-        Key('intermediate_size', 'model.ffn_dim'),
-        Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
-        Key('n_routed_experts', 'model.moe.num_experts'),
-        Key('n_shared_experts', 'model.moe.num_shared_experts', 0),
-        Key('routed_scaling_factor', 'model.moe.router.routed_scaling_factor', 1.0, float),
+    Family('dots1', 'Dots1ForCausalLM', GQA + FINE_GRAINED + (
         NORM_TOPK, NO_ATTENTION_BIAS, TopkMethod('sigmoid', 'noaux_tc'),
         SlidingLayers(layer_types=True), Schedule('first_k_dense')),
         fixed=(('model.qk_norm', 'head'),), shared_module='shared_experts'),
-    Family('glm4_moe', 'Glm4MoeForCausalLM', GQA + (
-        Key('intermediate_size', 'model.ffn_dim'),
-        Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
-        Key('n_routed_experts', 'model.moe.num_experts'),
-        Key('n_shared_experts', 'model.moe.num_shared_experts', 0),
-        Key('routed_scaling_factor', 'model.moe.router.routed_scaling_factor', 1.0, float),
+    Family('glm4_moe', 'Glm4MoeForCausalLM', GQA + FINE_GRAINED + (
         Key('attention_bias', 'model.qkv_bias', False, bool),
         Key('use_qk_norm', 'model.qk_norm', False, lambda v: 'head' if v else 'none',
             lambda v, m: v == 'head'),
