@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from moejax.model.transformer import Transformer
+from moejax.model.transformer import Transformer, rotated_layer, sliding_layer
 from moejax.moe.registry import ROUTERS
 from moejax.nn import names
 
@@ -62,10 +62,9 @@ def _context(m, layer: int, seq_len: int) -> int:
   """The positions a token of layer `layer` attends over: its chunk on chunked (rotated)
   layers, its window on windowed ones, else the whole sequence."""
   ctx = seq_len
-  rotated = not m.nope_every or (layer + 1) % m.nope_every != 0
-  if m.attention_chunk and rotated:
+  if m.attention_chunk and rotated_layer(m, layer):
     ctx = min(ctx, m.attention_chunk)
-  if m.sliding_window and m.sliding_pattern[layer % len(m.sliding_pattern)]:
+  if bool(sliding_layer(m, layer)):
     ctx = min(ctx, m.sliding_window)
   return ctx
 

@@ -71,9 +71,8 @@ class Block(nn.Module):
           temperature=(c.nope_temperature, c.nope_temperature_floor),
           window=c.sliding_window, sinks=c.attention_sinks, out_bias=c.attention_out_bias,
           output_gate=c.attention_output_gate, scale=c.attention_scale, name='attn')
-      # Every nope_every-th layer has no rotary embedding (Llama 4's NoPE layers).
-      use_rope = True if not c.nope_every else (layer + 1) % c.nope_every != 0
-      x = sublayer(x, lambda h: attn(h, positions, use_rope, sliding_layer(c, layer)), 'attn')
+      x = sublayer(x, lambda h: attn(h, positions, rotated_layer(c, layer),
+                                     sliding_layer(c, layer)), 'attn')
     aux = []
 
     def ffn(h):
@@ -85,6 +84,12 @@ class Block(nn.Module):
       return f
     x = sublayer(x, ffn, 'ffn')
     return x, (aux[0] if aux else None)
+
+
+def rotated_layer(c, layer):
+  """Whether layer `layer` (an int, or traced) has rotary embedding: all but every
+  model.nope_every-th layer (Llama 4's NoPE layers)."""
+  return True if not c.nope_every else (layer + 1) % c.nope_every != 0
 
 
 def sliding_layer(c, layer):

@@ -94,16 +94,17 @@ def damped_update(counts, rate: float, bias, momentum, beta: float, clamp: float
   return (clamp * jnp.tanh(b / clamp) if clamp > 0 else b), m
 
 
+# A router's scores of its logits [T, N], by score_fn: softmax, or affinities each in its own
+# range (sigmoid; sqrt(softplus), DeepSeek-V4). The selection bias is added to these.
+SCORES = {'softmax': lambda logits: jax.nn.softmax(logits, axis=-1),
+          'sigmoid': jax.nn.sigmoid,
+          'sqrtsoftplus': lambda logits: jnp.sqrt(jax.nn.softplus(logits))}
+
+
 def selection_scores(r: RouterOutput, score_fn: str, num_experts: int):
   """The scores the bias is added to for selection, of the first num_experts experts (the N
   routed ones, or N + Z when the bias covers zero-computation experts too) [T, num_experts]."""
-  if score_fn == 'sigmoid':
-    scores = jax.nn.sigmoid(r.logits)
-  elif score_fn == 'sqrtsoftplus':
-    scores = jnp.sqrt(jax.nn.softplus(r.logits))
-  else:
-    scores = jax.nn.softmax(r.logits, -1)
-  return scores[:, :num_experts]
+  return SCORES[score_fn](r.logits)[:, :num_experts]
 
 
 def bias_update(counts, rate: float, rule: str, bias=None, scores=None, k: int = 1):

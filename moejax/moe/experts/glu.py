@@ -108,14 +108,8 @@ class GLUShard:
 
   def capacity(self, buffers):
     """[N / EP, C, D] buffers, one per local expert -> their outputs."""
-    w = self.weights
-    x = buffers.astype(w[0].dtype)
     with jax.named_scope('experts'):
-      gate, up = jnp.einsum('ecd,edf->ecf', x, w[0]), jnp.einsum('ecd,edf->ecf', x, w[1])
-      if len(w) > 3:
-        gate, up = gate + w[3][:, None], up + w[4][:, None]
-      y = jnp.einsum('ecf,efd->ecd', self._act(gate, up), w[2])
-      return y + w[5][:, None] if len(w) > 3 else y
+      return jax.vmap(self._one)(buffers.astype(self.weights[0].dtype), *self.weights)
 
   def grouped(self, x_sorted, group_sizes):
     """Rows sorted by local expert -> their outputs (rows past the groups give 0)."""

@@ -23,10 +23,10 @@ its updates balance all N + Z and steer the real experts per token as the aux lo
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from moejax.moe.balance import SCORES
 from moejax.moe.routers.base import ScoreRouter, register
 from moejax.moe.routers.hashing import KINDS as HASH_KINDS, hash_table
 from moejax.moe.types import RouterOutput
@@ -48,7 +48,7 @@ class TopKRouter(ScoreRouter):
   hash_seed: int = 0
 
   REPLAY = True
-  SCORE_FNS = ('softmax', 'sigmoid', 'sqrtsoftplus')
+  SCORE_FNS = tuple(SCORES)
 
   @classmethod
   def check(cls, moe, fail):
@@ -103,12 +103,9 @@ class TopKRouter(ScoreRouter):
     del batch, state
     n, z = self.num_experts, self.null_experts
     logits = self.logits(x, n + z, train)  # [T, N + Z]
-    if self.score_fn == 'softmax':
-      scores = probs = jax.nn.softmax(logits, axis=-1)  # [T, N]
-    else:  # affinities, each in its own range
-      scores = (jax.nn.sigmoid(logits) if self.score_fn == 'sigmoid' else
-                jnp.sqrt(jax.nn.softplus(logits)))  # [T, N]
-      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    scores = SCORES[self.score_fn](logits)  # [T, N + Z]
+    # Affinities (not softmax) are normalised for the statistics and losses.
+    probs = scores if self.score_fn == 'softmax' else scores / jnp.sum(scores, -1, keepdims=True)
     if bias is not None and bias.shape[0] < n + z:  # null experts without a bias of their own
       bias = jnp.concatenate([bias, jnp.zeros((n + z - bias.shape[0],), bias.dtype)])
     if replay is None:
