@@ -418,7 +418,7 @@ def test_the_report_of_a_tiny_imported_model(tmp_path):
   validation split, decodes its tokens with that tokenizer, and routes with its 4 experts."""
   pytest.importorskip('torch')
   pytest.importorskip('transformers')
-  from test_hf_import import _build
+  from hf_models import build as _build
   from moejax import hf
   from moejax.data import corpus, tokenizer as tokenizers
   from moejax.routes.__main__ import main as routes_main

@@ -9,7 +9,7 @@ through the same entry and refuses, naming the field, any model the family canno
 The model itself has only general features; no family is named outside this file.
 
 Adding a family that recombines features moejax has is one entry here (and a tiny model in
-tests/test_hf_import.py).
+tests/hf_models.py).
 """
 from __future__ import annotations
 

@@ -1,0 +1,131 @@
+"""Tiny random Hugging Face models of every family moejax imports, built with transformers
+(nothing downloaded): what tests/test_hf_families.py and tests/test_hf_import.py build from.
+Needs the torch extra (the test modules that import this skip without it)."""
+import numpy as np
+import torch
+import transformers
+
+COMMON = dict(vocab_size=320, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
+              eos_token_id=None, bos_token_id=None, pad_token_id=None)
+# Each family with what makes it differ: Mixtral renormalises its top-2; Qwen3-MoE has
+# per-head q/k norms, its own expert width and a dense first layer (mlp_only_layers);
+# OLMoE normalises the whole q/k projections and does not renormalise.
+FAMILIES = {
+    'mixtral': ('MixtralConfig', 'MixtralForCausalLM',
+                dict(intermediate_size=48, num_local_experts=4, rope_theta=1e6)),
+    'qwen3_moe': ('Qwen3MoeConfig', 'Qwen3MoeForCausalLM',
+                  dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                       head_dim=8, norm_topk_prob=True, mlp_only_layers=[0])),
+    'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM',
+              dict(intermediate_size=24, num_experts=8, norm_topk_prob=False)),
+    'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM',
+                  dict(intermediate_size=40, moe_intermediate_size=16, num_experts=6,
+                       shared_expert_intermediate_size=24, decoder_sparse_step=1,
+                       mlp_only_layers=[1], norm_topk_prob=False)),
+    # DeepSeek: MLA (V2 without a query latent, as V2-Lite), interleaved rotary dims, shared
+    # experts, a dense first layer; V2 softmax group-limited by the group max and scaled; V3
+    # sigmoid with e_score_correction_bias, groups by the top-2 sum, renormalised and scaled.
+    'deepseek_v2': ('DeepseekV2Config', 'DeepseekV2ForCausalLM',
+                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                         n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                         q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                         n_group=2, topk_group=1, topk_method='group_limited_greedy',
+                         routed_scaling_factor=1.5, num_key_value_heads=4)),
+    'deepseek_v3': ('DeepseekV3Config', 'DeepseekV3ForCausalLM',
+                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                         n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                         q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                         n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                         num_key_value_heads=4)),
+    # Llama 4: top-1 sigmoid gate on the expert's input + a shared expert, MoE every other
+    # layer, dense layers of their own width; NoPE on layer 3 with temperature-tuned queries,
+    # chunks of 4 positions with L2-normalised q/k on the others; llama3 rotary scaling.
+    'llama4_text': ('Llama4TextConfig', 'Llama4ForCausalLM',
+                    dict(num_hidden_layers=4, intermediate_size=16, intermediate_size_mlp=48,
+                         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                         head_dim=8, attention_chunk_size=4, floor_scale=4, attn_scale=0.5,
+                         rope_parameters={'rope_theta': 5e5, 'rope_type': 'llama3',
+                                          'factor': 8.0, 'low_freq_factor': 1.0,
+                                          'high_freq_factor': 4.0,
+                                          'original_max_position_embeddings': 16})),
+    # gpt-oss: windows of 4 on alternate layers (12 tokens cross them), attention sinks,
+    # biases on attention, router and experts, gate/up interleaved in one stacked tensor, the
+    # clamped gate at a limit that bites at these scales, yarn rotary scaling.
+    'gpt_oss': ('GptOssConfig', 'GptOssForCausalLM',
+                dict(intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=4,
+                     swiglu_limit=1.5,
+                     rope_parameters={'rope_type': 'yarn', 'rope_theta': 1.5e5, 'factor': 8.0,
+                                      'beta_fast': 32.0, 'beta_slow': 1.0, 'truncate': False,
+                                      'original_max_position_embeddings': 32})),
+    # FlexOlmo: norms after each sublayer (not before), q/k norms over the whole projection.
+    'flex_olmo': ('FlexOlmoConfig', 'FlexOlmoForCausalLM',
+                  dict(intermediate_size=16, num_experts=6, norm_topk_prob=False)),
+    # Granite MoE: multipliers on the embeddings, residual branches, attention scores and
+    # logits; the experts as stacked Linear weights [N, 2F, D].
+    'granitemoe': ('GraniteMoeConfig', 'GraniteMoeForCausalLM',
+                   dict(intermediate_size=16, num_local_experts=4, embedding_multiplier=3.0,
+                        residual_multiplier=0.5, attention_multiplier=0.2,
+                        logits_scaling=4.0)),
+    # dots.llm1: DeepSeek-V3's routing (sigmoid, groups by their top-2 sum, a selection bias,
+    # shared experts, a dense first layer) with GQA and per-head q/k norms.
+    'dots1': ('Dots1Config', 'Dots1ForCausalLM',
+              dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                   n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                   norm_topk_prob=True, routed_scaling_factor=2.5)),
+    # GLM-4.5 (glm4_moe): the same routing, half of each head rotated, q/k/v biases, per-head
+    # q/k norms.
+    'glm4_moe': ('Glm4MoeConfig', 'Glm4MoeForCausalLM',
+                 dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                      n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                      routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
+                      head_dim=8, rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                                                   'partial_rotary_factor': 0.5})),
+    # MiniMax-M2: sigmoid scores with a selection bias kept beside the router, renormalised,
+    # q/k norms over the whole projection, half of each head rotated.
+    'minimax_m2': ('MiniMaxM2Config', 'MiniMaxM2ForCausalLM',
+                   dict(intermediate_size=16, num_local_experts=6, head_dim=8,
+                        rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                                         'partial_rotary_factor': 0.5})),
+    # ERNIE 4.5: softmax scores with a selection bias stored [1, N], renormalised; MoE layers
+    # by start index and interval (layer 0 dense); interleaved rotary pairs; tied embeddings.
+    'ernie4_5_moe': ('Ernie4_5_MoeConfig', 'Ernie4_5_MoeForCausalLM',
+                     dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
+                          moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)),
+    # PhiMoE: LayerNorm, biases on attention and head, SparseMixer routing, longrope (within
+    # its original length, where transformers' PhiMoE takes the short factors) and a window.
+    'phimoe': ('PhimoeConfig', 'PhimoeForCausalLM',
+               dict(intermediate_size=16, num_local_experts=4, attention_bias=True,
+                    lm_head_bias=True, sliding_window=5, router_jitter_noise=0.2,
+                    rope_parameters={'rope_type': 'longrope', 'rope_theta': 1e4,
+                                     'short_factor': [1.0, 1.5, 3.0, 6.0],
+                                     'long_factor': [2.0, 4.0, 8.0, 16.0],
+                                     'short_mscale': 1.2, 'long_mscale': 1.2,
+                                     'original_max_position_embeddings': 64})),
+}
+
+
+def build(kind: str, folder, **kw):
+  cfg_cls, model_cls, extra = FAMILIES[kind]
+  torch.manual_seed(0)
+  cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **kw})
+  model = getattr(transformers, model_cls)(cfg).eval()
+  with torch.no_grad():  # random norm scales and biases (not 1 and 0): a misplaced one shows
+    for name, p in model.named_parameters():
+      if 'norm' in name:
+        p.uniform_(0.5, 1.5)
+      elif name.endswith('bias'):
+        p.uniform_(-0.5, 0.5)
+      elif name.endswith('sinks'):  # a per-head logit next to the scores
+        p.normal_(0, 1.0)
+      elif 'experts.' in name and p.ndim == 3:  # stacked experts start at zero in Llama 4
+        p.normal_(0, 0.3)
+    for name, b in model.named_buffers():
+      if name.endswith('e_score_correction_bias'):  # a real selection bias changes the choice
+        b.uniform_(-0.3, 0.3)
+  model.save_pretrained(str(folder))
+  return model
+
+
+def ids():
+  return torch.from_numpy(np.random.default_rng(0).integers(0, 320, (2, 12)))

@@ -1,0 +1,193 @@
+"""Every Hugging Face family moejax imports against transformers itself, on a tiny random
+model of it (tests/hf_models.py): logits and routing, export, the entry's keys both ways, what
+export refuses; greedy generation, a bfloat16 import and gpt-oss fine-tuning in the slow step."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+import jax.numpy as jnp  # noqa: E402
+
+from moejax import hf  # noqa: E402
+from moejax.config import ConfigError  # noqa: E402
+from moejax.generate import generate  # noqa: E402
+from moejax.hf.__main__ import main as hf_main  # noqa: E402
+from moejax.training.metrics import read_metrics  # noqa: E402
+
+from hf_models import COMMON, FAMILIES, build as _build, ids as _ids  # noqa: E402
+
+
+@pytest.fixture(scope='module', params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+  folder = tmp_path_factory.mktemp(request.param)
+  return request.param, folder, _build(request.param, folder)
+
+
+def test_logits_and_routing_equal_transformers(family):
+  kind, folder, ref_model = family
+  ids = _ids()
+  chosen = []  # every routed layer's (T, K) expert indices, as transformers' routers return
+
+  k = ref_model.config.num_experts_per_tok
+
+  def record(module, inputs, output):
+    if isinstance(output[-1], torch.Tensor) and not output[-1].is_floating_point():
+      chosen.append(np.sort(output[-1].numpy(), -1))  # (logits, weights, indices)
+    else:  # Llama 4: (scores, logits), scores zero off the chosen experts
+      chosen.append(np.sort(torch.topk(output[0], k, dim=-1).indices.numpy(), -1))
+  hooks = [mod.register_forward_hook(record) for name, mod in ref_model.named_modules()
+           if name.endswith(('.gate', '.router')) and hasattr(mod, 'weight')
+           and mod.weight.ndim == 2 and mod.weight.shape[0] > 1]
+  with torch.no_grad():
+    ref = ref_model(ids).logits.numpy()
+  for h in hooks:
+    h.remove()
+  model, variables = hf.load_pretrained(str(folder))
+  logits, aux = model.apply(variables, jnp.asarray(ids.numpy()))
+  assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
+  # The same experts chosen in every routed layer (as sets: ties aside, order is free).
+  ours = np.sort(np.asarray(aux['expert_index']), -1)  # [moe layers, T, K]
+  # As many routed layers as transformers' routers ran (all 3, or 2 beside a dense layer).
+  assert len(chosen) == ours.shape[0] in (2, 3)
+  for layer, want in enumerate(chosen):
+    np.testing.assert_array_equal(ours[layer], want.reshape(ours[layer].shape))
+
+
+@pytest.mark.slow  # 16 decoding steps per family: the integration step
+def test_greedy_generation_equals_transformers(family):
+  kind, folder, ref_model = family
+  prompt = _ids()[:1, :5]
+  with torch.no_grad():
+    want = ref_model.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+  model, variables = hf.load_pretrained(str(folder))
+  got = generate(model.cfg, variables, prompt.numpy(), 16, temperature=0.0, stop_at_eos=False,
+                 eos_id=-1)  # no EOS: all 16 tokens
+  np.testing.assert_array_equal(got[0], want[0, 5:].numpy())
+
+
+def test_export_loads_in_transformers_with_the_same_logits(family, tmp_path):
+  from moejax.hf import convert, export
+  kind, folder, ref_model = family
+  config, _ = convert.moejax_config(json.loads((folder / 'config.json').read_text()), 'test')
+  variables = hf.load_pretrained(str(folder))[1]
+  export.export_variables(config, variables, str(tmp_path / 'out'), kind)
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out')).eval()
+  assert type(again) is type(ref_model)
+  ids = _ids()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(ids).logits.numpy(), ref_model(ids).logits.numpy(),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # a second import of each family: the integration step
+def test_bfloat16_import_runs(family):
+  kind, folder, ref_model = family
+  model, variables = hf.load_pretrained(str(folder), dtype='bfloat16')
+  assert variables['params']['embedding'].dtype == jnp.bfloat16
+  logits, _ = model.apply(variables, jnp.asarray(_ids().numpy()))
+  with torch.no_grad():
+    ref = ref_model(_ids()).logits.numpy()
+  assert np.isfinite(np.asarray(logits)).all()
+  # bfloat16 rounding can flip a near-tie in routing for a token (then its logits differ by a
+  # whole expert): the typical logit stays within 1% of the scale, not every one.
+  err = np.abs(np.asarray(logits) - ref)
+  assert np.median(err) <= 0.01 * np.abs(ref).max()
+  assert np.mean(err.max(-1) <= 0.05 * np.abs(ref).max()) >= 0.75  # most tokens close
+
+
+def test_the_supported_list_is_the_table_and_every_family_is_tested():
+  """The refusal lists the table's families, and this file builds a tiny model of each."""
+  from moejax.hf import families
+  with pytest.raises(ConfigError, match=', '.join(sorted(families.FAMILIES)) + '$'):
+    families.family({'model_type': 'gpt2'}, 'x')
+  assert set(families.FAMILIES) == set(FAMILIES)
+
+
+def _moejax_model(**fields):
+  from moejax.config import base_config, set_fields
+  c = base_config()
+  set_fields(c, {'model.first_k_dense': 0, 'model.moe.num_shared_experts': 0, **fields})
+  return c
+
+
+@pytest.mark.parametrize('model_type,fields,named', [
+    ('mixtral', {}, None),  # expressible: exported
+    ('mixtral', {'model.moe.num_shared_experts': 1}, 'num_shared_experts=1'),
+    ('mixtral', {'model.tie_embeddings': True}, 'tie_embeddings=True'),
+    ('mixtral', {'model.sliding_window': 8, 'model.sliding_pattern': (1, 0)},
+     r'sliding_pattern=\(1, 0\)'),  # mixtral windows every layer or none
+    ('gpt_oss', {'model.sliding_window': 8, 'model.sliding_pattern': (1, 0)}, 'qkv_bias=False'),
+    ('qwen3_moe', {'model.qk_norm': 'head', 'model.attention_sinks': True},
+     'attention_sinks=True'),
+    ('qwen2_moe', {'model.moe.router.score_fn': 'sigmoid'}, "score_fn='sigmoid'"),
+    ('deepseek_v3', {'model.attention': 'mla', 'model.moe.router.score_fn': 'sigmoid',
+                     'model.moe.router.num_groups': 4, 'model.moe.router.topk_groups': 2,
+                     'model.moe.router.group_score': 'max'}, 'group_score'),
+])
+def test_export_writes_only_what_the_family_expresses(model_type, fields, named):
+  """Export reads its config.json back through the family's entry: a model that does not come
+  back as it is gets one line naming the fields."""
+  from moejax.hf import families
+  c = _moejax_model(**fields)
+  if named is None:
+    hf_cfg = families.hf_config(c, None, model_type)
+    assert families.model_fields(hf_cfg, 'back')['model.moe.num_experts'] == 8
+    return
+  with pytest.raises(ConfigError, match=f'--model_type={model_type}: .*{named}'):
+    families.hf_config(c, None, model_type)
+
+
+def test_a_family_entry_round_trips_every_field_it_reads():
+  """For each family, import -> export -> import gives the same fields (the keys and rules are
+  inverse to each other), from a config.json transformers itself wrote."""
+  from moejax.hf import convert, families
+  for kind, (cfg_cls, _, extra) in FAMILIES.items():
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra}).to_dict()
+    cfg['model_type'] = kind
+    fields = families.model_fields(cfg, kind)
+    c, _ = convert.moejax_config(cfg, kind)
+    again = families.model_fields(families.hf_config(c, None, kind), kind)
+    assert again == fields, kind
+
+
+@pytest.mark.slow  # fine-tuning through the command line: the integration step
+def test_gpt_oss_fine_tunes_and_exports_with_parity(tmp_path):
+  """gpt-oss imported, fine-tuned by python -m moejax.main (every kind of its weights moves:
+  sinks, attention, router and expert biases, the stacked experts), exported: transformers
+  computes the fine-tuned model's logits as moejax does."""
+  from moejax import main
+  from moejax.data import corpus, tokenizer as tokenizers
+  from moejax.generate import load_checkpoint
+  from moejax.model.transformer import Transformer
+  _build('gpt_oss', tmp_path / 'hf')
+  texts = [open(f, encoding='utf-8').read() for _, f in corpus.list_files('stdlib')[:20]]
+  tokenizers.train_bpe(texts, 320, str(tmp_path / 'tok'))
+  work, out = tmp_path / 'work', tmp_path / 'out'
+  assert hf_main(['import', '--hf_dir', str(tmp_path / 'hf'), '--workdir', str(work),
+                  '--tokenizer', str(tmp_path / 'tok')]) == 0
+  before = hf.load_pretrained(str(tmp_path / 'hf'))[1]
+  assert main.main(['--workdir', str(work), '--config.train.steps=12', '--config.train.lr=3e-3',
+                    '--config.train.warmup_steps=2', '--config.train.progress=false',
+                    '--config.train.log_every=4', '--config.train.eval_every=12',
+                    '--config.data.max_bytes=100000', '--config.data.seq_len=32',
+                    '--config.train.batch_size=8']) == 0
+  rows = [r for r in read_metrics(str(work / 'metrics.jsonl')) if 'train/loss' in r]
+  assert rows[-1]['train/loss'] < rows[0]['train/loss']
+  config, after = load_checkpoint(str(work))
+  block = ('moe_layers', 'moe_block')
+  for path in (('attn', 'sinks'), ('attn', 'bo'), ('moe', 'router', 'b'),
+               ('moe', 'experts', 'bi_0'), ('moe', 'experts', 'wi_1')):
+    a, b = after['params'], before['params']
+    for k in block + path:
+      a, b = a[k], b[k]
+    assert not np.array_equal(np.asarray(a), np.asarray(b)), path
+  hf.export_workdir(str(work), str(out), log=lambda *_: None)
+  again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  ids = _ids()
+  ours, _ = Transformer(config.model, train=False).apply(after, jnp.asarray(ids.numpy()))
+  with torch.no_grad():
+    theirs = again(ids).logits.numpy()
+  assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()
