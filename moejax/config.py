@@ -157,12 +157,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Keep a selection bias even without updates (rate 0): a fixed one, e.g. imported
   # (DeepSeek-V3's e_score_correction_bias). A rate > 0 always keeps one.
   b.selection_bias = False
-  # Dispatchers: 'capacity' (indexed, token dropping), 'einsum' (GShard one-hot, token
-  # dropping, per group of group_size tokens), 'all_to_all' (capacity per device, shard_map
-  # all-to-all over the expert mesh axis), 'dropless', 'ring' (dropless expert parallelism:
-  # tokens all-gathered along the expert axis, outputs reduce-scattered back), or
-  # 'ragged_all_to_all' (dropless, exact-size exchanges; TPU/GPU only).
-  moe.dispatch = _pieces('dispatch', 'dropless')
+  # Dispatchers: 'auto' (dropless; with mesh.expert > 1 the tokens travel to the experts:
+  # 'ragged_all_to_all' on TPU/GPU, 'ring' on CPU; moe/dispatch/auto.py), 'capacity' (indexed,
+  # token dropping), 'einsum' (GShard one-hot, token dropping, per group of group_size tokens),
+  # 'all_to_all' (capacity per device, shard_map all-to-all over the expert mesh axis),
+  # 'dropless' (on one device's view: under an expert axis GSPMD gathers the experts' weights),
+  # 'ring' (dropless expert parallelism: tokens all-gathered along the expert axis, outputs
+  # reduce-scattered back), or 'ragged_all_to_all' (dropless, exact-size exchanges; TPU/GPU).
+  moe.dispatch = _pieces('dispatch', 'auto')
   # Expert blocks: 'swiglu', or 'mlp' (two matrices, no gate: act(x W_in) W_out, Switch's and
   # GShard's experts); backend and block_size are the settings of its dropless kernels
   # (moejax/kernels: 'auto' is 'blocked' on CPU, else 'ragged_dot').

@@ -96,7 +96,7 @@ def test_unknown_names_list_the_registry():
                      r"'relu', 'sinkhorn', 'sparsemixer', 'top_p', 'topk'\]"):
     validate(_config(router__name='nope'), 1)
   with pytest.raises(ConfigError, match=r"dispatch.name='nope': must be one of \['all_to_all', "
-                     r"'capacity'"):
+                     r"'auto', 'capacity'"):
     validate(_config(dispatch__name='nope'), 1)
 
 

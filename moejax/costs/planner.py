@@ -80,6 +80,18 @@ def weight_elements_per_device(model_cfg, mesh: dict[str, int]) -> tuple[int, in
   return per_device, total
 
 
+def train_state_bytes_per_device(model_cfg, mesh: dict[str, int]) -> int:
+  """Bytes of moejax's own train state one device holds: the parameters in float32 and AdamW's
+  two float32 moments (12 bytes per parameter, MTP modules included), split by the logical
+  rules. `python -m moejax.compile` sets it beside the compiled program's state."""
+  boxed = _abstract(model_cfg)['params']
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  elements = sum(_shard_elements((leaf.value if isinstance(leaf, nn.Partitioned) else leaf).shape,
+                                 leaf.names if isinstance(leaf, nn.Partitioned) else None, mesh)
+                 for leaf in leaves)
+  return elements * 12
+
+
 def kv_cache_numbers_per_token(model_cfg) -> int:
   """Numbers cached per token over all layers (GQA: 2 * kv_heads * head_dim per layer;
   MLA: kv_lora_rank + qk_rope_head_dim per layer), read from the decoding model's cache."""

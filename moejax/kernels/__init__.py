@@ -19,16 +19,19 @@ import sys
 
 import jax
 
+from moejax.parallel.mesh import mesh_platform
+
 BACKENDS = ('auto', 'ragged_dot', 'tokamax', 'blocked')
 # The grouped-matmul backends (same call as jax.lax.ragged_dot); 'blocked' is its own kernel.
 GROUPED = ('ragged_dot', 'tokamax')
 
 
 def resolve_backend(backend: str) -> str:
-  """'auto' -> 'blocked' on CPU, 'ragged_dot' on TPU/GPU; other names as they are."""
+  """'auto' -> 'blocked' on CPU, 'ragged_dot' on TPU/GPU (the platform of the mesh being
+  traced); other names as they are."""
   if backend != 'auto':
     return backend
-  return 'blocked' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  return 'blocked' if mesh_platform() == 'cpu' else 'ragged_dot'
 
 
 def ragged_dot(backend: str):

@@ -29,7 +29,7 @@ def check(moe, fail) -> None:
   beta = moe.default_outputs_decay
   if not 0 <= beta < 1:
     fail('model.moe.default_outputs_decay', beta, 'must be in [0, 1) (0: off)')
-  if beta and moe.dispatch.name != 'dropless':
+  if beta and moe.dispatch.name not in ('dropless', 'auto'):
     fail('model.moe.default_outputs_decay', beta, "reads every expert's outputs before the "
          f"gates: use model.moe.dispatch.name='dropless' (it is {moe.dispatch.name!r})")
   if beta and moe.gate_input:

@@ -73,3 +73,14 @@ def expert_axis_in_trace() -> int:
   """The size of the 'expert' axis of the mesh being traced under (1 outside a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   return 1 if mesh.empty or 'expert' not in mesh.axis_names else int(mesh.shape['expert'])
+
+
+def mesh_platform() -> str:
+  """The platform ('cpu', 'tpu', 'gpu') of the mesh set by jax.set_mesh, inside a trace or out;
+  jax's default backend without one. A program compiled ahead of time for compile-only TPU
+  devices (moejax.compile) runs on a CPU host, so the choices that depend on the hardware
+  (the dropless kernel, the dispatch path, what the platform can run) ask here, not
+  jax.default_backend()."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+  return device.platform if device is not None else jax.default_backend()

@@ -125,7 +125,9 @@ class Trainer:
     seq = config.data.seq_len
     self._dummy = jnp.zeros((config.train.batch_size, seq), jnp.int32)
     with self.context():
-      abstract = jax.eval_shape(self._init_boxed, jax.random.key(0))
+      # The key is made inside eval_shape: an eager jax.random.key under a mesh of
+      # compile-only devices (moejax.compile) has nowhere to run.
+      abstract = jax.eval_shape(lambda: self._init_boxed(jax.random.key(0)))
       self.state_sharding = sharding.logical_shardings(abstract, mesh)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

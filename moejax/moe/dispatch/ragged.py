@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from moejax.moe.dispatch.base import register
 from moejax.moe.dispatch.ep import DroplessEP
+from moejax.parallel.mesh import mesh_platform
 
 
 def exchange_plan(sizes, me):
@@ -99,7 +100,7 @@ class RaggedAllToAllDispatch(DroplessEP):
 
   @classmethod
   def check(cls, config, fail):
-    if jax.default_backend() == 'cpu':
+    if mesh_platform() == 'cpu':
       fail('model.moe.dispatch.name', 'ragged_all_to_all', "XLA:CPU has no ragged-all-to-all "
            "(it runs on TPU and GPU); on CPU use 'ring' (dropless across devices) or "
            "'dropless'")
