@@ -13,7 +13,7 @@ from moejax.moe.dispatch.capacity import expert_capacity
 
 def expert_flops_vs_dropless(rows, config):
   m, t = config.model.moe, config.train.batch_size * config.data.seq_len
-  if m.dispatch.name == 'dropless':
+  if m.dispatch.name in ('dropless', 'auto'):
     return 1.0
   c = expert_capacity(t, m.num_experts_per_tok, m.num_experts, m.dispatch.capacity_factor,
                       m.dispatch.min_capacity)

@@ -23,7 +23,7 @@ def base(steps: int = 200):
   m.ffn_dim, m.first_k_dense, m.moe_layer_freq = 256, 1, 1
   m.moe.num_experts, m.moe.num_experts_per_tok, m.moe.expert_ffn_dim = 8, 2, 128
   m.moe.num_shared_experts = 0
-  m.moe.dispatch.name = 'dropless'
+  # dispatch: the default 'auto', dropless (on an expert axis, the tokens travel to the experts)
   c.data.seq_len = 64
   t = c.train
   t.steps, t.batch_size, t.lr, t.warmup_steps = steps, 16, 3e-3, steps // 10
@@ -60,13 +60,15 @@ CPU_LADDER = {
 
 
 def tpu_base(steps: int = 400):
-  """The accelerator preset's base (about an hour for a ladder on one Colab TPU runtime, not
-  measured here: its FLOPs are in the report): bfloat16, 8 layers (the first dense), 16
-  experts, sequences of 512 in batches of 64, on a prepared corpus the user names with
-  --config.data.prepared_dir (and --config.model.vocab_size, its tokenizer's size)."""
+  """The accelerator preset's base: bfloat16, 8 layers (the first dense), 16 experts,
+  sequences of 512 in batches of 64, each block rematerialised, on a prepared corpus the user
+  names with --config.data.prepared_dir (and --config.model.vocab_size, its tokenizer's size).
+  Compiled for one Colab TPU chip (`python -m moejax.compile --experiment=NAME:tpu
+  --topology=v5e-1`; docs/pod.md): without remat, 11 of 12 cells of experiment 1 ran out of
+  its 15.75 GiB."""
   c = base(steps)
   m = c.model
-  m.dtype, m.num_layers, m.max_seq_len = 'bfloat16', 8, 512
+  m.dtype, m.num_layers, m.max_seq_len, m.remat = 'bfloat16', 8, 512, 'full'
   m.moe.num_experts = 16
   c.data.source, c.data.seq_len, c.data.vocab_multiple = 'prepared', 512, 128
   c.train.batch_size, c.train.lr = 64, 1e-3

@@ -55,6 +55,9 @@ def test_oom_message_is_read():
                          'by 24.76G.')
   assert used['required_bytes'] == pytest.approx(120.5 * 2**30)
   assert chips.parse_oom('INVALID_ARGUMENT: shapes differ') is None
+  assert used['memory'] == 'hbm'
+  vmem = chips.parse_oom('RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom:')
+  assert vmem['memory'] == 'vmem' and 'required_bytes' not in vmem
 
 
 # ---- the HLO reader on hand-written modules (no libtpu needed) ----
@@ -88,6 +91,8 @@ ENTRY %main (x: f32[8]) -> f32[8] {
   %ar = (f32[8]{0}, f32[2,3]{1,0}) all-reduce(%x, %y), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0','axis_1'}, to_apply=%add
   %a2a = f32[8]{0} all-to-all(%x), channel_id=4, replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, dimensions={0}
   %ag2 = f32[4,8]{1,0} all-gather(%x), channel_id=6, replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_1'}, dimensions={0}
+  %snd = (bf16[3,8]{1,0}, u32[], token[]) send(%x, %tok), channel_id=7, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %rcv = (bf16[3,8]{1,0}, u32[], token[]) recv(%tok), channel_id=8, is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
   %cp = f32[8]{0} collective-permute(%x), channel_id=5, source_target_pairs={{0,1},{1,0},{2,3},{3,2}}
   ROOT %r = f32[8]{0} add(%x, %x)
 }
@@ -108,6 +113,9 @@ def test_hlo_reader_kinds_bytes_axes_and_loop_counts():
   assert (ar.bytes, ar.axes, ar.group_size, ar.runs) == (8 * 4 + 6 * 4, ('data', 'expert'), 4, 1)
   assert found['all-to-all'].axes == ('data',)
   assert found['collective-permute'].axes == ('expert',)
+  assert not [c for c in hlo.collectives(MODULE, MESH) if c.axes == ('dcn',)]  # one slice
+  dcn = [c for c in hlo.collectives(MODULE, MESH, slices=2) if c.axes == ('dcn',)]
+  assert [(c.kind, c.bytes, c.group_size) for c in dcn] == [('all-reduce', 3 * 8 * 2, 2)]
   # device_ids=([2,2]T(1,0)) lists the mesh's devices as 0, 2, 1, 3: its inner axis_1 then
   # groups {0,2} and {1,3}, the data axis.
   ag2 = [c for c in hlo.collectives(MODULE, MESH) if c.shape == 'f32[4,8]']
@@ -168,28 +176,48 @@ def v5e4():
   return chips.parse_topology('v5e-4')
 
 
-# dispatch -> (a collective that moves tokens, present), and whether the experts' weights are
-# gathered whole over the expert axis (only plain dropless, GSPMD's way).
-PATHS = {'auto': ('ragged-all-to-all', False), 'ragged_all_to_all': ('ragged-all-to-all', False),
-         'ring': ('reduce-scatter', False), 'all_to_all': ('all-to-all', False),
-         'dropless': (None, True)}
+# dispatch -> the collective that carries its tokens to the experts over the expert axis
+# (plain dropless has none: GSPMD partitions its expert matmuls its own way).
+PATHS = {'auto': 'ragged-all-to-all', 'ragged_all_to_all': 'ragged-all-to-all',
+         'ring': 'reduce-scatter', 'all_to_all': 'all-to-all', 'dropless': None}
+_COMPILED = {}
+
+
+def _compiled(dispatch: str):
+  """The train step of _tpu_config(dispatch) compiled for v5e-4 (once per test process)."""
+  if dispatch not in _COMPILED:
+    from moejax.compile import program
+    c = _tpu_config(dispatch)
+    _COMPILED[dispatch] = (c, program.compile_config(c, chips.parse_topology('v5e-4'),
+                                                     ('train',))[1][0])
+  return _COMPILED[dispatch]
 
 
 @LIBTPU
 @pytest.mark.parametrize('dispatch', sorted(PATHS))
-def test_dispatch_paths_move_tokens_not_experts_on_tpu(v5e4, dispatch):
-  from moejax.compile import program
-  c = _tpu_config(dispatch)
-  t, (compiled,) = program.compile_config(c, v5e4, ('train',))
+def test_dispatch_paths_move_tokens_not_experts_on_tpu(dispatch):
+  """The expert-parallel paths carry tokens over the expert axis with their own collective and
+  never gather a whole expert weight; 'auto' is the ragged exchange, inside the MoE layer.
+  Plain dropless leaves it to GSPMD, which gathers every expert's weights over the expert axis
+  and hands every chip every (token, choice) row of the whole batch: an all-reduce of [T K, d]
+  over the expert axis inside the experts."""
+  c, compiled = _compiled(dispatch)
   assert compiled.fits
-  moves, gathers = PATHS[dispatch]
   kinds = {x.kind for x in compiled.collectives if 'expert' in x.axes}
-  if moves:
-    assert moves in kinds, (dispatch, kinds)
-  assert bool(_expert_weight_gathers(compiled.collectives, c)) == gathers, dispatch
-  if dispatch in ('auto', 'ragged_all_to_all'):  # the ragged exchange inside the MoE layer
+  gathers = _expert_weight_gathers(compiled.collectives, c)
+  assert bool(gathers) == (PATHS[dispatch] is None), dispatch
+  assert all(x.axes == ('expert',) for x in gathers)
+  if PATHS[dispatch]:
+    assert PATHS[dispatch] in kinds, (dispatch, kinds)
+  else:
+    t, k, d = 8 * 16, 2, c.model.d_model  # batch x seq tokens, top-2, width
+    everything = [x for x in compiled.collectives if x.kind == 'all-reduce' and
+                  'experts.dropless' in x.source and x.shape == f'bf16[{t * k},{d}]']
+    assert everything and all('expert' in x.axes for x in everything)
+    assert 'ragged-all-to-all' not in kinds
+  if dispatch in ('auto', 'ragged_all_to_all'):
     ragged = [x for x in compiled.collectives if x.kind == 'ragged-all-to-all']
-    assert all(x.axes == ('expert',) and 'moe' in x.source for x in ragged)
+    assert ragged and all(x.axes == ('expert',) and 'moe' in x.source for x in ragged)
 
 
 @LIBTPU
@@ -216,7 +244,8 @@ def test_memory_by_kind_matches_the_compiler_and_the_planner(v5e4):
   assert r['fits'] and 0.85 <= r['planner']['ratio'] <= 1.15, r['planner']
   roof = r['roofline']
   assert roof['step_s'] == max(roof['compute_s'], roof['hbm_s'], roof['ici_s'] + roof['dcn_s'])
-  assert roof['compute_s'] == pytest.approx(r['model_flops_per_chip'] / 197e12)
+  assert roof['compute_s'] == pytest.approx(r['model_flops_per_chip'] / 197e12)  # no remat
+  assert roof['mfu'] == pytest.approx(roof['compute_s'] / roof['step_s'], abs=1e-4)
 
 
 @LIBTPU
@@ -252,3 +281,157 @@ def test_without_libtpu_the_command_says_how_to_install(monkeypatch, capsys):
   assert main(['--config=quickstart', '--topology=v5e-4']) == 2
   err = capsys.readouterr().err.strip()
   assert err.count('\n') == 0 and 'pip install "moejax[tpu]"' in err
+
+
+def test_roofline_by_hand():
+  """One chip kind (v5e: 197 TFLOP/s, 819 GB/s HBM, 400 GB/s ICI), a step with 1e12 bytes
+  accessed, an all-gather of 8e9 bytes over 4 chips run twice and an all-reduce of 1e9 bytes
+  over 2 chips crossing slices (DCN 3.125 GB/s): every term worked out here."""
+  from moejax.compile import program, report
+  from moejax.costs.flops import flops_per_token
+  c = tiny_config()
+  c.model.remat = 'full'
+  topo = chips.parse_topology('v5e-4', slices=2)
+  t = program.Target(topo, None, {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1})
+  found = [hlo.Collective('all-gather', int(8e9), ('expert',), 4, 2, True, 'x', 'bf16[1]'),
+           hlo.Collective('all-reduce', int(1e9), ('dcn',), 2, 1, True, 'y', 'f32[1]')]
+  mem = {'parameters': 1, 'optimizer_state': 2, 'model_state': 0, 'arguments': 3, 'outputs': 3,
+         'aliased': 3, 'temporaries': 10, 'generated_code': 1, 'total': 14}
+  compiled = program.Compiled('train', True, 1.0, mem, {'bytes accessed': 1e12}, found)
+  r = report.program_report(c, t, compiled, hbm_bytes=2**30)
+  model = flops_per_token(c.model, c.data.seq_len)['train'] * 8 * 16 / 8  # 8 chips
+  assert r['model_flops_per_chip'] == pytest.approx(model)
+  roof = r['roofline']
+  assert roof['compute_s'] == pytest.approx(model * 4 / 3 / 197e12)  # full remat recomputes
+  assert roof['hbm_s'] == pytest.approx(1e12 / 819e9)
+  assert roof['ici_s'] == pytest.approx(2 * 8e9 * 3 / 4 / 400e9)
+  assert roof['dcn_s'] == pytest.approx(2 * 1e9 * 1 / 2 / 3.125e9)
+  assert roof['step_s'] == pytest.approx(max(roof['hbm_s'], roof['ici_s'] + roof['dcn_s']))
+  assert roof['bound'] == 'memory' and roof['step_s'] == roof['hbm_s']
+  assert roof['mfu'] == pytest.approx(model / 197e12 / roof['step_s'])
+  assert roof['serial_step_s'] == pytest.approx(roof['compute_s'] + roof['ici_s'] + roof['dcn_s'])
+  assert r['headroom_gib'] == pytest.approx((2**30 - 14) / 2**30, abs=1e-3)
+
+
+@LIBTPU
+@pytest.mark.parametrize('dispatch', ['capacity', 'einsum'])
+def test_token_dropping_paths_compile_on_tpu_and_say_what_they_move(v5e4, dispatch):
+  """GSPMD turns the capacity and einsum paths under an expert axis into collectives of its
+  own choosing; they compile, and what they move is reported over the expert axis (einsum:
+  all-to-all of the dispatched buffers, as GShard; capacity: gathers)."""
+  from moejax.compile import program
+  c = _tpu_config(dispatch)
+  _, (compiled,) = program.compile_config(c, v5e4, ('train',))
+  kinds = {x.kind for x in compiled.collectives if 'expert' in x.axes}
+  assert compiled.fits and kinds
+  if dispatch == 'einsum':
+    assert 'all-to-all' in kinds
+
+
+@LIBTPU
+@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot', 'tokamax'])
+def test_every_dropless_backend_compiles_for_tpu(v5e4, backend):
+  """The blocked CPU kernel, XLA's ragged_dot and tokamax (Pallas Mosaic on TPU) each compile
+  inside the ragged expert-parallel path for a TPU target."""
+  if backend == 'tokamax':
+    pytest.importorskip('tokamax')
+  from moejax.compile import program
+  c = _tpu_config('auto')
+  c.model.moe.experts.backend = backend
+  _, (compiled,) = program.compile_config(c, v5e4, ('train',))
+  assert compiled.fits
+
+
+@LIBTPU
+def test_two_slices_put_the_data_axis_over_the_dcn(v5e4):
+  """--slices=2: the data axis's outer factor crosses the data-center network; the gradients'
+  reduction over it shows up as collectives over 'dcn', and the experts' exchange stays on
+  the expert axis inside a slice."""
+  from moejax.compile import program
+  c = _tpu_config('auto', data=2)
+  topo = chips.parse_topology('v5e-4', slices=2)
+  t, (compiled,) = program.compile_config(c, topo, ('train',))
+  assert t.hlo_axes == {'data': 1, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+  dcn = [x for x in compiled.collectives if x.axes == ('dcn',)]
+  assert dcn and 'all-reduce' in {x.kind for x in dcn} and all(x.group_size == 2 for x in dcn)
+  assert all(x.axes in (('expert',), ('dcn',)) for x in compiled.collectives)
+  ragged = [x for x in compiled.collectives if x.kind == 'ragged-all-to-all']
+  assert ragged and all(x.axes == ('expert',) for x in ragged)
+  with pytest.raises(ConfigError, match='mesh.data=1: with --slices=2'):
+    program.target(_tpu_config('auto', data=1, expert=8), topo)
+
+
+@LIBTPU
+def test_search_ranks_what_fits_and_reuses_its_compiles(tmp_path, capsys, monkeypatch):
+  """Two candidates compiled and ranked by time per token; the second search reads them from
+  search_cache.json instead of compiling (a compile there would fail this test)."""
+  args = ['--config=mixtral_8x7b:tiny', '--topology=v5e-4', '--search', '--max_candidates=2',
+          '--remats=none', '--dispatches=auto', f'--out={tmp_path}', '--json',
+          '--config.model.dtype=bfloat16']
+  assert main(args) == 0
+  report = json.loads(capsys.readouterr().out)
+  ranked = report['ranked']
+  assert report['header']['compiled'] == 2 and len(ranked) == 2
+  per_token = [r['roofline']['step_s'] / r['tokens_per_step'] for r in ranked]
+  assert per_token == sorted(per_token)
+  assert report['best_overrides'] == ranked[0]['overrides']
+  from moejax.compile import program
+  monkeypatch.setattr(program, 'compile_config', lambda *a, **k: 1 / 0)
+  assert main(args) == 0
+  assert json.loads(capsys.readouterr().out)['ranked'] == ranked
+  assert main(args[:-1] + ['--remats=some']) == 2
+  assert "--remats: 'some'" in capsys.readouterr().err
+
+
+@LIBTPU
+def test_experiment_cells_and_their_expected_time(tmp_path, capsys):
+  """An experiment of one rung and two arms on one v5e chip: each cell's train and eval steps
+  compiled, and the expected total = seeds x (steps x train step + eval batches x eval step)."""
+  (tmp_path / 'tiny_exp.py').write_text(
+      'from moejax.config import base_config\n'
+      'from moejax.experiment import Experiment, Rung\n'
+      'def get_experiment():\n'
+      '  c = base_config()\n'
+      '  c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.head_dim = 32, 2, 2, 16\n'
+      '  c.model.num_kv_heads, c.model.ffn_dim, c.model.moe.expert_ffn_dim = 2, 64, 32\n'
+      '  c.data.seq_len, c.train.batch_size, c.train.steps, c.train.eval_every = 32, 8, 40, 20\n'
+      '  c.train.eval_batches, c.train.final_eval_batches = 2, 5\n'
+      "  return Experiment(name='tiny', base=c, arms={'a': {}, 'b': {'model.moe.num_experts': 4}},\n"
+      "                    seeds=(0, 1, 2), rungs={'r0': Rung({}, seeds=(0, 1))})\n")
+  path = str(tmp_path / 'tiny_exp.py')
+  assert main([f'--experiment={path}', '--topology=v5e-1', '--json',
+               '--config.model.dtype=bfloat16']) == 0
+  report = json.loads(capsys.readouterr().out)
+  cells = report['cells']
+  assert [(x['rung'], x['arm'], x['seeds']) for x in cells] == [('r0', 'a', 2), ('r0', 'b', 2)]
+  total = 0
+  for x in cells:
+    run = 40 * x['train']['roofline']['step_s'] + (2 * 2 + 5) * x['eval']['roofline']['step_s']
+    assert x['run_s'] == pytest.approx(run)
+    total += 2 * run
+  assert report['expected_total_s'] == pytest.approx(total)
+  assert report['header']['runs'] == 4
+  assert main([f'--experiment={path}', '--topology=v5e-1', '--config=quickstart']) == 2
+
+
+@LIBTPU
+@pytest.mark.slow
+def test_mixtral_8x7b_on_v5p_32():
+  """The published Mixtral 8x7B in bfloat16 on 16 v5p chips (fsdp 2 x expert 8, 16 x 4096
+  tokens, full remat): it fits; tokens cross the expert axis by ragged all-to-all, no whole
+  expert weight (bf16 or f32 [8, 4096, 14336]) is ever gathered; the planner's train state is
+  the compiler's argument bytes within 1%."""
+  from moejax.cli.configs import load_config
+  from moejax.compile import program, report
+  from moejax.config import set_fields
+  c = set_fields(load_config('mixtral_8x7b'), {
+      'model.dtype': 'bfloat16', 'model.remat': 'full', 'data.seq_len': 4096,
+      'train.batch_size': 16, 'mesh.data': 1, 'mesh.fsdp': 2, 'mesh.expert': 8})
+  topo = chips.parse_topology('v5p-32')
+  t, (compiled,) = program.compile_config(c, topo, ('train',))
+  r = report.program_report(c, t, compiled, chips.usable_hbm(topo))
+  assert r['fits'] and 0.99 <= r['planner']['ratio'] <= 1.01
+  assert 'ragged-all-to-all' in r['collectives']
+  assert set(r['collectives']['ragged-all-to-all']['by_axes']) == {'expert'}
+  assert not _expert_weight_gathers(compiled.collectives, c)
+  assert r['roofline']['bound'] == 'compute'

@@ -19,9 +19,17 @@ def test_weights_per_device_follow_the_sharding_rules():
   counts = count_params(m)
   one = parse_mesh('')
   assert weight_elements_per_device(m, one) == (counts['total'], counts['total'])
-  # expert=4 splits only the routed experts' expert dimension (8 experts -> 2 per device).
+  # expert=4 splits the routed experts' expert dimension (8 experts -> 2 per device) and the
+  # model dimension (32 -> 8) of every other weight that has one (embed), not the norms'.
   per_device, _ = weight_elements_per_device(m, parse_mesh('expert=4'))
-  assert per_device == counts['total'] - counts['routed_experts'] * 3 // 4
+  norms = counts['norms']
+  assert per_device == (counts['routed_experts'] // 4 + (counts['total'] - counts['routed_experts']
+                                                           - norms) // 4 + norms)
+  # fsdp=2 with expert=4: the experts' model dimension over fsdp only (the expert axis is
+  # theirs already), the others' over both.
+  per_device, _ = weight_elements_per_device(m, parse_mesh('fsdp=2,expert=4'))
+  assert per_device == (counts['routed_experts'] // 8 + (counts['total'] - counts['routed_experts']
+                                                           - norms) // 8 + norms)
 
 
 def test_kv_cache_per_token_matches_the_formulas():

@@ -10,6 +10,8 @@ axes; model FLOPs, an expected step time and MFU from a stated roofline (moejax/
 report.py); compile time. Markdown on stdout (--json: one JSON object); --out=DIR writes
 compile.json and compile.md; --dump_hlo=DIR the optimized HLO of each program. --search tries
 mesh shapes, remat, dispatch and batch and ranks the candidates that fit (compile/search.py).
+--experiment=NAME[:ARG] compiles every cell of an experiment and says how long all its runs
+would take (compile/experiment.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ def parser() -> cli.ArgumentParser:
   p = cli.ArgumentParser(prog='python -m moejax.compile', description=__doc__.split('\n')[0],
                          epilog=None)
   cli.add_config_args(p)
+  p.add_argument('--experiment', default='', metavar='NAME[:ARG]', help='instead of --config: '
+                 'compile every (rung, arm) cell of this experiment (e.g. '
+                 'token_vs_expert_choice:tpu) and report the expected time of all its runs; '
+                 '--config.* overrides apply to every run')
   p.add_argument('--topology', required=True, help='the TPU slice as Cloud TPU names it: v4-N '
                  'and v5p-N count TensorCores (v5p-128 is 64 chips), v5e-N and v6e-N count chips')
   p.add_argument('--slices', type=int, default=1, help='slices joined over the data-center '
@@ -73,7 +79,15 @@ def _write(folder: str, name: str, report: dict, text: str):
 
 
 def _main(argv=None) -> int:
-  args, config = cli.parse(parser(), argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  rest, overrides = cli.split_overrides(argv)
+  if parser().parse_known_args(rest)[0].experiment:  # overrides apply to every run
+    args, config = parser().parse_args(rest), None
+    if args.config or args.search:
+      raise ConfigError('--experiment compiles the experiment\'s own runs: drop --config and '
+                        '--search')
+  else:
+    args, config = cli.parse(parser(), argv)
   from moejax.compile import chips
   topology = chips.parse_topology(args.topology, args.slices)
   programs = _programs(args.programs)
@@ -85,7 +99,13 @@ def _main(argv=None) -> int:
   import jax
   jax.config.update('jax_platforms', 'cpu')  # the host compiles; the TPU is the target
   name = args.config
-  if args.search:
+  if args.experiment:
+    from moejax.compile import experiment
+    experiment.check_spec(args.experiment)
+    report = experiment.run(args.experiment, topology, overrides)
+    text = experiment.markdown(report)
+    stem = 'experiment'
+  elif args.search:
     from moejax.compile import search
     report = search.run(config, topology, name, args)
     text = search.markdown(report)

@@ -184,7 +184,10 @@ def parse_oom(message: str) -> dict | None:
   the text), or None when the message is not one."""
   if 'RESOURCE_EXHAUSTED' not in message and 'Ran out of memory' not in message:
     return None
-  out = {'message': message.strip().splitlines()[0][:400]}
+  out = {'message': message.strip().splitlines()[0][:400],
+         # HBM (the chip's memory) or VMEM (its on-chip scratch memory, which a kernel's tiles
+         # must fit: a compile error of that kernel at these shapes, not of the model's size).
+         'memory': 'vmem' if 'vmem' in message.lower() else 'hbm'}
   m = re.search(r'required for [^(]*\(([\d.]+)([KMGT]?)i?B?\)\s+exceeds available HBM '
                 r'\(([\d.]+)([KMGT]?)i?B?\)', message)
   if m:

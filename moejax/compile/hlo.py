@@ -203,8 +203,15 @@ def _runs(comps, entry):
   return runs
 
 
-def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
-  """Every collective of an optimized HLO module (see the module docstring)."""
+_DCN = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\ssend\(.*'
+                  r'_xla_megascale_transfer_type="(\w+)"')
+
+
+def collectives(hlo_text: str, mesh_shape: dict, slices: int = 1) -> list[Collective]:
+  """Every collective of an optimized HLO module (see the module docstring). `mesh_shape` is
+  the mesh within one slice (the device ids of a multi-slice program's groups are a slice's);
+  with slices > 1, what crosses slices is a host transfer to the Megascale runtime (a `send`
+  naming its transfer type, e.g. ALL_REDUCE), reported over the axis 'dcn'."""
   comps, entry = _computations(hlo_text)
   runs = _runs(comps, entry) if entry else {}
   num_devices = math.prod(mesh_shape.values())
@@ -219,6 +226,12 @@ def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
     for line in lines:
       m = _OP.match(line)
       if not m:
+        d = _DCN.match(line) if slices > 1 else None
+        if d:
+          nbytes, shape = _largest_array(d.group(1))
+          src = re.search(r'op_name="([^"]*)"', line)
+          out.append(Collective(d.group(2).lower().replace('_', '-'), int(nbytes), ('dcn',),
+                                slices, n, known, src.group(1) if src else '', shape))
         continue
       result, kind, start = m.group(2), m.group(3), m.group(4)
       nbytes, shape = _largest_array(result)

@@ -8,6 +8,7 @@ outer factor crosses the data-center network, reported as the axis 'dcn').
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -36,13 +37,9 @@ class Target:
 
   @property
   def hlo_axes(self) -> dict:
-    """The mesh as the HLO's device groups see it, the 'data' axis split into its slices
-    ('dcn', outer) and the chips within one slice."""
-    s = self.topology.slices
-    if s == 1:
-      return dict(self.sizes)
-    return {'dcn': s, 'data': self.sizes['data'] // s,
-            **{a: self.sizes[a] for a in MESH_AXES if a != 'data'}}
+    """The mesh as the HLO's device groups see it: one slice's (the data axis divided by the
+    slices; what crosses slices is reported over 'dcn')."""
+    return {**self.sizes, 'data': self.sizes['data'] // self.topology.slices}
 
 
 def target(config, topology: chips.Topology) -> Target:
@@ -65,8 +62,14 @@ def target(config, topology: chips.Topology) -> Target:
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)  # no torus-aware layout for this shape
   mesh = Mesh(grid, MESH_AXES)
-  with jax.set_mesh(mesh):  # so the checks see the target's platform (e.g. ragged all-to-all)
-    checks.validate(config, len(devices))
+  # The compile reads no data: check the config as if it trained on the stdlib corpus, so a
+  # run's prepared corpus need not be on this machine. Under the target's mesh, so the checks
+  # see its platform (e.g. ragged all-to-all is refused on CPU only).
+  checked = copy.deepcopy(config)
+  checked.data.source, checked.data.prepared_dir, checked.data.mixture = 'stdlib', '', ''
+  checked.data.eval_sets = ''
+  with jax.set_mesh(mesh):
+    checks.validate(checked, len(devices))
   return Target(topology, mesh, sizes)
 
 
@@ -156,14 +159,16 @@ def compile_program(trainer: Trainer, config, program: str, target: Target,
   memory.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
                 aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
                 generated_code=m.generated_code_size_in_bytes)
-  # What the chip holds at the peak: the arguments, the outputs that do not reuse (alias) an
-  # argument's buffer, the temporaries and the program itself.
+  # The sum of the buffers: the arguments, the outputs that do not reuse (alias) an argument's
+  # buffer, the temporaries and the program itself. An upper bound on the peak: the compiler
+  # may place temporaries in donated arguments' buffers once they are dead, so a program can
+  # fit (the compiler accepts it) with a sum above the usable HBM.
   memory['total'] = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                      + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   text = compiled.as_text()
-  found = hlo.collectives(text, target.hlo_axes)
+  found = hlo.collectives(text, target.hlo_axes, target.topology.slices)
   return Compiled(program, True, seconds, memory,
                   {k: float(v) for k, v in cost.items() if k in ('flops', 'bytes accessed',
                                                                  'transcendentals')},

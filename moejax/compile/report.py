@@ -3,9 +3,10 @@ by kind beside the planner's estimate, collectives by kind and mesh axes, FLOPs 
 expected step time and MFU of a stated roofline.
 
 The roofline (per chip, one step):
-  compute    = model FLOPs per chip / the chip's dense bf16 peak
-               (model FLOPs: moejax/costs/flops.py, 6 x matmul weights used per token + the
-               attention; recomputation under remat is not model FLOPs);
+  compute    = executed FLOPs per chip / the chip's dense bf16 peak; executed FLOPs are the
+               model FLOPs (moejax/costs/flops.py: 6 x matmul weights used per token + the
+               attention) plus the recomputed forward under model.remat='full' (x 4/3);
+               'names' recomputes part of it and is counted without (a lower bound);
   memory     = the compiler's bytes accessed (cost_analysis) / HBM bandwidth;
   collective = for each collective, the bytes a chip sends: all-gather and reduce-scatter
                B (n - 1) / n of the gathered size B over n chips, all-reduce 2 B (n - 1) / n,
@@ -72,6 +73,7 @@ def program_report(config, target, compiled, hbm_bytes: float, decode_batch: int
     oom = compiled.oom or {}
     need = oom.get('required_bytes')
     out['oom'] = oom.get('message', '')
+    out['oom_memory'] = oom.get('memory', 'hbm')
     if need is not None:
       out['required_gib'] = _gib(need)
       out['over_by_gib'] = _gib(need - oom.get('available_bytes', hbm_bytes))
@@ -91,7 +93,9 @@ def program_report(config, target, compiled, hbm_bytes: float, decode_batch: int
   out['collectives'] = hlo.summary(found)
   out['collectives_unknown_trips'] = sum(not c.trips_known for c in found)
   ici, dcn = collective_seconds(found, chip)
-  compute = model_flops / (chip.peak_tflops * 1e12)
+  recompute = 4 / 3 if compiled.program == 'train' and config.model.remat == 'full' else 1.0
+  compute = model_flops * recompute / (chip.peak_tflops * 1e12)
+  useful = model_flops / (chip.peak_tflops * 1e12)
   memory = compiled.cost.get('bytes accessed', 0.0) / (chip.hbm_gbps * 1e9)
   step = max(compute, memory, ici + dcn)
   out['cost_analysis'] = compiled.cost
@@ -99,8 +103,8 @@ def program_report(config, target, compiled, hbm_bytes: float, decode_batch: int
                      'step_s': step, 'serial_step_s': compute + ici + dcn,
                      'bound': max((('compute', compute), ('memory', memory),
                                    ('collectives', ici + dcn)), key=lambda kv: kv[1])[0],
-                     'mfu': round(compute / step, 4) if step else None,
-                     'mfu_serial': round(compute / (compute + ici + dcn), 4) if compute else None,
+                     'mfu': useful / step if step else None,
+                     'mfu_serial': useful / (compute + ici + dcn) if compute else None,
                      'tokens_per_s_per_chip': tokens / n / step if step else None}
   return out
 
@@ -139,14 +143,25 @@ def markdown(report: dict) -> str:
     lines.append(f"## {p['program']} step")
     lines.append('')
     mem = p['memory_gib']
+    if not p['fits'] and p.get('oom_memory') == 'vmem':
+      lines += [f"**Does not compile**: a kernel's tiles do not fit the chip's on-chip scratch "
+                f"memory (VMEM) at these shapes, which is not the model's size; try another "
+                f"`model.moe.experts.backend` or batch. After {p['compile_s']} s. The compiler: "
+                f"`{p['oom'][:300]}`", '']
+      continue
     if not p['fits']:
       need = f", needs {p['required_gib']} GiB, over by {p['over_by_gib']} GiB" if (
           'required_gib' in p) else ''
       lines += [f"**Does not fit** in {p['hbm_gib']} GiB per chip{need}; compiled in "
                 f"{p['compile_s']} s. The compiler: `{p['oom'][:300]}`", '']
       continue
-    lines += [f"**Fits**: {mem['total']} of {p['hbm_gib']} GiB per chip "
-              f"({100 * p['hbm_used_fraction']:.1f}%), {p['headroom_gib']} GiB free; compiled in "
+    if p['headroom_gib'] >= 0:
+      room = f"{p['headroom_gib']} GiB free"
+    else:
+      room = (f"the sum of its buffers is {-p['headroom_gib']} GiB over, so the compiler "
+              'reuses dead donated buffers: at the edge')
+    lines += [f"**Fits** (the compiler accepted it): buffers {mem['total']} of {p['hbm_gib']} "
+              f"GiB per chip ({100 * p['hbm_used_fraction']:.1f}%), {room}; compiled in "
               f"{p['compile_s']} s.", '',
               '| memory per chip | bytes |', '|---|---:|']
     for k in ('parameters', 'optimizer_state', 'model_state', 'arguments', 'temporaries',
@@ -178,5 +193,7 @@ def markdown(report: dict) -> str:
 def fmt_step(p: dict) -> str:
   """A one-cell summary of a program: fits and the step time, or by how much it misses."""
   if not p['fits']:
+    if p.get('oom_memory') == 'vmem':
+      return 'kernel VMEM OOM'
     return f"OOM (+{p.get('over_by_gib', math.nan)} GiB)"
   return f"{p['roofline']['step_s'] * 1e3:.1f} ms"

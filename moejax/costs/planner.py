@@ -40,21 +40,14 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
-def _rules() -> dict:
-  return {name: (axes if isinstance(axes, tuple) else (axes,) if axes else ()) for name, axes
-          in LOGICAL_RULES}
-
-
 def _shard_elements(shape, names, mesh: dict[str, int]) -> int:
-  """Elements one device holds of an array whose dims carry these logical names."""
-  rules, used, n = _rules(), set(), 1
-  for dim, name in zip(shape, names or (None,) * len(shape)):
-    split = 1
-    for axis in rules.get(name, ()):
-      if axis not in used:
-        split *= mesh[axis]
-        used.add(axis)
-    n *= -(-dim // split)  # an uneven split pads the last shard
+  """Elements one device holds of an array whose dims carry these logical names, split as
+  flax's logical_to_mesh_axes maps them with LOGICAL_RULES (the code's own sharding)."""
+  spec = nn.logical_to_mesh_axes(tuple(names), LOGICAL_RULES) if names else (None,) * len(shape)
+  n = 1
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    n *= -(-dim // math.prod(mesh[a] for a in axes))  # an uneven split pads the last shard
   return n
 
 

@@ -20,6 +20,14 @@ LOGICAL_RULES = (
     ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_mlp', 'tensor'),
+    # Before 'embed': flax applies the rules in this order, so the expert dimension of the
+    # routed experts' weights takes the expert axis first.
+    ('expert', 'expert'),
+    # FSDP: the model dimension of every weight splits over 'fsdp' and, where the weight has
+    # no expert dimension (which took the expert axis), over 'expert' too (an expert axis holds the experts apart, and
+    # would otherwise keep a whole copy of the attention, dense and shared weights on each
+    # of its devices). A rule whose axes are taken is skipped for the next one.
+    ('embed', ('fsdp', 'expert')),
     ('embed', 'fsdp'),
     ('vocab', 'tensor'),
     ('heads', 'tensor'),
@@ -28,7 +36,6 @@ LOGICAL_RULES = (
     ('q_lora', None),
     ('kv_lora', None),
     ('mlp', 'tensor'),
-    ('expert', 'expert'),
     ('expert_mlp', 'tensor'),
     ('router_expert', None),
     ('layers', None),
