@@ -64,7 +64,7 @@ def tpu_base(steps: int = 400):
   sequences of 512 in batches of 64, each block rematerialised, on a prepared corpus the user
   names with --config.data.prepared_dir (and --config.model.vocab_size, its tokenizer's size).
   Compiled for one Colab TPU chip (`python -m moejax.compile --experiment=NAME:tpu
-  --topology=v5e-1`; docs/pod.md): without remat, 11 of 12 cells of experiment 1 ran out of
+  --topology=v5e-1`; docs/pod.md): without remat, 10 of 12 cells of experiment 1 ran out of
   its 15.75 GiB."""
   c = base(steps)
   m = c.model
