@@ -40,19 +40,15 @@ def meshes(config, chips_total: int, batch: int, slices: int = 1) -> list[dict]:
   moe = schedule.has_moe(m)
   out = []
   for data, fsdp, expert in itertools.product(_divisors(chips_total), repeat=3):
-    rest = chips_total // (data * fsdp * expert) if chips_total % (data * fsdp * expert) == 0 \
-        else 0
-    if not rest:
+    split = data * fsdp * expert  # the batch's split; the tensor axis takes the rest
+    if chips_total % split or batch % split or data % slices:
       continue
-    sizes = {'data': data, 'fsdp': fsdp, 'expert': expert, 'tensor': rest}
-    if data * fsdp * expert * rest != chips_total or data % slices:
-      continue
+    tensor = chips_total // split
     if (moe and m.moe.num_experts % expert) or (not moe and expert > 1):
       continue
-    if m.num_heads % rest or m.num_kv_heads % rest:
+    if m.num_heads % tensor or m.num_kv_heads % tensor:
       continue
-    if batch % (data * fsdp * expert):
-      continue
+    sizes = {'data': data, 'fsdp': fsdp, 'expert': expert, 'tensor': tensor}
     out.append(sizes)
   return out
 
