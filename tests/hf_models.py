@@ -74,12 +74,12 @@ FAMILIES = {
                    n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                    norm_topk_prob=True, routed_scaling_factor=2.5)),
     # GLM-4.5 (glm4_moe): the same routing, half of each head rotated, q/k/v biases, per-head
-    # q/k norms.
+    # q/k norms; heads of 16 (not hidden / heads = 8): 8 dims rotated.
     'glm4_moe': ('Glm4MoeConfig', 'Glm4MoeForCausalLM',
                  dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
                       n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                       routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
-                      head_dim=8, rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                      head_dim=16, rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
                                                    'partial_rotary_factor': 0.5})),
     # MiniMax-M2: sigmoid scores with a selection bias kept beside the router, renormalised,
     # q/k norms over the whole projection, half of each head rotated.
@@ -88,10 +88,12 @@ FAMILIES = {
                         rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
                                          'partial_rotary_factor': 0.5})),
     # ERNIE 4.5: softmax scores with a selection bias stored [1, N], renormalised; MoE layers
-    # by start index and interval (layer 0 dense); interleaved rotary pairs; tied embeddings.
+    # by start index and interval (layers 1 and 3 of 4: where (i + 1) % 2 == 0, not i % 2);
+    # interleaved rotary pairs; tied embeddings.
     'ernie4_5_moe': ('Ernie4_5_MoeConfig', 'Ernie4_5_MoeForCausalLM',
-                     dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
-                          moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)),
+                     dict(num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=16,
+                          moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+                          moe_layer_start_index=1, moe_layer_interval=2)),
     # PhiMoE: LayerNorm, biases on attention and head, SparseMixer routing, longrope (within
     # its original length, where transformers' PhiMoE takes the short factors) and a window.
     'phimoe': ('PhimoeConfig', 'PhimoeForCausalLM',

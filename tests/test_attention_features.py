@@ -106,22 +106,26 @@ def _yarn(factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original=4
 
 
 @pytest.mark.parametrize('truncate', [False, True])
-@pytest.mark.parametrize('head_dim,theta', [(64, 150000.0), (16, 10000.0)])
-def test_yarn_frequencies_match_transformers(truncate, head_dim, theta):
+@pytest.mark.parametrize('head_dim,theta,original', [(64, 150000.0, 4096), (16, 10000.0, 4096),
+                                                     (16, 10000.0, 131072)])
+def test_yarn_frequencies_match_transformers(truncate, head_dim, theta, original):
   torch = pytest.importorskip('torch')
   from transformers import GptOssConfig
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
   cfg = GptOssConfig(head_dim=head_dim, num_attention_heads=4, hidden_size=64,
+                     max_position_embeddings=32 * original,
                      rope_parameters={'rope_type': 'yarn', 'rope_theta': theta, 'factor': 32.0,
                                       'beta_fast': 32.0, 'beta_slow': 1.0, 'truncate': truncate,
-                                      'original_max_position_embeddings': 4096})
+                                      'original_max_position_embeddings': original})
   inv_freq, scale = ROPE_INIT_FUNCTIONS['yarn'](cfg, torch.device('cpu'))
-  ours = rope_frequencies(head_dim, theta, _yarn(truncate=truncate))
+  ours = rope_frequencies(head_dim, theta, _yarn(truncate=truncate, original=original))
   np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
   assert attention_factor(_yarn(truncate=truncate)) == pytest.approx(scale, rel=1e-12)
-  # The ramp has both ends in range: some dims kept, some divided by the factor.
   plain = np.asarray(rope_frequencies(head_dim, theta))
-  assert np.isclose(ours, plain).any() and np.isclose(ours, plain / 32).any()
+  if original == 4096:  # the ramp has both ends in range: some dims kept, some divided
+    assert np.isclose(ours, plain).any() and np.isclose(ours, plain / 32).any()
+  else:  # its slow end (dim 8.6) lies past the last pair (d / 2 - 1 = 7): none fully divided
+    assert np.isclose(ours, plain).any() and not np.isclose(ours, plain / 32).any()
 
 
 def test_yarn_scales_cos_and_sin_and_partial_rotary_keeps_the_rest():

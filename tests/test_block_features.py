@@ -54,22 +54,29 @@ def test_norm_placement_and_residual_multiplier(placement, kind, mult):
   assert {k for k in params if 'norm' in k} == names
   got, _ = block.apply({'params': params}, x, pos, None, 0)
 
-  attn = GroupedQueryAttention(4, 2, 8, c.rope_theta)
-  ffn = SwiGLU(c.ffn_dim)
-  np_p = jax.tree.map(np.asarray, params)
+  # The reference in float64 (its sublayers run at float64 too), so the allowance is the
+  # block's own float32 rounding: relative eps32 per operation, compounded over the sums of
+  # at most ffn_dim terms, is below ffn_dim * eps32 of the output's scale.
+  with jax.enable_x64(True):
+    attn = GroupedQueryAttention(4, 2, 8, c.rope_theta, dtype=jnp.float64)
+    ffn = SwiGLU(c.ffn_dim, dtype=jnp.float64)
+    p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params)
+    np_p = jax.tree.map(np.asarray, p64)
 
-  def sub(h, f, name):
-    if f'{name}_norm' in names:
-      h = _np_norm(h, np_p[f'{name}_norm'], kind)
-    out = np.asarray(f(jnp.asarray(h)))
-    if f'{name}_post_norm' in names:
-      out = _np_norm(out, np_p[f'{name}_post_norm'], kind)
-    return out * mult
+    def sub(h, f, name):
+      if f'{name}_norm' in names:
+        h = _np_norm(h, np_p[f'{name}_norm'], kind)
+      out = np.asarray(f(jnp.asarray(h)))
+      if f'{name}_post_norm' in names:
+        out = _np_norm(out, np_p[f'{name}_post_norm'], kind)
+      return out * mult
 
-  h = np.asarray(x, np.float64)
-  h = h + sub(h, lambda t: attn.apply({'params': params['attn']}, t, pos), 'attn')
-  h = h + sub(h, lambda t: ffn.apply({'params': params['ffn']}, t), 'ffn')
-  np.testing.assert_allclose(got, h, rtol=1e-4, atol=1e-5)
+    h = np.asarray(x, np.float64)
+    h = h + sub(h, lambda t: attn.apply({'params': p64['attn']}, t, pos), 'attn')
+    h = h + sub(h, lambda t: ffn.apply({'params': p64['ffn']}, t), 'ffn')
+  assert h.dtype == np.float64
+  np.testing.assert_allclose(got, h, rtol=0,
+                             atol=c.ffn_dim * np.finfo(np.float32).eps * np.abs(h).max())
 
 
 def test_embedding_multiplier_and_logit_divisor():

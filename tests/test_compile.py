@@ -94,6 +94,8 @@ ENTRY %main (x: f32[8]) -> f32[8] {
   %snd = (bf16[3,8]{1,0}, u32[], token[]) send(%x, %tok), channel_id=7, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
   %rcv = (bf16[3,8]{1,0}, u32[], token[]) recv(%tok), channel_id=8, is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
   %cp = f32[8]{0} collective-permute(%x), channel_id=5, source_target_pairs={{0,1},{1,0},{2,3},{3,2}}
+  %rows = f32[6,8]{1,0} broadcast(%x), dimensions={1}
+  %raa = f32[24,8]{1,0} ragged-all-to-all(%rows, %buf, %io, %ss, %oo, %rs), channel_id=9, replica_groups={{0,1},{2,3}}
   ROOT %r = f32[8]{0} add(%x, %x)
 }
 """
@@ -113,6 +115,10 @@ def test_hlo_reader_kinds_bytes_axes_and_loop_counts():
   assert (ar.bytes, ar.axes, ar.group_size, ar.runs) == (8 * 4 + 6 * 4, ('data', 'expert'), 4, 1)
   assert found['all-to-all'].axes == ('data',)
   assert found['collective-permute'].axes == ('expert',)
+  # Ragged all-to-all sends at most its operand (6 rows here), not its worst-case receive
+  # buffer (24 rows).
+  raa = found['ragged-all-to-all']
+  assert (raa.bytes, raa.axes, raa.group_size) == (6 * 8 * 4, ('expert',), 2)
   assert not [c for c in hlo.collectives(MODULE, MESH) if c.axes == ('dcn',)]  # one slice
   dcn = [c for c in hlo.collectives(MODULE, MESH, slices=2) if c.axes == ('dcn',)]
   assert [(c.kind, c.bytes, c.group_size) for c in dcn] == [('all-reduce', 3 * 8 * 2, 2)]
@@ -145,6 +151,11 @@ def test_auto_dispatch_is_the_ring_on_an_expert_axis_and_equals_one_device():
   with eight.context():
     text = eight._train_step.lower(eight.abstract_state, batch).as_text()
   assert 'psum_scatter' in text or 'reduce_scatter' in text
+  from moejax.moe.dispatch.auto import chosen_path
+  with one.context():  # no expert axis: plain dropless, no shard_map around the experts
+    assert chosen_path() == 'dropless'
+  with eight.context():
+    assert chosen_path() == 'ring'
 
 
 # ---- TPU compiles (libtpu) ----

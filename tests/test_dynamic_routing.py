@@ -53,6 +53,37 @@ def test_top_p_takes_experts_until_their_mass_reaches_p():
   np.testing.assert_allclose(stats['active_experts_hist'], [0, 0, 0, 1])
 
 
+def test_top_p_weights_carry_the_router_gradient():
+  """The taken slots' weights are the softmax probabilities themselves (the ranking alone is
+  cut from the gradient): d/dlogit_i of sum_j c_j w_j = sum over taken j of c_j p_j
+  (1[i = j] - p_i). p = .5, .3, .15, .05 with top_p 0.6 takes two of the K = 3 slots."""
+  p = np.array([.5, .3, .15, .05])
+  router = build_router(TopPRouter, _router_cfg(top_p=0.6), 4, 3)
+  c = jnp.array([1.0, 2.0, 5.0])  # the third slot is not taken: its weight is 0
+  loss = lambda l: jnp.sum(router.apply({'params': {'w': jnp.eye(4)}}, l,  # noqa: E731
+                                        train=False).combine_weights[0] * c)
+  g = jax.grad(loss)(jnp.log(jnp.asarray(p[None], jnp.float32)))
+  want = sum(cj * p[j] * ((np.arange(4) == j) - p) for j, cj in ((0, 1.0), (1, 2.0)))
+  np.testing.assert_allclose(g[0], want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_selection_bias_stays_on_the_real_experts_beside_null_experts():
+  """null_experts = 2 without null_bias: the bias [N] is the 4 real experts' own (the null
+  experts, numbered after them, take none). Bias +1 on expert 3 outweighs every score."""
+  router = build_router(TopKRouter, _router_cfg(null_experts=2), 4, 1)
+  logits = jnp.array([[0.3, 0.2, 0.1, 0.0, 0.25, 0.15], [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+  out = router.apply({'params': {'w': jnp.eye(6)}}, logits, train=False,
+                     bias=jnp.array([0.0, 0.0, 0.0, 1.0]))
+  np.testing.assert_array_equal(out.expert_index, [[3], [3]])
+
+
+def test_router_entropy_is_each_tokens_then_their_mean():
+  """Token 0 certain (entropy 0), token 1 uniform over 3 experts (ln 3): the mean is ln 3 / 2
+  (over experts first it would be 0.366 each)."""
+  probs = jnp.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+  assert float(losses.mean_entropy(probs)) == pytest.approx(np.log(3) / 2, rel=1e-5)
+
+
 def test_relu_router_gates_and_null_slots():
   # Gates relu(logits): token 0 -> experts 0 (1.0), 2 (0.5); token 1 -> none (every slot null);
   # token 2 has four positive gates, K = 2 keeps the largest two (3, 2).

@@ -65,6 +65,26 @@ def test_windows_chunks_and_nope_layers_count_their_own_context():
   assert flops_per_token(m, 16)['attention'] == 3 * per(4) + per(4)
 
 
+def test_multi_token_prediction_counts_its_blocks_and_the_shared_head_again():
+  """model.mtp.depth = 2: each depth adds its projection [2d, d], one more MoE block and the
+  output head once more (shared, so one table in the parameters), and attends like layer
+  num_layers + k - 1: a window pattern reaches the MTP blocks."""
+  per = lambda ctx: 2 * ctx * 4 * (8 + 8)
+  m = tiny_config().model
+  base = flops_per_token(m, 16)
+  m.mtp.depth = 2
+  f = flops_per_token(m, 16)
+  attn = 32 * 4 * 8 + 2 * 32 * 2 * 8 + 4 * 8 * 32  # wq, wk, wv, wo
+  block = attn + 32 * 8 + 3 * 32 * 16 + 2 / 8 * 8 * 3 * 32 * 16  # router, shared, 2 of 8
+  assert f['matmul_weights'] == base['matmul_weights'] + 2 * (2 * 32 * 32 + block + 32 * 258)
+  assert f['routed_weights'] == base['routed_weights'] + 2 * 2 * 3 * 32 * 16
+  assert f['attention'] == 5 * per(16)
+  m.sliding_window, m.sliding_pattern = 5, (1, 0)  # layers 0, 2 and MTP depth 2 (layer 4)
+  assert flops_per_token(m, 16)['attention'] == 3 * per(5) + 2 * per(16)
+  m.sliding_window, m.tie_embeddings = 0, True  # the table is the head, run 1 + depth times
+  assert flops_per_token(m, 16)['matmul_weights'] == f['matmul_weights']
+
+
 def test_biases_and_sinks_are_not_matmul_weights():
   """Biases on the attention projections, the router, the experts and the head, and the
   sinks, are additions: the matmul weights stay those of the unbiased model."""

@@ -132,6 +132,26 @@ def test_glu_gradients_match_an_all_experts_formulation(case, backend):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot'])
+def test_rows_past_the_groups_get_nothing_from_the_local_biases(case, backend):
+  """Under expert parallelism a device's sorted rows end with rows routed elsewhere (past the
+  sum of its group sizes): they must come back 0, with no local expert's bias in them; the rows
+  in the groups are their expert by hand."""
+  from moejax.moe.experts.glu import GLUShard
+  _, params = case
+  e = params['params']['experts']
+  local = tuple(jnp.asarray(e[n])[2:4]
+                for n in ('wi_0', 'wi_1', 'wo', 'bi_0', 'bi_1', 'bo'))  # experts 2, 3 here
+  shard = GLUShard(local, 1.702, 1.0, 7.0, backend, 4)
+  rows = np.asarray(jax.random.normal(jax.random.key(6), (9, 32)))
+  y = np.asarray(shard.grouped(jnp.asarray(rows), jnp.array([2, 3], jnp.int32)))
+  assert (y[5:] == 0).all()  # 4 rows past the 5 in groups
+  for r, expert in enumerate([0, 0, 1, 1, 1]):
+    wi_0, wi_1, wo, bi_0, bi_1, bo = (np.asarray(w[expert], np.float64) for w in local)
+    want = _np_glu(rows[r] @ wi_0 + bi_0, rows[r] @ wi_1 + bi_1, 1.702, 1.0, 7.0) @ wo + bo
+    np.testing.assert_allclose(y[r], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_ring_of_glu_experts_on_8_devices_equals_dropless_on_1():
   """Expert parallelism splits the biases with their experts."""
   train_side_by_side(trainer_on(_config(), dict(data=1, fsdp=1, expert=1, tensor=1)),

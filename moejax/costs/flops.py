@@ -3,7 +3,8 @@
 Forward FLOPs of one token, the PaLM / MaxText convention:
   2 x (the matmul weights the token uses)   every weight matrix of attention, the dense FFNs,
                                             the shared experts, the router, the output head and
-                                            the multi-token-prediction modules, plus the routed
+                                            the multi-token-prediction modules (each runs the
+                                            shared output head again), plus the routed
                                             experts' weights times E / N (E: the experts a token
                                             uses on average, its router's expected_experts);
                                             not the input embedding (a lookup) nor the norms;
@@ -55,6 +56,8 @@ def _matmul_weights(model_cfg) -> tuple[float, float]:
       routed += size * share
     elif leaf.ndim >= 2:
       used += size  # weight matrices (stacked layers included)
+    if keys[-1] == 'head' or (keys[-1] == 'embedding' and model_cfg.tie_embeddings):
+      used += size * model_cfg.mtp.depth  # each MTP depth runs the shared head once more
   return used, routed
 
 

@@ -67,6 +67,23 @@ def export_variables(config, variables, hf_dir: str, model_type: str, base: dict
   return names
 
 
+def check_expressible(config, base: dict | None, model_type: str) -> None:
+  """Refuse, in one line, a model that `model_type` cannot express, naming the families that
+  can (export's --model_type)."""
+  try:
+    families.hf_config(config, base, model_type)
+  except ConfigError as e:
+    fits = []
+    for other in sorted(set(families.FAMILIES) - {model_type}):
+      try:
+        families.hf_config(config, None, other)
+        fits.append(other)
+      except ConfigError:
+        pass
+    raise ConfigError(f'{e}; ' + (f'--model_type={" or ".join(fits)} can express it' if fits
+                                  else 'no family moejax exports can express it')) from None
+
+
 def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_type: str = '',
                    dtype: str = 'float32', shard_bytes: int = 5 << 30, log=print) -> dict:
   from moejax.data import tokenizer as tokenizers
@@ -87,6 +104,7 @@ def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_typ
   if os.path.exists(hf_dir) and os.listdir(hf_dir):
     raise ConfigError(f'--hf_dir={hf_dir}: exists and is not empty; export into a new folder')
   config, variables = load_checkpoint(workdir, step)
+  check_expressible(config, base, model_type)
   names = export_variables(config, variables, hf_dir, model_type, base, dtype, shard_bytes)
   tok = tokenizers.from_dir(workdir)
   if not isinstance(tok, tokenizers.ByteTokenizer):

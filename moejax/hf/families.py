@@ -38,12 +38,15 @@ class Family:
   gate_up [N, D, 2F] and down [N, F, D]) or 'stacked_linear' (stacked Linear weights, gate_up
   [N, 2F, D] and down [N, D, F]); in a stacked gate_up, gate and up are `gate_up`: 'halves'
   or 'interleaved' (alternate columns). Biases sit next to their weights (x.bias, or x_bias
-  for a stacked x). The shared expert is `shared_module`; a dense layer's FFN `dense_module`. rope_pairs: the q/k rotary dims' order in the checkpoint, 'halves'
-  (moejax's), 'interleaved' (reordered at import), or a config.json key saying whether they
-  are interleaved (true when absent; export writes false). mtp_key: the config.json key of the
+  for a stacked x). The shared expert is `shared_module`; a dense layer's FFN `dense_module`.
+  rope_pairs: the q/k rotary dims' order in the checkpoint, 'halves' (moejax's), 'interleaved'
+  (reordered at import), or a config.json key saying whether they are interleaved (true when
+  absent; export writes false). mtp_key: the config.json key of the
   multi-token-prediction depth, if the family has one. selection_bias: where a fixed selection
   bias lives in the MoE block ('': the router's e_score_correction_bias), [1, N] if
-  selection_bias_2d.
+  selection_bias_2d. absent: what transformers reads for a key the config.json leaves out,
+  where the family's default differs from the shared one (rotary settings as top-level
+  rope_theta / partial_rotary_factor / rope_scaling, read under an explicit rope_parameters).
   """
   model_type: str
   architecture: str
@@ -60,6 +63,7 @@ class Family:
   mtp_key: str = ''
   selection_bias: str = ''  # the fixed selection bias's tensor in the MoE block ('': router's)
   selection_bias_2d: bool = False  # stored as [1, N]
+  absent: dict = dataclasses.field(default_factory=dict)  # what a missing key means here
 
   def interleaved(self, hf: dict) -> bool:
     """Whether the checkpoint's rotary dims are interleaved pairs."""
@@ -112,7 +116,8 @@ FINE_GRAINED = (
     Key('n_routed_experts', 'model.moe.num_experts'),
     Key('n_shared_experts', 'model.moe.num_shared_experts', 0),
     Key('routed_scaling_factor', 'model.moe.router.routed_scaling_factor', 1.0, float))
-LATENT = SHAPE + FINE_GRAINED + (
+# (DeepSeek's routing keys carry the aux loss's weight: aux_loss_alpha, in TopkMethod.)
+LATENT = _without(SHAPE, 'router_aux_loss_coef') + FINE_GRAINED + (
     LatentHeads(),
     Key('q_lora_rank', 'model.mla.q_lora_rank', 0, to_hf=lambda r, m: r or None),
     Key('kv_lora_rank', 'model.mla.kv_lora_rank'),
@@ -130,29 +135,38 @@ FAMILIES = {f.model_type: f for f in (
         NO_ATTENTION_BIAS, SlidingLayers(), Schedule('every')),
         fixed=(('model.moe.router.norm_topk_prob', True),),
         moe_module='block_sparse_moe',
-        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2'))),
+        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2')),
+        absent=dict(max_position_embeddings=131072, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    rope_theta=1e6, router_aux_loss_coef=0.001)),
     Family('qwen3_moe', 'Qwen3MoeForCausalLM', GQA + SPARSE_STEP + (
         NORM_TOPK, NO_ATTENTION_BIAS, SlidingLayers(switch='use_sliding_window')),
-        fixed=(('model.qk_norm', 'head'),)),
+        fixed=(('model.qk_norm', 'head'),),
+        absent=dict(max_position_embeddings=32768, router_aux_loss_coef=0.001)),
     Family('olmoe', 'OlmoeForCausalLM', GQA + (
         Key('num_experts', 'model.moe.num_experts', aliases=('num_local_experts',)),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
         Key('router_z_loss_coef', 'model.moe.balance.z_loss_weight', 0.0, float),
         NORM_TOPK, NO_ATTENTION_BIAS, Const('clip_qkv', None, 'clipped q/k/v'),
         Schedule('every')),
-        fixed=(('model.qk_norm', 'full'),)),
+        fixed=(('model.qk_norm', 'full'),),
+        absent=dict(rms_norm_eps=1e-5, router_aux_loss_coef=0.01)),
     Family('qwen2_moe', 'Qwen2MoeForCausalLM', GQA + SPARSE_STEP + (
         NORM_TOPK, Key('qkv_bias', 'model.qkv_bias', True, bool), NO_ATTENTION_BIAS,
-        SharedExpertGate(), SlidingLayers(layer_types=True, switch='use_sliding_window'))),
+        SharedExpertGate(), SlidingLayers(layer_types=True, switch='use_sliding_window')),
+        absent=dict(max_position_embeddings=32768, num_key_value_heads=16,
+                    router_aux_loss_coef=0.001, shared_expert_intermediate_size=5632)),
     Family('deepseek_v2', 'DeepseekV2ForCausalLM', LATENT + (
         TopkMethod('softmax', 'greedy'),),
         fixed=(('model.attention', 'mla'), ('model.moe.router.norm_topk_prob', False)),
-        shared_module='shared_experts', rope_pairs='interleaved'),
+        shared_module='shared_experts', rope_pairs='interleaved',
+        absent=dict(max_position_embeddings=2048, n_shared_experts=2, q_lora_rank=1536)),
     Family('deepseek_v3', 'DeepseekV3ForCausalLM', LATENT + (
         NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc')),
         fixed=(('model.attention', 'mla'),),
         shared_module='shared_experts', rope_pairs='rope_interleave',
-        mtp_key='num_nextn_predict_layers'),
+        mtp_key='num_nextn_predict_layers',
+        absent=dict(first_k_dense_replace=3, n_group=8, topk_group=4, n_shared_experts=1,
+                    norm_topk_prob=True, q_lora_rank=1536, routed_scaling_factor=2.5)),
     Family('llama4_text', 'Llama4ForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -163,7 +177,11 @@ FAMILIES = {f.model_type: f for f in (
         fixed=(('model.moe.num_shared_experts', 1), ('model.moe.router.score_fn', 'sigmoid'),
                ('model.moe.router.norm_topk_prob', False), ('model.moe.gate_input', True)),
         moe_module='feed_forward', router='router', experts='stacked', expert_names=STACKED,
-        dense_module='feed_forward', rope_pairs='interleaved'),
+        dense_module='feed_forward', rope_pairs='interleaved',
+        absent=dict(attention_chunk_size=8192, attn_temperature_tuning=True, head_dim=128,
+                    intermediate_size_mlp=16384, max_position_embeddings=131072,
+                    num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=5e5,
+                    router_aux_loss_coef=0.001, use_qk_norm=True)),
     Family('gpt_oss', 'GptOssForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -175,12 +193,19 @@ FAMILIES = {f.model_type: f for f in (
                ('model.attention_sinks', True), ('model.moe.router.logit_bias', True),
                ('model.moe.experts.name', 'glu'), ('model.moe.experts.bias', True),
                ('model.moe.experts.up_offset', 1.0)),
-        router='router', experts='stacked', gate_up='interleaved', expert_names=STACKED),
+        router='router', experts='stacked', gate_up='interleaved', expert_names=STACKED,
+        absent=dict(head_dim=64, max_position_embeddings=131072, num_key_value_heads=8,
+                    rms_norm_eps=1e-5, router_aux_loss_coef=0.001, sliding_window=128,
+                    rope_theta=1.5e5, rope_scaling={
+                        'rope_type': 'yarn', 'factor': 32.0, 'beta_fast': 32.0,
+                        'beta_slow': 1.0, 'truncate': False,
+                        'original_max_position_embeddings': 4096})),
     Family('flex_olmo', 'FlexOlmoForCausalLM', GQA + (
         Key('num_experts', 'model.moe.num_experts', aliases=('num_local_experts',)),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
         NORM_TOPK, NO_ATTENTION_BIAS, Schedule('every')),
-        fixed=(('model.qk_norm', 'full'), ('model.norm_placement', 'post'))),
+        fixed=(('model.qk_norm', 'full'), ('model.norm_placement', 'post')),
+        absent=dict(rope_theta=5e5, router_aux_loss_coef=0.01)),
     Family('granitemoe', 'GraniteMoeForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -192,17 +217,23 @@ FAMILIES = {f.model_type: f for f in (
         NO_ATTENTION_BIAS, Schedule('every')),
         fixed=(('model.moe.router.norm_topk_prob', True),),
         moe_module='block_sparse_moe', router='router.layer', experts='stacked_linear',
-        expert_names=('input_linear.weight', 'input_linear.weight', 'output_linear.weight')),
-    Family('dots1', 'Dots1ForCausalLM', GQA + FINE_GRAINED + (
+        expert_names=('input_linear.weight', 'input_linear.weight', 'output_linear.weight'),
+        absent=dict(max_position_embeddings=2048, router_aux_loss_coef=0.001)),
+    Family('dots1', 'Dots1ForCausalLM', _without(GQA, 'router_aux_loss_coef') + FINE_GRAINED + (
         NORM_TOPK, NO_ATTENTION_BIAS, TopkMethod('sigmoid', 'noaux_tc'),
         SlidingLayers(layer_types=True), Schedule('first_k_dense')),
-        fixed=(('model.qk_norm', 'head'),), shared_module='shared_experts'),
-    Family('glm4_moe', 'Glm4MoeForCausalLM', GQA + FINE_GRAINED + (
+        fixed=(('model.qk_norm', 'head'),), shared_module='shared_experts',
+        absent=dict(max_position_embeddings=2048, num_key_value_heads=32)),
+    Family('glm4_moe', 'Glm4MoeForCausalLM',
+           _without(GQA, 'router_aux_loss_coef') + FINE_GRAINED + (
         Key('attention_bias', 'model.qkv_bias', False, bool),
         Key('use_qk_norm', 'model.qk_norm', False, lambda v: 'head' if v else 'none',
             lambda v, m: v == 'head'),
         NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc'), Schedule('first_k_dense')),
-        shared_module='shared_experts'),
+        shared_module='shared_experts',
+        absent=dict(first_k_dense_replace=1, max_position_embeddings=131072, n_shared_experts=1,
+                    norm_topk_prob=True, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    partial_rotary_factor=0.5)),
     Family('minimax_m2', 'MiniMaxM2ForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -212,7 +243,9 @@ FAMILIES = {f.model_type: f for f in (
                ('model.moe.router.norm_topk_prob', True),
                ('model.moe.balance.selection_bias', True)),
         moe_module='block_sparse_moe', selection_bias='e_score_correction_bias',
-        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2'))),
+        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2')),
+        absent=dict(head_dim=128, max_position_embeddings=196608, num_key_value_heads=8,
+                    rope_theta=5e6, router_aux_loss_coef=0.001)),
     Family('ernie4_5_moe', 'Ernie4_5_MoeForCausalLM', _without(GQA, 'num_experts_per_tok') + (
         Key('moe_k', 'model.moe.num_experts_per_tok', aliases=('num_experts_per_tok',)),
         Key('moe_num_experts', 'model.moe.num_experts', aliases=('num_experts',)),
@@ -224,7 +257,10 @@ FAMILIES = {f.model_type: f for f in (
         fixed=(('model.moe.router.norm_topk_prob', True),
                ('model.moe.balance.selection_bias', True)),
         shared_module='shared_experts', rope_pairs='interleaved',
-        selection_bias='moe_statics.e_score_correction_bias', selection_bias_2d=True),
+        selection_bias='moe_statics.e_score_correction_bias', selection_bias_2d=True,
+        absent=dict(max_position_embeddings=131072, moe_layer_start_index=1,
+                    moe_num_shared_experts=2, rms_norm_eps=1e-5, rope_theta=5e5,
+                    router_aux_loss_coef=0.001)),
     Family('phimoe', 'PhimoeForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -234,7 +270,9 @@ FAMILIES = {f.model_type: f for f in (
         AttentionBias(), SlidingLayers(), Schedule('every')),
         fixed=(('model.norm', 'layer'), ('model.moe.router.name', 'sparsemixer')),
         moe_module='block_sparse_moe',
-        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2'))),
+        expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2')),
+        absent=dict(num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
+                    router_aux_loss_coef=0.001)),
 )}
 
 # Families transformers has that need something moejax does not build, and what.
@@ -280,9 +318,13 @@ def model_fields(hf: dict, where: str) -> dict:
   if hf.get('sliding_window') and not any(isinstance(p, SlidingLayers) for p in fam.config):
     raise ConfigError(f'{where}: sliding_window={hf["sliding_window"]} is not supported for '
                       f'{fam.model_type} (its entry maps no sliding window)')
+  hf = {**{k: v for k, v in fam.absent.items() if k not in hf}, **hf}
   out = dict(IMPORT_BASE)
   for piece in fam.config:
-    out.update(piece.read(hf, where))
+    try:
+      out.update(piece.read(hf, where))
+    except KeyError as e:  # a rule's required key
+      raise ConfigError(f'{where}: has no {e.args[0]!r}, which this family needs') from None
   out.update(dict(fam.fixed))
   return out
 

@@ -241,7 +241,7 @@ class SlidingLayers:
   """sliding_window (with use_sliding_window, when the family has that switch) and, with
   `layer_types`, the per-layer list of 'sliding_attention' / 'full_attention' <->
   model.sliding_window and model.sliding_pattern (the list's repeating period). Without
-  layer_types the window applies to every layer."""
+  layer_types the window applies to every layer; a family that has them needs them."""
   layer_types: bool = False
   switch: str = ''  # the family's on/off key (Qwen: use_sliding_window), or ''
 
@@ -252,6 +252,10 @@ class SlidingLayers:
     types = hf.get('layer_types') if self.layer_types else None
     if not window:
       return {'model.sliding_window': 0, 'model.sliding_pattern': (1,)}
+    if not types and self.layer_types:  # transformers derives them, each family its way
+      raise ConfigError(f'{where}: has sliding_window={window} but no layer_types; add '
+                        'layer_types (each layer\'s "sliding_attention" or "full_attention") '
+                        'to config.json')
     if not types:
       return {'model.sliding_window': int(window), 'model.sliding_pattern': (1,)}
     kinds = {'sliding_attention': 1, 'full_attention': 0}

@@ -24,9 +24,10 @@ LOGICAL_RULES = (
     # routed experts' weights takes the expert axis first.
     ('expert', 'expert'),
     # FSDP: the model dimension of every weight splits over 'fsdp' and, where the weight has
-    # no expert dimension (which took the expert axis), over 'expert' too (an expert axis holds the experts apart, and
-    # would otherwise keep a whole copy of the attention, dense and shared weights on each
-    # of its devices). A rule whose axes are taken is skipped for the next one.
+    # no expert dimension (which took the expert axis), over 'expert' too (an expert axis
+    # holds the experts apart, and would otherwise keep a whole copy of the attention, dense
+    # and shared weights on each of its devices). A rule whose axes are taken is skipped for
+    # the next one.
     ('embed', ('fsdp', 'expert')),
     ('embed', 'fsdp'),
     ('vocab', 'tensor'),
