@@ -1,5 +1,7 @@
 """Column functions shared by the experiments: fn(metric rows of one run, its config) -> value.
 (Not an experiment.)"""
+import math
+
 import numpy as np
 
 
@@ -16,7 +18,7 @@ def tail_mean(key: str, n: int = 5):
 
 def steps_to_balance(threshold: float, key: str = 'moe/per_layer/max_vio'):
   """Per MoE layer: the first logged step from which MaxVio (batch) stays below threshold
-  for the rest of the run (the run's last step + 1 if it never settles)."""
+  for the rest of the run (inf if it never settles: the report says 'never')."""
   def fn(rows, config):
     logged = [(r['step'], r[key]) for r in rows if key in r]
     if not logged:
@@ -27,6 +29,6 @@ def steps_to_balance(threshold: float, key: str = 'moe/per_layer/max_vio'):
     for layer in range(vio.shape[1]):
       above = np.nonzero(vio[:, layer] >= threshold)[0]
       settled = 0 if not len(above) else above[-1] + 1
-      out.append(float(steps[settled]) if settled < len(steps) else float(steps[-1] + 1))
+      out.append(float(steps[settled]) if settled < len(steps) else math.inf)
     return out
   return fn

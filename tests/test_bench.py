@@ -38,9 +38,9 @@ def test_forced_routing_balanced_and_random():
 
 
 def test_bench_moe_forced_routing_rows(capsys):
-  main(['moe', '--tokens', '128', '--seq', '64', '--d-model', '16', '--experts', '4',
-        '--expert-dim', '8', '--top-k', '2', '--reps', '1', '--capacity-factors', '1.0',
-        '--group-size', '0', '--routing', 'balanced', '--meshes'])
+  main(['moe', '--tokens', '128', '--seq', '64', '--d_model', '16', '--experts', '4',
+        '--expert_dim', '8', '--top_k', '2', '--reps', '1', '--capacity_factors', '1.0',
+        '--group_size', '0', '--routing', 'balanced', '--meshes'])
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert {r['routing'] for r in rows} == {'balanced'}
   # Every expert exactly its share: capacity at factor 1.0 (C = T K / N) drops nothing.
@@ -48,9 +48,9 @@ def test_bench_moe_forced_routing_rows(capsys):
 
 
 def test_bench_moe_smoke(capsys):
-  main(['moe', '--tokens', '256', '--seq', '64', '--d-model', '32', '--experts', '8',
-        '--expert-dim', '16', '--top-k', '2', '--reps', '1', '--capacity-factors', '0.5',
-        '--group-size', '64', '--hf', '--meshes', 'expert=8', 'expert=16'])
+  main(['moe', '--tokens', '256', '--seq', '64', '--d_model', '32', '--experts', '8',
+        '--expert_dim', '16', '--top_k', '2', '--reps', '1', '--capacity_factors', '0.5',
+        '--group_size', '64', '--hf', '--meshes', 'expert=8', 'expert=16'])
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r['case'] for r in rows] == [
       'dense_ffn', 'experts_floor', 'dropless_blocked', 'capacity_cf0.5', 'einsum_g64_cf0.5',
@@ -73,9 +73,9 @@ def test_bench_moe_smoke(capsys):
 @pytest.mark.slow  # a whole train benchmark: the integration step
 def test_bench_train_smoke(capsys):
   """The whole-step benchmark at a tiny shape: one row per case, then the depth sweep."""
-  main(['train', '--batch', '4', '--seq', '16', '--d-model', '32', '--heads', '2',
-        '--layers', '2', '--experts', '4', '--expert-dim', '8', '--top-k', '2', '--reps', '1',
-        '--block-size', '8', '--dispatches', 'dropless', 'capacity', '--depths', '1', '3'])
+  main(['train', '--batch', '4', '--seq', '16', '--d_model', '32', '--heads', '2',
+        '--layers', '2', '--experts', '4', '--expert_dim', '8', '--top_k', '2', '--reps', '1',
+        '--block_size', '8', '--dispatches', 'dropless', 'capacity', '--depths', '1', '3'])
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r['case'] for r in rows] == ['dense', 'moe_dropless', 'moe_capacity',
                                        'compile_depth', 'compile_depth']

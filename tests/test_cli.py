@@ -55,14 +55,14 @@ def test_main_user_errors(capsys, tmp_path):
   ]
   for argv, *expected in cases:
     _one_line_error(capsys, main_cmd.main, argv, *expected)
-  assert not (tmp_path / 'run' / 'checkpoints').exists()  # refused before anything was written
+  assert not (tmp_path / 'run').exists()  # refused before anything was written, the folder too
 
 
 def test_other_commands_user_errors(capsys, tmp_path):
   a_file = tmp_path / 'a_file'
   a_file.write_text('x')
   cases = [
-      (generate.main, ['--workdir', str(tmp_path / 'none')], 'no checkpoint'),
+      (generate.main, ['--workdir', str(tmp_path / 'none')], 'none: no such folder'),
       (generate.main, ['--workdir', str(a_file)], 'is a file'),
       (generate.main, ['--workdir', str(tmp_path), '--top_p=2'], '--top_p=2'),
       (params.main, [QUICK, '--config.model.d_modle=3'],
@@ -76,14 +76,39 @@ def test_other_commands_user_errors(capsys, tmp_path):
       (experiment.main, ['balancing', '--workdir', str(tmp_path), '--config.train.stps=5'],
        'did you mean config.train.steps?'),
       (upcycle.main, [QUICK, '--dense_workdir', str(tmp_path / 'nope'), '--workdir',
-                      str(tmp_path / 'up')], '--dense_workdir', 'no checkpoint'),
+                      str(tmp_path / 'up')], '--dense_workdir', 'no such folder'),
       (upcycle.main, [QUICK, '--config.model.moe.num_expert=4', '--dense_workdir', 'x',
                       '--workdir', 'y'], 'did you mean config.model.moe.num_experts?'),
-      (bench.main, ['moe', '--top-k', '99', '--experts', '8'], '--top-k=99'),
+      (bench.main, ['moe', '--top_k', '99', '--experts', '8'], '--top_k=99'),
       (bench.main, ['moe', '--meshes', 'expert=x'], '--mesh='),
   ]
   for fn, argv, *expected in cases:
     _one_line_error(capsys, fn, argv, *expected)
+
+
+def test_flags_take_either_spelling_and_params_checks_the_mesh_before_printing(capsys):
+  """Flags are written with underscores; --a-b answers as --a_b in every command (and the
+  reverse), overrides aside. params refuses a mesh before printing anything."""
+  assert params.main([QUICK, '--mesh=expert=4', '--device-memory=40', '--decode-batch=2']) == 0
+  dashed = capsys.readouterr().out
+  assert params.main([QUICK, '--mesh=expert=4', '--device_memory=40', '--decode_batch=2']) == 0
+  assert capsys.readouterr().out == dashed and '"devices": 4' in dashed
+  _one_line_error(capsys, bench.main, ['moe', '--top-k', '99', '--experts', '8'], '--top_k=99')
+  _one_line_error(capsys, params.main, [QUICK, '--device-memorys=4'], 'unrecognized')
+  assert params.main([QUICK, '--mesh=expert=3']) == 2
+  out, err = capsys.readouterr()
+  assert out == '' and 'must divide model.moe.num_experts' in err
+
+
+def test_jax_starts_quietly_on_a_host_without_a_tpu():
+  """With libtpu installed (the tpu extra), jax looks for a TPU when it starts; importing
+  moejax first keeps libtpu from printing errors on a host that has none (this one)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_', 'JAX_PLATFORMS'))}
+  code = 'import moejax, jax; print(jax.devices()[0].platform)'
+  out = subprocess.run([sys.executable, '-c', code],
+                       env=env, capture_output=True, text=True, cwd='/')
+  assert out.returncode == 0 and out.stdout.strip() == 'cpu', out.stderr
+  assert 'TPU' not in out.stderr and 'libtpu' not in out.stderr, out.stderr
 
 
 def test_experiment_overrides_reach_every_arm(tmp_path, capsys):

@@ -2,6 +2,7 @@
 post-evaluation config validated before anything trains, tables, plots, no re-runs, diverged
 runs as results, compute ladders, and the report's statistics on hand-made results."""
 import json
+import math
 import os
 import pathlib
 
@@ -150,9 +151,56 @@ def test_the_report_pairs_tests_and_finds_the_trend_of_a_ladder(tmp_path):
   row = next(line for line in ladder_rows if line.startswith('| grows | paired |'))
   slope = float(row.split('|')[6].split('[')[0])
   assert slope == pytest.approx(-0.015, abs=0.003) and 'the gap grows' in row
+  # Its 95% interval by hand: least squares of the per-seed gaps on log10 FLOPs, slope +- the
+  # t quantile (n - 2 degrees of freedom) x its standard error.
+  from scipy import stats
+  logc, gap = [], []
+  for rung, flops in (('a', 1e9), ('b', 1e10), ('c', 1e11)):
+    for g, b in zip(results[rung]['grows'], results[rung]['base']):
+      logc.append(np.log10(flops))
+      gap.append(g['val_loss'] - b['val_loss'])
+  fit = stats.linregress(logc, gap)
+  half = stats.t.ppf(0.975, len(gap) - 2) * fit.stderr
+  lo, hi = (float(v) for v in row.split('|')[6].split('[')[1].split(']')[0].split(','))
+  assert (lo, hi) == (pytest.approx(fit.slope - half, abs=1e-4),
+                      pytest.approx(fit.slope + half, abs=1e-4))
   row = next(line for line in ladder_rows if line.startswith('| same | paired |'))
   assert 'no trend detected' in row
   assert os.path.getsize(tmp_path / 'ladder_loss.png') > 1000
+  # At smoke size the same numbers get no verdicts and no trends, and the rungs say the steps
+  # their runs did (not only the full experiment's overrides).
+  os.makedirs(tmp_path / 'smoke')
+  md = open(report.write(exp, str(tmp_path / 'smoke'), results, configs, smoke=True)).read()
+  assert md.startswith('# x (smoke size: not a result)')
+  assert '**' not in md and md.count('| none (smoke size) |') == 3 * 3 + 3
+  assert "- rung `a`: `{}` (these smoke runs: train.steps=6)" in md
+
+
+def test_plots_keep_their_text_inside_and_name_each_arms_layers(tmp_path, monkeypatch):
+  """A long title and y label are wrapped into the figure; the per-layer MaxVio panels each
+  have a legend of their own arm's MoE layers (a baseline with a dense first layer beside an
+  all-MoE arm)."""
+  from moejax.experiment import plots
+  plt = plots.pyplot()
+  fig, ax = plt.subplots(figsize=(6, 3.2))
+  ax.set_ylabel(plots.LOSS_LABEL)
+  ax.set_title('router saturation: (token, layer) experts also chosen at the final step')
+  fig.tight_layout()
+  assert len(plots.outside(fig)) == 2  # both cut as drawn before
+  plots.fit_texts(fig)
+  assert plots.outside(fig) == []
+  plt.close(fig)
+  for arm, layers in (('base', 3), ('all_moe', 4)):
+    os.makedirs(tmp_path / arm / 'seed_0')
+    with open(tmp_path / arm / 'seed_0' / 'metrics.jsonl', 'w') as f:
+      for step in (1, 2, 3):
+        f.write(json.dumps({'step': step, 'moe/per_layer/max_vio': [0.1 * step] * layers}) + '\n')
+  figs = []
+  monkeypatch.setattr(plots, '_save', lambda plt, fig, *a, **k: figs.append(fig) or 'x.png')
+  plots.per_layer_vio(str(tmp_path), ['base', 'all_moe'], [0],
+                      {'base': [1, 2, 3], 'all_moe': [0, 1, 2, 3]})
+  assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figs[0].axes] == [
+      ['layer 1', 'layer 2', 'layer 3'], ['layer 0', 'layer 1', 'layer 2', 'layer 3']]
 
 
 def test_arms_that_cannot_pair_are_compared_unpaired():
@@ -170,8 +218,11 @@ def test_column_functions_hand_cases():
   from moejax.experiments.metrics import steps_to_balance, tail_mean
   rows = [{'step': s, 'moe/per_layer/max_vio': v} for s, v in
           [(10, [0.9, 0.4]), (20, [0.4, 0.6]), (30, [0.3, 0.2]), (40, [0.6, 0.1])]]
-  # layer 0 goes back above 0.5 at step 40: never settles (41); layer 1 settles from step 30
-  assert steps_to_balance(0.5)(rows, None) == [41.0, 30.0]
+  # layer 0 goes back above 0.5 at step 40: never settles; layer 1 settles from step 30
+  assert steps_to_balance(0.5)(rows, None) == [math.inf, 30.0]
+  # The report says 'never' for a layer no seed settled, and how many never did otherwise.
+  assert report._fmt([[math.inf, 30.0], [math.inf, 20.0]]) == 'never / 25.000 ± 7.071'
+  assert report._fmt([20.0, math.inf, 40.0]) == '30.000 ± 14.142 (1 of 3 never)'
   assert tail_mean('moe/per_layer/max_vio', 2)(rows, None) == pytest.approx([0.45, 0.15])
   flops = experiment.load_module(str(EXPERIMENTS / 'capacity_factor.py'))
   c = experiment.run_config(flops.get_experiment(), 'cf_1.25', 0, smoke=False)

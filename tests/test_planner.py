@@ -77,7 +77,7 @@ def test_plan_device_counts_and_errors():
 
 def test_cli_deepseek_v3():
   out = subprocess.run([sys.executable, '-m', 'moejax.params', '--config=configs/deepseek_v3.py',
-                        '--mesh=expert=64,tensor=8', '--device-memory=80'],
+                        '--mesh=expert=64,tensor=8', '--device_memory=80'],
                        capture_output=True, text=True, check=True,
                        cwd=str(pathlib.Path(__file__).resolve().parents[1]))
   counts, planned = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])

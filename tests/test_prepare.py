@@ -182,6 +182,42 @@ def test_trained_tokenizer_and_bits_per_byte_by_hand(tmp_path):
     pipeline.load_splits(c, 0, vocab_size=258)
 
 
+def test_bytes_are_the_utf8_bytes_of_non_ascii_text(tmp_path):
+  """With the byte tokenizer each UTF-8 byte is one token (and each document's EOS counts as
+  its newline's byte), so every split has as many bytes as tokens, in any script; in all, the
+  files' bytes plus one per document."""
+  src = tmp_path / 'src'
+  src.mkdir()
+  for i in range(10):
+    (src / f'{i}.txt').write_text(f'Größe {i}: 日本語のテキスト — ünïcödé\n' * 5, encoding='utf-8')
+  meta = prepare(str(src), str(tmp_path / 'out'), '*.txt', val_percent=20, **_quiet())
+  splits = [meta['splits'][s] for s in ('train', 'validation')]
+  assert all(sp['bytes'] == sp['tokens'] > 0 for sp in splits)
+  assert sum(sp['bytes'] for sp in splits) == sum(len(f.read_bytes()) + 1 for f in src.iterdir())
+
+
+def test_files_the_patterns_leave_out_are_counted_and_said(tmp_path):
+  """A folder with 4 .txt files, 2 without an extension (LICENSE, NOTICE), one .rst, one .RST
+  and a hidden file: the default patterns take the 4 and say that 4 were left out, by kind,
+  and how to take them; --file_glob='*' takes all 8 (the hidden file stays out)."""
+  src = tmp_path / 'src'
+  src.mkdir()
+  for name in ('a.txt', 'b.txt', 'c.txt', 'd.txt', 'LICENSE', 'NOTICE', 'e.rst', 'F.RST',
+               '.hidden'):
+    (src / name).write_text(f'text of {name}\n' * 40)
+  said = []
+  prepare(str(src), str(tmp_path / 'out'), val_percent=20, progress=False, log=said.append)
+  note = next(line for line in said if line.startswith('left out'))
+  assert note.startswith("left out 4 files that --file_glob='*.txt,*.md,*.py,*.jsonl,*.parquet' "
+                         'does not match (2 without an extension, 2 *.rst)')
+  assert "--file_glob='*' for every file" in note
+  said.clear()
+  meta = prepare(str(src), str(tmp_path / 'all'), '*', val_percent=20, progress=False,
+                 log=said.append)
+  assert not any(line.startswith('left out') for line in said)
+  assert meta['splits']['train']['docs'] + meta['splits']['validation']['docs'] == 8
+
+
 @pytest.fixture(scope='module')
 def two_corpora(tmp_path_factory):
   """Corpus A of 'a' lines and corpus B of 'b' lines, prepared with the byte tokenizer."""

@@ -43,6 +43,23 @@ def test_the_link_check_finds_a_broken_link(tmp_path):
   assert not (page.parent / 'missing.md').exists()
 
 
+def test_no_documented_folder_shadows_a_subpackage():
+  """The folders the docs' commands write (--output, --workdir, prepared_dir) are not named like
+  a moejax subpackage: in a clone named moejax, run from the folder above, such a folder at
+  the clone's root would be imported in the subpackage's place."""
+  import re
+  subpackages = {p.name for p in (ROOT / 'moejax').iterdir() if (p / '__init__.py').exists()}
+  assert {'data', 'model', 'moe'} <= subpackages
+  pages = [ROOT / 'README.md', ROOT / 'experiments' / 'README.md',
+           *sorted((ROOT / 'docs').glob('*.md'))]
+  written = [m for page in pages for m in re.findall(
+      r'--(?:output|workdir|config\.data\.prepared_dir|out)[= ]([\w./-]+)', page.read_text())]
+  assert len(written) > 10
+  for folder in written:
+    top = folder.lstrip('./').split('/')[0]
+    assert top not in subpackages, f'{folder}: shadows moejax.{top}'
+
+
 def test_readme_lists_every_hugging_face_family_and_every_refusal():
   """README's families table and refusals are the table in moejax/hf/families.py."""
   import re

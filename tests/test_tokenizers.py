@@ -82,13 +82,17 @@ def test_unreadable_or_missing_tokenizer_is_one_line(tmp_path):
   (tmp_path / 'bad.model').write_bytes(b'\x00garbage')
   try:
     import sentencepiece  # noqa: F401
-    why = 'bad.model: not a readable SentencePiece model'
+    why = r'bad.model: neither a tokenizer.json \(it is not JSON\) nor a SentencePiece .model'
   except ImportError:  # without the data extra, that is said first
     why = 'bad.model: a SentencePiece model needs the sentencepiece package'
   with pytest.raises(ConfigError, match=why):
     tokenizers.load(str(tmp_path / 'bad.model'))
   with pytest.raises(ConfigError, match='holds no tokenizer.json'):
     tokenizers.load(str(tmp_path))
+  # A text file (a corpus given as the tokenizer): said to be neither kind, with the choices.
+  (tmp_path / 'corpus.txt').write_text('def f():\n  return 1\n')
+  with pytest.raises(ConfigError, match=r'corpus.txt: neither a tokenizer.json .*; give "bytes"'):
+    tokenizers.load(str(tmp_path / 'corpus.txt'))
 
 
 def test_vocab_size_must_be_the_tokenizers_or_padded(bpe):

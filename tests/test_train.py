@@ -116,6 +116,10 @@ def test_generate_from_checkpoint(runs, capsys, tmp_path):
   assert first.startswith('def ')
   assert generate.main(args) == 0
   assert capsys.readouterr().out == first  # same seed, same text
+  assert generate.main(['--workdir', full + 'x']) == 2  # a mistyped run: the real one named
+  err = capsys.readouterr().err
+  assert 'no such folder; runs with checkpoints nearby: ' in err and full in err
+  os.makedirs(tmp_path / 'empty')
   assert generate.main(['--workdir', str(tmp_path / 'empty')]) == 2
   assert 'no checkpoint' in capsys.readouterr().err
 

@@ -22,24 +22,24 @@ def parser() -> cli.ArgumentParser:
                      formatter_class=cli.HelpFormatter)
   m.add_argument('--tokens', type=int, default=8192, help='tokens per call')
   m.add_argument('--seq', type=int, default=512, help='tokens per sequence')
-  m.add_argument('--d-model', type=int, default=512, help='model width')
+  m.add_argument('--d_model', type=int, default=512, help='model width')
   m.add_argument('--experts', type=int, default=64, help='routed experts')
-  m.add_argument('--expert-dim', type=int, default=256, help='width of each expert')
-  m.add_argument('--top-k', type=int, default=6, help='experts per token')
+  m.add_argument('--expert_dim', type=int, default=256, help='width of each expert')
+  m.add_argument('--top_k', type=int, default=6, help='experts per token')
   m.add_argument('--shared', type=int, default=1, help='shared experts')
   m.add_argument('--dtype', default='float32', help='compute dtype: float32 or bfloat16')
-  m.add_argument('--block-size', type=int, default=0,
+  m.add_argument('--block_size', type=int, default=0,
                  help='rows per block of the blocked kernel; 0: automatic (the config default)')
-  m.add_argument('--capacity-factors', type=float, nargs='*', default=[1.25],
+  m.add_argument('--capacity_factors', type=float, nargs='*', default=[1.25],
                  help='one capacity-dispatch row per factor')
-  m.add_argument('--ragged-dot', action='store_true',
+  m.add_argument('--ragged_dot', action='store_true',
                  help='also time the ragged_dot backend (jax.lax.ragged_dot; very slow on CPU)')
   m.add_argument('--tokamax', action='store_true',
                  help="also time the tokamax backend (needs the kernels extra)")
   m.add_argument('--routing', default='learned', choices=('learned', 'balanced', 'random'),
                  help="the MoE rows' routing: the router's (learned), or forced: every expert "
                  'the same load (balanced) or uniform random experts (random)')
-  m.add_argument('--group-size', type=int, default=512,
+  m.add_argument('--group_size', type=int, default=512,
                  help='einsum (GShard) path tokens per group; 0 skips it')
   m.add_argument('--hf', action='store_true', help="also time Hugging Face's DeepSeek-V3 MoE "
                  'block (grouped_mm and eager experts; needs the torch extra)')
@@ -51,14 +51,14 @@ def parser() -> cli.ArgumentParser:
                       formatter_class=cli.HelpFormatter)
   tr.add_argument('--batch', type=int, default=16, help='sequences per step')
   tr.add_argument('--seq', type=int, default=128, help='tokens per sequence')
-  tr.add_argument('--d-model', type=int, default=128, help='model width')
+  tr.add_argument('--d_model', type=int, default=128, help='model width')
   tr.add_argument('--heads', type=int, default=4, help='attention heads')
   tr.add_argument('--layers', type=int, default=4, help='layers (all MoE, or all dense)')
   tr.add_argument('--experts', type=int, default=16, help='routed experts')
-  tr.add_argument('--expert-dim', type=int, default=64, help='width of each expert')
-  tr.add_argument('--top-k', type=int, default=4, help='experts per token')
+  tr.add_argument('--expert_dim', type=int, default=64, help='width of each expert')
+  tr.add_argument('--top_k', type=int, default=4, help='experts per token')
   tr.add_argument('--shared', type=int, default=1, help='shared experts')
-  tr.add_argument('--block-size', type=int, default=0,
+  tr.add_argument('--block_size', type=int, default=0,
                   help='rows per block of the blocked kernel; 0: automatic (the config default)')
   tr.add_argument('--dispatches', nargs='+', default=['dropless', 'capacity', 'einsum'],
                   help='one MoE row per dispatch path')
@@ -102,11 +102,11 @@ def _main(argv=None):
     return 0
   for name in ('tokens', 'seq', 'd_model', 'experts', 'expert_dim', 'top_k', 'reps'):
     if getattr(a, name) < 1:
-      p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
+      p.error(f'--{name}={getattr(a, name)} must be at least 1')
   if a.shared < 0 or a.group_size < 0 or a.block_size < 0:
-    p.error('--shared, --group-size and --block-size must be >= 0')
+    p.error('--shared, --group_size and --block_size must be >= 0')
   if a.top_k > a.experts:
-    p.error(f'--top-k={a.top_k} exceeds --experts={a.experts}')
+    p.error(f'--top_k={a.top_k} exceeds --experts={a.experts}')
   if a.tokamax:
     from moejax import kernels
     if not kernels.available('tokamax'):
@@ -114,7 +114,7 @@ def _main(argv=None):
   if a.dtype not in ('float32', 'bfloat16'):
     p.error(f"--dtype={a.dtype}: use float32 or bfloat16")
   if any(not f > 0 for f in a.capacity_factors):
-    p.error('--capacity-factors must be positive')
+    p.error('--capacity_factors must be positive')
   if a.tokens % a.seq and a.tokens > a.seq:
     p.error(f'--tokens={a.tokens} must be a multiple of --seq={a.seq}')
   from moejax.costs.planner import parse_mesh
@@ -140,11 +140,11 @@ def _train(p, a):
   for name in ('batch', 'seq', 'd_model', 'heads', 'layers', 'experts', 'expert_dim', 'top_k',
                'reps'):
     if getattr(a, name) < 1:
-      p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be at least 1")
+      p.error(f'--{name}={getattr(a, name)} must be at least 1')
   if a.top_k > a.experts or min(a.shared, a.block_size) < 0 or any(d < 1 for d in a.depths):
-    p.error('need 1 <= --top-k <= --experts, --shared >= 0, --block-size >= 0 and --depths >= 1')
+    p.error('need 1 <= --top_k <= --experts, --shared >= 0, --block_size >= 0 and --depths >= 1')
   if a.d_model % a.heads or (a.d_model // a.heads) % 2 or a.heads % 2:
-    p.error(f'--d-model={a.d_model} / --heads={a.heads} must give an even head width, with '
+    p.error(f'--d_model={a.d_model} / --heads={a.heads} must give an even head width, with '
             'an even number of heads')
   from moejax.bench.train import bench_train
   for row in bench_train(a):

@@ -12,8 +12,8 @@ dense FFN's, and dropped_fraction.
 --routing=balanced|random replaces the router's choice by a forced one (every expert the same
 load, or uniform random experts), so the dispatch and kernels are timed without the learned
 router's imbalance, next to the learned routing's cost (--routing=learned, the default).
-Also: --ragged-dot and --tokamax rows (the dropless kernels' grouped-matmul backends); the einsum
-(GShard) path at --group-size; with --hf (needs the torch extra) Hugging Face's
+Also: --ragged_dot and --tokamax rows (the dropless kernels' grouped-matmul backends); the einsum
+(GShard) path at --group_size; with --hf (needs the torch extra) Hugging Face's
 DeepSeek-V3 MoE block on the same shape and our speed-up over it; and one 'all_to_all' row per
 --meshes entry with the per-layer bytes each device sends in expert parallelism (planner.py).
 """

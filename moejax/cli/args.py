@@ -40,6 +40,23 @@ class ArgumentParser(argparse.ArgumentParser):
   def error(self, message):
     raise ConfigError(f'{message} (see {self.prog} --help)')
 
+  def parse_known_args(self, args=None, namespace=None):
+    args = sys.argv[1:] if args is None else list(args)
+    return super().parse_known_args([self._spelled(a) for a in args], namespace)
+
+  def _spelled(self, arg: str) -> str:
+    """--a_b and --a-b are one flag: the spelling this parser knows (flags are written with
+    underscores; the other is accepted everywhere)."""
+    if not isinstance(arg, str) or not arg.startswith('--') or arg.startswith('--config'):
+      return arg
+    name, eq, value = arg.partition('=')
+    if name in self._option_string_actions:
+      return arg
+    for other in ('--' + name[2:].replace('-', '_'), '--' + name[2:].replace('_', '-')):
+      if other in self._option_string_actions:
+        return other + eq + value
+    return arg
+
 
 def parse_value(key: str, text: str, current):
   """A command-line string as the type of the field it replaces."""

@@ -124,8 +124,11 @@ def _quiet_libtpu(topology: Topology):
   # load libtpu at the same time instead of failing on its lockfile.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', f'{topology.chip.generation}-'
-                        f'{topology.chips * (2 if topology.chip.cores_in_name else 1)}')
+  import moejax
+  placeholder = getattr(moejax, 'NO_TPU_ACCELERATOR_TYPE', None)
+  if os.environ.get('TPU_ACCELERATOR_TYPE', placeholder) == placeholder:  # unset or moejax's
+    os.environ['TPU_ACCELERATOR_TYPE'] = (
+        f'{topology.chip.generation}-{topology.chips * (2 if topology.chip.cores_in_name else 1)}')
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,7 +2,7 @@
 allocated: per-device weight, optimizer-state and KV-cache memory, the devices it needs, and the
 all-to-all traffic that expert parallelism implies.
 
-Used by `python -m moejax.params --config=... --mesh=expert=64,tensor=8 --device-memory=80`.
+Used by `python -m moejax.params --config=... --mesh=expert=64,tensor=8 --device_memory=80`.
 Every shape comes from `jax.eval_shape` of the real `Transformer`; the sharding of each weight
 comes from its logical axes and `parallel.sharding.LOGICAL_RULES`, so the plan follows the code.
 Not counted: activations (they depend on batch, remat and sequence length), framework overhead.

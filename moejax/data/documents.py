@@ -8,6 +8,7 @@ standard library splits exactly as `data.source='stdlib'` does.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import json
@@ -25,8 +26,11 @@ def _skipped_dir(dirpath: str, name: str) -> bool:
           or os.path.exists(os.path.join(dirpath, name, 'pyvenv.cfg')))
 
 
-def find_files(inputs: str, file_glob: str) -> list[tuple[str, str]]:
-  """(name, path) of every input file, sorted within each input; one-line errors."""
+def find_files(inputs: str, file_glob: str, left_out: collections.Counter | None = None
+               ) -> list[tuple[str, str]]:
+  """(name, path) of every input file, sorted within each input; one-line errors. left_out, if
+  given, counts the files in the folders that the patterns do not match, by extension ('' for
+  none; hidden files and skipped folders aside)."""
   patterns = [g.strip() for g in file_glob.split(',') if g.strip()]
   files = []
   for p in (p.strip() for p in inputs.split(',') if p.strip()):
@@ -43,9 +47,13 @@ def find_files(inputs: str, file_glob: str) -> list[tuple[str, str]]:
     for dirpath, dirnames, filenames in os.walk(root):
       dirnames[:] = sorted(d for d in dirnames if not _skipped_dir(dirpath, d))
       for f in sorted(filenames):
-        if not f.startswith('.') and any(fnmatch.fnmatch(f, g) for g in patterns):
+        if f.startswith('.'):
+          continue
+        if any(fnmatch.fnmatch(f, g) for g in patterns):
           full = os.path.join(dirpath, f)
           found.append((os.path.join(os.path.basename(root), os.path.relpath(full, root)), full))
+        elif left_out is not None:
+          left_out[os.path.splitext(f)[1].lower()] += 1
     if not found:
       raise ConfigError(f'--file_glob={file_glob!r}: matches no file in {p!r}; change the glob '
                         "(several patterns, comma-separated: e.g. '*.md,*.txt,*.py')")
@@ -53,6 +61,18 @@ def find_files(inputs: str, file_glob: str) -> list[tuple[str, str]]:
   if not files:
     raise ConfigError(f'--inputs={inputs!r}: names no file')
   return files
+
+
+def left_out_note(left_out: collections.Counter, file_glob: str) -> str:
+  """One line on the files the patterns left out ('' when none), and how to take them."""
+  if not left_out:
+    return ''
+  kinds = ', '.join(f'{n} without an extension' if ext == '' else f'{n} *{ext}'
+                    for ext, n in sorted(left_out.items(), key=lambda kv: (-kv[1], kv[0])))
+  total = sum(left_out.values())
+  return (f"left out {total} file{'s' * (total != 1)} that --file_glob={file_glob!r} does not "
+          f"match ({kinds}); to take them, add their patterns to --file_glob (e.g. "
+          f"'LICENSE*,*.rst'), or --file_glob='*' for every file")
 
 
 @dataclasses.dataclass

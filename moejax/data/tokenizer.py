@@ -104,6 +104,10 @@ class SentencePieceTokenizer:
     try:
       import sentencepiece as spm
     except ImportError:
+      if not path.endswith('.model'):  # a file of another kind (a corpus, a vocabulary list)
+        raise ConfigError(f'tokenizer {path}: neither a tokenizer.json (it is not JSON) nor a '
+                          'SentencePiece .model; give "bytes", a tokenizer.json, a folder '
+                          'holding one, or a SentencePiece .model file') from None
       raise ConfigError(f'tokenizer {path}: a SentencePiece model needs the sentencepiece '
                         "package: pip install 'moejax[data]'") from None
     self.spec, self.files = path, (path,)
@@ -111,7 +115,10 @@ class SentencePieceTokenizer:
     try:
       self.sp.Load(path)
     except Exception as e:
-      raise ConfigError(f'tokenizer {path}: not a readable SentencePiece model ({e})') from None
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ConfigError(f'tokenizer {path}: neither a tokenizer.json (it is not JSON) nor a '
+                        f'SentencePiece .model ({first}); give "bytes", a tokenizer.json, a '
+                        'folder holding one, or a SentencePiece .model file') from None
     self.vocab_size = self.sp.GetPieceSize()
     self.eos_id = self.sp.eos_id()
     if self.eos_id < 0:

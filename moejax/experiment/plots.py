@@ -40,8 +40,44 @@ def _curve(rows_per_run, key):
   return np.asarray(steps), np.asarray([[d[s] for s in steps] for d in per_run], dtype=float)
 
 
-def _save(plt, fig, workdir, filename, dpi=100):
+def _texts(fig):
+  """(text, 'width' or 'height': the figure's extent it must fit) of every title and label."""
+  out = [(fig._suptitle, 'width')] if fig._suptitle is not None else []
+  for ax in fig.axes:
+    out += [(ax.title, 'width'), (ax.xaxis.label, 'width'), (ax.yaxis.label, 'height')]
+  return [(t, dim) for t, dim in out if t.get_text()]
+
+
+def outside(fig) -> list[str]:
+  """The titles and labels that do not lie wholly inside the drawn figure."""
+  fig.canvas.draw()
+  box, renderer = fig.bbox, fig.canvas.get_renderer()
+  return [t.get_text() for t, _ in _texts(fig)
+          if not box.contains(*t.get_window_extent(renderer).p0)
+          or not box.contains(*t.get_window_extent(renderer).p1)]
+
+
+def fit_texts(fig) -> None:
+  """Lay the figure out with every title and label inside it: a text longer than the figure
+  (or, for a y label, taller) is wrapped onto more lines at word boundaries."""
+  import textwrap
   fig.tight_layout()
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  for text, dim in _texts(fig):
+    ext = text.get_window_extent(renderer)
+    size, room = (ext.width, fig.bbox.width) if dim == 'width' else (ext.height, fig.bbox.height)
+    ax = text.axes
+    if ax is not None and text is ax.title:
+      room = min(room, ax.bbox.width * 1.15)  # a panel's title stays above its panel
+    if size > 0.92 * room:
+      line = text.get_text().replace('\n', ' ')
+      text.set_text(textwrap.fill(line, max(12, int(len(line) * 0.9 * room / size))))
+  fig.tight_layout()
+
+
+def _save(plt, fig, workdir, filename, dpi=100):
+  fit_texts(fig)
   fig.savefig(os.path.join(workdir, filename), dpi=dpi)
   plt.close(fig)
   return filename
@@ -73,9 +109,9 @@ def band_plot(workdir, arms, seeds, key, ylabel, filename, title, rung=None, log
   return _save(plt, fig, workdir, filename)
 
 
-def load_heatmaps(workdir, arms, seed, layer_ids, flat_arms=(), rung=None):
-  """Each arm's expert load per MoE layer over training (seed `seed`); layer_ids name the
-  MoE layers as the model counts them. flat_arms: arms whose load is equal by construction
+def load_heatmaps(workdir, arms, seed, layer_ids: dict, flat_arms=(), rung=None):
+  """Each arm's expert load per MoE layer over training (seed `seed`); layer_ids {arm: its MoE
+  layers as the model counts them}. flat_arms: arms whose load is equal by construction
   (expert choice), said so on their row."""
   plt = pyplot()
   loads = {}
@@ -100,7 +136,7 @@ def load_heatmaps(workdir, arms, seed, layer_ids, flat_arms=(), rung=None):
       ax.imshow(load[:, j, :].T * n, aspect='auto', origin='lower', cmap='magma', vmin=0, vmax=3,
                 extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, n - 0.5),
                 interpolation='nearest')
-      name = layer_ids[j] if j < len(layer_ids) else j
+      name = layer_ids[arm][j] if j < len(layer_ids[arm]) else j
       flat = ' (equal by construction)' if arm in flat_arms else ''
       ax.set_title(f'{arm}: layer {name}{flat}', fontsize='small')
       if j == 0:
@@ -110,8 +146,10 @@ def load_heatmaps(workdir, arms, seed, layer_ids, flat_arms=(), rung=None):
   return _save(plt, fig, workdir, 'expert_load.png', dpi=90)
 
 
-def per_layer_vio(workdir, arms, seeds, layer_ids, rung=None):
-  """MaxVio (batch) of each MoE layer over training, mean over seeds, one panel per arm."""
+def per_layer_vio(workdir, arms, seeds, layer_ids: dict, rung=None):
+  """MaxVio (batch) of each MoE layer over training, mean over seeds, one panel per arm, each
+  with its own legend: layer_ids {arm: its MoE layers as the model counts them} (arms may
+  differ in which layers are MoE)."""
   plt = pyplot()
   data = {}
   for arm in arms:
@@ -123,13 +161,14 @@ def per_layer_vio(workdir, arms, seeds, layer_ids, rung=None):
   fig, axes = plt.subplots(1, len(data), figsize=(4 * len(data), 3.4), squeeze=False,
                            sharey=True)
   for ax, (arm, (steps, vio)) in zip(axes[0], data.items()):
+    ids = layer_ids[arm]
     for j in range(vio.shape[1]):
-      ax.plot(steps, vio[:, j], label=f'layer {layer_ids[j] if j < len(layer_ids) else j}')
+      ax.plot(steps, vio[:, j], label=f'layer {ids[j] if j < len(ids) else j}')
     ax.set_title(arm, fontsize='small')
     ax.set_xlabel('step')
     ax.set_yscale('symlog', linthresh=1e-2)
+    ax.legend(fontsize='x-small')
   axes[0, 0].set_ylabel('MaxVio (batch), mean over seeds')
-  axes[0, 0].legend(fontsize='x-small')
   return _save(plt, fig, workdir, 'max_vio_per_layer.png', dpi=90)
 
 

@@ -40,9 +40,13 @@ def _fmt(values) -> str:
   if isinstance(vals[0], (list, tuple)):  # per layer: mean of each layer, ' / ' separated
     return ' / '.join(_fmt([v[i] for v in vals]) for i in range(len(vals[0])))
   a = np.asarray(vals, dtype=float)
+  never = int(np.isinf(a).sum())  # a step count never reached (e.g. steps to balance)
+  if never == len(a):
+    return 'never'
+  a = a[np.isfinite(a)]
   digits = 0 if abs(a.mean()) >= 100 else 4 if abs(a.mean()) < 0.1 else 3
   std = f' ± {a.std(ddof=1):.{digits}f}' if len(a) > 1 else ''
-  return f'{a.mean():.{digits}f}{std}'
+  return f'{a.mean():.{digits}f}{std}' + (f' ({never} of {len(vals)} never)' if never else '')
 
 
 def _ok(results: list[dict]) -> list[dict]:
@@ -122,8 +126,9 @@ def _p(p: float) -> str:
   return '-' if p is None or math.isnan(p) else f'{p:.2g}'
 
 
-def differences(exp, results: dict, configs: dict, rung, arms) -> str:
-  """The comparison table of each arm with the baseline (primary metric: val loss)."""
+def differences(exp, results: dict, configs: dict, rung, arms, smoke: bool = False) -> str:
+  """The comparison table of each arm with the baseline (primary metric: val loss); a smoke
+  run's has no verdicts (a few steps decide nothing)."""
   comps = comparisons(exp, results, configs, rung, arms)
   if not comps:
     return ''
@@ -139,7 +144,8 @@ def differences(exp, results: dict, configs: dict, rung, arms) -> str:
     lines.append(
         f"| {arm} | {'paired' if c.paired else 'unpaired'} | {c.n} | {c.diff:+.4f} "
         f'[{c.low:+.4f}, {c.high:+.4f}] | {_p(c.p)} | {_p(c.p_holm)} | {_p(c.p_tost_holm)} | '
-        f'{c.mde:.4f} | {c.seeds_needed:.0f} | **{c.verdict}** |')
+        f'{c.mde:.4f} | {c.seeds_needed:.0f} | '
+        + ('none (smoke size)' if smoke else f'**{c.verdict}**') + ' |')
   rows = []
   for key, title in SECONDARY:
     for arm in arms:
@@ -164,7 +170,8 @@ def _ols(x, y, extra=None):
   return sm.OLS(np.asarray(y, float), sm.add_constant(np.column_stack(cols))).fit()
 
 
-def ladder(exp, workdir: str, results: dict, configs: dict, arms) -> tuple[str, list]:
+def ladder(exp, workdir: str, results: dict, configs: dict, arms,
+           smoke: bool = False) -> tuple[str, list]:
   """The compute ladder: loss against training FLOPs per arm (fit on log10 FLOPs), the gap
   to the baseline per rung, and the slope of the gap against log10 compute with its interval."""
   rungs = [r for r in exp.rungs if r in results]
@@ -216,7 +223,9 @@ def ladder(exp, workdir: str, results: dict, configs: dict, arms) -> tuple[str, 
       line = (float(fit.params[2]), slope)
     gaps[arm] = (x, d, low, high, line)
     mean_gap = float(np.mean(d))
-    if lo > 0 or hi < 0:
+    if smoke:
+      trend = 'none (smoke size)'
+    elif lo > 0 or hi < 0:
       trend = 'the gap grows' if np.sign(slope) == np.sign(mean_gap) else 'the gap shrinks'
     else:
       trend = 'no trend detected (the interval includes 0)'
@@ -323,16 +332,16 @@ def write(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> str:
       lines += [f'## Rung `{rung}`', '']
     lines += [table(exp, by_arm, arms), '']
     if exp.baseline and exp.baseline in by_arm:
-      diff = differences(exp, by_arm, configs, rung, arms)
+      diff = differences(exp, by_arm, configs, rung, arms, smoke)
       if diff:
         lines += ['### Differences' if rung else '## Differences', '', diff, '']
   if exp.rungs and len(results) > 1:
-    text, made = ladder(exp, workdir, results, configs, arms)
+    text, made = ladder(exp, workdir, results, configs, arms, smoke)
     lines += [text, '']
   top = list(results)[-1]  # the curves of the largest rung (the only one without a ladder)
   seeds = sorted({k.seed for k in configs if k.rung == top})
-  m = next(c for k, c in configs.items() if k.rung == top).model
-  layers = moe_layer_ids(m)
+  layers = {a: moe_layer_ids(next(c for k, c in configs.items() if k.arm == a and k.rung == top
+                                  ).model) for a in arms}
   flat = [a for a in arms if next(c for k, c in configs.items() if k.arm == a and k.rung == top
                                    ).model.moe.router.name == 'expert_choice']
   made += [
@@ -353,7 +362,9 @@ def write(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> str:
              f'mode {spec.upcycle_mode})' if spec.upcycle_from else '')
     lines.append(f'- `{arm}`: `{spec.overrides}`{extra}')
   for name in exp.rungs:
-    lines.append(f'- rung `{name}`: `{exp.rung(name).overrides}`')
+    ran = sorted({c.train.steps for k, c in configs.items() if k.rung == name})
+    lines.append(f'- rung `{name}`: `{exp.rung(name).overrides}`' + (
+        f" (these smoke runs: train.steps={'/'.join(map(str, ran))})" if smoke else ''))
   for name in exp.post_evals:
     pe = exp.post_eval(name)
     lines.append(f'- post-evaluation `{name}` (column `{name} loss`): `{pe.overrides}`' +

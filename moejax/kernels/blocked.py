@@ -25,7 +25,7 @@ def auto_block(rows: int, num_experts: int, width: int, lo: int = 16) -> int:
   fetch each expert's weights fewer times, and padding stays below one block per expert), but
   at most 2^16 / width rows (a power of two), so a block of inputs stays within 256 KB of
   float32 and in cache; at least `lo`. At d_model 512 that is 128 rows, at 128 it is 512
-  (measured: `python -m moejax.bench moe|train --block-size B`, docs/benchmarks.md)."""
+  (measured: `python -m moejax.bench moe|train --block_size B`, docs/benchmarks.md)."""
   mean = max(1, -(-rows // num_experts))
   cache = 1 << max(0, (65536 // max(width, 1)).bit_length() - 1)
   return max(lo, min(1 << (mean - 1).bit_length(), cache))

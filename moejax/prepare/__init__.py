@@ -17,6 +17,7 @@ with different ones is refused rather than mixing two corpora in one folder.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -148,7 +149,10 @@ def prepare(inputs: str, output: str, file_glob: str = '*.txt,*.md,*.py,*.jsonl,
   s = _settings(inputs, file_glob, text_field, tokenizer, vocab_size, fmt, val_percent,
                 shard_tokens)
   _check(s, output)
-  files = documents.find_files(inputs, file_glob)  # before anything is written
+  left_out = collections.Counter()
+  files = documents.find_files(inputs, file_glob, left_out)  # before anything is written
+  if documents.left_out_note(left_out, file_glob):
+    log(documents.left_out_note(left_out, file_glob))
   tok = None if vocab_size else tokenizers.load(tokenizer)
   split_of = Split(files, text_field, val_percent)  # also before: both splits get documents
   if split_of.note():

@@ -60,7 +60,8 @@ def _pyplot():
 
 
 def _save(plt, fig, out, name):
-  fig.tight_layout()
+  from moejax.experiment.plots import fit_texts
+  fit_texts(fig)
   fig.savefig(os.path.join(out, name), dpi=100)
   plt.close(fig)
   return name

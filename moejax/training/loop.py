@@ -89,9 +89,13 @@ def evaluate_all(trainer: Trainer, state, sets: dict, weights: dict,
   return out
 
 
-def _make_workdir(workdir: str):
+def _check_workdir(workdir: str):
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir={workdir} is a file; give a directory (new or of this run)')
+
+
+def _make_workdir(workdir: str):
+  _check_workdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -103,13 +107,15 @@ def train(config, workdir: str) -> dict:
   when the run had already finished and nothing was done)."""
   checks.validate(config, jax.device_count())  # before anything compiles
   tokenizers.check_training(config.data, workdir)
-  _make_workdir(workdir)
-  # Corpus and tokenizer errors, also before compiling.
+  _check_workdir(workdir)
+  # Corpus and tokenizer errors, also before compiling (and before the workdir is made: a
+  # refused run leaves no folder behind).
   splits = pipeline.load_splits(config.data, config.seed, config.model.vocab_size)
   if config.data.replay:  # train on a routing trace, routed as recorded
     from moejax.routes.trace import ReplayRows
     splits.train, splits.weights = [ReplayRows.open(config.data.replay, config)], [1.0]
   pipeline.check_batch(splits, config.train.batch_size, config.train.eval_batches)
+  _make_workdir(workdir)
   if jax.process_index() == 0:
     tokenizers.copy_files(splits.tokenizer, workdir)  # generate reads it from the run
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):

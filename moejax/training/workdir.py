@@ -44,9 +44,37 @@ def on_any_mesh(config):
   return config
 
 
+def nearby_runs(workdir: str, limit: int = 5, scanned: int = 2000) -> list[str]:
+  """Workdirs with checkpoints under the nearest existing folder above `workdir` (a mistyped
+  run of an experiment: its siblings), the closest spellings first."""
+  import difflib
+  path = os.path.abspath(workdir)
+  root = os.path.dirname(path)
+  while root and not os.path.isdir(root):
+    root = os.path.dirname(root)
+  runs = []
+  for n, (dirpath, dirnames, _) in enumerate(os.walk(root)):
+    if n >= scanned:
+      break
+    if dirpath.count(os.sep) - root.count(os.sep) >= 4:
+      dirnames[:] = []
+    if 'checkpoints' in dirnames:
+      runs.append(dirpath)
+      dirnames[:] = []
+    else:
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+  close = difflib.get_close_matches(path, runs, n=limit, cutoff=0.6)
+  return [os.path.relpath(r) if not os.path.isabs(workdir) else r for r in close]
+
+
 def checkpoints(workdir: str, what: str = '--workdir') -> tuple[Checkpointer, list[int]]:
   """(a read-only Checkpointer, its steps) of a workdir that has checkpoints; else ConfigError
   saying so, naming the flag `what`."""
+  if not os.path.isdir(workdir):
+    near = nearby_runs(workdir)
+    raise ConfigError(f'{what}={workdir}: no such folder' + (
+        f'; runs with checkpoints nearby: {", ".join(near)}' if near else
+        '; give the workdir of a training run'))
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise ConfigError(f'{what}={workdir}: no checkpoint (no {workdir}/checkpoints); train '
                       'first with python -m moejax.main')
