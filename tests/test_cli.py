@@ -92,7 +92,7 @@ def test_flags_take_either_spelling_and_params_checks_the_mesh_before_printing(c
   assert params.main([QUICK, '--mesh=expert=4', '--device-memory=40', '--decode-batch=2']) == 0
   dashed = capsys.readouterr().out
   assert params.main([QUICK, '--mesh=expert=4', '--device_memory=40', '--decode_batch=2']) == 0
-  assert capsys.readouterr().out == dashed and '"devices": 4' in dashed
+  assert capsys.readouterr().out == dashed and '(4 devices of 40 GiB' in dashed
   _one_line_error(capsys, bench.main, ['moe', '--top-k', '99', '--experts', '8'], '--top_k=99')
   _one_line_error(capsys, params.main, [QUICK, '--device-memorys=4'], 'unrecognized')
   assert params.main([QUICK, '--mesh=expert=3']) == 2
@@ -122,6 +122,19 @@ def test_experiment_overrides_reach_every_arm(tmp_path, capsys):
   # A field a rung of the ladder varies is refused, naming the rung.
   with pytest.raises(ConfigError, match="--config.train.steps: rung 'r0' sets this field"):
     experiment.override_base(experiment.load_experiment('balancing'), [('train.steps', '7')])
+
+
+def test_a_smoke_experiment_compiles_cheaply_and_user_flags_win(capsys, monkeypatch):
+  """--smoke puts XLA's cheapest optimisation flags first in XLA_FLAGS (read when jax starts
+  its backend), the user's own after them, so the user's win."""
+  from moejax.experiment.command import SMOKE_XLA_FLAGS
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=2')
+  assert experiment.main(['balancing', '--smoke', '--print_config']) == 0
+  assert os.environ['XLA_FLAGS'] == SMOKE_XLA_FLAGS + ' --xla_backend_optimization_level=2'
+  monkeypatch.setenv('XLA_FLAGS', '')
+  assert experiment.main(['balancing', '--print_config']) == 0
+  assert os.environ['XLA_FLAGS'] == ''
+  capsys.readouterr()
 
 
 def test_help_print_config_and_named_configs():

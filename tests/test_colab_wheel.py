@@ -1,6 +1,6 @@
 """The Colab notebooks as Colab runs them: from a wheel, in a fresh virtual environment outside
 the clone, executed from another directory. The notebooks' own install cell installs the wheel
-(MOEJAX_REPO points it there instead of the git URL), so that cell is what is tested."""
+(MOEJAX_REPO points it at the wheel built here), so that cell is what is tested."""
 import os
 import pathlib
 import shutil

@@ -148,8 +148,7 @@ def test_auto_dispatch_is_the_ring_on_an_expert_axis_and_equals_one_device():
   train_side_by_side(one, eight, ['train/loss', 'train/grad_norm'], steps=2, rtol=2e-5, atol=2e-6)
   batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=eight.batch_sharding)
            for k in ('inputs', 'targets')}
-  with eight.context():
-    text = eight._train_step.lower(eight.abstract_state, batch).as_text()
+  text = eight.lower_train_step(eight.abstract_state, batch).as_text()
   assert 'psum_scatter' in text or 'reduce_scatter' in text
   from moejax.moe.dispatch.auto import chosen_path
   with one.context():  # no expert axis: plain dropless, no shard_map around the experts

@@ -90,7 +90,12 @@ def test_runner_table_plots_no_rerun_and_a_diverged_run(tmp_path, monkeypatch):
       raise Diverged('step 3: the loss is not finite (a test)')
     return real(c, run_dir)
   monkeypatch.setattr(loop, 'train', train)
-  results = experiment.run(exp, workdir, smoke=True, arms=arms, seeds=[0, 1, 2], progress=False)
+  said = []
+  results = experiment.run(exp, workdir, smoke=True, arms=arms, seeds=[0, 1, 2], progress=False,
+                           log=said.append)
+  assert said[0] == ('6 runs (2 arms x their seeds; 6 runs of 4 steps), smoke size: '
+                     '0 finished, 6 to train')
+  assert said[1].startswith('the first run took ') and 'the 4 left (1 of them compiling)' in said[1]
   assert [len(results[a]) for a in arms] == [3, 3]
   r = json.load(open(os.path.join(workdir, 'sign_1e-2', 'seed_0', 'result.json')))
   assert r['final_step'] == 4 and r['val_loss'] > 0 and r['tokens_per_sec'] > 0
@@ -107,14 +112,16 @@ def test_runner_table_plots_no_rerun_and_a_diverged_run(tmp_path, monkeypatch):
   assert '| sign_1e-2 | 2 (1 diverged) |' in md and '±' in md and 'smoke' in md
   assert '1 run(s) diverged' in md and 'written at commit ' in md and 'evaluated on 512 tokens' in md
   row = next(line for line in md.splitlines() if line.startswith('| sign_1e-2 | paired | 2 |'))
-  assert '**' in row  # a verdict
+  assert '| none (smoke size) |' in row and '**' not in row  # 4 steps decide nothing
   for png in ('loss_curves.png', 'bpb_curves.png', 'max_vio.png', 'max_vio_per_layer.png',
               'expert_load.png'):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000 and f']({png})' in md
   # Finished (and diverged) runs are not redone: a second call reads their results.
   monkeypatch.setattr(loop, 'train', lambda *a: pytest.fail('trained again'))
-  again = experiment.run(exp, workdir, smoke=True, arms=arms, seeds=[0, 1, 2], progress=False)
-  assert again == results
+  said.clear()
+  again = experiment.run(exp, workdir, smoke=True, arms=arms, seeds=[0, 1, 2], progress=False,
+                         log=said.append)
+  assert again == results and said == [said[0]] and said[0].endswith('6 finished, 0 to train')
 
 
 def _results(values: dict, flops=1e9, **extra):
@@ -212,6 +219,31 @@ def test_arms_that_cannot_pair_are_compared_unpaired():
   assert not report.pairable(configs, None, 'wider', 'base')
   comps = report.comparisons(exp, results[None], configs, None, ['base', 'wider'])
   assert not comps['wider'].paired
+
+
+def test_the_plan_and_the_estimate_are_said_before_and_after_the_first_runs():
+  """The ladder of token_vs_expert_choice: 48 runs in 4 rungs (5, 5, 3, 3 seeds of 3 arms) of
+  their own steps. The estimate, after the first two runs (seeds of one config): the first
+  compiled (its extra time is the compile), the second did the work; each run left costs that
+  work scaled by its training FLOPs, plus a compile if its config has none yet (11 cells)."""
+  from moejax.costs.flops import train_flops
+  exp = load('token_vs_expert_choice')
+  configs = experiment.plan(exp)
+  line = experiment.runner.plan_line(exp, configs, list(configs)[5:], smoke=False)
+  assert line == ('48 runs (3 arms x 4 rungs x their seeds; r0: 15 runs of 150 steps, r1: 15 '
+                  'runs of 200 steps, r2: 9 runs of 280 steps, r3: 9 runs of 380 steps): '
+                  '5 finished, 43 to train')
+  todo = list(configs)
+  assert experiment.runner._estimate(configs, todo, [50.0]) == ''  # wait for the second
+  said = experiment.runner._estimate(configs, todo, [50.0, 20.0])
+  first = configs[todo[0]]
+  want = sum(20.0 * train_flops(configs[k]) / train_flops(first) for k in todo[2:]) + 11 * 30.0
+  assert f'the 46 left (11 of them compiling) would take about {want / 60:.1f} min' in said
+  # One seed per config: the first run alone, as an upper estimate.
+  one = {k: c for k, c in configs.items() if k.seed == 0}
+  said = experiment.runner._estimate(one, list(one), [50.0])
+  want = sum(50.0 * train_flops(c) / train_flops(first) for c in list(one.values())[1:])
+  assert f'the 11 left would take at most about {want / 60:.1f} min' in said
 
 
 def test_column_functions_hand_cases():

@@ -77,7 +77,7 @@ def test_plan_device_counts_and_errors():
 
 def test_cli_deepseek_v3():
   out = subprocess.run([sys.executable, '-m', 'moejax.params', '--config=configs/deepseek_v3.py',
-                        '--mesh=expert=64,tensor=8', '--device_memory=80'],
+                        '--mesh=expert=64,tensor=8', '--device_memory=80', '--json'],
                        capture_output=True, text=True, check=True,
                        cwd=str(pathlib.Path(__file__).resolve().parents[1]))
   counts, planned = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
@@ -86,3 +86,12 @@ def test_cli_deepseek_v3():
   # Ideal sharding bound: 671B bf16 weights need at least 671e9 * 2 / (0.9 * 80 GiB) devices.
   assert planned['bf16']['min_devices_inference'] >= math.ceil(counts['total'] * 2 /
                                                                (0.9 * 80 * 2**30))
+  # The published shape is planned at a pretraining context, not the base config's 128.
+  assert counts['seq_len'] == 4096
+  # Without --json: the same numbers as tables.
+  from moejax.params import tables
+  text = tables(counts, planned)
+  row = next(line for line in text.splitlines() if 'devices needed, training' in line)
+  assert row.split()[-2:] == [str(planned['bf16']['min_devices_training']),
+                              str(planned['fp8']['min_devices_training'])]
+  assert f"{counts['total'] / 1e9:,.3f}B" in text and 'multi-token prediction' in text

@@ -81,3 +81,21 @@ def test_readme_lists_every_router():
   section = readme.split('## Routers')[1].split('\n## ')[0]
   rows = re.findall(r'^\| `(\w+)` \|', section, re.M)
   assert sorted(rows) == sorted(ROUTERS)
+
+
+def test_the_notebooks_install_from_what_the_user_uploads(monkeypatch):
+  """No notebook points at a repository that does not exist; with moejax not installed and
+  nothing uploaded, the setup cell stops with one line saying what to upload."""
+  import importlib.util
+  import json
+  import pytest
+  monkeypatch.delenv('MOEJAX_REPO', raising=False)
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
+  for path in sorted((ROOT / 'colab').glob('*.ipynb')):
+    text = path.read_text()
+    assert 'github.com' not in text, path.name
+    cell = ''.join(json.loads(text)['cells'][1]['source'])
+    if pathlib.Path('/content').exists():  # a Colab machine: what it holds decides
+      continue
+    with pytest.raises(SystemExit, match='upload moejax-.*whl .* or your clone as /content/moejax'):
+      exec(compile(cell, path.name, 'exec'), {})

@@ -106,9 +106,9 @@ def _abstract_batch(trainer: Trainer, config, batch: int | None = None) -> dict:
 
 def _lower(trainer: Trainer, config, program: str, decode_batch: int, cache_len: int):
   state = trainer.abstract_state
+  if program == 'train':
+    return trainer.lower_train_step(state, _abstract_batch(trainer, config))
   with trainer.context():
-    if program == 'train':
-      return trainer._train_step.lower(state, _abstract_batch(trainer, config))
     if program == 'eval':
       return trainer._eval_step.lower(state.params, state.model_state,
                                       _abstract_batch(trainer, config))

@@ -38,8 +38,18 @@ def expected_experts(model_cfg) -> float:
   return ROUTERS[model_cfg.moe.router.name].expected_experts(model_cfg.moe)
 
 
+_WEIGHTS: dict = {}
+
+
 def _matmul_weights(model_cfg) -> tuple[float, float]:
   """(matmul weights a token uses in the main model and MTP modules, of which routed)."""
+  key = str(model_cfg)  # the runs of a ladder share a few models: each is read once
+  if key not in _WEIGHTS:
+    _WEIGHTS[key] = _read_matmul_weights(model_cfg)
+  return _WEIGHTS[key]
+
+
+def _read_matmul_weights(model_cfg) -> tuple[float, float]:
   model = Transformer(ml_collections.FrozenConfigDict(model_cfg))
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   share = expected_experts(model_cfg) / model_cfg.moe.num_experts

@@ -14,7 +14,9 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import time
+from functools import partial
 from typing import Any
 
 import jax
@@ -277,8 +279,41 @@ def _write_json(path: str, value):
   os.replace(tmp, path)  # a result exists only for a finished (or diverged) run
 
 
+def plan_line(exp: Experiment, configs: dict, todo: list, smoke: bool) -> str:
+  """What a run of the experiment will do, said before the first run starts."""
+  rungs = list(dict.fromkeys(k.rung for k in configs))
+  arms = list(dict.fromkeys(k.arm for k in configs))
+  steps = {r: sorted({c.train.steps for k, c in configs.items() if k.rung == r}) for r in rungs}
+  per_rung = ', '.join(f"{r + ': ' if r else ''}{sum(k.rung == r for k in configs)} runs of "
+                       f"{'/'.join(map(str, steps[r]))} steps" for r in rungs)
+  return (f'{len(configs)} runs ({len(arms)} arms' + (f' x {len(rungs)} rungs' if rungs != [None]
+                                                       else '') + f' x their seeds; {per_rung})'
+          + (', smoke size' if smoke else '') + f': {len(configs) - len(todo)} finished, '
+          f'{len(todo)} to train')
+
+
+def estimate_line(walls: list, flops: float, rest: list) -> str:
+  """How long the remaining runs take, from the first ones trained here: walls, the first
+  run's seconds and, when the second is another seed of the same config, its seconds (the
+  first compiles, the second reuses: the difference is the compile); flops, their training
+  FLOPs; rest, (config, compiles) of each run left. A run's work scales with its training
+  FLOPs, a config's compile is taken as the first one's."""
+  from moejax.costs.flops import train_flops
+  if len(walls) > 1:
+    compile_s, work_s = max(walls[0] - walls[1], 0.0), walls[1]
+    left = sum(work_s * train_flops(c) / flops + (compile_s if compiles else 0.0)
+               for c, compiles in rest)
+    return (f'the first run took {walls[0]:.0f} s (compiling), the second {walls[1]:.0f} s; '
+            f'the {len(rest)} left ({sum(c for _, c in rest)} of them compiling) would take '
+            f'about {left / 60:.1f} min (their work scaled by training FLOPs)')
+  left = sum(walls[0] * train_flops(c) / flops for c, _ in rest)
+  return (f'the first run took {walls[0]:.0f} s; the {len(rest)} left would take at most about '
+          f'{left / 60:.1f} min at its pace (scaled by their training FLOPs; the first run '
+          'also compiled, and later seeds of a config reuse its programs)')
+
+
 def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=None,
-        progress: bool = True, rungs=None) -> dict:
+        progress: bool = True, rungs=None, log=None) -> dict:
   """Run every missing run, then write the report.
 
   Returns:
@@ -291,6 +326,10 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   if not jax.config.jax_compilation_cache_dir:
     # Seeds of one arm compile the same programs: compile once, reuse from disk.
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, '.jax_cache'))
+  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+  todo = [k for k in configs if not os.path.exists(os.path.join(k.dir(workdir), 'result.json'))]
+  log(plan_line(exp, configs, todo, smoke))
+  walls = []  # seconds of the runs trained here, in order
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -303,7 +342,12 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
       bar.set_postfix_str(' '.join(filter(None, [key.rung, key.arm, f'seed {key.seed}'])))
     if not os.path.exists(result_path):
       os.makedirs(run_dir, exist_ok=True)
-      _write_json(result_path, _train_one(exp, key, c, workdir, run_dir, train, upcycle))
+      result = _train_one(exp, key, c, workdir, run_dir, train, upcycle)
+      _write_json(result_path, result)
+      walls.append(result['wall_s'])
+      line = _estimate(configs, todo, walls)
+      if line:
+        (partial(bar.write, file=sys.stderr) if bar is not None else log)(line)
     with open(result_path) as f:
       results.setdefault(key.rung, {}).setdefault(key.arm, []).append(json.load(f))
     if bar is not None:
@@ -313,6 +357,23 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   from moejax.experiment import report
   report.write(exp, workdir, results, configs, smoke)
   return results if exp.rungs else results.get(None, {})
+
+
+def _estimate(configs: dict, todo: list, walls: list) -> str:
+  """The estimate to say after a run trained here ('' for none): after the second run when it
+  is another seed of the first one's config, else after the first."""
+  from moejax.costs.flops import train_flops
+  cell = lambda k: (k.rung, k.arm)  # noqa: E731 (the runs of a cell share their programs)
+  same = len(todo) > 1 and cell(todo[1]) == cell(todo[0])
+  n = 2 if same else 1
+  if len(walls) != n or len(todo) <= n:
+    return ''
+  seen = {cell(k) for k in todo[:n]}
+  rest = []
+  for k in todo[n:]:
+    rest.append((configs[k], cell(k) not in seen))
+    seen.add(cell(k))
+  return estimate_line(walls, train_flops(configs[todo[0]]), rest)
 
 
 def _train_one(exp: Experiment, key: RunKey, c, workdir: str, run_dir: str, train,

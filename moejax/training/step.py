@@ -1,7 +1,9 @@
 """Train state, optimizer, loss, and the jitted, sharded train and eval steps."""
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 from typing import Any
 
 import jax
@@ -112,6 +114,19 @@ PER_LAYER = ('max_vio', 'cv', 'router_entropy', 'dropped_fraction', 'zero_expert
              'active_experts')
 
 
+# The jitted programs of the Trainers made in this process, by config (the seed aside: it is an
+# argument of the train step) and mesh. The runs of an experiment's seeds, opened one after
+# another in one process, trace and compile their programs once.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_KEPT = 8
+
+
+def _programs_key(config, mesh) -> tuple:
+  c = copy.deepcopy(config)
+  c.seed = 0
+  return str(c), mesh
+
+
 class Trainer:
   """Builds the model, its sharded state and the compiled steps for one config and mesh."""
 
@@ -132,16 +147,24 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.unbox(abstract), self.state_sharding)
-    rep = sharding.replicated(mesh)
+    rep = self._replicated = sharding.replicated(mesh)
+    key = _programs_key(config, mesh)
+    if key in _PROGRAMS:  # another seed of the same run: its programs, already compiled
+      _PROGRAMS.move_to_end(key)
+      self._init, self._train_step, self._eval_step = _PROGRAMS[key]
+      return
     self._init = jax.jit(lambda rng: nn.unbox(self._init_boxed(rng)),
                          out_shardings=self.state_sharding)
     self._train_step = jax.jit(self._train_step_fn, donate_argnums=0,
-                               in_shardings=(self.state_sharding, self.batch_sharding),
+                               in_shardings=(self.state_sharding, self.batch_sharding, rep),
                                out_shardings=(self.state_sharding, rep))
     self._eval_step = jax.jit(self._eval_step_fn,
                               in_shardings=(self.state_sharding.params,
                                             self.state_sharding.model_state, self.batch_sharding),
                               out_shardings=rep)
+    _PROGRAMS[key] = (self._init, self._train_step, self._eval_step)
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+      _PROGRAMS.popitem(last=False)
 
   @contextlib.contextmanager
   def context(self):
@@ -178,8 +201,9 @@ class Trainer:
     mtp_loss = mtp_total(aux, batch['targets'], self.config.model.mtp, metrics)
     return ce + moe_loss + mtp_loss, (metrics, new_state)
 
-  def _train_step_fn(self, state: TrainState, batch):
-    rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
+  def _train_step_fn(self, state: TrainState, batch, seed):
+    # The seed is an argument, not a constant of the program: every seed runs one program.
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
     (loss, (metrics, model_state)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
         state.params, state.model_state, batch, rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -210,7 +234,16 @@ class Trainer:
 
   def train_step(self, state, batch):
     with self.context():
-      return self._train_step(state, self.device_batch(batch))
+      return self._train_step(state, self.device_batch(batch), self._seed())
+
+  def _seed(self):
+    return jax.device_put(jnp.asarray(self.config.seed, jnp.uint32), self._replicated)
+
+  def lower_train_step(self, state, batch):
+    """The train step lowered for (abstract) state and batch, as train_step runs it."""
+    seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=self._replicated)
+    with self.context():
+      return self._train_step.lower(state, batch, seed)
 
   def eval_step(self, state: TrainState, batch):
     with self.context():
