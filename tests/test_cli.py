@@ -94,6 +94,8 @@ def test_flags_take_either_spelling_and_params_checks_the_mesh_before_printing(c
   assert params.main([QUICK, '--mesh=expert=4', '--device_memory=40', '--decode_batch=2']) == 0
   assert capsys.readouterr().out == dashed and '(4 devices of 40 GiB' in dashed
   _one_line_error(capsys, bench.main, ['moe', '--top-k', '99', '--experts', '8'], '--top_k=99')
+  from moejax.routes.__main__ import parser as routes_parser  # a flag written with a dash
+  assert routes_parser().parse_args(['--workdir', 'x', '--no_progress']).progress is False
   _one_line_error(capsys, params.main, [QUICK, '--device-memorys=4'], 'unrecognized')
   assert params.main([QUICK, '--mesh=expert=3']) == 2
   out, err = capsys.readouterr()

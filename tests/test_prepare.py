@@ -216,6 +216,12 @@ def test_files_the_patterns_leave_out_are_counted_and_said(tmp_path):
                  log=said.append)
   assert not any(line.startswith('left out') for line in said)
   assert meta['splits']['train']['docs'] + meta['splits']['validation']['docs'] == 8
+  # A folder of many kinds (as /usr/share/doc): the six most common named, the rest counted.
+  from collections import Counter
+  from moejax.data.documents import left_out_note
+  many = Counter({f'.k{i}': 10 - i for i in range(8)})
+  assert '(10 *.k0, 9 *.k1, 8 *.k2, 7 *.k3, 6 *.k4, 5 *.k5, and 2 more kinds)' in left_out_note(
+      many, '*.md')
 
 
 @pytest.fixture(scope='module')

@@ -142,3 +142,37 @@ def test_logged_learning_rate_is_the_one_applied(runs):
   c = np.cos(np.pi / 4)
   want = [0.0, 1.5e-3, 3e-3, 3e-4 + 1.35e-3 * (1 + c), 1.65e-3, 3e-4 + 1.35e-3 * (1 - c)]
   np.testing.assert_allclose([rows[s] for s in range(1, 7)], want, rtol=1e-5, atol=1e-9)
+
+
+def test_seeds_of_one_config_share_compiled_programs_and_still_differ():
+  """The seed is an argument of the train step: Trainers of one config on one mesh (the seeds
+  of an experiment's cell) share the jitted programs; the routing noise follows each run's own
+  seed (router jitter on: the same state and batch give another step under another seed, the
+  same step under the same); another config or mesh gets programs of its own."""
+  import copy
+  import jax
+  from conftest import trainer_on
+  c = _tiny_config()
+  c.model.moe.router.jitter = 0.5
+  first = trainer_on(copy.deepcopy(c), dict(data=1, fsdp=1, expert=1, tensor=1))
+  c.seed = 7
+  other_seed = trainer_on(copy.deepcopy(c), dict(data=1, fsdp=1, expert=1, tensor=1))
+  assert other_seed._train_step is first._train_step and other_seed._eval_step is first._eval_step
+  wider = copy.deepcopy(c)
+  wider.model.moe.expert_ffn_dim = 32
+  assert trainer_on(wider, dict(data=1, fsdp=1, expert=1, tensor=1))._train_step is not (
+      first._train_step)
+  assert trainer_on(copy.deepcopy(c), dict(data=2, fsdp=1, expert=1, tensor=1))._train_step is not (
+      first._train_step)
+  # The same config on another device (config.mesh alike: data=-1 takes what it is given).
+  from moejax.parallel.mesh import make_mesh, mesh_shape
+  from moejax.training.step import Trainer
+  elsewhere = Trainer(first.config, make_mesh(mesh_shape(first.config.mesh, 1), jax.devices()[1:2]))
+  assert elsewhere._train_step is not first._train_step
+  rows = np.random.default_rng(0).integers(0, 256, (8, 17)).astype(np.int32)
+  batch = {'inputs': rows[:, :-1], 'targets': rows[:, 1:]}
+
+  def loss(trainer):
+    state = first.init(0)  # the same initial state for both seeds
+    return float(jax.device_get(trainer.train_step(state, batch)[1]['train/loss']))
+  assert loss(first) == loss(first) != loss(other_seed)

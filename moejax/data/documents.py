@@ -67,8 +67,9 @@ def left_out_note(left_out: collections.Counter, file_glob: str) -> str:
   """One line on the files the patterns left out ('' when none), and how to take them."""
   if not left_out:
     return ''
-  kinds = ', '.join(f'{n} without an extension' if ext == '' else f'{n} *{ext}'
-                    for ext, n in sorted(left_out.items(), key=lambda kv: (-kv[1], kv[0])))
+  kinds = [f'{n} without an extension' if ext == '' else f'{n} *{ext}'
+           for ext, n in sorted(left_out.items(), key=lambda kv: (-kv[1], kv[0]))]
+  kinds = ', '.join(kinds[:6]) + (f', and {len(kinds) - 6} more kinds' if len(kinds) > 6 else '')
   total = sum(left_out.values())
   return (f"left out {total} file{'s' * (total != 1)} that --file_glob={file_glob!r} does not "
           f"match ({kinds}); to take them, add their patterns to --file_glob (e.g. "
