@@ -5,7 +5,7 @@ Switch/GShard auxiliary loss (today's default, the baseline), and three loss-fre
 auxiliary loss: the sign rule (Wang et al. 2024), damped updates (momentum 0.9, tanh clamp 1),
 and quantile balancing (the bias moved halfway each step toward the per-expert score quantiles
 that give every expert its share). The z-loss (1e-3) is the same in every arm. The report gives
-each arm's difference from the baseline with a 95% bootstrap interval over the 5 seeds.
+each arm's difference from the baseline with the interval its verdict rests on, over the 5 seeds.
 """
 from moejax.experiments.common import SMOKE, base
 from moejax.experiments.metrics import tail_mean

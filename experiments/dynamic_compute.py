@@ -14,7 +14,7 @@ matched on its mean (the table's 'active experts (eval)' column shows what each 
   experts per token at the end in a first run of 5 seeds, hence the lower threshold;
 - relu: ReLU routing (ReMoE, arXiv:2412.14711), the adaptive L1 penalty steering to 2 active
   experts per token (at most 4), no auxiliary loss.
-The report gives each arm's difference from the baseline with a 95% bootstrap interval and
+The report gives each arm's difference from the baseline with the interval of its verdict and
 Welch's t-test over the 5 seeds.
 """
 from moejax.experiments.common import SMOKE, base

@@ -174,6 +174,22 @@ def test_the_report_pairs_tests_and_finds_the_trend_of_a_ladder(tmp_path):
   row = next(line for line in ladder_rows if line.startswith('| same | paired |'))
   assert 'no trend detected' in row
   assert os.path.getsize(tmp_path / 'ladder_loss.png') > 1000
+  # Compute multipliers: 'better' sits 0.05 below a baseline falling 0.1 per decade, so it
+  # reaches the baseline's loss with 10^-0.5 = 0.32x the compute, below the ladder at the first
+  # rung (extrapolated) and inside it at the last; 'same' needs 1x.
+  rows = md[md.index('Compute multipliers'):].splitlines()
+
+  def multiplier_cells(arm):
+    cells = next(line for line in rows if line.startswith(f'| {arm} |')).split('|')[2:5]
+    return [[float(v.strip(' x[],')) for v in c.split('(')[0].split()] for c in cells], cells
+  values, cells = multiplier_cells('better')
+  assert all(low < 10 ** -0.5 < high for _, low, high in values)
+  assert '(extrapolated)' in cells[0] and '(extrapolated)' not in cells[2]
+  values, _ = multiplier_cells('same')
+  assert all(0.85 < low < high < 1.15 for _, low, high in values)
+  assert 'ladder_multipliers.png' in md and os.path.getsize(tmp_path / 'ladder_multipliers.png')
+  sizes = [line for line in rows if line.startswith('| c | ')]
+  assert [line.split('|')[2].strip() for line in sizes] == list(exp.arms)
   # At smoke size the same numbers get no verdicts and no trends, and the rungs say the steps
   # their runs did (not only the full experiment's overrides).
   os.makedirs(tmp_path / 'smoke')

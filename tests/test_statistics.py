@@ -1,8 +1,9 @@
 """The comparison statistics (moejax/experiment/statistics.py, from scipy and statsmodels) against
 hand-worked closed forms: Student's t with 1 and 2 degrees of freedom has closed-form tails, so
 a paired test of two seeds, Welch's test of two samples of two and TOST of two pairs can be
-computed by hand; Holm's correction by hand; power against the noncentral t; both tails; the
-interval's level; and the verdicts."""
+computed by hand; Holm's correction by hand and against statsmodels; power against the
+noncentral t; both tails; the intervals by hand, their levels, and their agreement with every
+verdict over random small samples."""
 import math
 
 import numpy as np
@@ -62,8 +63,9 @@ def test_pairing_removes_the_shared_seed_effect():
 
 
 def test_holm_by_hand():
-  comps = {n: st.Comparison(True, 5, -0.1, -0.2, 0.0, p, 0.9, 0.1, 0.1, 10, 0.01)
-           for n, p in (('a', 0.01), ('b', 0.04), ('c', 0.03))}
+  d = np.array([-0.2, 0.0, -0.1, -0.15, -0.05])
+  comps = {n: st.Comparison(True, 5, -0.1, -0.2, 0.0, p, 0.9, 0.1, 0.1, 10, 0.01, a=d,
+                            b=np.zeros(5)) for n, p in (('a', 0.01), ('b', 0.04), ('c', 0.03))}
   st.verdicts(comps)
   # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
   assert [comps[n].p_holm for n in 'abc'] == pytest.approx([0.03, 0.06, 0.06])
@@ -91,21 +93,99 @@ def test_power_minimum_detectable_effect_and_seeds(paired):
   assert st.effect_for_power(1, paired) == math.inf
 
 
-def test_the_interval_has_its_level_and_resamples_pairs():
-  rng = np.random.default_rng(0)
-  d = rng.normal(0.1, 1.0, 400)
-  low95, high95 = st.bootstrap_interval(d, np.zeros_like(d), True)
-  low90, high90 = st.bootstrap_interval(d, np.zeros_like(d), True, level=0.90)
-  se = d.std(ddof=1) / math.sqrt(len(d))
-  assert low95 < low90 < d.mean() < high90 < high95
-  assert (high95 - low95) / (2 * se) == pytest.approx(1.96, rel=0.1)
-  assert (high90 - low90) / (2 * se) == pytest.approx(1.645, rel=0.1)
-  # Paired: the interval of the mean difference, tight when the seeds move together.
-  base = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-  low, high = st.bootstrap_interval(base + 0.5, base, True)
-  assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
-  low, high = st.bootstrap_interval(base + 0.5, base, False)
-  assert low < -1 and high > 2  # unpaired: the seed spread dominates
+def test_holm_equals_statsmodels_and_its_levels_decide_alike(monkeypatch):
+  """Adjusted p-values as statsmodels' multipletests gives them (ties, ones, nan as untestable);
+  each hypothesis is rejected (adjusted p <= 0.05) exactly when its p is within the level the
+  step-down spent on it."""
+  import gc
+  from statsmodels.stats import multitest
+  monkeypatch.setattr(gc, 'collect', lambda *a: 0)  # multipletests collects on every call
+  rng = np.random.default_rng(3)
+  cases = [[0.01, 0.04, 0.03], [0.02, 0.02, 0.02], [0.001, 0.5, 0.0125, 0.013], [1.0, 0.0]]
+  cases += [list(rng.uniform(0, 0.08, rng.integers(1, 6))) for _ in range(200)]
+  for ps in cases:
+    adjusted, levels = st.holm(ps)
+    assert adjusted == pytest.approx(list(multitest.multipletests(ps, method='holm')[1]),
+                                     abs=1e-15)
+    assert [q <= 0.05 for q in adjusted] == [p <= lv for p, lv in zip(ps, levels)], ps
+  assert st.holm([0.001, math.nan])[0] == [0.002, 1.0]
+  # By hand: sorted 0.001, 0.0125, 0.013, 0.5 at 0.05/4, 0.05/3, 0.05/2: the first two pass,
+  # the third fails 0.025? no: 0.013 <= 0.025 passes, 0.5 > 0.05 stops.
+  assert st.holm([0.001, 0.5, 0.0125, 0.013])[1] == pytest.approx([0.0125, 0.05, 0.05 / 3, 0.025])
+  # A kept hypothesis holds every later one to its own level.
+  assert st.holm([0.02, 0.03, 0.04])[1] == pytest.approx([0.05 / 3] * 3)
+
+
+def test_the_intervals_by_hand():
+  """Paired: mean +- t(1 - a/2, n - 1) sd / sqrt(n); Welch: its own degrees of freedom; the
+  one-sided form (the two one-sided tests at a): t(1 - a)."""
+  a, b = np.array([2.0, 2.3, 2.1, 2.6]), np.array([1.9, 2.0, 2.2, 2.3])
+  c = st.compare(a, b, 0.5, True)
+  d = a - b
+  se = d.std(ddof=1) / 2
+  for level in (0.95, 0.99):
+    half = stats.t.ppf(1 - (1 - level) / 2, 3) * se
+    assert c.interval(level) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-12)
+  half = stats.t.ppf(0.95, 3) * se
+  assert c.interval(0.95, one_sided=True) == pytest.approx((d.mean() - half, d.mean() + half))
+  assert (c.low, c.high) == pytest.approx(c.interval(0.95))  # compare()'s default: 95%
+  u = st.compare(a, b[:3], 0.5, False)
+  va, vb = a.var(ddof=1) / 4, b[:3].var(ddof=1) / 3
+  df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+  half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+  diff = a.mean() - b[:3].mean()
+  assert u.interval(0.95) == pytest.approx((diff - half, diff + half), rel=1e-12)
+
+
+def test_every_verdict_agrees_with_its_interval():
+  """Random small samples (2-6 seeds, paired and not, 1-3 arms, 1-3 looks): better or worse
+  exactly when the printed interval excludes 0 (on its side); equivalent exactly with the
+  interval of the two one-sided tests, inside +-delta; inconclusive with an interval holding 0.
+  The level printed is the one the verdict's test spent."""
+  rng = np.random.default_rng(7)
+  seen = set()
+  for trial in range(300):
+    n, arms, looks = rng.integers(2, 7), rng.integers(1, 4), int(rng.integers(1, 4))
+    paired, delta = bool(rng.integers(2)), float(rng.choice([0.05, 0.2, 1.0]))
+    base = rng.normal(2.0, 0.5, n)
+    comps = {}
+    for i in range(arms):
+      shift = float(rng.choice([0.0, 0.1, -0.3, 1.5]))
+      arm = (base + shift + rng.normal(0, 0.1, n)) if paired else rng.normal(2 + shift, 0.2, n)
+      comps[f'a{i}'] = st.compare(arm, base, delta, paired, power=False)
+    st.verdicts(comps, looks=looks)
+    for c in comps.values():
+      seen.add(c.verdict)
+      assert c.looks == looks
+      if c.verdict == 'equivalent':
+        assert -delta < c.low <= c.high < delta
+        assert c.level == pytest.approx(1 - 2 * c.alpha_tost)
+        assert (c.low, c.high) == pytest.approx(c.interval(1 - c.alpha_tost, one_sided=True))
+      else:
+        assert c.level == pytest.approx(1 - c.alpha)
+        assert (c.low, c.high) == pytest.approx(c.interval(c.level))
+        excludes = c.low > 0 or c.high < 0
+        assert excludes == c.verdict.startswith(('better', 'worse')), (c.verdict, c)
+        if c.verdict.startswith('better'):
+          assert c.high < 0
+        if c.verdict.startswith('worse'):
+          assert c.low > 0
+  assert {'better', 'worse', 'equivalent', 'inconclusive'} <= seen
+
+
+def test_looks_divide_the_level():
+  """One arm, p 0.02: decided at one look, not at three (0.02 x 3 > 0.05), and its interval
+  widens from 95% to 1 - 0.05 / 3."""
+  base = np.array([2.0, 2.4, 1.9, 2.2, 2.1, 2.5])
+  d = np.array([0.01, 0.03, 0.02, 0.05, 0.0, 0.04])  # t = 3.27 on 5 degrees of freedom
+  c = st.compare(base + d, base, 0.001, True, power=False)
+  assert c.p == pytest.approx(2 * stats.t.sf(d.mean() / (d.std(ddof=1) / math.sqrt(6)), 5))
+  assert 0.05 / 3 < c.p < 0.05
+  one = st.verdicts({'x': c})['x']
+  assert one.verdict == 'worse' and one.level == pytest.approx(0.95) and one.low > 0
+  three = st.verdicts({'x': st.compare(c.a, c.b, 0.001, True, power=False)}, looks=3)['x']
+  assert three.verdict == 'inconclusive' and three.p_holm == pytest.approx(3 * c.p)
+  assert three.level == pytest.approx(1 - 0.05 / 3) and three.low < 0 < three.high
 
 
 @pytest.mark.parametrize('shift,delta,verdict', [

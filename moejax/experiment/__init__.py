@@ -3,8 +3,10 @@ ladder, each a normal training run, then a report.
 
     python -m moejax.experiment experiments/balancing.py --workdir=runs/balancing [--smoke]
 
-runner.py runs the runs (resumable), report.py writes results.md with the statistics of
-statistics.py, plots.py the plots.
+runner.py runs the runs (resumable; with --until_decided, rounds of seeds from sequential.py),
+report.py writes results.md: pairing.py says which runs compare and how, statistics.py the
+tests, verdicts and their intervals, ladder.py a ladder's section with the compute multipliers
+of multipliers.py, plots.py the plots.
 """
 from moejax.experiment.runner import (Arm, Experiment, PostEval, Rung, RunKey, experiment_path,
                                       load_experiment, load_module, override_base, plan,

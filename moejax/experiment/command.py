@@ -1,6 +1,7 @@
 """The command: python -m moejax.experiment EXPERIMENT[:ARG] --workdir=DIR [--smoke] [--arms=A,B]
-[--rungs=R,S] [--seeds=N | --seeds=S,T] [--config.x=v]; --list shows the shipped experiments,
-or one experiment's arms, rungs and seeds."""
+[--rungs=R,S] [--seeds=N | --seeds=S,T] [--until_decided --budget=3h [--max_seeds=12]
+[--round=2]] [--config.x=v]; --list shows the shipped experiments, or one experiment's arms,
+rungs and seeds."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from moejax import cli
 from moejax.errors import ConfigError
 from moejax.experiment.runner import (SHARED_FILES, experiment_path, load_experiment,
                                       override_base, run)
+from moejax.experiment.sequential import Until, parse_budget
 
 
 def parser() -> cli.ArgumentParser:
@@ -32,6 +34,17 @@ def parser() -> cli.ArgumentParser:
                  '(default: all)')
   p.add_argument('--seeds', default='', help='N: the first N seeds; S,T,..: these seeds '
                  '(default: the experiment\'s)')
+  p.add_argument('--until_decided', action='store_true',
+                 help='after the planned seeds, add seeds in rounds to the comparisons still '
+                 'inconclusive, cheapest to decide first, until each is decided, reaches '
+                 '--max_seeds, or --budget is spent (every test corrected for the looks: '
+                 'moejax/experiment/sequential.py); the same command resumes')
+  p.add_argument('--budget', default='', help='with --until_decided: the time this invocation '
+                 'may train, e.g. 3h, 90m, 1h30m (required)')
+  p.add_argument('--max_seeds', type=int, default=12, help='with --until_decided: the most seeds '
+                 'a comparison may reach (default 12); fixed once a workdir has looked')
+  p.add_argument('--round', type=int, default=2, help='with --until_decided: the seeds a round '
+                 'adds to each undecided comparison (default 2); fixed once a workdir has looked')
   p.add_argument('--list', action='store_true', help='list the shipped experiments, or with '
                  'EXPERIMENT its arms, rungs and seeds, and exit')
   p.add_argument('--print_config', action='store_true',
@@ -70,6 +83,26 @@ def describe(exp) -> str:
   return '\n'.join(lines)
 
 
+def until_of(args, exp) -> Until | None:
+  """The --until_decided request, its flags checked (before anything compiles)."""
+  given = [f for f, default in (('budget', ''), ('max_seeds', 12), ('round', 2))
+           if getattr(args, f) != default]
+  if not args.until_decided:
+    if given:
+      raise ConfigError(f'--{given[0]} applies to --until_decided only: add --until_decided, or '
+                        f'drop --{given[0]}')
+    return None
+  if not exp.baseline:
+    raise ConfigError(f'--until_decided: experiment {exp.name!r} compares no arms with a '
+                      'baseline, so there is no verdict to wait for; drop --until_decided')
+  if not args.budget:
+    raise ConfigError('--until_decided needs --budget (how long this invocation may train, '
+                      'e.g. --budget=3h); the same command resumes later')
+  if args.round < 1:
+    raise ConfigError(f'--round={args.round}: a round adds at least 1 seed')
+  return Until(parse_budget(args.budget), args.max_seeds, args.round)
+
+
 def _main(argv=None) -> int:
   p = parser()
   rest, overrides = cli.split_overrides(sys.argv[1:] if argv is None else list(argv))
@@ -97,7 +130,7 @@ def _main(argv=None) -> int:
   seeds = parse_seeds(args.seeds, exp.seeds)
   arms = [a for a in args.arms.split(',') if a] or None
   rungs = [r for r in args.rungs.split(',') if r] or None
-  run(exp, args.workdir, args.smoke, arms, seeds, rungs=rungs)
+  run(exp, args.workdir, args.smoke, arms, seeds, rungs=rungs, until=until_of(args, exp))
   path = os.path.join(args.workdir, 'results.md')
   print(f'report: {path} (plots next to it; each run in {args.workdir}/[RUNG/]ARM/seed_S, '
         f'TensorBoard: tensorboard --logdir {args.workdir})')

@@ -248,7 +248,36 @@ def ladder_gap(workdir, gaps: dict, baseline: str):
   ax.set_xscale('log')
   ax.set_xlabel('training FLOPs')
   ax.set_ylabel(f'loss - loss of {baseline} (nats)')
-  ax.set_title('Gap to the baseline per rung: mean and 95% bootstrap interval; dashed: trend',
+  ax.set_title('Gap to the baseline per rung: mean and 95% t-interval; dashed: trend',
                fontsize='medium')
   ax.legend(fontsize='small')
   return _save(plt, fig, workdir, 'ladder_gap.png')
+
+
+def ladder_multipliers(workdir, mults: dict, baseline: str):
+  """Each arm's compute multiplier against the baseline per rung with its 95% interval (log
+  axes; an infinite end drawn to the top edge): mults {arm: [multipliers.Multiplier]}."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  ax.axhline(1, color='black', lw=0.8)
+  finite = [v for ms in mults.values() for m in ms for v in (m.low, m.value, m.high)
+            if np.isfinite(v) and v > 0]
+  if not finite:
+    plt.close(fig)
+    return None
+  top = max(finite) * 1.5
+  for i, (arm, ms) in enumerate(mults.items()):
+    shift = 1 + 0.03 * (i - (len(mults) - 1) / 2)
+    x = np.asarray([m.flops for m in ms]) * shift
+    v = np.asarray([min(m.value, top) for m in ms])
+    err = np.asarray([[max(m.value - m.low, 0) if np.isfinite(m.value) else 0 for m in ms],
+                      [min(m.high, top) - min(m.value, top) for m in ms]])
+    ax.errorbar(x, v, yerr=err, fmt='o', capsize=3, label=arm)
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  ax.set_xlabel('training FLOPs of the rung')
+  ax.set_ylabel(f'compute to reach {baseline}\'s loss (x)')
+  ax.set_title(f'Compute multiplier against {baseline}: below 1 the arm needs less; 95% '
+               'bootstrap interval over seeds', fontsize='medium')
+  ax.legend(fontsize='small')
+  return _save(plt, fig, workdir, 'ladder_multipliers.png')

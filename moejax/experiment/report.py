@@ -4,11 +4,11 @@ and metrics.jsonl files.
 results.md says what was measured (units, steps, training and evaluation tokens, the base
 config, the commit, the wall time), then per rung of the ladder (or once, without one) a table
 of every arm (mean ± std over seeds) and the comparison of each arm with the baseline: paired
-by seed where the two arms can pair (same seeds, same parameter shapes and data order), else as
-independent samples, with a bootstrap interval, the t-test, Holm's correction over the arms,
-the two one-sided tests of equivalence within the experiment's margin delta, the minimum
-detectable effect and the seeds that would detect delta, and a verdict (statistics.py). With a
-ladder, the loss against training FLOPs and the slope of each gap against log-compute.
+by seed where the two arms can pair (pairing.py), else as independent samples, with the
+t-test, Holm's correction over the arms, the two one-sided tests of equivalence within the
+experiment's margin delta, the minimum detectable effect and the seeds that would detect delta,
+a verdict and the interval it rests on (statistics.py), and the look it was reached at where
+seeds were added until decided (sequential.py). With a ladder, its section (ladder.py).
 """
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ import math
 import os
 import subprocess
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from moejax.experiment import plots, statistics
+from moejax.experiment import ladder as ladder_section, plots, statistics
+# comparisons and pairable are this module's too (the runner and the tests read them here)
+from moejax.experiment.pairing import aligned, comparisons, finished, pairable  # noqa: F401
 from moejax.model.schedule import moe_layer_ids
 from moejax.training.metrics import read_metrics
 
@@ -49,10 +48,6 @@ def _fmt(values) -> str:
   return f'{a.mean():.{digits}f}{std}' + (f' ({never} of {len(vals)} never)' if never else '')
 
 
-def _ok(results: list[dict]) -> list[dict]:
-  return [r for r in results if 'diverged' not in r]
-
-
 def table(exp, results: dict, arms) -> str:
   """One row per arm: mean ± std over its seeds that finished; diverged runs counted."""
   cols = list(BASE_COLUMNS) + [(k, k) for k in exp.columns] + [
@@ -61,200 +56,66 @@ def table(exp, results: dict, arms) -> str:
            '|---' * (len(cols) + 2) + '|']
   for arm in arms:
     rs = results.get(arm, [])
-    ok = _ok(rs)
+    ok = finished(rs)
     seeds = f'{len(ok)}' + (f' ({len(rs) - len(ok)} diverged)' if len(ok) < len(rs) else '')
     lines.append(f'| {arm} | {seeds} | ' + ' | '.join(_fmt([r.get(k) for r in ok])
                                                      for k, _ in cols) + ' |')
   return '\n'.join(lines)
 
 
-_SHAPES: dict = {}
-
-
-def _param_shapes(model_cfg) -> tuple:
-  """The parameter tree's paths and shapes (jax.eval_shape: nothing allocated)."""
-  from moejax.model.transformer import Transformer
-  key = str(model_cfg)
-  if key not in _SHAPES:
-    model = Transformer(ml_collections.FrozenConfigDict(model_cfg))
-    tree = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
-    _SHAPES[key] = tuple((jax.tree_util.keystr(p), tuple(getattr(v, 'value', v).shape))
-                         for p, v in jax.tree_util.tree_leaves_with_path(
-                             tree, is_leaf=lambda x: hasattr(x, 'value')))
-  return _SHAPES[key]
-
-
-def pairable(configs: dict, rung, arm: str, base: str) -> bool:
-  """Whether two arms' runs pair by seed: the same seeds, the same parameter shapes (so the
-  same initial parameters) and the same data order (data section, batch size)."""
-  mine = {k.seed: c for k, c in configs.items() if k.rung == rung and k.arm == arm}
-  theirs = {k.seed: c for k, c in configs.items() if k.rung == rung and k.arm == base}
-  if not mine or set(mine) != set(theirs):
-    return False
-  a, b = next(iter(mine.values())), next(iter(theirs.values()))
-  return (a.data.to_dict() == b.data.to_dict() and a.train.batch_size == b.train.batch_size
-          and _param_shapes(a.model) == _param_shapes(b.model))
-
-
-def _aligned(results: dict, configs: dict, rung, arm: str, base: str, key: str):
-  """(arm values, baseline values, paired) of a metric over the seeds both finished."""
-  seeds = lambda a: [k.seed for k in configs if k.rung == rung and k.arm == a]  # noqa: E731
-  va = dict(zip(seeds(arm), results.get(arm, [])))
-  vb = dict(zip(seeds(base), results.get(base, [])))
-  paired = pairable(configs, rung, arm, base)
-  if paired:
-    common = [s for s in va if s in vb and 'diverged' not in va[s] and 'diverged' not in vb[s]
-              and va[s].get(key) is not None and vb[s].get(key) is not None]
-    return [va[s][key] for s in common], [vb[s][key] for s in common], True
-  ok = lambda d: [r[key] for r in d.values() if 'diverged' not in r and r.get(key) is not None]  # noqa: E731,E501
-  return ok(va), ok(vb), False
-
-
-def comparisons(exp, results: dict, configs: dict, rung, arms, key: str = 'val_loss') -> dict:
-  """{arm: statistics.Comparison} of each arm against the baseline, with verdicts."""
-  out = {}
-  for arm in arms:
-    if arm == exp.baseline:
-      continue
-    a, b, paired = _aligned(results, configs, rung, arm, exp.baseline, key)
-    if min(len(a), len(b)) >= 2:
-      out[arm] = statistics.compare(a, b, exp.delta, paired)
-  return statistics.verdicts(out)
+def _level(level: float) -> str:
+  return f'{100 * level:.3g}%'
 
 
 def _p(p: float) -> str:
   return '-' if p is None or math.isnan(p) else f'{p:.2g}'
 
 
-def differences(exp, results: dict, configs: dict, rung, arms, smoke: bool = False) -> str:
+def differences(exp, results: dict, configs: dict, rung, arms, smoke: bool = False,
+                design=None) -> str:
   """The comparison table of each arm with the baseline (primary metric: val loss); a smoke
   run's has no verdicts (a few steps decide nothing)."""
-  comps = comparisons(exp, results, configs, rung, arms)
+  comps = comparisons(exp, results, configs, rung, arms, design)
   if not comps:
     return ''
+  looks = (f' Seeds were added until decided: the comparisons are looked at with '
+           f"{', '.join(map(str, design.sizes()))} seeds, each test at 0.05 / {design.looks} (a "
+           'Bonferroni boundary over the looks), and the verdict rests on the last completed '
+           'look (column look).' if design else '')
   lines = [f'Against `{exp.baseline}`, on val loss (nats; equivalence margin delta = '
-           f'{exp.delta:g}): the mean difference [95% bootstrap interval], the two-sided t-test '
-           "(paired by seed, or Welch's when the arms cannot pair) and its p after Holm's "
-           'correction over the arms, the two one-sided tests of |difference| < delta after '
-           'Holm, the smallest difference these seeds detect with 80% power (MDE), the seeds '
-           'that would detect delta, and the verdict.', '',
-           '| arm | pairing | seeds | difference [95% CI] | p | p (Holm) | TOST p (Holm) | MDE | '
-           'seeds for delta | verdict |', '|---' * 10 + '|']
+           f'{exp.delta:g}): the mean difference and the interval its verdict rests on (the '
+           "t-interval of the paired differences, or Welch's when the arms cannot pair, at the "
+           "level Holm's correction over the arms spends on that arm; for an equivalence "
+           'verdict the interval of the two one-sided tests, which lies inside +-delta), the '
+           "two-sided t-test and its p after Holm, the two one-sided tests of |difference| < "
+           'delta after Holm, the smallest difference these seeds detect with 80% power (MDE), '
+           'the seeds that would detect delta, and the verdict: better or worse exactly when '
+           'the interval excludes 0.' + looks, '',
+           '| arm | pairing | seeds | ' + ('look | ' if design else '') +
+           'difference [interval] (level) | p | p (Holm) | TOST p (Holm) | MDE | '
+           'seeds for delta | verdict |', '|---' * (11 if design else 10) + '|']
   for arm, c in comps.items():
+    look = f'{design.analysed(c.n)[1]} of {design.looks} | ' if design else ''
     lines.append(
-        f"| {arm} | {'paired' if c.paired else 'unpaired'} | {c.n} | {c.diff:+.4f} "
-        f'[{c.low:+.4f}, {c.high:+.4f}] | {_p(c.p)} | {_p(c.p_holm)} | {_p(c.p_tost_holm)} | '
-        f'{c.mde:.4f} | {c.seeds_needed:.0f} | '
+        f"| {arm} | {'paired' if c.paired else 'unpaired'} | {c.n} | {look}{c.diff:+.4f} "
+        f'[{c.low:+.4f}, {c.high:+.4f}] ({_level(c.level)}) | {_p(c.p)} | {_p(c.p_holm)} | '
+        f'{_p(c.p_tost_holm)} | {c.mde:.4f} | {c.seeds_needed:.0f} | '
         + ('none (smoke size)' if smoke else f'**{c.verdict}**') + ' |')
   rows = []
   for key, title in SECONDARY:
     for arm in arms:
       if arm == exp.baseline:
         continue
-      a, b, paired = _aligned(results, configs, rung, arm, exp.baseline, key)
+      a, b, paired = aligned(results, configs, rung, arm, exp.baseline, key)
       if min(len(a), len(b)) >= 2:
         c = statistics.compare(a, b, math.inf, paired)
         rows.append(f'| {title} | {arm} | {c.diff:+.4f} [{c.low:+.4f}, {c.high:+.4f}] | '
                     f'{_p(c.p)} |')
   if rows:
-    lines += ['', 'Other metrics against the baseline (difference [95% CI], t-test p, not '
-              'corrected):', '', '| metric | arm | difference [95% CI] | p |',
+    lines += ['', 'Other metrics against the baseline (difference [95% t-interval], t-test p, '
+              'not corrected):', '', '| metric | arm | difference [95% interval] | p |',
               '|---|---|---|---|'] + rows
   return '\n'.join(lines)
-
-
-def _ols(x, y, extra=None):
-  """statsmodels OLS of y on [1, x (, extra columns)]: the fitted model."""
-  import statsmodels.api as sm
-  cols = [np.asarray(x, float)] + ([np.asarray(e, float) for e in extra] if extra else [])
-  return sm.OLS(np.asarray(y, float), sm.add_constant(np.column_stack(cols))).fit()
-
-
-def ladder(exp, workdir: str, results: dict, configs: dict, arms,
-           smoke: bool = False) -> tuple[str, list]:
-  """The compute ladder: loss against training FLOPs per arm (fit on log10 FLOPs), the gap
-  to the baseline per rung, and the slope of the gap against log10 compute with its interval."""
-  rungs = [r for r in exp.rungs if r in results]
-  points, fits, gaps, rows = {}, {}, {}, []
-  for arm in arms:
-    pts = [(np.mean([r['train_flops'] for r in _ok(results[r].get(arm, []))]),
-            [x['val_loss'] for x in _ok(results[r].get(arm, []))]) for r in rungs
-           if _ok(results[r].get(arm, []))]
-    if not pts:
-      continue
-    points[arm] = pts
-    xs = [math.log10(f) for f, v in pts for _ in v]
-    ys = [y for _, v in pts for y in v]
-    if len(set(xs)) > 1:
-      fit = _ols(xs, ys)
-      fits[arm] = (float(fit.params[0]), float(fit.params[1]))
-  for arm in arms:
-    if arm == exp.baseline or arm not in points:
-      continue
-    x, d, low, high, logc, dd, paired = [], [], [], [], [], [], True
-    for r in rungs:
-      c = comparisons(exp, results[r], configs, r, [arm]).get(arm)
-      if c is None:
-        continue
-      flops = np.mean([v['train_flops'] for v in _ok(results[r][arm])])
-      x.append(flops)
-      d.append(c.diff)
-      low.append(c.low)
-      high.append(c.high)
-      paired &= c.paired
-      a, b, _ = _aligned(results[r], configs, r, arm, exp.baseline, 'val_loss')
-      if c.paired:
-        logc += [math.log10(flops)] * len(a)
-        dd += [u - w for u, w in zip(a, b)]
-      else:
-        logc += [math.log10(flops)] * (len(a) + len(b))
-        dd += [(u, 1) for u in a] + [(w, 0) for w in b]
-    if len(set(x)) < 2:
-      continue
-    if paired:
-      fit = _ols(logc, dd)
-      slope, (lo, hi) = float(fit.params[1]), fit.conf_int(0.05)[1]
-      line = (float(fit.params[0]), slope)
-    else:  # y ~ 1 + logC + arm + arm x logC: the interaction is the gap's slope
-      y = [v for v, _ in dd]
-      is_arm = np.asarray([g for _, g in dd], float)
-      fit = _ols(logc, y, [is_arm, is_arm * np.asarray(logc)])
-      slope, (lo, hi) = float(fit.params[3]), fit.conf_int(0.05)[3]
-      line = (float(fit.params[2]), slope)
-    gaps[arm] = (x, d, low, high, line)
-    mean_gap = float(np.mean(d))
-    if smoke:
-      trend = 'none (smoke size)'
-    elif lo > 0 or hi < 0:
-      trend = 'the gap grows' if np.sign(slope) == np.sign(mean_gap) else 'the gap shrinks'
-    else:
-      trend = 'no trend detected (the interval includes 0)'
-    rows.append(f"| {arm} | {'paired' if paired else 'unpaired'} | "
-                + ' | '.join(f'{v:+.4f}' for v in d) + f' | {slope:+.4f} [{lo:+.4f}, {hi:+.4f}] '
-                f'| {trend} |')
-  made = [plots.ladder_loss(workdir, points, fits)]
-  if gaps:
-    made.append(plots.ladder_gap(workdir, gaps, exp.baseline))
-  lines = ['## The compute ladder', '',
-           'Rungs: ' + ', '.join(f'`{r}` ({_flops(results[r])} training FLOPs per run, '
-                                 f'{_seeds(results[r])} seeds)' for r in rungs) + '.', '']
-  if rows:
-    lines += [f'The gap to `{exp.baseline}` in val loss at each rung, and its slope per decade '
-              'of training compute (OLS over the seeds of every rung; paired: of the per-seed '
-              'differences; unpaired: the interaction of arm and log-compute) with its 95% '
-              'interval.', '',
-              '| arm | pairing | ' + ' | '.join(f'gap at {r}' for r in rungs) +
-              ' | slope per decade [95% CI] | trend |', '|---' * (len(rungs) + 4) + '|'] + rows
-  return '\n'.join(lines), [m for m in made if m]
-
-
-def _flops(results: dict) -> str:
-  vals = [r['train_flops'] for rs in results.values() for r in _ok(rs) if 'train_flops' in r]
-  return f'{np.mean(vals):.3g}' if vals else '-'
-
-
-def _seeds(results: dict) -> str:
-  return '/'.join(sorted({str(len(rs)) for rs in results.values()}))
 
 
 def commit() -> str:
@@ -291,7 +152,7 @@ def header(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> list
   diverged = sum('diverged' in r for r in everything)
   per_rung = []
   for rung, by_arm in results.items():
-    ok = [r for rs in by_arm.values() for r in _ok(rs)]
+    ok = [r for rs in by_arm.values() for r in finished(rs)]
     if not ok:
       continue
     steps = sorted({r['final_step'] for r in ok})
@@ -322,8 +183,11 @@ def header(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> list
       '']
 
 
-def write(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> str:
-  """results {rung or None: {arm: [result per seed]}}, configs {RunKey: config}."""
+def write(exp, workdir: str, results: dict, configs: dict, smoke: bool,
+          designs: dict | None = None) -> str:
+  """results {rung or None: {arm: [result per seed]}}, configs {RunKey: config}, designs
+  {rung or None: sequential.Design} where seeds were added until decided."""
+  designs = designs or {}
   arms = list(dict.fromkeys(k.arm for k in configs))
   lines = header(exp, workdir, results, configs, smoke)
   made = []
@@ -332,11 +196,11 @@ def write(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> str:
       lines += [f'## Rung `{rung}`', '']
     lines += [table(exp, by_arm, arms), '']
     if exp.baseline and exp.baseline in by_arm:
-      diff = differences(exp, by_arm, configs, rung, arms, smoke)
+      diff = differences(exp, by_arm, configs, rung, arms, smoke, designs.get(rung))
       if diff:
         lines += ['### Differences' if rung else '## Differences', '', diff, '']
   if exp.rungs and len(results) > 1:
-    text, made = ladder(exp, workdir, results, configs, arms, smoke)
+    text, made = ladder_section.ladder(exp, workdir, results, configs, arms, smoke)
     lines += [text, '']
   top = list(results)[-1]  # the curves of the largest rung (the only one without a ladder)
   seeds = sorted({k.seed for k in configs if k.rung == top})

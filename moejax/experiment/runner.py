@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -313,50 +314,136 @@ def estimate_line(walls: list, flops: float, rest: list) -> str:
 
 
 def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=None,
-        progress: bool = True, rungs=None, log=None) -> dict:
+        progress: bool = True, rungs=None, log=None, until=None) -> dict:
   """Run every missing run, then write the report.
 
+  Args:
+    until: a sequential.Until: after the planned runs, add seeds in rounds to the comparisons
+      still inconclusive until decided, at most until.max_seeds, within until.budget_s seconds
+      of this call (the runs of a round cut short are trained by the next call).
   Returns:
     {arm: [result per seed]} without rungs; {rung: {arm: [result per seed]}} with rungs.
   """
-  from moejax.training.loop import train
-  from moejax.upcycle import upcycle
+  from moejax.experiment import report, sequential
   configs = plan(exp, smoke, arms, seeds, rungs)  # every config checked before the first compile
-  os.makedirs(workdir, exist_ok=True)
+  state = sequential.load(workdir)
+  if until:
+    first = {}
+    for k in configs:
+      first[k.rung] = max(first.get(k.rung, 0), sum(
+          j.rung == k.rung and j.arm == k.arm for j in configs))
+    state = sequential.declare(workdir, until, first)
+  else:
+    os.makedirs(workdir, exist_ok=True)
+  if state:  # the seeds earlier rounds added, of the arms and rungs asked for
+    for rung, arm, seed in (tuple(k) for r in state['rounds'] for k in r):
+      key = RunKey(rung or None, arm, seed)
+      if key not in configs and any((j.rung, j.arm) == (key.rung, key.arm) for j in configs):
+        configs[key] = _added(exp, key, smoke)[1]
   if not jax.config.jax_compilation_cache_dir:
     # Seeds of one arm compile the same programs: compile once, reuse from disk.
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, '.jax_cache'))
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-  todo = [k for k in configs if not os.path.exists(os.path.join(k.dir(workdir), 'result.json'))]
+  todo = [k for k in configs if not _done(k, workdir)]
   log(plan_line(exp, configs, todo, smoke))
-  walls = []  # seconds of the runs trained here, in order
   bar = None
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=len(configs), desc=exp.name, unit='run', dynamic_ncols=True)
-  results = {}
-  for key, c in configs.items():
-    run_dir = key.dir(workdir)
-    result_path = os.path.join(run_dir, 'result.json')
+  say = (partial(bar.write, file=sys.stderr) if bar is not None else log)
+  deadline = time.time() + until.budget_s if until else math.inf
+  finished = _train_missing(exp, configs, todo, workdir, bar, say, deadline)
+  while until and finished:
+    new = sequential.next_round(exp, configs, _collect(configs, workdir),
+                                sequential.designs(state),
+                                lambda r, a, s: _added(exp, RunKey(r, a, s), smoke))
+    if not new:
+      break
+    state['rounds'].append([[k.rung or '', k.arm, k.seed] for k in new])
+    sequential.write(workdir, state)
+    say(f'round {len(state["rounds"])}: {len(new)} runs for the comparisons still inconclusive '
+        f"({', '.join(sorted({_cell_name(k) for k in new if k.arm != exp.baseline}))})")
+    configs.update(new)
     if bar is not None:
-      bar.set_postfix_str(' '.join(filter(None, [key.rung, key.arm, f'seed {key.seed}'])))
-    if not os.path.exists(result_path):
-      os.makedirs(run_dir, exist_ok=True)
-      result = _train_one(exp, key, c, workdir, run_dir, train, upcycle)
-      _write_json(result_path, result)
-      walls.append(result['wall_s'])
-      line = _estimate(configs, todo, walls)
-      if line:
-        (partial(bar.write, file=sys.stderr) if bar is not None else log)(line)
-    with open(result_path) as f:
-      results.setdefault(key.rung, {}).setdefault(key.arm, []).append(json.load(f))
-    if bar is not None:
-      bar.update(1)
+      bar.total = len(configs)
+      bar.refresh()
+    finished = _train_missing(exp, configs, list(new), workdir, bar, say, deadline,
+                              estimate=False)
+  if not finished:
+    left = sum(not _done(k, workdir) for k in configs)
+    say(f'the budget is spent: {left} runs of this design left; the same command resumes them')
   if bar is not None:
     bar.close()
-  from moejax.experiment import report
-  report.write(exp, workdir, results, configs, smoke)
+  results = _collect(configs, workdir)
+  report.write(exp, workdir, results, configs, smoke, sequential.designs(state))
   return results if exp.rungs else results.get(None, {})
+
+
+def _cell_name(key: RunKey) -> str:
+  return f'{key.rung}/{key.arm}' if key.rung else key.arm
+
+
+def _done(key: RunKey, workdir: str) -> bool:
+  return os.path.exists(os.path.join(key.dir(workdir), 'result.json'))
+
+
+def _added(exp: Experiment, key: RunKey, smoke: bool) -> tuple:
+  """(key, config) of a run added until decided, validated as plan() validates the planned
+  ones."""
+  c = run_config(exp, key.arm, key.seed, smoke, key.rung)
+  _validate(c, key)
+  return key, c
+
+
+def _collect(configs: dict, workdir: str) -> dict:
+  """{rung: {arm: [result per seed, in the order of configs]}} of the finished runs."""
+  results = {}
+  for key in configs:
+    path = os.path.join(key.dir(workdir), 'result.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        results.setdefault(key.rung, {}).setdefault(key.arm, []).append(json.load(f))
+  return results
+
+
+def _train_missing(exp: Experiment, configs: dict, todo: list, workdir: str, bar, say,
+                   deadline: float, estimate: bool = True) -> bool:
+  """Train the runs of todo that have no result yet (resuming each), saying the estimate of
+  the rest after the first ones; False when the deadline would pass before the next run ends
+  (by the seconds its cell's runs took so far)."""
+  from moejax.training.loop import train
+  from moejax.upcycle import upcycle
+  walls = []  # seconds of the runs trained here, in order
+  for key in todo:
+    if _done(key, workdir):
+      continue
+    if time.time() + _expected_seconds(configs, key, workdir, walls) > deadline:
+      return False
+    if bar is not None:
+      bar.set_postfix_str(' '.join(filter(None, [key.rung, key.arm, f'seed {key.seed}'])))
+    run_dir = key.dir(workdir)
+    os.makedirs(run_dir, exist_ok=True)
+    result = _train_one(exp, key, configs[key], workdir, run_dir, train, upcycle)
+    _write_json(os.path.join(run_dir, 'result.json'), result)
+    walls.append(result['wall_s'])
+    line = _estimate(configs, todo, walls) if estimate else ''
+    if line:
+      say(line)
+    if bar is not None:
+      bar.update(1)
+  return True
+
+
+def _expected_seconds(configs: dict, key: RunKey, workdir: str, walls: list) -> float:
+  """How long a run will take: the fastest finished run of its (rung, arm) cell (a later seed
+  reuses the compiled programs), else the last run trained here, else 0 (unknown)."""
+  seen = []
+  for k in configs:
+    path = os.path.join(k.dir(workdir), 'result.json')
+    if (k.rung, k.arm) == (key.rung, key.arm) and os.path.exists(path):
+      with open(path) as f:
+        seen.append(json.load(f).get('wall_s', 0.0))
+  return min(seen) if seen else (walls[-1] if walls else 0.0)
 
 
 def _estimate(configs: dict, todo: list, walls: list) -> str:
