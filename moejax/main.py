@@ -3,7 +3,9 @@
 Resumes automatically from the latest intact checkpoint in DIR/checkpoints; a finished run says
 so and exits. Without --config, DIR/config.py is the config when there is one (a workdir made by
 python -m moejax.hf import). Exit codes: 0 done, 2 a user error (one line naming the field or file), 3 the run
-diverged (a non-finite loss or gradient; see config.train.nonfinite).
+diverged (a non-finite loss or gradient; see config.train.nonfinite), 4 the run was preempted
+(SIGTERM, or JAX's preemption notice on several hosts): it finished the step in flight, saved a
+checkpoint there and says so; the same command resumes it.
 
 Several hosts (JAX's multi-controller runtime: every host runs this same command):
   --distributed                     jax.distributed.initialize() finds its peers itself (TPU

@@ -131,7 +131,7 @@ def _results(values: dict, flops=1e9, **extra):
                 for v in vs] for arm, vs in values.items()}
 
 
-def test_the_report_pairs_tests_and_finds_the_trend_of_a_ladder(tmp_path):
+def test_the_report_pairs_tests_and_finds_the_trend_of_a_ladder(tmp_path, monkeypatch):
   """Hand-made results (no training): at each rung the 'better' arm is 0.05 below the baseline
   for every seed (+ noise), the 'same' arm 0.0; the 'grows' arm's gap is -0.01, -0.02, -0.04
   at 1e9, 1e10, 1e11 FLOPs: a slope of about -0.015 per decade."""
@@ -151,8 +151,20 @@ def test_the_report_pairs_tests_and_finds_the_trend_of_a_ladder(tmp_path):
   comps = report.comparisons(exp, results['a'], configs, 'a', list(exp.arms))
   assert comps['better'].paired and comps['better'].verdict == 'better'
   assert comps['same'].verdict == 'equivalent'
+  from moejax.experiment import plots
+  drawn, real_gap = {}, plots.ladder_gap
+  monkeypatch.setattr(plots, 'ladder_gap', lambda w, gaps, b: drawn.update(gaps) or real_gap(
+      w, gaps, b))
   path = report.write(exp, str(tmp_path), results, configs, smoke=False)
   md = open(path).read()
+  # The gap plot's bars are each rung's 95% t-interval, not the interval of a verdict ('same'
+  # alone against the baseline is equivalent: its verdict's interval is the 90% one of the two
+  # one-sided tests).
+  alone = report.comparisons(exp, results['a'], configs, 'a', ['base', 'same'])['same']
+  assert alone.verdict == 'equivalent' and alone.level == pytest.approx(0.90)
+  _, _, low, high, _ = drawn['same']
+  assert (low[0], high[0]) == pytest.approx(alone.interval(0.95))
+  assert (low[0], high[0]) != pytest.approx((alone.low, alone.high))
   assert '## The compute ladder' in md and 'ladder_loss.png' in md and 'ladder_gap.png' in md
   ladder_rows = md[md.index('## The compute ladder'):].splitlines()
   row = next(line for line in ladder_rows if line.startswith('| grows | paired |'))

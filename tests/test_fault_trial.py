@@ -50,13 +50,18 @@ def _writing(workdir):
   return os.path.isdir(d) and any('tmp' in n for n in os.listdir(d))
 
 
-@pytest.mark.slow  # ~2-3 minutes: the integration step of .ci/run
-def test_random_kills_change_nothing(tmp_path):
+def _reference(tmp_path):
+  """(env, the uninterrupted run's workdir, its seconds): the run every trial compares with."""
   env = _env(str(tmp_path / 'jit_cache'))
   reference = str(tmp_path / 'reference')
   t0 = time.monotonic()
   subprocess.run(_command(reference), env=env, check=True, capture_output=True)
-  duration = time.monotonic() - t0
+  return env, reference, time.monotonic() - t0
+
+
+@pytest.mark.slow  # ~2-3 minutes: the integration step of .ci/run
+def test_random_kills_change_nothing(tmp_path):
+  env, reference, duration = _reference(tmp_path)
 
   workdir = str(tmp_path / 'trial')
   rng = random.Random(0)
@@ -104,10 +109,15 @@ def test_random_kills_change_nothing(tmp_path):
     break
 
   assert kills == KILLS and during_write >= KILLS // 4, (kills, during_write)
+  assert_same_run(workdir, reference)
+  assert _finished_checkpoints(workdir) == _finished_checkpoints(reference)
+
+
+def assert_same_run(workdir, reference):
+  """The trial's metrics hold each step once, with the uninterrupted run's values bit for bit."""
   got = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   want = read_metrics(os.path.join(reference, 'metrics.jsonl'))
   assert [r['step'] for r in got] == list(range(201))  # each step exactly once
   for a, b in zip(got, want):
     for key in ('train/loss', 'train/grad_norm', 'moe/max_vio', 'eval/loss'):
       assert a.get(key) == b.get(key), (a['step'], key)
-  assert _finished_checkpoints(workdir) == _finished_checkpoints(reference)

@@ -55,3 +55,52 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(got[step]['eval/loss'], want[step]['eval/loss'], rtol=1e-5)
   # Both processes wrote their shards of one checkpoint.
   assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == ['2', '4']
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+  """A 30-step two-process run; SIGTERM to process 1 only, after step 3 is logged: JAX's
+  preemption service agrees on one step, both processes checkpoint it and exit with code 4
+  naming it; the same commands resume, and the losses are one process's (8 devices)."""
+  import signal
+  import time
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  port = str(_free_port())
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=4 '
+                      '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'}
+  longer = ['--config.train.steps=30', '--config.train.log_every=1',
+            '--config.train.checkpoint_every=10', '--config.train.eval_every=10']
+
+  def launch():
+    return [subprocess.Popen([sys.executable, '-m', 'moejax.main',
+                              f'--config={os.path.join(HERE, "multihost_config.py")}',
+                              f'--workdir={multi}', f'--coordinator=localhost:{port}',
+                              '--num_processes=2', f'--process_id={i}', *longer],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+  procs = launch()
+  deadline = time.monotonic() + 600
+  while max(_rows(multi) if os.path.exists(os.path.join(multi, 'metrics.jsonl')) else [-1]) < 3:
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  assert [p.returncode for p in procs] == [4, 4], errs
+  steps = {int(e.strip().splitlines()[-1].split('preempted at step ')[1].split(':')[0])
+           for e in errs}
+  assert len(steps) == 1, errs
+  step = steps.pop()
+  assert 3 <= step < 30 and str(step) in os.listdir(os.path.join(multi, 'checkpoints'))
+  assert max(_rows(multi)) == step
+  port = str(_free_port())
+  procs = launch()
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+  c = get_config()
+  c.train.steps, c.train.log_every, c.train.checkpoint_every, c.train.eval_every = 30, 1, 10, 10
+  train(c, single)
+  got, want = _rows(multi), _rows(single)
+  assert sorted(got) == sorted(want) == list(range(31))
+  for s in range(1, 31):
+    np.testing.assert_allclose(got[s]['train/loss'], want[s]['train/loss'], rtol=1e-5)

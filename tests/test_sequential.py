@@ -187,13 +187,22 @@ def test_rounds_go_to_the_undecided_comparisons_until_the_budget(tmp_path, monke
   kept = open(os.path.join(workdir, 'sequential.json')).read()
   with pytest.raises(ConfigError, match=r'--max_seeds=12: .* has --max_seeds=9'):
     runner.run(exp, workdir, progress=False, until=sq.Until(1e6, max_seeds=12, round=2))
+  with pytest.raises(ConfigError, match=r'--round=3: .* has --round=2'):
+    runner.run(exp, workdir, progress=False, until=sq.Until(1e6, max_seeds=9, round=3))
   assert open(os.path.join(workdir, 'sequential.json')).read() == kept
 
 
 def test_the_flags_are_checked_before_anything_runs(tmp_path, capsys):
   from moejax.experiment.command import main
   workdir = tmp_path / 'w'
+  nobase = tmp_path / 'nobase.py'
+  nobase.write_text('def get_experiment():\n  from moejax import cli\n'
+                    '  from moejax.experiment import Experiment\n'
+                    "  return Experiment(name='nobase', base=cli.load_config('quickstart'), "
+                    "arms={'a': {}, 'b': {}})\n")
   for argv, says in (
+      ([str(nobase), f'--workdir={workdir}', '--until_decided', '--budget=1h', '--max_seeds=1'],
+       "experiment 'nobase' compares no arms with a baseline"),
       (['bias_rules', f'--workdir={workdir}', '--budget=3h'],
        '--budget applies to --until_decided only'),
       (['bias_rules', f'--workdir={workdir}', '--until_decided'], '--until_decided needs --budget'),
@@ -226,3 +235,22 @@ def test_the_round_goes_cheapest_first():
                       lambda r, a, s: (runner.RunKey(r, a, s), None))
   assert [(k.arm, k.seed) for k in new] == [('near', 3), ('base', 3), ('near', 4), ('base', 4),
                                             ('far', 3), ('far', 4)]
+
+
+@pytest.mark.parametrize('wider', [False, True])
+def test_a_verdict_rests_on_the_last_completed_look(wider):
+  """8 seeds run where the looks are at 3, 5, 7, 9: the comparison uses the first 7 (in the
+  order they ran), paired or not (a wider arm cannot pair), and is corrected for 4 looks."""
+  from conftest import tiny_config
+  from moejax.experiment import pairing
+  arms = {'base': {}, 'x': {'model.moe.expert_ffn_dim': 32} if wider else {}}
+  exp = Experiment(name='look', base=tiny_config(), seeds=tuple(range(8)), baseline='base',
+                   delta=0.01, arms=arms)
+  configs = experiment.plan(exp)
+  base = [2.0, 2.1, 1.9, 2.05, 2.2, 1.95, 2.0, 3.0]
+  arm = [b + d for b, d in zip(base, [0.01, 0.03, 0.02, 0.0, 0.04, 0.01, 0.02, -2.0])]
+  results = {'base': [{'val_loss': v} for v in base], 'x': [{'val_loss': v} for v in arm]}
+  c = pairing.comparisons(exp, results, configs, None, list(arms), sq.Design(3, 2, 9))['x']
+  assert c.paired == (not wider) and c.n == 7 and c.looks == 4
+  want = np.mean(arm[:7]) - np.mean(base[:7])
+  assert c.diff == pytest.approx(want)  # the 8th seed (-2.0) would flip the sign

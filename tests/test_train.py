@@ -76,6 +76,9 @@ def test_metrics_plot_and_tensorboard(runs):
   assert load.shape == (2, 8)  # two MoE layers, eight experts
   np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-5)
   assert [r['step'] for r in rows if 'eval/loss' in r] == [3, 6]
+  # The time step 3's checkpoint held the loop, on the next row (step 6's save is the last).
+  waits = {r['step']: r['perf/checkpoint_wait_s'] for r in rows if 'perf/checkpoint_wait_s' in r}
+  assert list(waits) == [4] and 0 < waits[4] < 60
   assert len(last['moe/per_layer/max_vio']) == 2 and len(last['eval/per_layer/max_vio_global']) == 2
   assert np.mean(last['moe/per_layer/max_vio']) == pytest.approx(last['moe/max_vio'], rel=1e-5)
   assert last['eval/routing_causal'] == 1.0
@@ -129,6 +132,43 @@ def test_stop_after_checkpoints_that_step_and_retention_keeps_the_newest(runs):
   and after resuming to 6 with keep_checkpoints=3 the newest three remain: 3, 4, 6."""
   _, resumed = runs
   assert sorted(os.listdir(os.path.join(resumed, 'checkpoints')), key=int) == ['3', '4', '6']
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_resumes_exactly(runs, tmp_path,
+                                                                    monkeypatch, capsys):
+  """A SIGTERM while step 2 trains (sent from inside it): the run finishes step 2, logs it
+  (log_every is 3: a row only a preemption writes), saves a checkpoint there, gives SIGTERM
+  back, and stops with Preempted (exit code 4 and one line from the command); the lock is
+  free, and the same command resumes to the uninterrupted run's losses, bit for bit."""
+  import signal
+  from moejax import main
+  from moejax.training.step import Trainer
+  full, _ = runs
+  calls, real = [], Trainer.train_step
+
+  def step_then_signal(self, state, batch):
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, state, batch)
+  monkeypatch.setattr(Trainer, 'train_step', step_then_signal)
+  before = signal.getsignal(signal.SIGTERM)
+  workdir = str(tmp_path / 'run')
+  config = tmp_path / 'tiny.py'
+  config.write_text('import sys\nsys.path.insert(0, %r)\nfrom test_train import tiny_config\n'
+                    'def get_config():\n  c = tiny_config()\n  c.train.log_every = 3\n'
+                    '  return c\n' % os.path.dirname(__file__))
+  assert main.main([f'--config={config}', f'--workdir={workdir}']) == 4
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == (f'preempted at step 2: its checkpoint is saved in {workdir}/checkpoints; '
+                     'resume with the same command'), err
+  assert signal.getsignal(signal.SIGTERM) == before
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
+  assert sorted(_losses(workdir)) == [2]
+  monkeypatch.setattr(Trainer, 'train_step', real)
+  assert main.main([f'--config={config}', f'--workdir={workdir}']) == 0
+  a, b = _losses(full), _losses(workdir)
+  assert sorted(b) == [2, 3, 6] and all(a[s] == b[s] for s in b)
 
 
 def test_logged_learning_rate_is_the_one_applied(runs):

@@ -9,7 +9,7 @@ import sys
 
 from moejax.cli.configs import load_config, named_configs
 from moejax.config import field_parent
-from moejax.errors import ConfigError, Diverged
+from moejax.errors import ConfigError, Diverged, Preempted
 
 CONFIG_HELP = ('Every config field, its default and what it means: moejax/config.py '
                '(base_config). Override any of them with --config.SECTION.FIELD=VALUE, e.g. '
@@ -159,7 +159,8 @@ def parse(parser: argparse.ArgumentParser, argv=None, config_required: bool = Tr
 
 
 def run(main_fn, argv=None) -> int:
-  """Call main_fn(argv); user errors -> one line on stderr and exit code 2, a diverged run -> 3."""
+  """Call main_fn(argv); user errors -> one line on stderr and exit code 2, a diverged run -> 3,
+  a preempted one (checkpointed, to resume with the same command) -> 4."""
   try:
     code = main_fn(argv)
   except ConfigError as e:
@@ -168,6 +169,9 @@ def run(main_fn, argv=None) -> int:
   except Diverged as e:
     print(f'error: {e}', file=sys.stderr)
     return 3
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    return 4
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     return 130

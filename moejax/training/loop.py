@@ -11,7 +11,7 @@ import numpy as np
 
 from moejax import checks
 from moejax.data import pipeline, tokenizer as tokenizers
-from moejax.errors import ConfigError, Diverged
+from moejax.errors import ConfigError, Diverged, Preempted
 from moejax.model.schedule import moe_layer_ids, routing_is_causal
 from moejax.moe import losses
 from moejax.training import workdir as workdirs
@@ -19,6 +19,7 @@ from moejax.training.checkpoint import Checkpointer
 from moejax.training.guard import Guard
 from moejax.training.lock import WorkdirLock
 from moejax.training.metrics import MetricWriter, plot_expert_load, read_metrics
+from moejax.training.preemption import Preemption
 from moejax.training.step import Trainer
 
 
@@ -219,16 +220,21 @@ class _Loop:
       from tqdm.auto import tqdm
       bar = tqdm(total=self.t.steps, initial=start, desc='train', unit='step',
                  dynamic_ncols=True)
+    self.preemption = Preemption()
     try:
       last = self._steps(start, bar)
     finally:
-      # Also when the run stops (divergence, an error, Ctrl-C): a checkpoint being written in
-      # the background is finished, never left half-written.
+      # Also when the run stops (divergence, an error, Ctrl-C, a preemption): a checkpoint
+      # being written in the background is finished, never left half-written.
+      self.preemption.close()
       if bar is not None:
         bar.close()
       self.checkpointer.wait()
       self.checkpointer.close()
       self.writer.close()
+    if 'preempted' in last:
+      raise Preempted(f"preempted at step {last['preempted']}: its checkpoint is saved in "
+                      f'{self.workdir}/checkpoints; resume with the same command')
     if self.is_main:
       plot_expert_load(self.writer.path, os.path.join(self.workdir, 'expert_load.png'),
                        moe_layer_ids(self.config.model))
@@ -241,6 +247,7 @@ class _Loop:
     tokens_per_step = t.batch_size * config.data.seq_len
     perf = Throughput(config)
     last, tick, ticked_step = {}, time.perf_counter(), start
+    save_wait = 0.0  # seconds the loop spent in checkpoint saves since the last logged row
     step, pending = start, None  # pending: (step, metrics) whose finite flag is still unread
     while step < t.steps:
       step += 1
@@ -249,8 +256,9 @@ class _Loop:
       # that logs or saves is read at once.
       unread = [pending] if pending is not None else []
       pending = (step, metrics)
-      stopping = step == t.stop_after
-      logging = step % t.log_every == 0 or step == t.steps
+      preempted = self.preemption.reached(step) and step < t.steps
+      stopping = step == t.stop_after or preempted
+      logging = step % t.log_every == 0 or step == t.steps or preempted
       saving = step % t.checkpoint_every == 0 or step == t.steps or stopping
       if logging or saving:
         unread.append(pending)
@@ -267,6 +275,8 @@ class _Loop:
         tick, ticked_step = now, step
         if self.guard.skipped:
           metrics['train/skipped_steps'] = self.guard.skipped
+        if save_wait:  # the synchronous part of a save (the rest is written in the background)
+          metrics['perf/checkpoint_wait_s'], save_wait = save_wait, 0.0
         if step % t.eval_every == 0 or step == t.steps:
           metrics.update(evaluate_all(self.trainer, self.state, self.val_sets,
                                       self.splits.val_weights))
@@ -280,12 +290,16 @@ class _Loop:
           bar.set_postfix(loss=f"{float(metrics['train/loss']):.3f}",
                           tok_s=f"{metrics['perf/tokens_per_sec']:.0f}")
       if saving:
+        began = time.perf_counter()
         self.checkpointer.save(step, self.state, self.data.get_state(), config.to_dict())
+        save_wait += time.perf_counter() - began
         self.guard.saved(step)
       if bar is not None:
         bar.n = step
         bar.refresh()
       if stopping:
+        if preempted:
+          last = {**last, 'step': step, 'preempted': step}
         break
     return last
 
