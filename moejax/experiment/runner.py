@@ -10,6 +10,7 @@ run's config, and its post-evaluation configs, are validated before anything tra
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -328,10 +329,10 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   configs = plan(exp, smoke, arms, seeds, rungs)  # every config checked before the first compile
   state = sequential.load(workdir)
   if until:
-    first = {}
-    for k in configs:
-      first[k.rung] = max(first.get(k.rung, 0), sum(
-          j.rung == k.rung and j.arm == k.arm for j in configs))
+    per_cell = collections.Counter((k.rung, k.arm) for k in configs)
+    first = {}  # the planned seeds of each rung's comparisons
+    for (rung, _), n in per_cell.items():
+      first[rung] = max(first.get(rung, 0), n)
     state = sequential.declare(workdir, until, first)
   else:
     os.makedirs(workdir, exist_ok=True)
@@ -349,7 +350,8 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(configs), desc=exp.name, unit='run', dynamic_ncols=True)
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=exp.name, unit='run',
+               dynamic_ncols=True)
   say = (partial(bar.write, file=sys.stderr) if bar is not None else log)
   deadline = time.time() + until.budget_s if until else math.inf
   finished = _train_missing(exp, configs, todo, workdir, bar, say, deadline)
@@ -417,7 +419,8 @@ def _train_missing(exp: Experiment, configs: dict, todo: list, workdir: str, bar
   for key in todo:
     if _done(key, workdir):
       continue
-    if time.time() + _expected_seconds(configs, key, workdir, walls) > deadline:
+    if deadline < math.inf and (
+        time.time() + _expected_seconds(configs, key, workdir, walls) > deadline):
       return False
     if bar is not None:
       bar.set_postfix_str(' '.join(filter(None, [key.rung, key.arm, f'seed {key.seed}'])))
