@@ -237,6 +237,11 @@ def base_config() -> ml_collections.ConfigDict:
   ms.fsdp = 1
   ms.expert = 1
   ms.tensor = 1
+  # Multi-slice: how many slices (TPU) or processes (GPU nodes, CPU hosts) the data or fsdp
+  # axis spans, over the data-center network; the axis sizes above stay the totals. On several
+  # TPU slices with both left at 1, the data axis spans the slices.
+  ms.dcn_data = 1
+  ms.dcn_fsdp = 1
   return c
 
 

@@ -40,6 +40,10 @@ def test_main_user_errors(capsys, tmp_path):
       (['--config=missing/conf.py', wd], 'no such file'),
       (['--config=quikstart', wd], "no shipped config of that name", "'quickstart'"),
       ([QUICK, f'--workdir={a_file}'], 'is a file'),
+      ([QUICK, '--workdir=gs://bucket/run'], '--workdir=gs://bucket/run: a URL, not a folder',
+       'Cloud Storage FUSE'),
+      ([QUICK, wd, '--config.mesh.dcn_data=2'], 'config.mesh.dcn_data=2: the dcn axes span 2 '
+       'processes but the devices are 1 process; make their product 1'),
       ([QUICK, wd, '--config.train.lr=nan'], 'config.train.lr=nan', 'finite'),
       ([QUICK, wd, '--config.train.lr=inf'], 'config.train.lr=inf', 'finite'),
       ([QUICK, wd, '--config.train.steps=abc'], 'must be a whole number'),

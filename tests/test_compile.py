@@ -204,7 +204,9 @@ def _compiled(dispatch: str):
 
 
 @LIBTPU
-@pytest.mark.parametrize('dispatch', sorted(PATHS))
+@pytest.mark.parametrize('dispatch', [
+    pytest.param(d, marks=pytest.mark.slow) if d == 'ragged_all_to_all' else d
+    for d in sorted(PATHS)])  # on TPU, auto is ragged_all_to_all: one of them by default
 def test_dispatch_paths_move_tokens_not_experts_on_tpu(dispatch):
   """The expert-parallel paths carry tokens over the expert axis with their own collective and
   never gather a whole expert weight; 'auto' is the ragged exchange, inside the MoE layer.
@@ -302,7 +304,8 @@ def test_roofline_by_hand():
   c = tiny_config()
   c.model.remat = 'full'
   topo = chips.parse_topology('v5e-4', slices=2)
-  t = program.Target(topo, None, {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1})
+  t = program.Target(topo, None, {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1},
+                     {'data': 2, 'fsdp': 1, 'expert': 1, 'tensor': 1})
   found = [hlo.Collective('all-gather', int(8e9), ('expert',), 4, 2, True, 'x', 'bf16[1]'),
            hlo.Collective('all-reduce', int(1e9), ('dcn',), 2, 1, True, 'y', 'f32[1]')]
   mem = {'parameters': 1, 'optimizer_state': 2, 'model_state': 0, 'arguments': 3, 'outputs': 3,
@@ -339,7 +342,8 @@ def test_token_dropping_paths_compile_on_tpu_and_say_what_they_move(v5e4, dispat
 
 
 @LIBTPU
-@pytest.mark.parametrize('backend', ['blocked', 'ragged_dot', 'tokamax'])
+@pytest.mark.parametrize('backend', [pytest.param('blocked', marks=pytest.mark.slow),
+                                     'ragged_dot', 'tokamax'])  # blocked: CPU's, slow step
 def test_every_dropless_backend_compiles_for_tpu(v5e4, backend):
   """The blocked CPU kernel, XLA's ragged_dot and tokamax (Pallas Mosaic on TPU) each compile
   inside the ragged expert-parallel path for a TPU target."""
@@ -354,24 +358,59 @@ def test_every_dropless_backend_compiles_for_tpu(v5e4, backend):
 
 @LIBTPU
 def test_two_slices_put_the_data_axis_over_the_dcn(v5e4):
-  """--slices=2: the data axis's outer factor crosses the data-center network; the gradients'
-  reduction over it shows up as collectives over 'dcn', and the experts' exchange stays on
-  the expert axis inside a slice."""
+  """--slices=2: the data axis's outer factor crosses the data-center network, laid by slice;
+  what crosses it is the gradients' reduction only: all-reduces, and at most one slice's
+  activation gradients gathered for the embedding's scatter-add (the compiler's cheaper way
+  to reduce that table's gradient). No token exchange and no weight gather crosses slices."""
   from moejax.compile import program
   c = _tpu_config('auto', data=2)
   topo = chips.parse_topology('v5e-4', slices=2)
   t, (compiled,) = program.compile_config(c, topo, ('train',))
   assert t.hlo_axes == {'data': 1, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+  # The hybrid mesh: each slice's four chips along the expert axis, the slices along data.
+  slice_of = np.vectorize(lambda d: d.slice_index)(t.mesh.devices)
+  assert (slice_of == np.arange(2).reshape(2, 1, 1, 1)).all()
   dcn = [x for x in compiled.collectives if x.axes == ('dcn',)]
-  assert dcn and 'all-reduce' in {x.kind for x in dcn} and all(x.group_size == 2 for x in dcn)
+  assert dcn and all(x.group_size == 2 for x in dcn)
+  assert {x.kind for x in dcn} <= {'all-reduce', 'all-gather'} and 'all-reduce' in {
+      x.kind for x in dcn}
+  m = c.model
+  per_chip_tokens = c.train.batch_size // 8 * c.data.seq_len
+  gathered = sum(x.bytes * x.runs for x in dcn if x.kind == 'all-gather')
+  assert gathered <= per_chip_tokens * m.d_model * 2  # bf16 activation gradients, one chip's
   assert all(x.axes in (('expert',), ('dcn',)) for x in compiled.collectives)
   ragged = [x for x in compiled.collectives if x.kind == 'ragged-all-to-all']
   assert ragged and all(x.axes == ('expert',) for x in ragged)
-  with pytest.raises(ConfigError, match='mesh.data=1: with --slices=2'):
+  with pytest.raises(ConfigError, match=r'mesh.data=1: the devices are 2 slices and the data '
+                     r'axis spans them, so it must be a multiple of 2 \(or set mesh.dcn_fsdp=2'):
     program.target(_tpu_config('auto', data=1, expert=8), topo)
+  for bad, match in ((dict(dcn_fsdp=2, data=2), r'mesh.dcn_fsdp=2: must divide mesh.fsdp=1'),
+                     (dict(dcn_data=4, data=4, expert=2), r'mesh.dcn_data=4: the dcn '
+                      r'axes span 4 slices but the devices are 2 slices; make their product 2'),
+                     (dict(dcn_data=0, data=2), r'mesh.dcn_data=0: must be at least 1')):
+    with pytest.raises(ConfigError, match=match):
+      program.target(_tpu_config('auto', **bad), topo)
 
 
 @LIBTPU
+@pytest.mark.slow  # a second two-slice compile
+def test_two_slices_over_the_fsdp_axis():
+  """mesh.dcn_fsdp=2: the fsdp axis spans the slices instead (laid by slice), so the weights'
+  gathers cross them, and the experts' token exchange still stays inside a slice."""
+  from moejax.compile import program
+  c = _tpu_config('auto', fsdp=2, dcn_fsdp=2)
+  t, (compiled,) = program.compile_config(c, chips.parse_topology('v5e-4', slices=2), ('train',))
+  assert t.hlo_axes == {'data': 1, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+  slice_of = np.vectorize(lambda d: d.slice_index)(t.mesh.devices)
+  assert (slice_of == np.arange(2).reshape(1, 2, 1, 1)).all()
+  dcn = [x for x in compiled.collectives if x.axes == ('dcn',)]
+  assert {'all-gather', 'all-reduce'} <= {x.kind for x in dcn}
+  ragged = [x for x in compiled.collectives if x.kind == 'ragged-all-to-all']
+  assert ragged and all(x.axes == ('expert',) for x in ragged)
+
+
+@LIBTPU
+@pytest.mark.slow  # two candidates compiled for a TPU
 def test_search_ranks_what_fits_and_reuses_its_compiles(tmp_path, capsys, monkeypatch):
   """Two candidates compiled and ranked by time per token; the second search reads them from
   search_cache.json instead of compiling (a compile there would fail this test)."""
@@ -394,6 +433,7 @@ def test_search_ranks_what_fits_and_reuses_its_compiles(tmp_path, capsys, monkey
 
 
 @LIBTPU
+@pytest.mark.slow  # an experiment's cells compiled for a TPU
 def test_experiment_cells_and_their_expected_time(tmp_path, capsys):
   """An experiment of one rung and two arms on one v5e chip: each cell's train and eval steps
   compiled, and the expected total = seeds x (steps x train step + eval batches x eval step)."""

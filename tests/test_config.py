@@ -137,3 +137,50 @@ def test_a_mesh_that_does_not_fit_blames_the_axes_that_were_set():
                      r'multiply to 6, which does not divide the 8 devices'):
     mesh_shape(c.mesh, 8)
 
+
+
+class _Host:
+  """A device as jax.experimental.mesh_utils reads it: an id, its process, its platform."""
+
+  def __init__(self, i, process):
+    self.id, self.process_index, self.platform, self.device_kind = i, process, 'cpu', 'cpu'
+
+  def __repr__(self):
+    return f'd{self.id}@p{self.process_index}'
+
+
+def test_dcn_axes_lay_each_process_along_them_and_are_checked():
+  """mesh.dcn_data=2 over two processes whose devices come interleaved (as a launcher may
+  number them): each process's devices form one index of the data axis (the plain order would
+  mix them), and the fsdp axis likewise under dcn_fsdp; wrong counts name the field."""
+  from moejax.parallel.mesh import dcn_shape, device_grid
+  devices = [_Host(i, i % 2) for i in range(8)]
+  c = base_config()
+  c.mesh.data, c.mesh.expert = 2, 4
+  sizes = mesh_shape(c.mesh, 8)
+  assert dcn_shape(c.mesh, sizes, devices) == {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1}
+  plain = device_grid(sizes, dcn_shape(c.mesh, sizes, devices), devices)
+  assert {d.process_index for d in plain[0].flat} == {0, 1}
+  c.mesh.dcn_data = 2
+  grid = device_grid(sizes, dcn_shape(c.mesh, sizes, devices), devices)
+  assert grid.shape == (2, 1, 4, 1)
+  assert [{d.process_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
+  c.mesh.data, c.mesh.fsdp, c.mesh.dcn_data, c.mesh.dcn_fsdp = 1, 2, 1, 2
+  sizes = mesh_shape(c.mesh, 8)
+  grid = device_grid(sizes, dcn_shape(c.mesh, sizes, devices), devices)
+  assert [{d.process_index for d in grid[:, i].flat} for i in range(2)] == [{0}, {1}]
+  for mesh, match in (
+      (dict(data=8, dcn_data=4), r'^config.mesh.dcn_data=4: the dcn axes span 4 processes but '
+       r'the devices are 2 processes; make their product 2$'),
+      (dict(data=2, fsdp=4, dcn_data=1, dcn_fsdp=0), r'^config.mesh.dcn_fsdp=0: must be at least 1'),
+      (dict(data=1, fsdp=8, dcn_data=2), r'^config.mesh.dcn_data=2: must divide mesh.data=1 ')):
+    c = base_config()
+    for k, v in mesh.items():
+      c.mesh[k] = v
+    with pytest.raises(ConfigError, match=match):
+      dcn_shape(c.mesh, mesh_shape(c.mesh, 8), devices)
+  one = [_Host(i, 0) for i in range(8)]
+  c = base_config()
+  c.mesh.dcn_data = 2
+  with pytest.raises(ConfigError, match=r'span 2 processes but the devices are 1 process;'):
+    dcn_shape(c.mesh, mesh_shape(c.mesh, 8), one)

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -264,15 +265,95 @@ def test_second_trainer_is_refused_and_a_stale_lock_taken_over(tmp_path, capfd):
   assert 'stale' not in capfd.readouterr().err  # a clean release leaves no holder behind
 
 
-def test_lock_of_another_host_with_a_fresh_heartbeat_is_respected(tmp_path):
+def _foreign_lock(d, beat=0):
+  """The lock file of a trainer on another host, written whole (never seen empty)."""
+  with open(os.path.join(d, 'lock.tmp'), 'w') as f:
+    json.dump({'host': 'elsewhere', 'pid': 1, 'started': 0.0, 'beat': beat}, f)
+  os.replace(os.path.join(d, 'lock.tmp'), os.path.join(d, 'lock'))
+
+
+def test_lock_of_another_host_is_refused_while_its_heartbeat_goes_on(tmp_path, monkeypatch,
+                                                                      capfd):
+  """A lock written by another host (a shared filesystem) whose heartbeat count moves is a
+  live trainer: refused, after watching it for at most WATCH heartbeats."""
+  from moejax.training import lock
+  monkeypatch.setattr(lock, 'HEARTBEAT', 0.2)
   d = str(tmp_path)
-  with open(os.path.join(d, 'lock'), 'w') as f:
-    json.dump({'host': 'elsewhere', 'pid': 1, 'started': time.time()}, f)
-  with pytest.raises(ConfigError, match='host elsewhere, pid 1, heartbeat'):
-    WorkdirLock(d).acquire()
-  old = time.time() - 3600
-  os.utime(os.path.join(d, 'lock'), (old, old))
-  WorkdirLock(d).acquire().release()  # heartbeat an hour old: stale
+  _foreign_lock(d)
+  stop = threading.Event()
+
+  def beat():
+    n = 0
+    while not stop.wait(0.05):
+      n += 1
+      _foreign_lock(d, n)
+  t = threading.Thread(target=beat)
+  t.start()
+  try:
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r'in use by another trainer \(host elsewhere, pid 1, '
+                       r'its heartbeat still going'):
+      WorkdirLock(d).acquire()
+    assert time.monotonic() - start < lock.WATCH * lock.HEARTBEAT
+  finally:
+    stop.set()
+    t.join()
+  assert 'watching its heartbeat' in capfd.readouterr().err
+  assert lock.read_holder(os.path.join(d, 'lock'))['host'] == 'elsewhere'  # left as it was
+
+
+def test_lock_of_a_lost_host_is_taken_over_after_its_heartbeat_stops(tmp_path, monkeypatch,
+                                                                      capfd):
+  """A preempted host that never released its lock (killed past its grace period): a fresh
+  file whose heartbeat count stands still for WATCH heartbeats is taken over, long before
+  STALE; a heartbeat older than STALE is taken over without watching; an emptied lock (a
+  run that ended) at once."""
+  from moejax.training import lock
+  monkeypatch.setattr(lock, 'HEARTBEAT', 0.2)
+  d = str(tmp_path)
+  path = os.path.join(d, 'lock')
+  _foreign_lock(d)
+  start = time.monotonic()
+  held = WorkdirLock(d).acquire()
+  waited = time.monotonic() - start
+  assert lock.WATCH * lock.HEARTBEAT <= waited < lock.STALE
+  err = capfd.readouterr().err
+  assert 'watching its heartbeat' in err and 'taking over a stale lock' in err
+  assert lock.read_holder(path)['pid'] == os.getpid()
+  time.sleep(2.5 * lock.HEARTBEAT)  # the new holder's own heartbeat counts on
+  assert lock.read_holder(path)['beat'] >= 1
+  held.release()
+  assert lock.read_holder(path) == {}
+  _foreign_lock(d)
+  old = time.time() - lock.STALE - 1
+  os.utime(path, (old, old))
+  WorkdirLock(d).acquire().release()  # heartbeat older than STALE: no watch
+  err = capfd.readouterr().err
+  assert 'watching' not in err and 'taking over' in err
+  WorkdirLock(d).acquire().release()  # emptied by the release: nothing to report
+  assert capfd.readouterr().err == ''
+
+
+def test_lock_on_a_filesystem_without_file_locks_relies_on_the_heartbeat(tmp_path, monkeypatch,
+                                                                         capfd):
+  """flock failing with ENOLCK (some FUSE mounts): a holder on this very host is watched like
+  one elsewhere (no kernel lock to tell), refused while it beats, taken over once it stops."""
+  import errno
+  from moejax.training import lock
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOLCK, 'No locks available')
+  monkeypatch.setattr(lock.fcntl, 'flock', no_locks)
+  monkeypatch.setattr(lock, 'HEARTBEAT', 0.2)
+  d = str(tmp_path)
+  first = WorkdirLock(d).acquire()  # nothing there: taken without watching
+  assert 'no file locks' in capfd.readouterr().err
+  with pytest.raises(ConfigError, match='heartbeat still going'):
+    WorkdirLock(d).acquire()  # the same host's live holder, told by its beats
+  first._stop.set()  # the holder hangs (no more beats) without releasing
+  first._thread.join()
+  WorkdirLock(d).acquire().release()
+  assert 'taking over a stale lock' in capfd.readouterr().err
 
 
 # ---- Friendliness.

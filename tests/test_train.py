@@ -38,6 +38,7 @@ def runs(tmp_path_factory):
   return full, resumed
 
 
+@pytest.mark.slow  # a second mesh compiled (restoring onto any mesh: test_reliability.py too)
 def test_checkpoint_restores_under_another_mesh(runs, tmp_path):
   """The uninterrupted run's step-3 checkpoint, written on (data=8) with every expert on every
   device, resumed on (data=4, expert=2) with the experts split in two: the same losses for
@@ -142,6 +143,7 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resumes_exactly(runs, tmp_pa
   free, and the same command resumes to the uninterrupted run's losses, bit for bit."""
   import signal
   from moejax import main
+  from moejax.training.lock import read_holder
   from moejax.training.step import Trainer
   full, _ = runs
   calls, real = [], Trainer.train_step
@@ -165,6 +167,7 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resumes_exactly(runs, tmp_pa
   assert signal.getsignal(signal.SIGTERM) == before
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
   assert sorted(_losses(workdir)) == [2]
+  assert read_holder(os.path.join(workdir, 'lock')) == {}  # released: no holder to wait for
   monkeypatch.setattr(Trainer, 'train_step', real)
   assert main.main([f'--config={config}', f'--workdir={workdir}']) == 0
   a, b = _losses(full), _losses(workdir)

@@ -34,7 +34,8 @@ def parser() -> cli.ArgumentParser:
   p.add_argument('--topology', required=True, help='the TPU slice as Cloud TPU names it: v4-N '
                  'and v5p-N count TensorCores (v5p-128 is 64 chips), v5e-N and v6e-N count chips')
   p.add_argument('--slices', type=int, default=1, help='slices joined over the data-center '
-                 'network (multi-slice); the mesh data axis spans them')
+                 'network (multi-slice); the data axis spans them, or the axes that '
+                 'config.mesh.dcn_data / dcn_fsdp name')
   p.add_argument('--programs', default='train', help='comma-separated: train, eval, decode')
   p.add_argument('--decode_batch', type=int, default=0,
                  help='sequences decoded at once for the decode step (0: train.batch_size)')

@@ -3,8 +3,9 @@ topology with XLA's TPU compiler, on compile-only devices, and read what the pod
 memory per chip by kind, the collectives, the compiler's cost analysis, compile time.
 
 The mesh comes from the config (`mesh.*`, one axis may be -1) laid over the topology's chips
-with jax's topology-aware `mesh_utils`; with several slices the 'data' axis spans them (its
-outer factor crosses the data-center network, reported as the axis 'dcn').
+with jax's topology-aware `mesh_utils`; with several slices the 'data' axis spans them (or the
+axes `mesh.dcn_*` name; their outer factor crosses the data-center network, reported as the
+axis 'dcn').
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moejax import checks
 from moejax.compile import chips, hlo
 from moejax.errors import ConfigError
-from moejax.parallel.mesh import BATCH_AXES, MESH_AXES, mesh_shape
+from moejax.parallel.mesh import BATCH_AXES, MESH_AXES, dcn_shape, device_grid, mesh_shape
 from moejax.training.step import Trainer
 
 PROGRAMS = ('train', 'eval', 'decode')
@@ -34,36 +35,21 @@ class Target:
   topology: chips.Topology
   mesh: Mesh
   sizes: dict  # {axis: size} over MESH_AXES
+  dcn: dict  # {axis: slices it spans} over MESH_AXES
 
   @property
   def hlo_axes(self) -> dict:
-    """The mesh as the HLO's device groups see it: one slice's (the data axis divided by the
-    slices; what crosses slices is reported over 'dcn')."""
-    return {**self.sizes, 'data': self.sizes['data'] // self.topology.slices}
+    """The mesh as the HLO's device groups see it: one slice's (each axis divided by the
+    slices it spans; what crosses slices is reported over 'dcn')."""
+    return {a: n // self.dcn[a] for a, n in self.sizes.items()}
 
 
 def target(config, topology: chips.Topology) -> Target:
   """Validate config for the topology's chips and lay its mesh over them (ConfigError first)."""
   devices = chips.devices(topology)
   sizes = mesh_shape(config.mesh, len(devices))
-  slices = topology.slices
-  if sizes['data'] % slices:
-    raise ConfigError(f"config.mesh.data={sizes['data']}: with --slices={slices} the data axis "
-                      f'spans the slices, so it must be a multiple of {slices}')
-  shape = [sizes[a] for a in MESH_AXES]
-  from jax.experimental import mesh_utils
-  try:
-    if slices > 1:
-      ici = [sizes['data'] // slices] + shape[1:]
-      grid = mesh_utils.create_hybrid_device_mesh(ici, [slices, 1, 1, 1], devices,
-                                                  allow_split_physical_axes=True)
-    else:
-      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  except (ValueError, NotImplementedError, AssertionError):
-    # mesh_utils knows no torus-aware layout for some shapes (it raises one of these); the
-    # plain order still compiles, only its collectives may take longer ICI routes.
-    grid = np.asarray(devices).reshape(shape)
-  mesh = Mesh(grid, MESH_AXES)
+  dcn = dcn_shape(config.mesh, sizes, devices)
+  mesh = Mesh(device_grid(sizes, dcn, devices), MESH_AXES)
   # The compile reads no data: check the config as if it trained on the stdlib corpus, so a
   # run's prepared corpus need not be on this machine. Under the target's mesh, so the checks
   # see its platform (e.g. ragged all-to-all is refused on CPU only).
@@ -72,7 +58,7 @@ def target(config, topology: chips.Topology) -> Target:
   checked.data.eval_sets = ''
   with jax.set_mesh(mesh):
     checks.validate(checked, len(devices))
-  return Target(topology, mesh, sizes)
+  return Target(topology, mesh, sizes, dcn)
 
 
 def _sharded_bytes(abstract_tree) -> int:

@@ -4,7 +4,7 @@ batch sizes, and rank those that fit by expected step time per token (report.py'
 
 Candidates: every factorisation of the chips into the four axes that the config can run (the
 expert axis divides the experts, the tensor axis the heads and KV heads, the batch splits over
-data x fsdp x expert; with several slices the data axis is a multiple of them), crossed with
+data x fsdp x expert; with several slices the axes that span them, mesh.dcn_* or else data, split evenly over them), crossed with
 --remats, --dispatches and --batches. Those whose train state alone (the planner's count, which
 matches the compiler's; docs/pod.md) exceeds the chip's HBM are dropped without compiling. The
 rest are compiled in the planner's order: least train state per chip first, then the smaller
@@ -38,10 +38,15 @@ def meshes(config, chips_total: int, batch: int, slices: int = 1) -> list[dict]:
   """Every {axis: size} over MESH_AXES multiplying to chips_total that the config can run."""
   m = config.model
   moe = schedule.has_moe(m)
+  # The axes that span the slices (mesh.dcn_*; the data axis when none is set) must split
+  # evenly over them.
+  dcn_data, dcn_fsdp = int(config.mesh.get('dcn_data', 1)), int(config.mesh.get('dcn_fsdp', 1))
+  if dcn_data * dcn_fsdp == 1:
+    dcn_data = slices
   out = []
   for data, fsdp, expert in itertools.product(_divisors(chips_total), repeat=3):
     split = data * fsdp * expert  # the batch's split; the tensor axis takes the rest
-    if chips_total % split or batch % split or data % slices:
+    if chips_total % split or batch % split or data % dcn_data or fsdp % dcn_fsdp:
       continue
     tensor = chips_total // split
     if (moe and m.moe.num_experts % expert) or (not moe and expert > 1):

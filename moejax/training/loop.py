@@ -14,10 +14,11 @@ from moejax.data import pipeline, tokenizer as tokenizers
 from moejax.errors import ConfigError, Diverged, Preempted
 from moejax.model.schedule import moe_layer_ids, routing_is_causal
 from moejax.moe import losses
+from moejax.parallel.mesh import dcn_shape
 from moejax.training import workdir as workdirs
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.guard import Guard
-from moejax.training.lock import WorkdirLock
+from moejax.training.lock import lock_workdir
 from moejax.training.metrics import MetricWriter, plot_expert_load, read_metrics
 from moejax.training.preemption import Preemption
 from moejax.training.step import Trainer
@@ -91,6 +92,9 @@ def evaluate_all(trainer: Trainer, state, sets: dict, weights: dict,
 
 
 def _check_workdir(workdir: str):
+  if '://' in workdir:
+    raise ConfigError(f'--workdir={workdir}: a URL, not a folder; mount the bucket or share on '
+                      'every host (e.g. Cloud Storage FUSE, NFS) and give the mounted path')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir={workdir} is a file; give a directory (new or of this run)')
 
@@ -106,7 +110,8 @@ def _make_workdir(workdir: str):
 def train(config, workdir: str) -> dict:
   """Train (or resume) the run in workdir. Returns the last logged metrics ('finished': True
   when the run had already finished and nothing was done)."""
-  checks.validate(config, jax.device_count())  # before anything compiles
+  sizes = checks.validate(config, jax.device_count())  # before anything compiles
+  dcn_shape(config.mesh, sizes, jax.devices())  # and the slices or hosts the mesh spans
   tokenizers.check_training(config.data, workdir)
   _check_workdir(workdir)
   # Corpus and tokenizer errors, also before compiling (and before the workdir is made: a
@@ -119,7 +124,7 @@ def train(config, workdir: str) -> dict:
   _make_workdir(workdir)
   if jax.process_index() == 0:
     tokenizers.copy_files(splits.tokenizer, workdir)  # generate reads it from the run
-  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+  with lock_workdir(workdir):
     return _Loop(config, workdir, splits).run()
 
 

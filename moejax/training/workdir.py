@@ -32,7 +32,7 @@ def open_run(config, devices=None) -> Run:
 
   Raises ConfigError (one line naming the field) before anything is traced or compiled."""
   devices = jax.devices() if devices is None else list(devices)
-  mesh = make_mesh(checks.validate(config, len(devices)), devices)
+  mesh = make_mesh(checks.validate(config, len(devices)), devices, config.mesh)
   return Run(config, mesh, Trainer(config, mesh))
 
 
@@ -41,6 +41,7 @@ def on_any_mesh(config):
   reading a checkpoint, which restores onto any mesh."""
   config = copy.deepcopy(config)
   config.mesh.data, config.mesh.fsdp, config.mesh.expert, config.mesh.tensor = -1, 1, 1, 1
+  config.mesh.dcn_data, config.mesh.dcn_fsdp = 1, 1
   return config
 
 
