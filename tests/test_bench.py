@@ -86,6 +86,7 @@ def test_bench_train_smoke(capsys):
   assert [r['layers'] for r in rows[3:]] == [1, 3]
 
 
+@pytest.mark.slow  # the data benchmark reads and tokenizes a corpus
 def test_bench_data_smoke(capsys, tmp_path):
   from moejax.prepare import prepare
   (tmp_path / 'text').mkdir()

@@ -80,12 +80,13 @@ def test_mlp_gradients_match_an_all_experts_formulation(case, backend):
     return jnp.einsum('tef,efd,te->td', h, p['experts']['wo'], gate).reshape(x.shape)
 
   cot = jax.random.normal(jax.random.key(5), x.shape)
-  g = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x)[0] * cot), argnums=(0, 1))(params, x)
+  g = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x)[0] * cot), argnums=(0, 1)))(params, x)
   g_ref = jax.grad(lambda p, x: jnp.sum(dense(p, x) * cot), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # the ring itself: test_ring.py; GLU experts on it: test_glu_experts.py
 def test_ring_of_mlp_experts_on_8_devices_equals_dropless_on_1():
   """The expert-parallel paths split however many weights the block has (two here)."""
   one = _config()

@@ -113,7 +113,7 @@ def test_gradients_reach_the_router_through_the_gates():
     return jnp.einsum('tef,efd,te->td', h, e['wo'], gates).reshape(x.shape)
 
   cot = jax.random.normal(jax.random.key(4), x.shape)
-  g = jax.grad(lambda p: jnp.sum(layer.apply(p, x)[0] * cot))(params)['params']
+  g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)[0] * cot)))(params)['params']
   g_ref = jax.grad(lambda p: jnp.sum(dense(p, x) * cot))(params)['params']
   assert float(jnp.abs(g['router']['w']).max()) > 1e-4
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
@@ -180,8 +180,9 @@ def test_causal_in_training_and_decoding_equals_the_full_forward_pass():
   # Training routing of token t does not move when later tokens change.
   train_model = Transformer(ml_collections.FrozenConfigDict(m), train=True)
   later = tokens.at[:, 6:].set((tokens[:, 6:] + 17) % 256)
-  a, _ = train_model.apply(variables, tokens, rngs={'router': jax.random.key(0)})
-  b, _ = train_model.apply(variables, later, rngs={'router': jax.random.key(0)})
+  train_apply = jax.jit(lambda v, t: train_model.apply(v, t, rngs={'router': jax.random.key(0)}))
+  a, _ = train_apply(variables, tokens)
+  b, _ = train_apply(variables, later)
   np.testing.assert_allclose(a[:, :6], b[:, :6], rtol=1e-5, atol=1e-5)
   # One token at a time through the cache gives the full pass's logits.
   dec = decoding_model(m, cache_len=10)
@@ -195,6 +196,7 @@ def test_causal_in_training_and_decoding_equals_the_full_forward_pass():
   np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # a training run
 def test_training_brings_the_experts_per_token_to_the_target():
   """From tau = 0 (every token takes all 4 slots), the train step's threshold updates bring the
   routed experts per token to about the target of 2, with no balance loss."""

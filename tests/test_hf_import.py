@@ -62,6 +62,7 @@ def test_sharded_checkpoint_with_index(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # the language model's parity: test_hf_families.py[llama4_text]
 def test_multimodal_llama4_imports_its_language_model(tmp_path):
   """Llama 4 as published (Llama4ForConditionalGeneration: text_config, 'language_model.'
   tensors): the language model imports and equals transformers' text logits."""

@@ -49,7 +49,8 @@ def test_causality():
 @pytest.mark.parametrize('dispatch,mesh,deepseek_v3', [
     ('dropless', dict(data=2, fsdp=1, expert=4, tensor=1), True),
     ('capacity', dict(data=1, fsdp=2, expert=2, tensor=2), False),
-    ('einsum', dict(data=1, fsdp=1, expert=8, tensor=1), False),
+    pytest.param('einsum', dict(data=1, fsdp=1, expert=8, tensor=1), False,
+                 marks=pytest.mark.slow),  # einsum on expert=8: test_expert_parallel.py too
 ])
 def test_eight_devices_match_one_device(dispatch, mesh, deepseek_v3):
   """Same params and batch on 1 device and on 8 simulated devices: same losses and routing.

@@ -42,25 +42,38 @@ def _saved(trainer, state, batch, capsys):
   return capsys.readouterr().out
 
 
-def test_remat_policies_keep_the_gradients_and_change_what_is_saved(capsys):
+_REMATS = (('full', ()), ('names', ('attn_out', 'ffn_in')))
+
+
+def test_remat_policies_change_what_is_saved(capsys):
+  """The residuals the backward pass keeps (traced, not compiled): fewest under full remat,
+  the named ones under names, every one without."""
   batch = _batch()
   base = trainer_on(_config(), ONE)
   state = base.init(0)
-  want = _grads(base, state, batch)
   saved = {'none': _saved(base, state, batch, capsys)}
-  for remat, names in (('full', ()), ('names', ('attn_out', 'ffn_in'))):
-    trainer = trainer_on(_config(remat=remat, remat_save=names), ONE)
-    got = _grads(trainer, state, batch)
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    saved[remat] = _saved(trainer, state, batch, capsys)
+  for remat, names in _REMATS:
+    saved[remat] = _saved(trainer_on(_config(remat=remat, remat_save=names), ONE), state, batch,
+                          capsys)
   count = {k: len(v.splitlines()) for k, v in saved.items()}
   assert count['full'] < count['names'] < count['none'], count
   # The tail block is not scanned, so its residuals keep their names (scanned ones are listed
   # as outputs of the scan).
   assert "named 'attn_out'" in saved['names'] and "named 'ffn_in'" in saved['names']
   assert "named 'query_proj'" not in saved['names'] and 'named' not in saved['full']
+
+
+@pytest.mark.slow  # three gradient programs compiled
+def test_remat_policies_keep_the_gradients():
+  batch = _batch()
+  base = trainer_on(_config(), ONE)
+  state = base.init(0)
+  want = _grads(base, state, batch)
+  for remat, names in _REMATS:
+    got = _grads(trainer_on(_config(remat=remat, remat_save=names), ONE), state, batch)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('remat,names,field', [
@@ -71,6 +84,7 @@ def test_bad_remat_settings_name_the_field(remat, names, field):
     validate(_config(remat=remat, remat_save=names), 1)
 
 @pytest.mark.accelerator
+@pytest.mark.slow  # two training programs compiled
 def test_bfloat16_compute_tracks_float32():
   """20 AdamW steps on one learnable batch (a repeating pattern). bfloat16 activations
   (8 significant bits: relative rounding 2^-8) with float32 parameters, optimizer and router

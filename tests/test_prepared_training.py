@@ -46,28 +46,27 @@ def _config(data_dir, **data):
 
 
 @pytest.fixture(scope='module')
-def runs(corpora, tmp_path_factory):
-  full = str(tmp_path_factory.mktemp('full'))
-  train(_config(corpora[0]), full)
-  resumed = str(tmp_path_factory.mktemp('resumed'))
+def full(corpora, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('full'))
+  train(_config(corpora[0]), workdir)
+  return workdir
+
+
+@pytest.mark.slow  # two more training runs (exact resume on the stdlib corpus: test_train.py)
+def test_resume_from_prepared_data_is_bit_identical(full, corpora, tmp_path):
+  resumed = str(tmp_path / 'resumed')
   c = _config(corpora[0])
   c.train.stop_after = 4
   train(c, resumed)
   train(_config(corpora[0]), resumed)
-  return full, resumed
-
-
-def test_resume_from_prepared_data_is_bit_identical(runs):
-  full, resumed = runs
   a = {r['step']: r['train/loss'] for r in _rows(full) if 'train/loss' in r}
   b = {r['step']: r['train/loss'] for r in _rows(resumed) if 'train/loss' in r}
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
   assert a == b
 
 
-def test_bits_per_byte_is_the_loss_in_bits_over_bytes_per_token(runs, corpora):
+def test_bits_per_byte_is_the_loss_in_bits_over_bytes_per_token(full, corpora):
   import json
-  full, _ = runs
   meta = json.load(open(os.path.join(corpora[0], 'metadata.json')))
   bpt = meta['splits']['validation']['bytes'] / meta['splits']['validation']['tokens']
   rows = _rows(full)
@@ -77,9 +76,8 @@ def test_bits_per_byte_is_the_loss_in_bits_over_bytes_per_token(runs, corpora):
   assert last['eval/perplexity'] == pytest.approx(math.exp(last['eval/loss']), rel=1e-6)
 
 
-def test_generate_speaks_the_runs_tokenizer(runs, capsys):
+def test_generate_speaks_the_runs_tokenizer(full, capsys):
   from moejax import generate
-  full, _ = runs
   assert os.path.exists(os.path.join(full, 'tokenizer.json'))
   args = ['--workdir', full, '--prompt', 'def main(', '--max_new_tokens', '8', '--seed', '1']
   assert generate.main(args) == 0

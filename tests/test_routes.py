@@ -227,14 +227,16 @@ def test_replay_in_training_gives_the_gradients_of_the_routing_it_replays(tiny_r
   rng = jax.random.key(0)
   variables = {'params': state.params, **state.model_state}
   with trainer.context():
-    (_, aux), _ = trainer.model.apply(variables, batch['inputs'], rngs={'router': rng},
-                                      mutable=['bias_updates'])
+    (_, aux), _ = jax.jit(lambda v, x: trainer.model.apply(v, x, rngs={'router': rng},
+                                                            mutable=['bias_updates']))(
+        variables, batch['inputs'])
   own = traces.from_model(np.asarray(aux['expert_index']), 8)
+  value_and_grad = jax.jit(jax.value_and_grad(
+      lambda p, b: trainer.loss_fn(p, state.model_state, b, rng)[0]))
 
   def grads(b):
     with trainer.context():
-      return jax.value_and_grad(lambda p: trainer.loss_fn(p, state.model_state, b, rng)[0])(
-          state.params)
+      return value_and_grad(state.params, b)
   loss, g = grads(batch)
   loss_r, g_r = grads({**batch, 'replay': own})
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
@@ -245,6 +247,7 @@ def test_replay_in_training_gives_the_gradients_of_the_routing_it_replays(tiny_r
   assert np.max(np.abs(router(g_o) - router(g))) > 1e-6
 
 
+@pytest.mark.slow  # a training run on a written trace (replay's gradients: the test above)
 def test_training_on_a_trace_routes_every_step_as_recorded(tmp_path):
   """python -m moejax.main --replay: a trace that sends every token to experts 0 and 1 in
   every layer trains with all the load on those two; a trace of the wrong length is refused
@@ -350,6 +353,7 @@ def test_the_report_of_a_native_run(native, capsys):
   assert '<script' not in html and 'http' not in html.split('</title>')[1]
 
 
+@pytest.mark.slow  # the commands end to end; replay's exactness: the tests above
 def test_the_commands_replay_a_trace_they_wrote(native, capsys):
   """routes --replay reproduces the traced pass (loss, logits, experts); generate --replay
   prefills the trace's sequence routed as recorded and continues as the model would."""

@@ -34,11 +34,12 @@ def test_copy_mode_computes_the_dense_model():
   dense_model, dense_params = _init(dense.model, tokens, 1)
   moe_model, fresh = _init(moe.model, tokens, 2)
   params = upcycle_params(jax.device_get(dense_params), jax.device_get(fresh), moe.model, 'copy')
-  want, _ = dense_model.apply({'params': dense_params}, tokens)
-  got, aux = moe_model.apply({'params': params}, tokens)
+  want, _ = jax.jit(dense_model.apply)({'params': dense_params}, tokens)
+  moe_apply = jax.jit(moe_model.apply)
+  got, aux = moe_apply({'params': params}, tokens)
   # Renormalised top-K weights sum to 1 over identical experts; the shared expert starts silent.
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  assert float(jnp.abs(got - moe_model.apply({'params': fresh}, tokens)[0]).max()) > 1e-2
+  assert float(jnp.abs(got - moe_apply({'params': fresh}, tokens)[0]).max()) > 1e-2
   # The router is the fresh one, not a copy of anything dense.
   np.testing.assert_array_equal(params['moe_layers']['moe_block']['moe']['router']['w'],
                                 fresh['moe_layers']['moe_block']['moe']['router']['w'])
