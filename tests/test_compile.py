@@ -393,6 +393,19 @@ def test_two_slices_put_the_data_axis_over_the_dcn(v5e4):
 
 
 @LIBTPU
+def test_one_slice_lays_the_expert_axis_around_the_torus(v5e4):
+  """On one v5e-4 slice (a 2x2 torus) the four chips of the expert axis follow jax's
+  topology-aware order, a ring (0, 1, 3, 2) in which each step is one ICI hop, not the
+  devices' id order (0 to 3 goes diagonally across the torus)."""
+  from moejax.compile import program
+  t = program.target(_tpu_config('auto'), v5e4)
+  assert [d.id for d in t.mesh.devices.flat] == [0, 1, 3, 2]
+  coords = [tuple(d.coords[:2]) for d in t.mesh.devices.flat]
+  assert all(sum(abs(a - b) for a, b in zip(coords[i], coords[(i + 1) % 4])) == 1
+             for i in range(4))
+
+
+@LIBTPU
 @pytest.mark.slow  # a second two-slice compile
 def test_two_slices_over_the_fsdp_axis():
   """mesh.dcn_fsdp=2: the fsdp axis spans the slices instead (laid by slice), so the weights'
@@ -485,3 +498,16 @@ def test_mixtral_8x7b_on_v5p_32():
   assert set(r['collectives']['ragged-all-to-all']['by_axes']) == {'expert'}
   assert not _expert_weight_gathers(compiled.collectives, c)
   assert r['roofline']['bound'] == 'compute'
+
+
+def test_search_splits_the_axes_that_span_slices_evenly_over_them():
+  """--search with --slices=2: the candidates' data axis is a multiple of 2, or with
+  mesh.dcn_fsdp=2 their fsdp axis is (and the data axis then need not be)."""
+  from moejax.compile.search import meshes
+  c = tiny_config()
+  found = meshes(c, 8, 8, slices=2)
+  assert found and all(m['data'] % 2 == 0 for m in found)
+  c.mesh.dcn_fsdp = 2
+  found = meshes(c, 8, 8, slices=2)
+  assert found and all(m['fsdp'] % 2 == 0 for m in found)
+  assert any(m['data'] % 2 for m in found)

@@ -90,7 +90,9 @@ def model(tmp_path_factory):
   from moejax import hf
   root = tmp_path_factory.mktemp('model')
   _tokenizer_with_bos(root / 'hf')
-  build('mixtral', root / 'hf')
+  # The model's own special ids are the tokenizer's, so transformers' generate stops where
+  # moejax's does (at <|endoftext|>).
+  build('mixtral', root / 'hf', eos_token_id=0, pad_token_id=1, bos_token_id=319)
   hf.import_workdir(str(root / 'hf'), str(root / 'work'), log=lambda *_: None)
   return str(root / 'hf'), str(root / 'work')
 
@@ -152,7 +154,8 @@ def test_loglikelihoods_equal_a_hand_computation_at_any_batch_size(model):
 
 def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_same_model(model):
   """lm-eval's own `hf` backend on the transformers model moejax imported: the same
-  continuations' log-likelihoods (1e-4), greedy flags, and rolling log-likelihoods."""
+  continuations' log-likelihoods (1e-4), greedy flags, rolling log-likelihoods, and greedy
+  generations cut at their stop strings."""
   from lm_eval.models.huggingface import HFLM
   from moejax.evaluate.harness import MoejaxLM
   hf_dir, work = model
@@ -167,6 +170,11 @@ def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_same_model(model):
   rolling = _requests('loglikelihood_rolling', texts)
   np.testing.assert_allclose(ours.loglikelihood_rolling(rolling, True),
                              ref.loglikelihood_rolling(rolling, True), rtol=1e-4)
+  gen = _requests('generate_until', [('def main(', {'until': ['\n'], 'max_gen_toks': 6}),
+                                     ('Größe = ', {'until': [')', 'e'], 'max_gen_toks': 8}),
+                                     ('import', {'until': ['never'], 'max_gen_toks': 4})])
+  texts = ours.generate_until(gen, True)
+  assert texts == ref.generate_until(gen, True) and all(texts), texts
 
 
 @pytest.mark.slow  # a compile per bucket length, and greedy decoding per generation prompt
@@ -192,7 +200,14 @@ def test_command_evaluates_local_tasks_and_writes_json(model, tasks, capsys):
   default = main([f'--workdir={work}', '--tasks=tiny_choice', f'--include_path={tasks}',
                   '--bootstrap_iters=0', '--limit=2'])
   assert default == 0 and os.path.exists(os.path.join(work, 'eval', 'lm_eval_step_0.json'))
-  # A task of lm-eval's own whose data is not on this machine (nothing is downloaded).
+  capsys.readouterr()
+  # Task errors (lm-eval indexes its thousands of task files for each): a misspelt name, a
+  # local task whose file is absent, a task of lm-eval's own whose data is not on this
+  # machine (nothing is downloaded).
+  _one_line(capsys, [f'--workdir={work}', '--tasks=tiny_choise', f'--include_path={tasks}'],
+            "no task 'tiny_choise'", 'did you mean tiny_choice')
+  _one_line(capsys, [f'--workdir={work}', '--tasks=tiny_missing', f'--include_path={tasks}'],
+            'tiny_missing: its data could not be read', 'nothing is downloaded here')
   _one_line(capsys, [f'--workdir={work}', '--tasks=hellaswag'],
             'hellaswag: its data could not be read', 'datasets')
 
@@ -207,11 +222,8 @@ def _one_line(capsys, argv, *expected):
 
 def test_user_errors_are_one_line_before_the_model_loads(model, tasks, capsys, tmp_path,
                                                          monkeypatch):
+  """Arguments and the lm-eval install (task errors: the slow command test)."""
   _, work = model
-  _one_line(capsys, [f'--workdir={work}', '--tasks=tiny_choise', f'--include_path={tasks}'],
-            "no task 'tiny_choise'", 'did you mean tiny_choice')
-  _one_line(capsys, [f'--workdir={work}', '--tasks=tiny_missing', f'--include_path={tasks}'],
-            'tiny_missing: its data could not be read', 'nothing is downloaded here')
   _one_line(capsys, [f'--workdir={tmp_path / "nothing"}', '--tasks=tiny_choice'], 'no such run')
   _one_line(capsys, [f'--workdir={work}', '--tasks=tiny_choice', '--include_path=/no/folder'],
             '--include_path=/no/folder: no such folder')

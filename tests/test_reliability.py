@@ -265,10 +265,10 @@ def test_second_trainer_is_refused_and_a_stale_lock_taken_over(tmp_path, capfd):
   assert 'stale' not in capfd.readouterr().err  # a clean release leaves no holder behind
 
 
-def _foreign_lock(d, beat=0):
+def _foreign_lock(d, beat=0, host='elsewhere'):
   """The lock file of a trainer on another host, written whole (never seen empty)."""
   with open(os.path.join(d, 'lock.tmp'), 'w') as f:
-    json.dump({'host': 'elsewhere', 'pid': 1, 'started': 0.0, 'beat': beat}, f)
+    json.dump({'host': host, 'pid': 1, 'started': 0.0, 'beat': beat}, f)
   os.replace(os.path.join(d, 'lock.tmp'), os.path.join(d, 'lock'))
 
 
@@ -312,14 +312,14 @@ def test_lock_of_a_lost_host_is_taken_over_after_its_heartbeat_stops(tmp_path, m
   monkeypatch.setattr(lock, 'HEARTBEAT', 0.2)
   d = str(tmp_path)
   path = os.path.join(d, 'lock')
-  _foreign_lock(d)
+  _foreign_lock(d, host='elsewhere.' + 'x' * 200)  # a longer record than the new holder's
   start = time.monotonic()
   held = WorkdirLock(d).acquire()
   waited = time.monotonic() - start
   assert lock.WATCH * lock.HEARTBEAT <= waited < lock.STALE
   err = capfd.readouterr().err
   assert 'watching its heartbeat' in err and 'taking over a stale lock' in err
-  assert lock.read_holder(path)['pid'] == os.getpid()
+  assert lock.read_holder(path)['pid'] == os.getpid()  # written over whole, no tail left
   time.sleep(2.5 * lock.HEARTBEAT)  # the new holder's own heartbeat counts on
   assert lock.read_holder(path)['beat'] >= 1
   held.release()
@@ -332,6 +332,12 @@ def test_lock_of_a_lost_host_is_taken_over_after_its_heartbeat_stops(tmp_path, m
   assert 'watching' not in err and 'taking over' in err
   WorkdirLock(d).acquire().release()  # emptied by the release: nothing to report
   assert capfd.readouterr().err == ''
+  # A holder elsewhere that finishes (empties the file) while it is watched: taken at once.
+  _foreign_lock(d)
+  threading.Timer(0.1, lambda: open(path, 'w').close()).start()
+  start = time.monotonic()
+  WorkdirLock(d).acquire().release()
+  assert time.monotonic() - start < lock.WATCH * lock.HEARTBEAT
 
 
 def test_lock_on_a_filesystem_without_file_locks_relies_on_the_heartbeat(tmp_path, monkeypatch,
