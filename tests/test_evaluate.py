@@ -152,6 +152,26 @@ def test_loglikelihoods_equal_a_hand_computation_at_any_batch_size(model):
   assert len({round(w[0], 3) for w in want}) == len(want)
 
 
+def test_greedy_means_every_continuation_token_is_the_argmax(model):
+  """The model's own three greedy tokens after a context are greedy; the same first token
+  followed by two others is not (one greedy token is not enough)."""
+  import jax
+  import ml_collections
+  from moejax.evaluate.harness import MoejaxLM
+  from moejax.model.transformer import Transformer
+  _, work = model
+  lm = MoejaxLM(work, batch_size=2)
+  apply = jax.jit(Transformer(ml_collections.FrozenConfigDict(lm.config.model),
+                              train=False).apply)
+  row = lm.tok_encode('def main(')
+  for _ in range(3):
+    row.append(int(np.argmax(np.asarray(apply(lm.scorer.variables, np.asarray([row]))[0])[0, -1])))
+  ctx, best = row[:-3], row[-3:]
+  other = [best[0], (best[1] + 1) % 320, (best[2] + 1) % 320]
+  got = lm._loglikelihood_tokens([(('', ''), ctx, best), (('', ''), ctx, other)])
+  assert [g[1] for g in got] == [True, False]
+
+
 def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_same_model(model):
   """lm-eval's own `hf` backend on the transformers model moejax imported: the same
   continuations' log-likelihoods (1e-4), greedy flags, rolling log-likelihoods, and greedy
@@ -172,9 +192,23 @@ def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_same_model(model):
                              ref.loglikelihood_rolling(rolling, True), rtol=1e-4)
   gen = _requests('generate_until', [('def main(', {'until': ['\n'], 'max_gen_toks': 6}),
                                      ('Größe = ', {'until': [')', 'e'], 'max_gen_toks': 8}),
-                                     ('import', {'until': ['never'], 'max_gen_toks': 4})])
+                                     ('import', {'until': ['never'], 'max_gen_toks': 4}),
+                                     # longer than the model reads: its newest 252 tokens
+                                     ('x = 1\n' * 150, {'until': ['never'], 'max_gen_toks': 4})])
   texts = ours.generate_until(gen, True)
   assert texts == ref.generate_until(gen, True) and all(texts), texts
+  # Two stop strings found at different places: the text ends before the earlier one (as
+  # lm-eval cuts: at each stop string in turn). Checked on moejax's own full text, since a stop
+  # inside a multi-byte character decodes differently once the tokens after it are cut off.
+  long = {'until': ['never'], 'max_gen_toks': 16}
+  whole, = ours.generate_until(_requests('generate_until', [('def f(', long)]), True)
+  first = {}
+  for i, ch in enumerate(whole):
+    if ch.isascii() and not ch.isspace():
+      first.setdefault(ch, i)
+  (i, a), (j, b) = sorted((v, k) for k, v in first.items())[:2]
+  two = _requests('generate_until', [('def f(', {**long, 'until': [b, a]})])
+  assert ours.generate_until(two, True) == [whole[:i]] and i < j
 
 
 @pytest.mark.slow  # a compile per bucket length, and greedy decoding per generation prompt
