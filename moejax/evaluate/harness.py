@@ -11,8 +11,6 @@ tokenizer's own special tokens the way `transformers` does by default. Rolling l
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -107,9 +105,3 @@ class MoejaxLM(TemplateLM):
       out.append(text[:min(cuts)] if cuts else text)
     return out
 
-
-def offline():
-  """Nothing is downloaded at run time: lm-eval's datasets and hub lookups read the local
-  caches only (a user's own environment wins)."""
-  os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
-  os.environ.setdefault('HF_HUB_OFFLINE', '1')
