@@ -4,7 +4,7 @@ Per-layer MaxVio (batch) over training and the step from which it stays below 0.
 layers with the first dense (3 MoE layers), all 4 MoE, and all 4 MoE without any balancing
 loss (to see the natural imbalance by depth).
 """
-from moejax.experiments.common import SMOKE, base
+from moejax.experiments.common import SMOKE, TASKS, base
 from moejax.experiments.metrics import steps_to_balance, tail_mean
 
 from moejax.experiment import Experiment
@@ -22,6 +22,7 @@ def get_experiment():
                'final MaxVio per layer': tail_mean('moe/per_layer/max_vio')},
       baseline='first_layer_dense',
       smoke=SMOKE,
+      tasks=TASKS,
       note="""DeepSeekMoE (Dai et al., 2024) keeps the first layer dense because the first
 layer's load-balance state converges especially slowly. Here: does the first MoE layer reach
 balance later than deeper ones, and does making layer 0 dense change that?""")

@@ -9,7 +9,7 @@ every arm. Rungs r0-r3 double the compute each (common.CPU_LADDER); `:tpu` is th
 preset.
 """
 from moejax.experiment import Experiment
-from moejax.experiments.common import SMOKE, preset
+from moejax.experiments.common import SMOKE, TASKS, preset
 from moejax.experiments.metrics import tail_mean
 
 NO_AUX = {'model.moe.balance.aux_loss_weight': 0.0}
@@ -32,6 +32,7 @@ def get_experiment(arg=None):
       columns={'MaxVio batch (last 5 logs)': tail_mean('moe/max_vio'),
                'aux loss': tail_mean('moe/aux_loss')},
       smoke=SMOKE,
+      tasks=TASKS,
       note="""Wang et al. (2024, "Auxiliary-loss-free load balancing") report the loss-free bias
 reaching MaxVio_global about 0.04 where an auxiliary loss leaves 0.5-0.7, at equal or better
 perplexity (9.50 vs 9.56 at 1B), and a larger aux weight trading quality for balance.

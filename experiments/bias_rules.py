@@ -7,7 +7,7 @@ and quantile balancing (the bias moved halfway each step toward the per-expert s
 that give every expert its share). The z-loss (1e-3) is the same in every arm. The report gives
 each arm's difference from the baseline with the interval its verdict rests on, over the 5 seeds.
 """
-from moejax.experiments.common import SMOKE, base
+from moejax.experiments.common import SMOKE, TASKS, base
 from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
@@ -36,6 +36,7 @@ def get_experiment():
       columns={'MaxVio batch (last 5 logs)': tail_mean('moe/max_vio'),
                'dead experts (eval)': _dead},
       smoke=SMOKE,
+      tasks=TASKS,
       note="""Wang et al. (2024) report the sign-rule bias reaching MaxVio_global about 0.04 where
 an auxiliary loss leaves 0.5-0.7, at equal or better perplexity. Quantile balancing
 (Megatron-Core, Marin's MoE recipe) sets the bias from the batch's own score quantiles instead

@@ -4,7 +4,7 @@ Top-2 of 8 experts; capacity C = ceil(factor * K * T / N) per expert over the ba
 first choices served before second choices; evaluation uses the same factor. Expert FLOPs
 include the padding of the [N, C] buffers, relative to the K * T rows dropless computes.
 """
-from moejax.experiments.common import SMOKE, base
+from moejax.experiments.common import SMOKE, TASKS, base
 from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
@@ -35,6 +35,7 @@ def get_experiment():
                'expert FLOPs vs dropless': expert_flops_vs_dropless},
       baseline='dropless',
       smoke=SMOKE,
+      tasks=TASKS,
       note="""Switch Transformer (Fedus et al., 2021) trains well at factors 1.0-1.25 and finds
 higher factors help quality a little at a cost in compute and memory; GShard used 2.0 with
 top-2. MegaBlocks (Gale et al., 2022) shows dropless routing matching or beating every capacity

@@ -5,15 +5,21 @@ The base is a small byte-level decoder on Python's standard library (the quickst
 d_model 64, 4 layers (the first dense), 8 routed experts of width 128, top-2 (active FFN width
 256, the dense layer's width), dropless dispatch, AdamW. Sized so one run takes well under a
 minute on a 2-core CPU; each experiment changes only what it compares. Every run ends with an
-evaluation on the whole validation split (train.final_eval_batches = 0).
+evaluation on the whole validation split (train.final_eval_batches = 0) and its final checkpoint
+is scored on a downstream task (TASKS).
 """
 from moejax.config import base_config
-from moejax.experiment import Rung
+from moejax.experiment import Rung, Tasks
 
 # --smoke: a few steps on a small slice of the corpus, so the tests can run every experiment.
 SMOKE = {'train.steps': 4, 'train.warmup_steps': 1, 'train.log_every': 2, 'train.eval_every': 2,
          'train.checkpoint_every': 2, 'train.eval_batches': 1, 'train.batch_size': 8,
          'data.seq_len': 32, 'data.max_bytes': 100_000, 'train.final_eval_batches': 2}
+
+# The downstream task of every experiment (experiments/tasks/python_next_line.yaml): which of four
+# lines of Python comes next, at 1000 places in the corpus's held-out files (chance 25%); the
+# report compares accuracy like the loss, equivalent within 2 points.
+TASKS = Tasks(('python_next_line',), metric='acc', delta=0.02)
 
 
 def base(steps: int = 200):

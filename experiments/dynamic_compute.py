@@ -17,7 +17,7 @@ matched on its mean (the table's 'active experts (eval)' column shows what each 
 The report gives each arm's difference from the baseline with the interval of its verdict and
 Welch's t-test over the 5 seeds.
 """
-from moejax.experiments.common import SMOKE, base
+from moejax.experiments.common import SMOKE, TASKS, base
 from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
@@ -53,6 +53,7 @@ def get_experiment():
                'active experts (last 5 logs)': tail_mean('moe/active_experts'),
                'dead experts (eval)': _eval('eval/dead_experts')},
       smoke=SMOKE,
+      tasks=TASKS,
       note="""The papers report, at 100M-1B parameters and billions of tokens: MoE++ (zero,
 copy and constant experts) better quality at lower compute than a plain top-2; top-p routing
 (threshold 0.4) better downstream scores with fewer than 2 experts per token on average;

@@ -3,7 +3,7 @@
 Every MoE layer holds 1024 expert widths and activates 256: 8 x 128 top-2, 16 x 64 top-4,
 32 x 32 top-8, and 1 shared + 15 routed x 64 top-3.
 """
-from moejax.experiments.common import SMOKE, base
+from moejax.experiments.common import SMOKE, TASKS, base
 from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
@@ -23,6 +23,7 @@ def get_experiment():
       columns={'train loss': tail_mean('train/ce_loss')},
       baseline='8x128_top2',
       smoke=SMOKE,
+      tasks=TASKS,
       note="""DeepSeekMoE (Dai et al., 2024) found finer experts (more, smaller, more of them
 active) and shared-expert isolation both lower the loss at fixed cost. OLMoE (Muennighoff et al.,
 2024) confirmed the granularity gain but found a shared expert did not help.""")

@@ -3,7 +3,7 @@ design, in miniature). Every FFN has active width 256; every MoE layer has 2048 
 in total: hash top-1 and Switch top-1 use 8 experts of 256, GShard top-2 16 of 128,
 DeepSeekMoE 1 shared + 31 routed experts of 64 with top-3 routed.
 """
-from moejax.experiments.common import SMOKE, base
+from moejax.experiments.common import SMOKE, TASKS, base
 from moejax.experiments.metrics import tail_mean
 
 from moejax.experiment import Experiment
@@ -31,5 +31,6 @@ def get_experiment():
       columns={'train loss': tail_mean('train/ce_loss')},
       baseline='dense',
       smoke=SMOKE,
+      tasks=TASKS,
       note="""DeepSeekMoE (Dai et al., 2024), 2B total parameters, Pile loss: dense 2.060, hash
 1.932, Switch 1.881, GShard 1.867, DeepSeekMoE 1.808 (lower is better).""")

@@ -12,7 +12,7 @@ and decoding, no auxiliary loss. Rungs r0-r3 double the compute each (width and 
 common.CPU_LADDER); `:tpu` is the accelerator preset.
 """
 from moejax.experiment import Experiment, PostEval
-from moejax.experiments.common import SMOKE, preset
+from moejax.experiments.common import SMOKE, TASKS, preset
 from moejax.experiments.metrics import tail_mean
 
 EC = {'model.moe.router.name': 'expert_choice', 'model.moe.router.ec_capacity_factor': 2.0,
@@ -35,6 +35,7 @@ def get_experiment(arg=None):
       post_evals={'noncausal_eval': PostEval({'model.moe.router.ec_eval': 'expert_choice'},
                                              arms=('expert_choice',))},
       smoke=SMOKE,
+      tasks=TASKS,
       note="""Zhou et al. (2022) report expert choice beating token choice (GShard top-2,
 Switch) in perplexity and convergence speed, in an encoder-decoder setting where routing over
 the batch is allowed. On a causal LM the choice of an expert depends on later tokens, so the

@@ -8,7 +8,7 @@ dense model continued for the same steps and a MoE trained from scratch for all 
   top-4: same active width as the dense model (256), function not preserved.
 - 'moe_scratch_copy_shape': the 'upcycled_copy' architecture trained from step 0.
 """
-from moejax.experiments.common import SMOKE, base
+from moejax.experiments.common import SMOKE, TASKS, base
 
 from moejax.experiment import Arm, Experiment
 
@@ -30,6 +30,7 @@ def get_experiment():
             'moe_scratch_copy_shape': COPY},
       baseline='dense',
       smoke=SMOKE,
+      tasks=TASKS,
       note="""Komatsuzaki et al. (2022, "Sparse Upcycling") find upcycled models beat their
 dense parents continued for the same extra compute, and beat MoE models trained from scratch
 unless the scratch model gets a large share of the original budget.""")

@@ -11,7 +11,8 @@ import pytest
 lm_eval = pytest.importorskip('lm_eval')
 torch = pytest.importorskip('torch')
 
-from moejax.evaluate.__main__ import main, offline  # noqa: E402
+from moejax.evaluate.__main__ import main  # noqa: E402
+from moejax.evaluate.tasks import offline  # noqa: E402
 
 offline()
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -120,7 +120,7 @@ def _fake_training(monkeypatch, clock, trained, wall=60.0):
   """Runs whose val loss depends on the arm and the seed only: clearly_better 0.1 below the
   baseline with little noise (decided at once), close 0.004 above with noise 0.01 (too close
   for a verdict at any look here)."""
-  def train_one(exp, key, c, workdir, run_dir, train, upcycle):
+  def train_one(exp, key, c, workdir, run_dir, train, upcycle, smoke, manager):
     trained.append(key)
     clock.now += wall
     noise = np.random.default_rng(key.seed).normal(0, 1, 3)

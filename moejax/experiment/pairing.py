@@ -68,14 +68,16 @@ def aligned(results: dict, configs: dict, rung, arm: str, base: str, key: str, d
 
 
 def comparisons(exp, results: dict, configs: dict, rung, arms, design=None,
-                key: str = 'val_loss') -> dict:
-  """{arm: statistics.Comparison} of each arm against the baseline, with verdicts; with a
-  sequential.Design, at its last completed look and corrected for its looks."""
+                key: str = 'val_loss', delta: float | None = None,
+                lower_is_better: bool = True) -> dict:
+  """{arm: statistics.Comparison} of each arm against the baseline on a metric (default: val
+  loss, within the experiment's delta), with verdicts; with a sequential.Design, at its last
+  completed look and corrected for its looks."""
   out = {}
   for arm in arms:
     if arm == exp.baseline:
       continue
     a, b, paired = aligned(results, configs, rung, arm, exp.baseline, key, design)
     if min(len(a), len(b)) >= 2:
-      out[arm] = statistics.compare(a, b, exp.delta, paired)
-  return statistics.verdicts(out, looks=design.looks if design else 1)
+      out[arm] = statistics.compare(a, b, exp.delta if delta is None else delta, paired)
+  return statistics.verdicts(out, lower_is_better, looks=design.looks if design else 1)

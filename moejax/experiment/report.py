@@ -18,7 +18,7 @@ import subprocess
 
 import numpy as np
 
-from moejax.experiment import ladder as ladder_section, plots, statistics
+from moejax.experiment import ladder as ladder_section, plots, statistics, tasks
 # comparisons and pairable are this module's too (the runner and the tests read them here)
 from moejax.experiment.pairing import aligned, comparisons, finished, pairable  # noqa: F401
 from moejax.model.schedule import moe_layer_ids
@@ -51,7 +51,8 @@ def _fmt(values) -> str:
 def table(exp, results: dict, arms) -> str:
   """One row per arm: mean ± std over its seeds that finished; diverged runs counted."""
   cols = list(BASE_COLUMNS) + [(k, k) for k in exp.columns] + [
-      (f'{k}/loss', f'{k} loss') for k in exp.post_evals]
+      (f'{k}/loss', f'{k} loss') for k in exp.post_evals] + tasks.columns(
+          exp, [r for rs in results.values() for r in rs])
   lines = ['| arm | seeds | ' + ' | '.join(title for _, title in cols) + ' |',
            '|---' * (len(cols) + 2) + '|']
   for arm in arms:
@@ -71,10 +72,26 @@ def _p(p: float) -> str:
   return '-' if p is None or math.isnan(p) else f'{p:.2g}'
 
 
+def _verdicts(comps: dict, design, smoke: bool) -> list[str]:
+  """The rows of a comparison table (one per arm against the baseline)."""
+  lines = ['| arm | pairing | seeds | ' + ('look | ' if design else '') +
+           'difference [interval] (level) | p | p (Holm) | TOST p (Holm) | MDE | '
+           'seeds for delta | verdict |', '|---' * (11 if design else 10) + '|']
+  for arm, c in comps.items():
+    look = f'{design.analysed(c.n)[1]} of {design.looks} | ' if design else ''
+    lines.append(
+        f"| {arm} | {'paired' if c.paired else 'unpaired'} | {c.n} | {look}{c.diff:+.4f} "
+        f'[{c.low:+.4f}, {c.high:+.4f}] ({_level(c.level)}) | {_p(c.p)} | {_p(c.p_holm)} | '
+        f'{_p(c.p_tost_holm)} | {c.mde:.4f} | {c.seeds_needed:.0f} | '
+        + ('none (smoke size)' if smoke else f'**{c.verdict}**') + ' |')
+  return lines
+
+
 def differences(exp, results: dict, configs: dict, rung, arms, smoke: bool = False,
                 design=None) -> str:
-  """The comparison table of each arm with the baseline (primary metric: val loss); a smoke
-  run's has no verdicts (a few steps decide nothing)."""
+  """The comparison table of each arm with the baseline (primary metric: val loss), then one
+  per downstream task (its compared metric, higher is better); a smoke run's has no verdicts
+  (a few steps decide nothing)."""
   comps = comparisons(exp, results, configs, rung, arms, design)
   if not comps:
     return ''
@@ -90,17 +107,18 @@ def differences(exp, results: dict, configs: dict, rung, arms, smoke: bool = Fal
            "two-sided t-test and its p after Holm, the two one-sided tests of |difference| < "
            'delta after Holm, the smallest difference these seeds detect with 80% power (MDE), '
            'the seeds that would detect delta, and the verdict: better or worse exactly when '
-           'the interval excludes 0.' + looks, '',
-           '| arm | pairing | seeds | ' + ('look | ' if design else '') +
-           'difference [interval] (level) | p | p (Holm) | TOST p (Holm) | MDE | '
-           'seeds for delta | verdict |', '|---' * (11 if design else 10) + '|']
-  for arm, c in comps.items():
-    look = f'{design.analysed(c.n)[1]} of {design.looks} | ' if design else ''
-    lines.append(
-        f"| {arm} | {'paired' if c.paired else 'unpaired'} | {c.n} | {look}{c.diff:+.4f} "
-        f'[{c.low:+.4f}, {c.high:+.4f}] ({_level(c.level)}) | {_p(c.p)} | {_p(c.p_holm)} | '
-        f'{_p(c.p_tost_holm)} | {c.mde:.4f} | {c.seeds_needed:.0f} | '
-        + ('none (smoke size)' if smoke else f'**{c.verdict}**') + ' |')
+           'the interval excludes 0.' + looks, '', *_verdicts(comps, design, smoke)]
+  spec = exp.tasks
+  for name in (spec.names if spec else ()):
+    higher = tasks.higher_is_better([r for rs in results.values() for r in rs], name,
+                                    spec.metric)
+    on_task = comparisons(exp, results, configs, rung, arms, design,
+                          tasks.key(name, spec.metric), spec.delta, lower_is_better=not higher)
+    if on_task:
+      lines += ['', f'On the task `{name}`, {spec.metric} of each run\'s final checkpoint '
+                f"({'higher' if higher else 'lower'} is better; equivalence margin delta = "
+                f'{spec.delta:g}), by the same tests, Holm over the arms:', '',
+                *_verdicts(on_task, design, smoke)]
   rows = []
   for key, title in SECONDARY:
     for arm in arms:
@@ -176,11 +194,30 @@ def header(exp, workdir: str, results: dict, configs: dict, smoke: bool) -> list
       f'{m.moe.num_experts} experts of width {m.moe.expert_ffn_dim}, K={m.moe.num_experts_per_tok}'
       f', batch {c.train.batch_size} x {c.data.seq_len} tokens, data `{c.data.source}`, dtype '
       f'{m.dtype}; each arm\'s overrides are listed under "Arms".',
+      *_tasks_line(exp, everything),
       f'- Report written at commit {commit()}; runs trained at '
       f"{', '.join(sorted({r.get('commit', 'an unrecorded commit') for r in everything}))}; "
       f'wall time of the runs {wall / 60:.1f} min (their last sessions)'
       + (f'; {diverged} run(s) diverged and are counted, not averaged' if diverged else '') + '.',
       '']
+
+
+def _tasks_line(exp, everything: list[dict]) -> list[str]:
+  """What the task columns measured: which tasks, how many documents, how many shots."""
+  spec = exp.tasks
+  if spec is None:
+    return []
+  parts = []
+  for name in spec.names:
+    docs = sorted({int(r[tasks.key(name, 'documents')]) for r in everything
+                   if r.get(tasks.key(name, 'documents')) is not None})
+    parts.append(f"`{name}` ({'/'.join(map(str, docs)) or 'no'} documents)")
+  shots = 'its own number of' if spec.num_fewshot is None else str(spec.num_fewshot)
+  return [f"- Tasks: {', '.join(parts)}, each run's final checkpoint scored by lm-eval "
+          f'(`python -m moejax.evaluate`; {shots} few-shot examples); the columns are '
+          "lm-eval's metrics of each task, mean ± std over seeds (of a multiple-choice task, acc "
+          'is the share of documents whose right answer has the highest log-likelihood, '
+          'acc_norm the same per byte of each answer).']
 
 
 def write(exp, workdir: str, results: dict, configs: dict, smoke: bool,

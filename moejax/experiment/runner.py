@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from functools import partial
-from typing import Any
 
 import jax
 import numpy as np
@@ -27,82 +25,8 @@ import numpy as np
 from moejax import checks, cli
 from moejax.config import set_fields
 from moejax.errors import ConfigError, Diverged
-from moejax.training.metrics import read_metrics
-
-
-@dataclasses.dataclass
-class Arm:
-  """One setting under comparison: dotted config overrides, e.g. {'model.moe.num_experts': 16}.
-  `upcycle_from` names an arm whose checkpoint at `upcycle_at` x train.steps (same seed) this
-  arm starts from, converted to MoE by moejax.upcycle (that arm must checkpoint there)."""
-  overrides: dict
-  upcycle_from: str = ''
-  upcycle_at: float = 0.5
-  upcycle_mode: str = 'copy'
-
-
-@dataclasses.dataclass
-class Rung:
-  """One scale of a compute ladder: overrides of the base (width, depth, experts' width, steps,
-  batch) that every arm shares, and the seeds run at it (default: the experiment's)."""
-  overrides: dict
-  seeds: tuple | None = None
-
-
-@dataclasses.dataclass
-class PostEval:
-  """Evaluate finished runs again under eval-time overrides, e.g. expert choice evaluated
-  non-causally; `arms`: the arms it applies to (default: every arm)."""
-  overrides: dict
-  arms: tuple | None = None
-
-
-@dataclasses.dataclass
-class Experiment:
-  name: str
-  base: Any  # ml_collections.ConfigDict shared by every arm
-  arms: dict  # arm name -> Arm or a dict of overrides
-  seeds: tuple = (0, 1, 2)
-  # Extra columns: name -> fn(metric rows of one run, its config) -> number or list per layer.
-  columns: dict = dataclasses.field(default_factory=dict)
-  # name -> PostEval (or a dict of overrides for every arm); the column '<name>/loss'.
-  post_evals: dict = dataclasses.field(default_factory=dict)
-  smoke: dict = dataclasses.field(default_factory=dict)  # overrides for --smoke
-  note: str = ''  # what the literature found (markdown)
-  # The arm every other arm is compared with (paired by seed where they can pair): report.py.
-  baseline: str = ''
-  # The equivalence margin of the primary metric (val_loss, nats per token): within it two
-  # arms are called equivalent when the two one-sided tests say so.
-  delta: float = 0.01
-  rungs: dict = dataclasses.field(default_factory=dict)  # rung name -> Rung (a compute ladder)
-
-  def arm(self, name: str) -> Arm:
-    a = self.arms[name]
-    return a if isinstance(a, Arm) else Arm(dict(a))
-
-  def post_eval(self, name: str) -> PostEval:
-    p = self.post_evals[name]
-    return p if isinstance(p, PostEval) else PostEval(dict(p))
-
-  def rung(self, name: str) -> Rung:
-    r = self.rungs[name]
-    return r if isinstance(r, Rung) else Rung(dict(r))
-
-  def rung_seeds(self, rung: str | None) -> tuple:
-    return tuple((self.rung(rung).seeds if rung else None) or self.seeds)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunKey:
-  """One run of an experiment: (rung or None, arm, seed)."""
-  rung: str | None
-  arm: str
-  seed: int
-
-  def dir(self, workdir: str) -> str:
-    parts = ([self.rung] if self.rung else []) + [self.arm, f'seed_{self.seed}']
-    return os.path.join(workdir, *parts)
-
+from moejax.experiment.spec import Arm, Experiment, PostEval, Rung, RunKey, Tasks  # noqa: F401
+from moejax.training.metrics import read_metrics, write_json
 
 def load_module(path: str):
   """An experiment (or any Python) file by path."""
@@ -274,13 +198,6 @@ def post_evaluate(config, run_dir: str, overrides: dict) -> float:
   return evaluate_all(run.trainer, state, sets, splits.val_weights)['eval/loss']
 
 
-def _write_json(path: str, value):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f)
-  os.replace(tmp, path)  # a result exists only for a finished (or diverged) run
-
-
 def plan_line(exp: Experiment, configs: dict, todo: list, smoke: bool) -> str:
   """What a run of the experiment will do, said before the first run starts."""
   rungs = list(dict.fromkeys(k.rung for k in configs))
@@ -325,8 +242,9 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   Returns:
     {arm: [result per seed]} without rungs; {rung: {arm: [result per seed]}} with rungs.
   """
-  from moejax.experiment import report, sequential
+  from moejax.experiment import report, sequential, tasks
   configs = plan(exp, smoke, arms, seeds, rungs)  # every config checked before the first compile
+  manager = tasks.prepare(exp)  # and the tasks each run is evaluated on
   state = sequential.load(workdir)
   if until:
     per_cell = collections.Counter((k.rung, k.arm) for k in configs)
@@ -354,7 +272,9 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
                dynamic_ncols=True)
   say = (partial(bar.write, file=sys.stderr) if bar is not None else log)
   deadline = time.time() + until.budget_s if until else math.inf
-  finished = _train_missing(exp, configs, todo, workdir, bar, say, deadline)
+  train_runs = partial(_train_missing, exp, configs, workdir=workdir, bar=bar, say=say,
+                       deadline=deadline, smoke=smoke, manager=manager)
+  finished = train_runs(todo)
   while until and finished:
     new = sequential.next_round(exp, configs, _collect(configs, workdir),
                                 sequential.designs(state),
@@ -369,13 +289,14 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
     if bar is not None:
       bar.total = len(configs)
       bar.refresh()
-    finished = _train_missing(exp, configs, list(new), workdir, bar, say, deadline,
-                              estimate=False)
+    finished = train_runs(list(new), estimate=False)
   if not finished:
     left = sum(not _done(k, workdir) for k in configs)
     say(f'the budget is spent: {left} runs of this design left; the same command resumes them')
   if bar is not None:
     bar.close()
+  if manager is not None:
+    tasks.backfill(exp, list(configs), workdir, smoke, manager, log)
   results = _collect(configs, workdir)
   report.write(exp, workdir, results, configs, smoke, sequential.designs(state))
   return results if exp.rungs else results.get(None, {})
@@ -409,10 +330,11 @@ def _collect(configs: dict, workdir: str) -> dict:
 
 
 def _train_missing(exp: Experiment, configs: dict, todo: list, workdir: str, bar, say,
-                   deadline: float, estimate: bool = True) -> bool:
-  """Train the runs of todo that have no result yet (resuming each), saying the estimate of
-  the rest after the first ones; False when the deadline would pass before the next run ends
-  (by the seconds its cell's runs took so far)."""
+                   deadline: float, smoke: bool, manager, estimate: bool = True) -> bool:
+  """Train the runs of todo that have no result yet (resuming each; manager: lm-eval's, when
+  the experiment names tasks), saying the estimate of the rest after the first ones; False
+  when the deadline would pass before the next run ends (by the seconds its cell's runs took
+  so far)."""
   from moejax.training.loop import train
   from moejax.upcycle import upcycle
   walls = []  # seconds of the runs trained here, in order
@@ -426,8 +348,9 @@ def _train_missing(exp: Experiment, configs: dict, todo: list, workdir: str, bar
       bar.set_postfix_str(' '.join(filter(None, [key.rung, key.arm, f'seed {key.seed}'])))
     run_dir = key.dir(workdir)
     os.makedirs(run_dir, exist_ok=True)
-    result = _train_one(exp, key, configs[key], workdir, run_dir, train, upcycle)
-    _write_json(os.path.join(run_dir, 'result.json'), result)
+    result = _train_one(exp, key, configs[key], workdir, run_dir, train, upcycle, smoke,
+                        manager)
+    write_json(os.path.join(run_dir, 'result.json'), result)  # whole: the run is done
     walls.append(result['wall_s'])
     line = _estimate(configs, todo, walls) if estimate else ''
     if line:
@@ -467,8 +390,10 @@ def _estimate(configs: dict, todo: list, walls: list) -> str:
 
 
 def _train_one(exp: Experiment, key: RunKey, c, workdir: str, run_dir: str, train,
-               upcycle) -> dict:
-  """Train one run (resuming it) and summarize it; a diverged run's result says so."""
+               upcycle, smoke: bool, manager) -> dict:
+  """Train one run (resuming it), evaluate it on the experiment's tasks and summarize it; a
+  diverged run's result says so."""
+  from moejax.experiment import tasks
   from moejax.experiment.report import commit
   spec = exp.arm(key.arm)
   start = time.time()
@@ -483,6 +408,8 @@ def _train_one(exp: Experiment, key: RunKey, c, workdir: str, run_dir: str, trai
             'commit': commit()}
   post = {f'{n}/loss': post_evaluate(c, run_dir, exp.post_eval(n).overrides)
           for n in post_evals_of(exp, key.arm)}
+  if manager is not None:
+    post.update(tasks.evaluate_run(exp, run_dir, smoke, manager))
   rows = read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
   return {**summarize_run(rows, c, exp, post), 'wall_s': time.time() - start,
           'commit': commit()}

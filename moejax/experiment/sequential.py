@@ -30,6 +30,7 @@ import re
 
 from moejax.errors import ConfigError
 from moejax.experiment import pairing, statistics
+from moejax.training.metrics import write_json
 
 FILE = 'sequential.json'
 
@@ -132,10 +133,7 @@ def load(workdir: str) -> dict | None:
 
 
 def write(workdir: str, state: dict):
-  path = os.path.join(workdir, FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(state, f, indent=1)
-  os.replace(path + '.tmp', path)
+  write_json(os.path.join(workdir, FILE), state, indent=1)
 
 
 def _name(rung) -> str:

@@ -68,6 +68,15 @@ class MetricWriter:
       self.tb.close()
 
 
+def write_json(path: str, value, indent=None, default=None):
+  """A JSON file written whole or not at all (a temporary file renamed over it), so a reader
+  never sees half of one."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=indent, default=default)
+  os.replace(tmp, path)
+
+
 def truncate_after(path: str, step: int):
   """Keep only whole rows logged at or before `step` (a run resumed from there logs the rest
   again); step -1 empties the file. Written to a temporary file, then renamed over it."""
