@@ -16,10 +16,10 @@ SMOKE = {'train.steps': 4, 'train.warmup_steps': 1, 'train.log_every': 2, 'train
          'train.checkpoint_every': 2, 'train.eval_batches': 1, 'train.batch_size': 8,
          'data.seq_len': 32, 'data.max_bytes': 100_000, 'train.final_eval_batches': 2}
 
-# The downstream task of every experiment (experiments/tasks/python_next_line.yaml): which of four
-# lines of Python comes next, at 1000 places in the corpus's held-out files (chance 25%); the
-# report compares accuracy like the loss, equivalent within 2 points.
-TASKS = Tasks(('python_next_line',), metric='acc', delta=0.02)
+# The downstream task of every experiment (experiments/tasks/python_line_end.yaml): which of four
+# endings completes a line, at 1000 lines of the corpus's held-out files (chance 25%); the report
+# compares accuracy like the loss, equivalent within 2 points.
+TASKS = Tasks(('python_line_end',), metric='acc', delta=0.02)
 
 
 def base(steps: int = 200):

@@ -187,6 +187,8 @@ def _check_train(c):
     fail('train.warmup_steps', t.warmup_steps, f'must be below train.steps={t.steps}; set it '
          f'with the steps, e.g. --config.train.warmup_steps={t.steps // 10}')
   _one_of(c, 'train.nonfinite', NONFINITE)
+  from moejax.training import wandb_writer
+  wandb_writer.check(c)
 
 
 def _check_moe(c):

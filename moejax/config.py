@@ -219,6 +219,15 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
   t.progress = True
+  # Weights & Biases besides metrics.jsonl and TensorBoard (the `wandb` extra): the project to
+  # log to ('': none), its entity ('': your default), the mode ('offline': written under
+  # WORKDIR/wandb with no network, `wandb sync` uploads it; '': WANDB_MODE, else online), the
+  # run's name ('': the workdir's) and group (experiments: the experiment's name).
+  t.wandb_project = ''
+  t.wandb_entity = ''
+  t.wandb_mode = ''
+  t.wandb_name = ''
+  t.wandb_group = ''
   # The device's dense bf16 peak in TFLOP/s, for perf/mfu (model FLOPs utilisation); 0: the
   # table of moejax/costs/flops.py by device kind (TPU v4-v6e, A100-B200), none on CPU.
   t.peak_tflops = 0.0

@@ -184,3 +184,21 @@ def test_dcn_axes_lay_each_process_along_them_and_are_checked():
   c.mesh.dcn_data = 2
   with pytest.raises(ConfigError, match=r'span 2 processes but the devices are 1 process;'):
     dcn_shape(c.mesh, mesh_shape(c.mesh, 8), one)
+
+
+def test_wandb_fields_are_checked_before_anything_runs(monkeypatch):
+  def refused(fields, text):
+    c = base_config()
+    for k, v in fields.items():
+      c.train[k] = v
+    with pytest.raises(ConfigError, match=text):
+      validate(c, 1)
+  refused({'wandb_mode': 'ofline'}, r"train.wandb_mode='ofline': must be one of \['', 'online', "
+          r"'offline'\]")
+  refused({'wandb_name': 'run-1'}, r"train.wandb_name='run-1': set train.wandb_project too")
+  refused({'wandb_group': 'g'}, r"train.wandb_group='g': set train.wandb_project too")
+  monkeypatch.setitem(__import__('sys').modules, 'wandb', None)  # not installed
+  refused({'wandb_project': 'p'}, r"wandb is not installed: pip install 'moejax\[wandb\]'")
+  c = base_config()
+  c.train.wandb_mode = 'offline'  # a mode alone is no W&B run: valid without wandb installed
+  validate(c, 1)

@@ -300,3 +300,16 @@ def test_bad_arm_and_override_are_refused(tmp_path):
   with pytest.raises(ConfigError, match="--rungs: no rung 'r9'"):
     experiment.plan(load('balancing'), rungs=['r9'])
   assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_each_run_is_its_own_wandb_run_grouped_by_experiment():
+  from conftest import tiny_config
+  base = tiny_config()
+  exp = Experiment(name='x', base=base, arms={'a': {}}, rungs={'r0': Rung({})})
+  assert experiment.run_config(exp, 'a', 1, False, 'r0').train.wandb_name == ''  # W&B off
+  base.train.wandb_project = 'p'
+  c = experiment.run_config(exp, 'a', 1, False, 'r0')
+  assert (c.train.wandb_name, c.train.wandb_group) == ('r0/a/seed_1', 'x')
+  base.train.wandb_group = 'sweep-3'  # the user's own group wins
+  assert experiment.run_config(exp, 'a', 2, False).train.wandb_group == 'sweep-3'
+  assert experiment.run_config(exp, 'a', 2, False).train.wandb_name == 'a/seed_2'

@@ -24,18 +24,93 @@ def tiny_config():
   return c
 
 
+def _logging_to_wandb(c):
+  """The resumed run also logs to Weights & Biases, offline (when wandb is installed)."""
+  try:
+    import wandb  # noqa: F401
+  except ImportError:
+    return c
+  c.train.wandb_project, c.train.wandb_mode = 'moejax-tests', 'offline'
+  return c
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """One uninterrupted 6-step run, and one stopped after step 4 then resumed to step 6."""
+  """One uninterrupted 6-step run, and one stopped after step 4 then resumed to step 6 (logging
+  to W&B offline as well)."""
   full = str(tmp_path_factory.mktemp('full'))
   train(tiny_config(), full)
   resumed = str(tmp_path_factory.mktemp('resumed'))
-  c = tiny_config()
+  c = _logging_to_wandb(tiny_config())
   c.train.stop_after = 4
   train(c, resumed)
   assert max(_losses(resumed)) == 4
-  train(tiny_config(), resumed)
+  train(_logging_to_wandb(tiny_config()), resumed)
   return full, resumed
+
+
+def _wandb_records(path: str):
+  """The records of a W&B run file (.wandb): a 7-byte header, then LevelDB's log format (32 KiB
+  blocks of chunks: crc32, length, type: full / first / middle / last), each record a
+  wandb_internal Record message."""
+  import struct
+  from wandb.proto import wandb_internal_pb2
+  data, pos, whole, block = open(path, 'rb').read(), 7, b'', 32768
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+      pos += block - pos % block
+      continue
+    _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+    chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+    whole = chunk if kind in (1, 2) else whole + chunk
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(whole)
+      yield record
+
+
+def test_wandb_offline_logs_every_row_once_in_one_run_across_the_resume(runs):
+  """What W&B holds (read back from its offline files) is metrics.jsonl: every logged step
+  once, the same numbers, per-layer lists one scalar per MoE layer, the expert loads as
+  histograms, the run's config; both sessions of the resumed run log into one W&B run id."""
+  pytest.importorskip('wandb')
+  import glob
+  import json
+  _, resumed = runs
+  run_id = open(os.path.join(resumed, 'wandb_id')).read().strip()
+  files = sorted(glob.glob(os.path.join(resumed, 'wandb', 'offline-run-*', 'run-*.wandb')))
+  assert len(files) == 2 and all(f.endswith(f'run-{run_id}.wandb') for f in files)
+  history, configs = {}, []
+  for path in files:
+    for record in _wandb_records(path):
+      kind = record.WhichOneof('record_type')
+      if kind == 'history':
+        row = {}
+        for item in record.history.item:  # a histogram's fields: nested keys (name, field)
+          *outer, last = [item.key] if item.key else list(item.nested_key)
+          place = row
+          for name in outer:
+            place = place.setdefault(name, {})
+          place[last] = json.loads(item.value_json)
+        assert row['_step'] not in history  # no step twice
+        history[row['_step']] = row
+      elif kind == 'run':
+        configs.append({i.key: json.loads(i.value_json) for i in record.run.config.update})
+  rows = read_metrics(os.path.join(resumed, 'metrics.jsonl'))
+  assert sorted(history) == [r['step'] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+  for r in rows:
+    got = history[r['step']]
+    for k, v in r.items():
+      if isinstance(v, (int, float)) and k != 'step':
+        assert got[k] == pytest.approx(float(v), rel=1e-12, nan_ok=True), (r['step'], k)
+      elif '/per_layer/' in k:
+        assert [got[f'{k}/moe_layer_{i}'] for i in range(len(v))] == pytest.approx(v)
+      elif k.endswith('expert_load'):
+        hist = got[f'{k}/moe_layer_1']
+        assert hist['_type'] == 'histogram' and hist['values'] == pytest.approx(v[1])
+  assert len(configs) == 2 and all(c['train']['wandb_mode'] == 'offline' and
+                                   c['model']['moe']['num_experts'] == 8
+                                   for c in configs)
 
 
 @pytest.mark.slow  # a second mesh compiled (restoring onto any mesh: test_reliability.py too)

@@ -89,6 +89,9 @@ def run_config(exp: Experiment, arm: str, seed: int, smoke: bool, rung: str | No
     set_fields(c, exp.smoke)
   c.seed = seed
   c.train.progress = False  # one bar over the runs instead
+  if c.train.wandb_project:  # a W&B run per run, grouped by experiment
+    c.train.wandb_name = RunKey(rung, arm, seed).dir('').strip(os.sep)
+    c.train.wandb_group = c.train.wandb_group or exp.name
   return c
 
 

@@ -215,9 +215,13 @@ class _Loop:
     start = int(jax.device_get(self.state.step))
     if restored is not None and self.is_main:
       print(f'resuming from checkpoint step {restored}', file=sys.stderr)
+    wandb = None
+    if self.is_main and self.t.wandb_project:
+      from moejax.training.wandb_writer import WandbWriter
+      wandb = WandbWriter(self.workdir, self.config)
     self.writer = MetricWriter(self.workdir, enabled=self.is_main,
                                resume_step=-1 if restored is None else restored,
-                               config_text=str(self.config))
+                               config_text=str(self.config), wandb=wandb)
     if start == 0:
       self._first_row()
     bar = None

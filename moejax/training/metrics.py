@@ -14,7 +14,8 @@ def _plain(v):
 
 
 class MetricWriter:
-  """Appends to metrics.jsonl and TensorBoard event files (only on JAX process 0).
+  """Appends to metrics.jsonl and TensorBoard event files, and logs to Weights & Biases when
+  given a WandbWriter (only on JAX process 0).
 
   `resume_step` is the step of the checkpoint the run restarts from (-1 for a fresh start):
   rows logged after it are removed first (and a torn last line dropped), so every step appears
@@ -22,10 +23,11 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int = -1,
-               config_text: str = ''):
+               config_text: str = '', wandb=None):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.tb = None
+    self.wandb = wandb
     if not enabled:
       return
     self.truncate(resume_step)
@@ -47,6 +49,8 @@ class MetricWriter:
     row = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(row) + '\n')
+    if self.wandb is not None:
+      self.wandb.write(int(step), {k: v for k, v in row.items() if k != 'step'})
     for k, v in row.items():
       if k == 'step':
         continue
@@ -66,6 +70,9 @@ class MetricWriter:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+    if self.wandb is not None:
+      self.wandb.close()
+      self.wandb = None
 
 
 def write_json(path: str, value, indent=None, default=None):
