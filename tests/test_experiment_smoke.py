@@ -1,6 +1,6 @@
 """Every arm of every shipped experiment end to end at smoke size (one seed, a few steps; for a
 compute ladder its first rung): post-evaluations (expert choice evaluated non-causally, on its
-arm only), per-layer columns, upcycling between arms, the report. Marked `slow`: `.ci/run`
+arm only), per-layer columns, upcycling between arms, the downstream task, the report. Marked `slow`: `.ci/run`
 runs them as a second step (python -m pytest -n 2 --dist loadfile -m slow). The default run
 validates every run and post-evaluation config of every experiment and runs the runner on one
 experiment (test_experiments.py)."""
@@ -33,6 +33,10 @@ def test_experiment_smoke(name, tmp_path):
     assert f'| {arm} |' in md and results[arm][0]['val_loss'] > 0
   for column in exp.columns:
     assert all(results[a][0][column] is not None for a in results), column
+  for task in exp.tasks.names:  # every run scored on the task's first smoke_limit documents
+    assert all(results[a][0][f'task/{task}/documents'] == exp.tasks.smoke_limit and
+               0 <= results[a][0][f'task/{task}/{exp.tasks.metric}'] <= 1 for a in results)
+    assert f'| {task} {exp.tasks.metric} |' in md
   if name == 'token_vs_expert_choice':  # evaluated causally (top-K) and as trained
     ec = results['expert_choice'][0]
     assert ec['noncausal_eval/loss'] > 0 and ec['noncausal_eval/loss'] != ec['val_loss']

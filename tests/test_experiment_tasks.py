@@ -101,6 +101,15 @@ def test_tasks_are_checked_before_anything_trains(tmp_path):
           'Tasks.include_path=', 'no such folder')
 
 
+def test_without_lm_eval_the_runs_train_unscored_and_say_how_to_score_them(monkeypatch):
+  monkeypatch.setitem(__import__('sys').modules, 'lm_eval', None)  # not installed
+  said = []
+  assert exp_tasks.prepare(_exp(tasks=Tasks(('python_line_end',))), said.append) is None
+  assert said == ["the runs are not scored on python_line_end: lm-eval is not installed (pip "
+                  "install 'moejax[eval]', then run the same command again: the finished runs "
+                  'are scored without training)']
+
+
 def test_every_shipped_experiment_names_a_shipped_task():
   """The experiments' task is found in the shipped folder and reports the compared metric."""
   from moejax.experiments.common import TASKS as shipped

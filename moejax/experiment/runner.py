@@ -247,7 +247,8 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   """
   from moejax.experiment import report, sequential, tasks
   configs = plan(exp, smoke, arms, seeds, rungs)  # every config checked before the first compile
-  manager = tasks.prepare(exp)  # and the tasks each run is evaluated on
+  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+  manager = tasks.prepare(exp, log)  # and the tasks each run is evaluated on
   state = sequential.load(workdir)
   if until:
     per_cell = collections.Counter((k.rung, k.arm) for k in configs)
@@ -265,7 +266,6 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   if not jax.config.jax_compilation_cache_dir:
     # Seeds of one arm compile the same programs: compile once, reuse from disk.
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, '.jax_cache'))
-  log = log or (lambda line: print(line, file=sys.stderr, flush=True))
   todo = [k for k in configs if not _done(k, workdir)]
   log(plan_line(exp, configs, todo, smoke))
   bar = None

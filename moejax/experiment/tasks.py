@@ -23,10 +23,11 @@ def key(name: str, metric: str) -> str:
   return f'task/{name}/{metric}'
 
 
-def prepare(exp):
-  """Check the experiment's tasks before any run trains: its fields, lm-eval installed, every
-  task known and its data readable, the compared metric reported. Returns lm-eval's task
-  manager (None without tasks)."""
+def prepare(exp, say=print):
+  """Check the experiment's tasks before any run trains: its fields, every task known and its
+  data readable, the compared metric reported. Returns lm-eval's task manager; None without
+  tasks, or when lm-eval is not installed: then the runs train without task scores (say()
+  tells how to add them: install the extra, run the command again)."""
   spec = exp.tasks
   if spec is None:
     return None
@@ -39,7 +40,13 @@ def prepare(exp):
     raise ConfigError(f'{where}.smoke_limit and .batch_size: must be at least 1')
   if not spec.delta > 0:
     raise ConfigError(f'{where}.delta={spec.delta}: the equivalence margin must be positive')
-  lm_tasks.require(f'experiment {exp.name!r} (its tasks {", ".join(spec.names)})')
+  try:
+    lm_tasks.require()
+  except ConfigError:
+    say(f'the runs are not scored on {", ".join(spec.names)}: lm-eval is not installed '
+        f"({lm_tasks.INSTALL.split(': ', 1)[1]}, then run the same command again: the finished "
+        'runs are scored without training)')
+    return None
   include = [lm_tasks.tasks_dir(), *spec.include_path]
   with _quiet():
     manager, loaded = lm_tasks.load_tasks(list(spec.names), include, f'{where}.names',
