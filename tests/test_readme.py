@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_ci_runs_readme_test_command():
   readme = (ROOT / 'README.md').read_text()
   ci = (ROOT / '.ci' / 'run').read_text()
-  for line in ('pip install -e ".[dev,torch,data,kernels,tpu,eval]"', 'python -m pytest -n 2 --dist loadfile',
+  for line in ('pip install -e ".[dev,torch,data,kernels,tpu,eval,wandb]"', 'python -m pytest -n 2 --dist loadfile',
                'python -m pytest -n 2 --dist loadfile -m slow'):
     assert line in ci and line in readme
   assert ('pip install -e . && python -m moejax.main --config=configs/quickstart.py '

@@ -9,6 +9,7 @@ before they are imported (a user's own setting wins).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 from moejax.errors import ConfigError
@@ -35,6 +36,7 @@ def require(what: str = 'python -m moejax.evaluate'):
     import lm_eval  # noqa: F401
   except ImportError:
     raise ConfigError(f'{what} needs lm-eval: {INSTALL}') from None
+  logging.getLogger('lm_eval.api.task').addFilter(_custom_kwargs_notice)  # once: same object
 
 
 def datasets_cache() -> str:
@@ -102,6 +104,12 @@ def _git_commit():
   except OSError:
     return None
   return out.stdout.strip() or None
+
+
+def _custom_kwargs_notice(record) -> bool:
+  """False for lm-eval's notice, on every task whose data a function reads (the shipped tasks'
+  local_files.py), that a custom dataset takes --metadata: no option of this command."""
+  return 'Custom kwargs can be passed' not in record.getMessage()
 
 
 @contextlib.contextmanager
