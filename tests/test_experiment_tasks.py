@@ -101,6 +101,19 @@ def test_tasks_are_checked_before_anything_trains(tmp_path):
           'Tasks.include_path=', 'no such folder')
 
 
+def test_a_task_read_for_the_first_time_loads_silently(tmp_path, capfd):
+  """A local file new to the datasets cache is converted with a progress bar: not printed (a
+  command's user error must stay one line)."""
+  import shutil
+  from moejax.evaluate.tasks import load_tasks
+  shutil.copytree(TASKS, tmp_path / 'tasks')  # a new path: new to the cache
+  capfd.readouterr()
+  _, loaded = load_tasks(['python_completion'], [str(tmp_path / 'tasks')])
+  assert len(loaded['python_completion']['tasks']['python_completion'].eval_docs) == 12
+  out, err = capfd.readouterr()
+  assert 'Generating' not in out + err and 'Custom kwargs' not in out + err, (out, err)
+
+
 def test_without_lm_eval_the_runs_train_unscored_and_say_how_to_score_them(monkeypatch):
   monkeypatch.setitem(__import__('sys').modules, 'lm_eval', None)  # not installed
   said = []

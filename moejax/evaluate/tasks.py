@@ -81,6 +81,17 @@ def load_tasks(names: list[str], include_path: list[str], tasks_field: str = '--
 
 
 def _load(manager, names: list[str], tasks_field: str, path_field: str) -> dict:
+  import datasets
+  bars = datasets.is_progress_bar_enabled()
+  datasets.disable_progress_bars()  # "Generating test split" as a local file is first read
+  try:
+    return _load_each(manager, names, tasks_field, path_field)
+  finally:
+    if bars:
+      datasets.enable_progress_bars()
+
+
+def _load_each(manager, names: list[str], tasks_field: str, path_field: str) -> dict:
   loaded = {}
   for name in names:
     try:

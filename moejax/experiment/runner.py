@@ -248,7 +248,6 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
   from moejax.experiment import report, sequential, tasks
   configs = plan(exp, smoke, arms, seeds, rungs)  # every config checked before the first compile
   log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-  manager = tasks.prepare(exp, log)  # and the tasks each run is evaluated on
   state = sequential.load(workdir)
   if until:
     per_cell = collections.Counter((k.rung, k.arm) for k in configs)
@@ -263,6 +262,7 @@ def run(exp: Experiment, workdir: str, smoke: bool = False, arms=None, seeds=Non
       key = RunKey(rung or None, arm, seed)
       if key not in configs and any((j.rung, j.arm) == (key.rung, key.arm) for j in configs):
         configs[key] = _added(exp, key, smoke)[1]
+  manager = tasks.prepare(exp, log)  # the tasks each run is scored on, after the flags
   if not jax.config.jax_compilation_cache_dir:
     # Seeds of one arm compile the same programs: compile once, reuse from disk.
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, '.jax_cache'))
