@@ -78,9 +78,7 @@ class WandbWriter:
       return  # W&B has this step from before the resume
     out = {}
     for k, v in row.items():
-      if isinstance(v, bool):
-        out[k] = float(v)
-      elif isinstance(v, (int, float)):
+      if isinstance(v, (int, float)):
         out[k] = v
       elif '/per_layer/' in k:
         out.update({f'{k}/moe_layer_{layer}': x for layer, x in enumerate(v)})
