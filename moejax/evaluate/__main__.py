@@ -18,6 +18,7 @@ import sys
 from moejax.errors import ConfigError
 from moejax.evaluate import tasks
 
+
 def parser():
   from moejax import cli
   p = cli.ArgumentParser(prog='python -m moejax.evaluate', description=__doc__.split('\n')[0])

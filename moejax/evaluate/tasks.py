@@ -14,7 +14,7 @@ import os
 
 from moejax.errors import ConfigError
 
-INSTALL = "lm-eval is not installed: pip install 'moejax[eval]'"
+INSTALL = "pip install 'moejax[eval]'"
 
 
 def tasks_dir() -> str:
@@ -35,7 +35,7 @@ def require(what: str = 'python -m moejax.evaluate'):
   try:
     import lm_eval  # noqa: F401
   except ImportError:
-    raise ConfigError(f'{what} needs lm-eval: {INSTALL}') from None
+    raise ConfigError(f'{what} needs lm-eval, which is not installed: {INSTALL}') from None
   logging.getLogger('lm_eval.api.task').addFilter(_custom_kwargs_notice)  # once: same object
 
 

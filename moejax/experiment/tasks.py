@@ -44,8 +44,8 @@ def prepare(exp, say=print):
     lm_tasks.require()
   except ConfigError:
     say(f'the runs are not scored on {", ".join(spec.names)}: lm-eval is not installed '
-        f"({lm_tasks.INSTALL.split(': ', 1)[1]}, then run the same command again: the finished "
-        'runs are scored without training)')
+        f'({lm_tasks.INSTALL}, then run the same command again: the finished runs are scored '
+        'without training)')
     return None
   include = [lm_tasks.tasks_dir(), *spec.include_path]
   with _quiet():
