@@ -27,7 +27,7 @@ ROPE_SCALINGS = ('none', 'llama3', 'yarn', 'longrope')
 GQA_ONLY = (('nope_every', 0), ('attention_chunk', 0), ('rotary_dim', 0), ('sliding_window', 0),
             ('attention_sinks', False), ('attention_out_bias', False),
             ('attention_output_gate', False), ('qkv_bias', False), ('attention_scale', 0.0),
-            ('qk_norm_after_rope', False))
+            ('qk_norm_after_rope', False), ('rope_layers', 'all'))
 
 
 def fail(field: str, value, fix: str):
@@ -113,6 +113,7 @@ def _check_model(c):
   _positive(c, 'model.attention_scale', allow_zero=True)
   _one_of(c, 'model.attention', ('gqa', 'mla'))
   _one_of(c, 'model.qk_norm', QK_NORMS)
+  _one_of(c, 'model.rope_layers', ('all', 'windowed'))
   _one_of(c, 'model.rope_scaling.kind', ROPE_SCALINGS)
   _positive(c, 'model.rope_scaling.factor model.rope_scaling.low_freq_factor '
             'model.rope_scaling.high_freq_factor model.rope_scaling.original_max_len '
@@ -163,7 +164,7 @@ def _check_model(c):
     fail('model.mtp.depth', m.mtp.depth, f'must be below data.seq_len={dt.seq_len}')
   if m.attention == 'mla':
     _positive(c, 'model.mla.kv_lora_rank model.mla.qk_nope_head_dim model.mla.qk_rope_head_dim '
-              'model.mla.v_head_dim')
+              'model.mla.v_head_dim model.mla.latent_norm_eps')
     _positive(c, 'model.mla.q_lora_rank', allow_zero=True)
     if m.mla.qk_rope_head_dim % 2:
       fail('model.mla.qk_rope_head_dim', m.mla.qk_rope_head_dim, 'must be even for rotary '

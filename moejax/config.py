@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   mla.qk_nope_head_dim = 32
   mla.qk_rope_head_dim = 16
   mla.v_head_dim = 32
+  mla.latent_norm_eps = 1e-6  # the query and key-value latents' RMSNorms (1e-6 in DeepSeek's)
   m.ffn_dim = 512  # width of the dense SwiGLU FFN layers.
   m.max_seq_len = 1024  # length of the RoPE table.
   m.rope_theta = 10000.0
@@ -64,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   # window. E.g. (1, 0): alternating with full attention, starting with a windowed layer.
   m.sliding_window = 0
   m.sliding_pattern = (1,)
+  m.rope_layers = 'all'  # 'windowed': rotary on the windowed layers only (none on the full ones)
   # gqa: a learned logit per head joins each softmax as a column with no value (attention
   # sinks); a bias on the output projection; the heads' outputs scaled by sigmoid(x W_g)
   # before it (gated attention, arXiv:2505.06708).

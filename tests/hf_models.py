@@ -81,6 +81,69 @@ FAMILIES = {
                       routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
                       head_dim=16, rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
                                                    'partial_rotary_factor': 0.5})),
+    # Checkpoints transformers runs with GLM-4.5's and DeepSeek-V3's code, under their own
+    # config classes (own defaults): Sarvam-30B and Param-2 (whole heads rotated, q/k norms; their
+    # own tensor names, q/k/v in one tensor; Sarvam with q/k/v biases, Param-2 with two dense
+    # layers and tied embeddings), Sarvam-105B (MLA without a query latent). Solar Open: GLM-4.5's routing in
+    # every layer (no dense layer), no q/k norms, grouped routing here (2 groups of 4).
+    'sarvam_moe': ('SarvamMoEConfig', 'Glm4MoeForCausalLM',
+                   dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                        n_shared_experts=1, first_k_dense_replace=1, head_dim=8,
+                        attention_bias=True)),
+    'param2moe': ('Param2MoeConfig', 'Glm4MoeForCausalLM',
+                  dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                       n_shared_experts=2, num_hidden_layers=4, first_k_dense_replace=2,
+                       head_dim=16)),  # tied embeddings (Param-2's default)
+    'sarvam_mla': ('SarvamMLAConfig', 'DeepseekV3ForCausalLM',
+                   dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                        num_key_value_heads=4, routed_scaling_factor=2.0)),
+    'solar_open': ('SolarOpenConfig', 'SolarOpenForCausalLM',
+                   dict(moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                        n_group=2, topk_group=1, head_dim=8, routed_scaling_factor=1.5)),
+    # GLM-4.7-Flash: DeepSeek-V3's MLA (with a query latent) and routing; MoE layers by kind
+    # (dense, sparse, dense, sparse: not a first-K-dense schedule with frequency 1).
+    'glm4_moe_lite': ('Glm4MoeLiteConfig', 'Glm4MoeLiteForCausalLM',
+                      dict(num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=16,
+                           n_routed_experts=8, n_shared_experts=1, kv_lora_rank=16,
+                           q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                           v_head_dim=8, n_group=2, topk_group=1, num_key_value_heads=4,
+                           routed_scaling_factor=1.5,
+                           mlp_layer_types=['dense', 'sparse', 'dense', 'sparse'])),
+    # Flint: attention sinks, windows of 4 on layers 1 and 2 with rotary embedding there only
+    # (layer 0 is full attention and has no positions), per-head q/k norms, sigmoid scores
+    # renormalised, an ungated shared expert of its own width, a dense first layer.
+    'flint': ('FlintConfig', 'FlintForCausalLM',
+              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6, head_dim=8,
+                   shared_expert_intermediate_size=24, mlp_only_layers=[0], sliding_window=4,
+                   layer_types=['full_attention', 'sliding_attention', 'sliding_attention'])),
+    # EXAONE-MoE: windows of 4 on layers 0 and 1, rotary embedding there only; DeepSeek-V3's
+    # routing (sigmoid, 2 groups, a selection bias, a shared expert) after a dense first layer.
+    'exaone_moe': ('ExaoneMoeConfig', 'ExaoneMoeForCausalLM',
+                   dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                        num_shared_experts=1, head_dim=8, n_group=2, topk_group=1,
+                        sliding_window=4, routed_scaling_factor=1.5,
+                        layer_types=['sliding_attention', 'sliding_attention', 'full_attention'],
+                        mlp_layer_types=['dense', 'sparse', 'sparse'])),
+    # Hunyuan 3: per-head q/k norms, biases on the four attention projections, sigmoid scores
+    # with a selection bias beside the router, renormalised and scaled, a shared expert.
+    'hy_v3': ('HYV3Config', 'HYV3ForCausalLM',
+              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                   num_shared_experts=1, head_dim=8, router_scaling_factor=1.5,
+                   attention_bias=True, mlp_layer_types=['dense', 'sparse', 'sparse'])),
+    # AFMoE: windows of 4 on layers 0 and 1 (rotary there only), sigmoid output gates, norms
+    # around each sublayer, a selection bias beside the router, 2 shared experts, a dense first
+    # layer, muP input scaling.
+    'afmoe': ('AfmoeConfig', 'AfmoeForCausalLM',
+              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                   num_shared_experts=2, num_dense_layers=1, head_dim=8, sliding_window=4,
+                   route_scale=1.5, mup_enabled=True,
+                   layer_types=['sliding_attention', 'sliding_attention', 'full_attention'])),
+    # Hunyuan-A13B: q/k norms after the rotation (not before), a shared expert, top-K
+    # renormalised; the router a module of its own (mlp.gate.wg).
+    'hunyuan_v1_moe': ('HunYuanMoEV1Config', 'HunYuanMoEV1ForCausalLM',
+                       dict(intermediate_size=16, num_experts=6, moe_topk=2, head_dim=8)),
     # MiniMax-M2: sigmoid scores with a selection bias kept beside the router, renormalised,
     # q/k norms over the whole projection, half of each head rotated.
     'minimax_m2': ('MiniMaxM2Config', 'MiniMaxM2ForCausalLM',

@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from moejax.model.attention import GroupedQueryAttention
 from moejax.model.rope import apply_rope, attention_factor, rope_frequencies
-from moejax.model.transformer import sliding_layer
+from moejax.model.transformer import rotated_layer, sliding_layer
 
 B, S, D, H, KV, HD = 2, 7, 12, 4, 2, 6
 
@@ -97,6 +97,40 @@ def test_sliding_pattern_repeats_over_the_layers():
   assert sliding_layer(c, 3) is False
   c.sliding_window, c.sliding_pattern = 4, (1,)
   assert sliding_layer(c, 5) is True
+
+
+@pytest.mark.parametrize('rope_layers', ['all', 'windowed'])
+def test_rotary_embedding_on_every_layer_or_on_the_windowed_ones(rope_layers):
+  """rope_layers='windowed' rotates only the layers of the window pattern (Flint, EXAONE 4:
+  no positions on the full-attention layers), traced or not, and keeps nope_every's NoPE
+  layers; with 'all', every layer but those rotates; without a window, every layer."""
+  c = ml_collections.ConfigDict({'sliding_window': 4, 'sliding_pattern': (1, 1, 0),
+                                 'nope_every': 2, 'rope_layers': rope_layers})
+  windowed = [True, True, False, True, True, False]
+  not_nope = [True, False, True, False, True, False]
+  want = [w and n for w, n in zip(windowed, not_nope)] if rope_layers == 'windowed' else not_nope
+  assert [bool(rotated_layer(c, i)) for i in range(6)] == want
+  assert [bool(rotated_layer(c, jnp.asarray(i))) for i in range(6)] == want
+  c.nope_every = 0
+  assert [bool(rotated_layer(c, i)) for i in range(6)] == (
+      windowed if rope_layers == 'windowed' else [True] * 6)
+  c.sliding_window = 0
+  assert [bool(rotated_layer(c, i)) for i in range(6)] == [True] * 6
+
+
+def test_rotary_embedding_on_the_windowed_layers_is_checked():
+  from moejax.checks import validate
+  from moejax.config import ConfigError, base_config
+  c = base_config()
+  c.model.rope_layers = 'some'
+  with pytest.raises(ConfigError, match="config.model.rope_layers='some': must be one of"):
+    validate(c, 1)
+  c.model.rope_layers = 'windowed'  # without a window every layer rotates (EXAONE 4)
+  validate(c, 1)
+  assert rotated_layer(c.model, 3) is True
+  c.model.attention = 'mla'
+  with pytest.raises(ConfigError, match="config.model.rope_layers='windowed'"):
+    validate(c, 1)
 
 
 def _yarn(factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original=4096,

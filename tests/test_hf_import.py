@@ -215,10 +215,10 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   _build('mixtral', tmp_path / 'hf')
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for change, match in (
-      ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: deepseek_v2, "
-                               'deepseek_v3, dots1, ernie4_5_moe, flex_olmo, glm4_moe, '),
+      ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: afmoe, "
+                               'deepseek_v2, deepseek_v3, dots1, ernie4_5_moe, '),
       ({'model_type': 'qwen3_next'}, "model_type 'qwen3_next' is not supported: it needs "
-                                     'linear-attention \\(Gated DeltaNet\\) layers'),
+                                     'linear-attention layers \\(Gated DeltaNet\\)'),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not supported \\(only SiLU-gated FFNs\\)"),
       ({'attention_bias': True}, 'attention_bias=True is not supported'),
       ({'rope_parameters': {'rope_type': 'dynamic', 'factor': 2.0}},

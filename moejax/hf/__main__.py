@@ -1,12 +1,15 @@
 """python -m moejax.hf import --hf_dir=DIR --workdir=OUT [--dtype=float32|bfloat16] [--coordinator=...]
 python -m moejax.hf export --workdir=OUT --hf_dir=DIR2 [--step=N] [--model_type=T] [--dtype=...]
+python -m moejax.hf families
 
 import: a Hugging Face folder (config.json + safetensors, one file or sharded with an index;
 the tokenizer when there is one) -> a moejax workdir (with --config.x=v settings of its own,
 e.g. --config.model.moe.router.freeze=true) (config.py, Orbax checkpoint at step 0)
 that `python -m moejax.main --workdir=OUT` fine-tunes and `python -m moejax.generate
 --workdir=OUT` samples from. export: a workdir's checkpoint -> a folder that
-transformers.AutoModelForCausalLM.from_pretrained loads. Families: moejax/hf/families.py.
+transformers.AutoModelForCausalLM.from_pretrained loads. families: every MoE model type of
+transformers, imported or refused with the reason (a Markdown table). Families:
+moejax/hf/families.py; refusals: moejax/hf/refused.py.
 """
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ from moejax.errors import ConfigError
 def parser():
   from moejax import cli
   p = cli.ArgumentParser(prog='python -m moejax.hf', description=__doc__.split('\n\n')[0])
-  sub = p.add_subparsers(dest='what', required=True, metavar='{import,export}',
+  sub = p.add_subparsers(dest='what', required=True, metavar='{import,export,families}',
                          help='import: a Hugging Face folder into a moejax workdir; export: a '
-                         'workdir into a Hugging Face folder')
+                         'workdir into a Hugging Face folder; families: what is imported and '
+                         'what is refused, and why')
+  sub.add_parser('families', help='every MoE model type: imported, or refused and why '
+                 '(Markdown)', formatter_class=cli.HelpFormatter)
   imp = sub.add_parser('import', help='Hugging Face folder -> moejax workdir',
                        formatter_class=cli.HelpFormatter)
   imp.add_argument('--hf_dir', required=True, help='the Hugging Face folder: config.json and '
@@ -47,6 +53,19 @@ def parser():
   return p
 
 
+def status_table() -> str:
+  """A Markdown table of every MoE model type moejax knows of: imported, or refused and why."""
+  from moejax.hf import convert, families, refused
+  rows = {kind: 'imported' for kind in families.FAMILIES}
+  rows.update({kind: f'imported: its language model (`{text}`)'
+               for kind, (text, _) in convert.LANGUAGE_MODEL.items()})
+  for table in (refused.MULTIMODAL, refused.NOT_A_LANGUAGE_MODEL, refused.NEEDS,
+                refused.PENDING):
+    rows.update({kind: f'refused: {refused.reason(kind)}' for kind in table})
+  return '\n'.join(['| `model_type` | status |', '|---|---|'] +
+                   [f'| `{kind}` | {rows[kind]} |' for kind in sorted(rows)]) + '\n'
+
+
 def _main(argv=None) -> int:
   from moejax import cli
   p = parser()
@@ -55,6 +74,9 @@ def _main(argv=None) -> int:
   a = p.parse_args(rest)
   if overrides and a.what != 'import':
     raise ConfigError(f'--config.{overrides[0][0]}: config overrides apply to import only')
+  if a.what == 'families':
+    print(status_table(), end='')
+    return 0
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   from moejax.hf import convert, export

@@ -50,11 +50,19 @@ def read_hf_config(hf_dir: str) -> dict:
   return hf
 
 
+# Multimodal model types whose language model is imported: (the language model's model_type,
+# when its text_config does not say; its tensors' name prefix).
+LANGUAGE_MODEL = {'llama4': ('llama4_text', 'language_model.')}
+
+
 def text_model(hf: dict) -> tuple[dict, str]:
-  """(the language model's config, its tensors' name prefix): a multimodal Llama 4 checkpoint
-  (model_type 'llama4') holds its text model under text_config and 'language_model.'."""
-  if hf.get('model_type') == 'llama4' and isinstance(hf.get('text_config'), dict):
-    return {'model_type': 'llama4_text', **hf['text_config']}, 'language_model.'
+  """(the language model's config, its tensors' name prefix): a multimodal checkpoint of
+  LANGUAGE_MODEL holds its language model under text_config and a prefix (the vision tower is
+  left out)."""
+  if hf.get('model_type') in LANGUAGE_MODEL and isinstance(hf.get('text_config'), dict):
+    kind, prefix = LANGUAGE_MODEL[hf['model_type']]
+    text = hf['text_config']
+    return {**text, 'model_type': text.get('model_type') or kind}, prefix
   return hf, ''
 
 
@@ -135,13 +143,14 @@ def import_variables(reader, m, fam, dtype=np.float32, interleaved: bool = False
   process's devices'); without, numpy arrays."""
   shapes = dict(_paths(_abstract_variables(m)))
   out = {}
-  tied = 'lm_head.weight' not in reader
+  tied = weights.checkpoint_name(fam, 'lm_head.weight') not in reader
   for path, layers, template, to_moejax, to_hf, per_expert in weights.leaves(m, fam,
                                                                              interleaved):
     if path not in shapes:
       raise AssertionError(f'no moejax variable {path}')  # the layout table is wrong
     if path == ('params', 'head') and tied:  # tie_word_embeddings: the head is the embedding
-      template, to_moejax, to_hf = 'model.embed_tokens.weight', weights._t, weights._t
+      template = weights.checkpoint_name(fam, 'model.embed_tokens.weight')
+      to_moejax, to_hf = weights._t, weights._t
     leaf_dtype = dtype if path[0] == 'params' else np.float32
     shape = shapes.pop(path).shape
     fill = functools.partial(weights.assemble, reader, m, fam, path, layers, template,

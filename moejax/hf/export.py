@@ -34,6 +34,18 @@ def export_tensors(variables, m, fam, dtype, interleaved: bool = False):
                       weights.join_parts(parts, fam)))
         fused[name].append(leaf if index is None else leaf[index])
       continue
+    if per_expert == 'fused_rows':  # q, k and v: rows of one tensor, in that order
+      for layer, index in layers:
+        name = weights.hf_name(template, layer)
+        value = leaf if index is None else leaf[index]
+        if name not in fused:
+          fused[name] = []
+          rows = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+          shape = (rows,) + to_hf(np.zeros(value.shape, np.float32), m).shape[1:]
+          out.append((name, shape, dtype, lambda parts=fused[name]: np.concatenate(
+              [f(np.asarray(v, np.float32), m) for v, f in parts], axis=0)))
+        fused[name].append((value, to_hf))
+      continue
     if path[0] != 'params':
       leaf_dtype = np.float32  # the selection bias is a float32 buffer in transformers too
     for layer, index in layers:

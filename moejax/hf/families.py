@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 
 from moejax.errors import ConfigError
-from moejax.hf.rules import (AttentionBias, Const, Key, LatentHeads, NopeLayers, Rope,
-                             Schedule, SharedExpertGate, SlidingLayers, TopkMethod, moe_layers)
+from moejax.hf import refused
+from moejax.hf.rules import (AttentionBias, Const, Key, LatentHeads, MupInput, NopeLayers, Rope,
+                             Schedule, SharedExpert, SlidingLayers, TopkMethod, moe_layers)
 
-__all__ = ['FAMILIES', 'REFUSED', 'Family', 'family', 'model_fields', 'hf_config', 'moe_layers']
+__all__ = ['FAMILIES', 'Family', 'family', 'model_fields', 'hf_config', 'moe_layers']
 
 
 PER_EXPERT = tuple(f'experts.{{e}}.{p}_proj.weight' for p in ('gate', 'up', 'down'))
@@ -38,7 +39,10 @@ class Family:
   gate_up [N, D, 2F] and down [N, F, D]) or 'stacked_linear' (stacked Linear weights, gate_up
   [N, 2F, D] and down [N, D, F]); in a stacked gate_up, gate and up are `gate_up`: 'halves'
   or 'interleaved' (alternate columns). Biases sit next to their weights (x.bias, or x_bias
-  for a stacked x). The shared expert is `shared_module`; a dense layer's FFN `dense_module`.
+  for a stacked x). The shared expert is `shared_module`; a dense layer's FFN `dense_module`;
+  the q/k norms self_attn's `qk_norm_names`. A family whose checkpoints keep their own code's
+  tensor names (transformers renames them at load) says how: `tensor_names` replaces parts of
+  transformers' names in order, `fused_qkv` names one tensor of q, k and v rows.
   rope_pairs: the q/k rotary dims' order in the checkpoint, 'halves' (moejax's), 'interleaved'
   (reordered at import), or a config.json key saying whether they are interleaved (true when
   absent; export writes false). mtp_key: the config.json key of the
@@ -47,6 +51,8 @@ class Family:
   selection_bias_2d. absent: what transformers reads for a key the config.json leaves out,
   where the family's default differs from the shared one (rotary settings as top-level
   rope_theta / partial_rotary_factor / rope_scaling, read under an explicit rope_parameters).
+  renamed: {key: transformers' key} for config.json keys that a family's original checkpoints
+  spell their own way (transformers' attribute_map for them), read as transformers' keys.
   """
   model_type: str
   architecture: str
@@ -64,6 +70,10 @@ class Family:
   selection_bias: str = ''  # the fixed selection bias's tensor in the MoE block ('': router's)
   selection_bias_2d: bool = False  # stored as [1, N]
   absent: dict = dataclasses.field(default_factory=dict)  # what a missing key means here
+  renamed: dict = dataclasses.field(default_factory=dict)  # original key -> transformers' key
+  qk_norm_names: tuple = ('q_norm', 'k_norm')  # the q/k norms' modules in self_attn
+  fused_qkv: str = ''  # a self_attn module holding [q; k; v] rows in one tensor, if any
+  tensor_names: tuple = ()  # (transformers' name part, the checkpoints' own), in order
 
   def interleaved(self, hf: dict) -> bool:
     """Whether the checkpoint's rotary dims are interleaved pairs."""
@@ -83,6 +93,17 @@ def _heads(hf):
 
 def _head_dim(hf):
   return hf['hidden_size'] // hf['num_attention_heads']
+
+
+def _one_per_model(key: str):
+  """A count that a config.json may give per layer (a list): one value for every layer."""
+  def check(value):
+    if isinstance(value, (list, tuple)):
+      if len(set(value)) != 1:
+        raise ConfigError(f'{key}={list(value)}: a different value per layer is not supported')
+      value = value[0]
+    return value
+  return check
 
 
 # The keys of every family with grouped-query attention (the shape, norms, top-K).
@@ -108,6 +129,20 @@ SPARSE_STEP = (Key('intermediate_size', 'model.ffn_dim'),
                Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
                Key('num_experts', 'model.moe.num_experts', aliases=('num_local_experts',)),
                Schedule('sparse_step'))
+def _shared_and_routed(scale_key: str) -> tuple:
+  """The keys of fine-grained and shared experts as the newer families spell them (plainly:
+  num_experts, num_shared_experts; the routed weights' scale under `scale_key`)."""
+  return (Key('intermediate_size', 'model.ffn_dim'),
+          Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
+          Key('num_experts', 'model.moe.num_experts'),
+          Key('num_shared_experts', 'model.moe.num_shared_experts', 0),
+          Key(scale_key, 'model.moe.router.routed_scaling_factor', 1.0, float))
+
+
+# Sigmoid scores with a fixed selection bias, renormalised (where a family has no routing keys).
+SIGMOID_BIASED = (('model.moe.router.score_fn', 'sigmoid'),
+                  ('model.moe.router.norm_topk_prob', True),
+                  ('model.moe.balance.selection_bias', True))
 # Fine-grained and shared experts as DeepSeekMoE spells them (and the families after it): the
 # dense layers' width, the experts' width, the routed and shared experts, the weights' scale.
 FINE_GRAINED = (
@@ -124,8 +159,7 @@ LATENT = _without(SHAPE, 'router_aux_loss_coef') + FINE_GRAINED + (
     Key('qk_nope_head_dim', 'model.mla.qk_nope_head_dim'),
     Key('qk_rope_head_dim', 'model.mla.qk_rope_head_dim'),
     Key('v_head_dim', 'model.mla.v_head_dim'),
-    Const('mlp_bias', False, 'biased FFN projections', absent=False), NO_ATTENTION_BIAS,
-    Schedule('first_k_dense'))
+    Const('mlp_bias', False, 'biased FFN projections', absent=False), NO_ATTENTION_BIAS)
 
 FAMILIES = {f.model_type: f for f in (
     Family('mixtral', 'MixtralForCausalLM', GQA + (
@@ -141,7 +175,8 @@ FAMILIES = {f.model_type: f for f in (
     Family('qwen3_moe', 'Qwen3MoeForCausalLM', GQA + SPARSE_STEP + (
         NORM_TOPK, NO_ATTENTION_BIAS, SlidingLayers(switch='use_sliding_window')),
         fixed=(('model.qk_norm', 'head'),),
-        absent=dict(max_position_embeddings=32768, router_aux_loss_coef=0.001)),
+        absent=dict(max_position_embeddings=32768, num_key_value_heads=4,
+                    router_aux_loss_coef=0.001)),
     Family('olmoe', 'OlmoeForCausalLM', GQA + (
         Key('num_experts', 'model.moe.num_experts', aliases=('num_local_experts',)),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -152,21 +187,30 @@ FAMILIES = {f.model_type: f for f in (
         absent=dict(rms_norm_eps=1e-5, router_aux_loss_coef=0.01)),
     Family('qwen2_moe', 'Qwen2MoeForCausalLM', GQA + SPARSE_STEP + (
         NORM_TOPK, Key('qkv_bias', 'model.qkv_bias', True, bool), NO_ATTENTION_BIAS,
-        SharedExpertGate(), SlidingLayers(layer_types=True, switch='use_sliding_window')),
+        SharedExpert(), SlidingLayers(layer_types=True, switch='use_sliding_window')),
         absent=dict(max_position_embeddings=32768, num_key_value_heads=16,
                     router_aux_loss_coef=0.001, shared_expert_intermediate_size=5632)),
     Family('deepseek_v2', 'DeepseekV2ForCausalLM', LATENT + (
-        TopkMethod('softmax', 'greedy'),),
+        TopkMethod('softmax', 'greedy'), Schedule('first_k_dense')),
         fixed=(('model.attention', 'mla'), ('model.moe.router.norm_topk_prob', False)),
         shared_module='shared_experts', rope_pairs='interleaved',
         absent=dict(max_position_embeddings=2048, n_shared_experts=2, q_lora_rank=1536)),
     Family('deepseek_v3', 'DeepseekV3ForCausalLM', LATENT + (
-        NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc')),
+        NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc'), Schedule('first_k_dense')),
         fixed=(('model.attention', 'mla'),),
         shared_module='shared_experts', rope_pairs='rope_interleave',
         mtp_key='num_nextn_predict_layers',
         absent=dict(first_k_dense_replace=3, n_group=8, topk_group=4, n_shared_experts=1,
                     norm_topk_prob=True, q_lora_rank=1536, routed_scaling_factor=2.5)),
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and routing, without multi-token
+    # prediction; which layers are MoE by each layer's kind.
+    Family('glm4_moe_lite', 'Glm4MoeLiteForCausalLM', LATENT + (
+        NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc'), Schedule('mlp_layer_types')),
+        fixed=(('model.attention', 'mla'),),
+        shared_module='shared_experts', rope_pairs='rope_interleave',
+        absent=dict(first_k_dense_replace=1, max_position_embeddings=202752, n_shared_experts=1,
+                    norm_topk_prob=True, q_lora_rank=768, rms_norm_eps=1e-5,
+                    routed_scaling_factor=1.8)),
     Family('llama4_text', 'Llama4ForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -234,14 +278,21 @@ FAMILIES = {f.model_type: f for f in (
         absent=dict(first_k_dense_replace=1, max_position_embeddings=131072, n_shared_experts=1,
                     norm_topk_prob=True, num_key_value_heads=8, rms_norm_eps=1e-5,
                     partial_rotary_factor=0.5)),
+    # Solar Open: GLM-4.5's routing in every layer, without q/k norms, the whole head rotated.
+    Family('solar_open', 'SolarOpenForCausalLM',
+           _without(GQA, 'router_aux_loss_coef') + _without(FINE_GRAINED, 'intermediate_size') + (
+        Key('attention_bias', 'model.qkv_bias', False, bool),
+        NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc'), Schedule('every')),
+        shared_module='shared_experts',
+        absent=dict(head_dim=128, max_position_embeddings=131072, n_shared_experts=1,
+                    norm_topk_prob=True, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    rope_theta=1e6)),
     Family('minimax_m2', 'MiniMaxM2ForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
         Key('router_jitter_noise', 'model.moe.router.jitter', 0.0, float),
         NO_ATTENTION_BIAS, Schedule('every')),
-        fixed=(('model.qk_norm', 'full'), ('model.moe.router.score_fn', 'sigmoid'),
-               ('model.moe.router.norm_topk_prob', True),
-               ('model.moe.balance.selection_bias', True)),
+        fixed=(('model.qk_norm', 'full'),) + SIGMOID_BIASED,
         moe_module='block_sparse_moe', selection_bias='e_score_correction_bias',
         expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2')),
         absent=dict(head_dim=128, max_position_embeddings=196608, num_key_value_heads=8,
@@ -259,8 +310,69 @@ FAMILIES = {f.model_type: f for f in (
         shared_module='shared_experts', rope_pairs='interleaved',
         selection_bias='moe_statics.e_score_correction_bias', selection_bias_2d=True,
         absent=dict(max_position_embeddings=131072, moe_layer_start_index=1,
-                    moe_num_shared_experts=2, rms_norm_eps=1e-5, rope_theta=5e5,
+                    moe_num_shared_experts=2, num_key_value_heads=4, rms_norm_eps=1e-5,
+                    rope_theta=5e5,
                     router_aux_loss_coef=0.001)),
+    # Flint: Qwen3-MoE's attention with attention sinks, windows by layer_types and rotary
+    # embedding on the windowed layers only; sigmoid top-K renormalised; an ungated shared expert.
+    Family('flint', 'FlintForCausalLM', GQA + SPARSE_STEP + (
+        NORM_TOPK, NO_ATTENTION_BIAS, SlidingLayers(layer_types=True),
+        SharedExpert(gated=False)),
+        fixed=(('model.qk_norm', 'head'), ('model.attention_sinks', True),
+               ('model.rope_layers', 'windowed'), ('model.moe.router.score_fn', 'sigmoid')),
+        tensor_names=(('self_attn.sinks', 'self_attn.softmax_offset'),),
+        absent=dict(head_dim=128, max_position_embeddings=262144, mlp_only_layers=[0, 1],
+                    norm_topk_prob=True, num_key_value_heads=4, router_aux_loss_coef=0.0005,
+                    shared_expert_intermediate_size=1024, sliding_window=513)),
+    # EXAONE-MoE: per-head q/k norms, rotary embedding on the windowed layers only, DeepSeek-V3's
+    # routing with shared experts under keys of its own; MoE layers by each layer's kind.
+    Family('exaone_moe', 'ExaoneMoeForCausalLM', _without(GQA, 'router_aux_loss_coef') + (
+        *_shared_and_routed('routed_scaling_factor'),
+        NORM_TOPK, NO_ATTENTION_BIAS, TopkMethod('sigmoid', 'noaux_tc'),
+        SlidingLayers(layer_types=True), Schedule('mlp_layer_types')),
+        fixed=(('model.qk_norm', 'head'), ('model.rope_layers', 'windowed')),
+        shared_module='shared_experts', selection_bias='e_score_correction_bias',
+        absent=dict(first_k_dense_replace=1, max_position_embeddings=2048, norm_topk_prob=True,
+                    num_shared_experts=1, rms_norm_eps=1e-5, routed_scaling_factor=2.5,
+                    sliding_window=4096)),
+    # Hunyuan 3: per-head q/k norms, sigmoid scores with a selection bias, renormalised and
+    # scaled, shared experts; MoE layers by each layer's kind.
+    Family('hy_v3', 'HYV3ForCausalLM', _without(GQA, 'router_aux_loss_coef') + (
+        *_shared_and_routed('router_scaling_factor'),
+        Const('mlp_bias', False, 'biased FFN projections', absent=False),
+        AttentionBias(), Schedule('mlp_layer_types')),
+        fixed=(('model.qk_norm', 'head'),) + SIGMOID_BIASED,
+        router='router.gate', selection_bias='expert_bias', shared_module='shared_mlp',
+        absent=dict(first_k_dense_replace=1, head_dim=128, max_position_embeddings=131072,
+                    num_key_value_heads=8, num_shared_experts=1, rms_norm_eps=1e-5,
+                    rope_theta=11158840.0, router_scaling_factor=2.826)),
+    # AFMoE (Arcee Trinity): windows on 3 layers of 4 and rotary embedding there only, per-head
+    # q/k norms, a sigmoid output gate per head, norms before and after each sublayer, sigmoid
+    # scores with a selection bias, renormalised and scaled, shared experts, muP input scaling.
+    Family('afmoe', 'AfmoeForCausalLM', _without(GQA, 'router_aux_loss_coef') + (
+        *_shared_and_routed('route_scale'),
+        AttentionBias(), SlidingLayers(layer_types=True), MupInput(),
+        Schedule('num_dense_layers')),
+        fixed=(('model.qk_norm', 'head'), ('model.rope_layers', 'windowed'),
+               ('model.attention_output_gate', True),
+               ('model.norm_placement', 'both')) + SIGMOID_BIASED,
+        router='router.gate', selection_bias='expert_bias', shared_module='shared_experts',
+        tensor_names=(('pre_feedforward_layernorm', 'pre_mlp_layernorm'),
+                      ('post_feedforward_layernorm', 'post_mlp_layernorm')),
+        absent=dict(head_dim=128, max_position_embeddings=16384, num_dense_layers=1,
+                    num_shared_experts=2, rms_norm_eps=1e-5, sliding_window=1024)),
+    # Hunyuan-A13B: per-head q/k norms after the rotation, softmax top-K renormalised, a shared
+    # expert as wide as the routed ones in every layer.
+    Family('hunyuan_v1_moe', 'HunYuanMoEV1ForCausalLM', _without(GQA, 'num_experts_per_tok') + (
+        Key('moe_topk', 'model.moe.num_experts_per_tok', to_moejax=_one_per_model('moe_topk')),
+        Key('num_experts', 'model.moe.num_experts', to_moejax=_one_per_model('num_experts')),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        NO_ATTENTION_BIAS, Schedule('every')),
+        fixed=(('model.qk_norm', 'head'), ('model.qk_norm_after_rope', True),
+               ('model.moe.router.norm_topk_prob', True), ('model.moe.num_shared_experts', 1)),
+        router='gate.wg', shared_module='shared_mlp',
+        qk_norm_names=('query_layernorm', 'key_layernorm'),
+        absent=dict(max_position_embeddings=2048, rms_norm_eps=1e-5)),
     Family('phimoe', 'PhimoeForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -271,28 +383,44 @@ FAMILIES = {f.model_type: f for f in (
         fixed=(('model.norm', 'layer'), ('model.moe.router.name', 'sparsemixer')),
         moe_module='block_sparse_moe',
         expert_names=tuple(f'experts.{{e}}.{w}.weight' for w in ('w1', 'w3', 'w2')),
-        absent=dict(num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
-                    router_aux_loss_coef=0.001)),
+        absent=dict(max_position_embeddings=131072, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    rope_theta=1e6, router_aux_loss_coef=0.001)),
 )}
 
-# Families transformers has that need something moejax does not build, and what.
-REFUSED = {
-    'qwen3_next': 'linear-attention (Gated DeltaNet) layers',
-    'qwen3_5_moe': 'linear-attention (Gated DeltaNet) layers',
-    'deepseek_v32': 'a learned sparse-attention indexer',
-    'minimax': 'linear-attention (lightning attention) layers',
-    'granitemoehybrid': 'Mamba layers',
-    'jamba': 'Mamba layers',
-    'longcat_flash': 'shortcut-connected MoE blocks (two attention sublayers per layer)',
-    'deepseek_v4': 'hyper-connections (several residual streams) and compressed sparse '
-                   'attention',
-    'kimi_linear': 'linear-attention (Kimi Delta Attention) layers',
-    'nemotron_h': 'Mamba-2 layers',
-    'lfm2_moe': 'short-convolution layers',
-    'jetmoe': 'mixture-of-attention-heads layers',
-    'switch_transformers': 'an encoder-decoder model',
-    'nllb_moe': 'an encoder-decoder model',
-}
+
+
+def _runs_as(of: str, model_type: str, renamed: dict | None = None, layout: dict | None = None,
+             **absent) -> Family:
+  """A family whose checkpoints transformers runs with the modeling code of family `of` (its
+  config class differs in defaults and key names only): `of`'s entry under its own model_type,
+  with its own defaults for absent keys, its config.json's own key names (`renamed`) and its
+  tensors' (`layout`: Family fields)."""
+  base = FAMILIES[of]
+  return dataclasses.replace(base, model_type=model_type, renamed=renamed or {},
+                             absent={**base.absent, **absent}, **(layout or {}))
+
+
+# The names the Sarvam and Param-2 checkpoints' own config.json use.
+_SARVAM_NAMES = {'num_experts': 'n_routed_experts', 'num_local_experts': 'n_routed_experts',
+                 'num_shared_experts': 'n_shared_experts', 'use_qkv_bias': 'attention_bias',
+                 'num_mtp_layers': 'num_nextn_predict_layers'}
+# ... and their tensors' (q, k, v fused; transformers renames them at load).
+_SARVAM_TENSORS = dict(
+    fused_qkv='query_key_value', qk_norm_names=('query_layernorm', 'key_layernorm'),
+    selection_bias='gate.expert_bias',
+    tensor_names=(('model.embed_tokens.', 'model.word_embeddings.'),
+                  ('self_attn.o_proj.', 'self_attn.dense.'), ('self_attn.', 'attention.')))
+FAMILIES.update({f.model_type: f for f in (
+    _runs_as('glm4_moe', 'sarvam_moe', _SARVAM_NAMES, _SARVAM_TENSORS, head_dim=64, max_position_embeddings=131072,
+             num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=8e6, partial_rotary_factor=1.0,
+             routed_scaling_factor=2.5, use_qk_norm=True),
+    _runs_as('glm4_moe', 'param2moe', _SARVAM_NAMES, _SARVAM_TENSORS, head_dim=64, max_position_embeddings=32768,
+             n_shared_experts=2, rms_norm_eps=1e-6, rope_theta=5e5, partial_rotary_factor=1.0,
+             routed_scaling_factor=2.5, use_qk_norm=True),
+    _runs_as('deepseek_v3', 'sarvam_mla', {k: v for k, v in _SARVAM_NAMES.items()
+                                           if k != 'use_qkv_bias'},
+             first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None),
+)})
 
 # Fields every import sets before the family's own (what a family leaves unsaid is off).
 IMPORT_BASE = {'model.moe.num_shared_experts': 0, 'model.moe.dispatch.name': 'dropless',
@@ -303,9 +431,9 @@ IMPORT_BASE = {'model.moe.num_shared_experts': 0, 'model.moe.dispatch.name': 'dr
 def family(hf: dict, where: str) -> Family:
   """The entry of a config.json's model_type, or one line saying why there is none."""
   kind = hf.get('model_type', '')
-  if kind in REFUSED:
-    raise ConfigError(f'{where}: model_type {kind!r} is not supported: it needs '
-                      f'{REFUSED[kind]}, which moejax does not build')
+  why = refused.reason(kind)
+  if why:
+    raise ConfigError(f'{where}: model_type {kind!r} is not supported: {why}')
   if kind not in FAMILIES:
     raise ConfigError(f'{where}: model_type {kind!r} is not supported; supported: '
                       f'{", ".join(sorted(FAMILIES))}')
@@ -315,6 +443,7 @@ def family(hf: dict, where: str) -> Family:
 def model_fields(hf: dict, where: str) -> dict:
   """The moejax config fields (dotted, from 'model.') of a Hugging Face config.json."""
   fam = family(hf, where)
+  hf = {**{fam.renamed[k]: v for k, v in hf.items() if k in fam.renamed}, **hf}
   if hf.get('sliding_window') and not any(isinstance(p, SlidingLayers) for p in fam.config):
     raise ConfigError(f'{where}: sliding_window={hf["sliding_window"]} is not supported for '
                       f'{fam.model_type} (its entry maps no sliding window)')

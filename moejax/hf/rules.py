@@ -159,10 +159,13 @@ class Rope:
 
 
 def moe_layers(hf: dict) -> list[int]:
-  """Indices of the layers whose FFN is MoE, from whichever keys the config.json has: a list
-  (moe_layers), a step (interleave_moe_layer_step; decoder_sparse_step with mlp_only_layers)
+  """Indices of the layers whose FFN is MoE, from whichever keys the config.json has: each
+  layer's kind (mlp_layer_types), a list (moe_layers), the dense ones first (num_dense_layers),
+  a step (interleave_moe_layer_step; decoder_sparse_step with mlp_only_layers)
   or first-k-dense with a frequency (first_k_dense_replace, moe_layer_freq)."""
   n = hf['num_hidden_layers']
+  if isinstance(hf.get('mlp_layer_types'), list):  # each layer's 'dense' or 'sparse'
+    return [i for i, kind in enumerate(hf['mlp_layer_types']) if kind == 'sparse']
   if isinstance(hf.get('moe_layers'), list):
     return sorted(hf['moe_layers'])
   if 'moe_layer_start_index' in hf:  # every interval-th layer from start to end (-1: the last)
@@ -172,6 +175,8 @@ def moe_layers(hf: dict) -> list[int]:
   if 'interleave_moe_layer_step' in hf:
     step = hf['interleave_moe_layer_step'] or 1
     return [i for i in range(n) if (i + 1) % step == 0]
+  if 'num_dense_layers' in hf:  # the first ones dense, then every layer MoE
+    return list(range(hf['num_dense_layers'] or 0, n))
   if 'first_k_dense_replace' in hf:
     first, freq = hf['first_k_dense_replace'] or 0, hf.get('moe_layer_freq') or 1
     return [i for i in range(n) if i >= first and (i - first) % freq == 0]
@@ -186,7 +191,9 @@ class Schedule:
   of the spellings (moe_layers); export writes the family's: 'every' (all layers MoE, no key),
   'sparse_step' (decoder_sparse_step, mlp_only_layers), 'first_k_dense'
   (first_k_dense_replace, moe_layer_freq), 'layer_list' (moe_layers,
-  interleave_moe_layer_step) or 'start_end_interval' (moe_layer_start_index,
+  interleave_moe_layer_step), 'mlp_layer_types' (each layer's 'dense' or 'sparse'),
+  'num_dense_layers' (the first ones dense, the rest MoE) or
+  'start_end_interval' (moe_layer_start_index,
   moe_layer_end_index, moe_layer_interval: layers i >= start with (i + 1) % interval == 0)."""
   style: str
 
@@ -215,6 +222,13 @@ class Schedule:
     elif self.style == 'sparse_step':
       hf.update(decoder_sparse_step=1,
                 mlp_only_layers=[i for i in range(m.num_layers) if i not in ids])
+    elif self.style == 'num_dense_layers':
+      if ids != list(range(m.first_k_dense, m.num_layers)):
+        raise ConfigError(f'--model_type={hf["model_type"]}: has MoE in every layer after the '
+                          f'dense ones; this model has moe_layer_freq={m.moe_layer_freq}')
+      hf['num_dense_layers'] = m.first_k_dense
+    elif self.style == 'mlp_layer_types':
+      hf['mlp_layer_types'] = ['sparse' if i in ids else 'dense' for i in range(m.num_layers)]
     elif self.style == 'first_k_dense':
       hf.update(first_k_dense_replace=m.first_k_dense, moe_layer_freq=m.moe_layer_freq)
     elif self.style == 'start_end_interval':
@@ -291,16 +305,30 @@ class AttentionBias:
     hf['attention_bias'] = bool(m.qkv_bias)
 
 
-class SharedExpertGate:
-  """shared_expert_intermediate_size (0 or absent: none) <-> one sigmoid-gated shared expert
-  of that width."""
+class MupInput:
+  """mup_enabled <-> model.embedding_multiplier: the embeddings times sqrt(hidden_size) when on
+  (muP's input scaling), else 1."""
+
+  def read(self, hf: dict, where: str) -> dict:
+    on = bool(hf.get('mup_enabled', False))
+    return {'model.embedding_multiplier': float(hf['hidden_size']) ** 0.5 if on else 1.0}
+
+  def write(self, m, hf: dict) -> None:
+    hf['mup_enabled'] = m.embedding_multiplier != 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedExpert:
+  """shared_expert_intermediate_size (0 or absent: none) <-> one shared expert of that width,
+  behind a sigmoid gate when `gated` (Qwen2-MoE's) or added in full."""
+  gated: bool = True
 
   def read(self, hf: dict, where: str) -> dict:
     width = hf.get('shared_expert_intermediate_size') or 0
     if not width:
       return {'model.moe.num_shared_experts': 0, 'model.moe.shared_expert_gate': False}
     return {'model.moe.num_shared_experts': 1, 'model.moe.shared_expert_ffn_dim': width,
-            'model.moe.shared_expert_gate': True}
+            'model.moe.shared_expert_gate': self.gated}
 
   def write(self, m, hf: dict) -> None:
     moe = m.moe

@@ -98,10 +98,13 @@ def block_norms(m) -> list:
           for t in norm_tensors(ours, theirs, m)]
 
 
-QK_NORM = [
-    (('attn', 'q_norm', 'scale'), 'self_attn.q_norm.weight', _same, _same),
-    (('attn', 'k_norm', 'scale'), 'self_attn.k_norm.weight', _same, _same),
-]
+def qk_norms(fam) -> list:
+  """The q/k norms' scales, under the family's module names."""
+  q, k = fam.qk_norm_names
+  return [(('attn', 'q_norm', 'scale'), f'self_attn.{q}.weight', _same, _same),
+          (('attn', 'k_norm', 'scale'), f'self_attn.{k}.weight', _same, _same)]
+
+
 def _bias_to_moejax(b, m):  # [H * hd] -> [H, hd]
   return b.reshape(-1, m.head_dim)
 
@@ -115,6 +118,33 @@ QKV_BIAS = [
     (('attn', 'bk'), 'self_attn.k_proj.bias', _bias_to_moejax, _bias_to_hf),
     (('attn', 'bv'), 'self_attn.v_proj.bias', _bias_to_moejax, _bias_to_hf),
 ]
+def _rows(which: int, to_moejax):
+  """The q (0), k (1) or v (2) rows of a fused [q; k; v] tensor, then `to_moejax`."""
+  def part(w, m):
+    sizes = np.array([m.num_heads, m.num_kv_heads, m.num_kv_heads]) * m.head_dim
+    start = sizes[:which].sum()
+    return to_moejax(w[start:start + sizes[which]], m)
+  return part
+
+
+def _qkv(tensors: list, fam, kind: str) -> list:
+  """The q, k and v tensors (the first three), as rows of the family's fused tensor when its
+  checkpoints hold one (marked 'fused_rows': export joins them again, q, k, v in order)."""
+  if not fam.fused_qkv:
+    return [(*t, False) for t in tensors]
+  fused = [(path, f'self_attn.{fam.fused_qkv}.{kind}', _rows(i, a), b, 'fused_rows')
+           for i, (path, _, a, b) in enumerate(tensors[:3])]
+  return fused + [(*t, False) for t in tensors[3:]]
+
+
+def checkpoint_name(fam, name: str) -> str:
+  """A tensor's name in the family's checkpoints (transformers' name, renamed as the family's
+  own code names it: `fam.tensor_names`, in order)."""
+  for theirs, ours in fam.tensor_names:
+    name = name.replace(theirs, ours)
+  return name
+
+
 def dense_ffn(module: str) -> list:
   return [
       ((names.FFN, 'wi_0'), f'{module}.gate_proj.weight', _t, _t),
@@ -231,14 +261,16 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
   if m.attention == 'mla':
     out = [(*t, False) for t in latent_attention(m, interleaved)]
   else:
-    out = [(*t, False) for t in attention(interleaved)]
+    out = _qkv(attention(interleaved), fam, 'weight')
   out += [(*t, False) for t in block_norms(m)]
   if m.qk_norm in ('head', 'full'):  # 'l2' has no scale
-    out += [(*t, False) for t in QK_NORM]
+    out += [(*t, False) for t in qk_norms(fam)]
   if m.qkv_bias:
-    out += [(*t, False) for t in QKV_BIAS]
+    out += _qkv(QKV_BIAS, fam, 'bias')
   if m.attention_out_bias:
     out.append((('attn', 'bo'), 'self_attn.o_proj.bias', _same, _same, False))
+  if m.attention_output_gate:  # sigmoid(x @ wg) times each head's output, before o_proj
+    out.append((('attn', 'wg'), 'self_attn.gate_proj.weight', *_heads('num_heads'), False))
   if m.attention_sinks:
     out.append((('attn', 'sinks'), 'self_attn.sinks', _same, _same, False))
   if not moe:
@@ -305,6 +337,8 @@ def leaves(m, fam, interleaved: bool = False):
       entry = grouped.setdefault(key, [key, [], name, a, b, per_expert])
       entry[1].append((layer, index))
   out += [tuple(v) for v in grouped.values()]
+  out = [(path, layers, checkpoint_name(fam, name), a, b, kind)
+         for path, layers, name, a, b, kind in out]
   for k in range(1, m.mtp.depth + 1):  # DeepSeek-V3's multi-token prediction: layer L + k - 1
     layer = m.num_layers + k - 1
     has_moe = bool(slots(m)) and any(moe for _, _, moe in slots(m))
@@ -369,14 +403,15 @@ def assemble(reader, m, fam, path, layers, template, to_moejax, to_hf, per_exper
     return to_moejax(np.asarray(reader.get(name), np.float32), m)
 
   want = None  # the HF shape of one (layer's, expert's) tensor
-  if per_expert != 'fused':
+  fused = per_expert in ('fused', 'fused_rows')
+  if not fused:
     want = to_hf(np.broadcast_to(np.zeros((), np.float32), full[1:] if per_expert else full),
                  m).shape
   for layer, stack_index in layers:
     if stacked and stack_index not in ranges[0]:
       continue
     target = out[ranges[0].index(stack_index)] if stacked else out
-    if per_expert == 'fused':  # one stacked tensor holds this leaf and a sibling
+    if fused:  # one stacked tensor holds this leaf and its siblings
       name = hf_name(template, layer)
       value = read(name, None)
       if value.shape != full:

@@ -58,8 +58,8 @@ class Block(nn.Module):
       return x + checkpoint_name(out, f'{name}_out')
 
     if c.attention == 'mla':
-      attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.norm_eps, dtype,
-                                      self.cache_len, name='attn')
+      attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.mla.latent_norm_eps,
+                                      dtype, self.cache_len, name='attn')
       x = sublayer(x, lambda h: attn(h, positions), 'attn')
     else:
       attn = GroupedQueryAttention(
@@ -88,8 +88,13 @@ class Block(nn.Module):
 
 def rotated_layer(c, layer):
   """Whether layer `layer` (an int, or traced) has rotary embedding: all but every
-  model.nope_every-th layer (Llama 4's NoPE layers)."""
-  return True if not c.nope_every else (layer + 1) % c.nope_every != 0
+  model.nope_every-th layer (Llama 4's NoPE layers); with model.rope_layers='windowed', only
+  the layers that attend within a window (no positions on the full-attention layers; without
+  a window, every layer rotates, as in EXAONE 4)."""
+  rotated = True if not c.nope_every else (layer + 1) % c.nope_every != 0
+  if c.rope_layers == 'windowed' and c.sliding_window:
+    return jnp.logical_and(rotated, sliding_layer(c, layer))
+  return rotated
 
 
 def sliding_layer(c, layer):
@@ -246,7 +251,7 @@ class Transformer(nn.Module):
 
 def jax_tree_expand(tree):
   """Every leaf with a new leading axis of 1 (the tail period's aux, stacked like a scan's)."""
-  return jax.tree.map(lambda a: a[None], tree)
+  return jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # (a Python 0 loss without losses)
 
 
 def concat_aux(auxes):
