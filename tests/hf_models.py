@@ -140,6 +140,10 @@ FAMILIES = {
                    num_shared_experts=2, num_dense_layers=1, head_dim=8, sliding_window=4,
                    route_scale=1.5, mup_enabled=True,
                    layer_types=['sliding_attention', 'sliding_attention', 'full_attention'])),
+    # Aria's language model: grouped expert matrices, two shared experts, biased attention.
+    'aria_text': ('AriaTextConfig', 'AriaTextForCausalLM',
+                  dict(intermediate_size=16, moe_num_experts=6, moe_topk=2, head_dim=8,
+                       moe_num_shared_experts=2, attention_bias=True)),
     # Hunyuan-A13B: q/k norms after the rotation (not before), a shared expert, top-K
     # renormalised; the router a module of its own (mlp.gate.wg).
     'hunyuan_v1_moe': ('HunYuanMoEV1Config', 'HunYuanMoEV1ForCausalLM',

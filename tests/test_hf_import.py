@@ -86,6 +86,27 @@ def test_multimodal_llama4_imports_its_language_model(tmp_path):
   assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.slow  # the language model's parity: test_hf_families.py[aria_text]
+def test_multimodal_aria_imports_its_language_model(tmp_path):
+  """Aria as published (AriaForConditionalGeneration: text_config, 'language_model.' tensors,
+  a vision tower and projector beside): the language model imports and equals transformers'
+  logits of text alone."""
+  text = {**COMMON, **FAMILIES['aria_text'][2]}
+  vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32, image_size=28, patch_size=14)
+  torch.manual_seed(0)
+  full = transformers.AriaForConditionalGeneration(transformers.AriaConfig(
+      text_config=text, vision_config=vision, projector_patch_to_query_dict={4: 4})).eval()
+  full.save_pretrained(str(tmp_path / 'hf'))
+  model, variables = hf.load_pretrained(str(tmp_path / 'hf'))
+  ids = _ids()
+  with torch.no_grad():
+    ref = full(input_ids=ids).logits.numpy()
+  logits, aux = model.apply(variables, jnp.asarray(ids.numpy()))
+  assert np.abs(np.asarray(logits) - ref).max() <= 1e-4 * np.abs(ref).max()
+  assert np.asarray(aux['expert_index']).shape[0] == 3  # every layer routed
+
+
 def test_deepseek_v3_multi_token_prediction_weights_are_kept(tmp_path):
   """A DeepSeek-V3 checkpoint with its MTP layer (model.layers.L.*, as published; transformers
   saves none): imported as model.mtp.depth=1 with every tensor in place, and exported back

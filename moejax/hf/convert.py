@@ -52,7 +52,8 @@ def read_hf_config(hf_dir: str) -> dict:
 
 # Multimodal model types whose language model is imported: (the language model's model_type,
 # when its text_config does not say; its tensors' name prefix).
-LANGUAGE_MODEL = {'llama4': ('llama4_text', 'language_model.')}
+LANGUAGE_MODEL = {'llama4': ('llama4_text', 'language_model.'),
+                  'aria': ('aria_text', 'language_model.')}
 
 
 def text_model(hf: dict) -> tuple[dict, str]:

@@ -361,6 +361,20 @@ FAMILIES = {f.model_type: f for f in (
                       ('post_feedforward_layernorm', 'post_mlp_layernorm')),
         absent=dict(head_dim=128, max_position_embeddings=16384, num_dense_layers=1,
                     num_shared_experts=2, rms_norm_eps=1e-5, sliding_window=1024)),
+    # Aria's language model: softmax top-K renormalised (a softmax over the chosen logits),
+    # shared experts, the routed experts as grouped matrices (fc1 [N, D, 2F], fc2 [N, F, D]).
+    Family('aria_text', 'AriaTextForCausalLM',
+           _without(GQA, 'num_experts_per_tok', 'router_aux_loss_coef') + (
+        Key('moe_topk', 'model.moe.num_experts_per_tok'),
+        Key('moe_num_experts', 'model.moe.num_experts'),
+        Key('intermediate_size', 'model.moe.expert_ffn_dim'),
+        Key('moe_num_shared_experts', 'model.moe.num_shared_experts', 0),
+        Const('mlp_bias', False, 'biased FFN projections', absent=False),
+        AttentionBias(), Schedule('every')),
+        fixed=(('model.moe.router.norm_topk_prob', True),),
+        router='router', experts='stacked', shared_module='shared_experts',
+        expert_names=('experts.fc1.weight', 'experts.fc1.weight', 'experts.fc2.weight'),
+        absent=dict(head_dim=128, max_position_embeddings=2048, moe_num_shared_experts=2)),
     # Hunyuan-A13B: per-head q/k norms after the rotation, softmax top-K renormalised, a shared
     # expert as wide as the routed ones in every layer.
     Family('hunyuan_v1_moe', 'HunYuanMoEV1ForCausalLM', _without(GQA, 'num_experts_per_tok') + (

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 # A multimodal model type -> the model type of its language model (transformers' text_config).
 MULTIMODAL = {
-    'aria': 'aria_text',
     'deepseek_ocr2': 'deepseek_ocr2_text',
     'diffusion_gemma': 'diffusion_gemma_text',
     'dots3_note': 'dots3_note_text',
@@ -91,6 +90,7 @@ NEEDS = {
     'doge': 'dynamic-mask attention and product-key retrieval over many tiny experts (CDMoE)',
     'zaya': 'compressed convolutional attention (CCA) and an MLP router',
     'ergo': 'gated residual connections and a norm per expert',
+    'mistral4': 'a position-dependent query scale on every layer (llama_4_scaling_beta)',
     'axk1': 'an RMSNorm on the MoE block\'s output (MoE layers only)',
     'beam': 'soft-capped output logits (final_logit_softcapping)',
     'laguna': 'a head count per layer, softplus attention output gates and soft-capped router '
@@ -126,12 +126,10 @@ NEEDS = {
 
 # Types whose features moejax has but whose entry is not written yet: what the entry needs.
 PENDING = {
-    'mistral4': "DeepSeek-V3's block with DeepSeek-V2's softmax router (an entry of its own)",
     'minicpm5_moe': 'the attention output gate read from inside the query projection (per '
                     'head: query, then gate)',
     'granitemoeshared': 'its shared expert read from stacked Linear weights '
                         '(shared_mlp.input_linear)',
-    'aria_text': 'its experts read from grouped matrices (fc1, fc2)',
 }
 
 
