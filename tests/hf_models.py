@@ -144,6 +144,17 @@ FAMILIES = {
     'aria_text': ('AriaTextConfig', 'AriaTextForCausalLM',
                   dict(intermediate_size=16, moe_num_experts=6, moe_topk=2, head_dim=8,
                        moe_num_shared_experts=2, attention_bias=True)),
+    # Granite MoE with a shared expert beside the MoE block: its gate and up in one Linear.
+    'granitemoeshared': ('GraniteMoeSharedConfig', 'GraniteMoeSharedForCausalLM',
+                         dict(intermediate_size=16, num_local_experts=4, embedding_multiplier=3.0,
+                              residual_multiplier=0.5, attention_multiplier=0.2,
+                              logits_scaling=4.0, shared_intermediate_size=24)),
+    # MiniCPM 5 MoE: the output gate inside the query projection, DeepSeek-V3's routing.
+    'minicpm5_moe': ('MiniCPM5MoeConfig', 'MiniCPM5MoeForCausalLM',
+                     dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                          n_shared_experts=1, head_dim=8, n_group=2, topk_group=1,
+                          routed_scaling_factor=1.5,
+                          mlp_layer_types=['dense', 'sparse', 'sparse'])),
     # Hunyuan-A13B: q/k norms after the rotation (not before), a shared expert, top-K
     # renormalised; the router a module of its own (mlp.gate.wg).
     'hunyuan_v1_moe': ('HunYuanMoEV1Config', 'HunYuanMoEV1ForCausalLM',

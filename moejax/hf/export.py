@@ -21,29 +21,31 @@ def export_tensors(variables, m, fam, dtype, interleaved: bool = False):
   out, fused = [], {}
   for path, layers, template, _, to_hf, per_expert in weights.leaves(m, fam, interleaved):
     leaf = _get(variables, path)
-    if per_expert == 'fused':  # the gate and up parts of one stacked tensor
+    if per_expert in ('fused', 'fused_t'):  # the gate and up parts of one tensor
       for layer, index in layers:
         name = weights.hf_name(template, layer)
         if name not in fused:
           fused[name] = []
           value = leaf if index is None else leaf[index]
           shape = value.shape[:-1] + (2 * value.shape[-1],)
-          if fam.experts == 'stacked_linear' and len(shape) == 3:  # [N, 2F, D]
-            shape = (shape[0], shape[2], shape[1])
-          out.append((name, shape, dtype, lambda parts=fused[name]:
-                      weights.join_parts(parts, fam)))
+          turned = per_expert == 'fused_t'  # Linear weights: [..., 2F, D]
+          if turned:
+            shape = shape[:-2] + (shape[-1], shape[-2])
+          out.append((name, shape, dtype, lambda parts=fused[name], t=turned:
+                      weights.join_parts(parts, fam, t)))
         fused[name].append(leaf if index is None else leaf[index])
       continue
-    if per_expert == 'fused_rows':  # q, k and v: rows of one tensor, in that order
+    if per_expert in ('fused_rows', 'fused_heads'):  # q, k, v rows; or per head q, gate rows
       for layer, index in layers:
         name = weights.hf_name(template, layer)
         value = leaf if index is None else leaf[index]
         if name not in fused:
           fused[name] = []
-          rows = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
-          shape = (rows,) + to_hf(np.zeros(value.shape, np.float32), m).shape[1:]
-          out.append((name, shape, dtype, lambda parts=fused[name]: np.concatenate(
-              [f(np.asarray(v, np.float32), m) for v, f in parts], axis=0)))
+          heads = (m.num_heads + 2 * m.num_kv_heads if per_expert == 'fused_rows' else
+                   2 * m.num_heads)
+          shape = (heads * m.head_dim,) + to_hf(np.zeros(value.shape, np.float32), m).shape[1:]
+          out.append((name, shape, dtype, lambda parts=fused[name], k=per_expert:
+                      _join_rows(parts, m, k)))
         fused[name].append((value, to_hf))
       continue
     if path[0] != 'params':
@@ -61,6 +63,16 @@ def export_tensors(variables, m, fam, dtype, interleaved: bool = False):
         out.append((weights.hf_name(template, layer), shape, kind,
                     lambda v=value, f=to_hf: f(np.asarray(v, np.float32), m)))
   return out
+
+
+def _join_rows(parts, m, kind: str) -> np.ndarray:
+  """One tensor of the parts' rows (each part through its to_hf): q, k, v one after another
+  ('fused_rows'), or per head the query rows then the gate rows ('fused_heads')."""
+  rows = [f(np.asarray(v, np.float32), m) for v, f in parts]
+  if kind == 'fused_rows':
+    return np.concatenate(rows, axis=0)
+  per_head = [r.reshape((m.num_heads, 1, m.head_dim) + r.shape[1:]) for r in rows]
+  return np.concatenate(per_head, axis=1).reshape((-1,) + rows[0].shape[1:])
 
 
 def export_variables(config, variables, hf_dir: str, model_type: str, base: dict | None = None,

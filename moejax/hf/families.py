@@ -40,7 +40,9 @@ class Family:
   [N, 2F, D] and down [N, D, F]); in a stacked gate_up, gate and up are `gate_up`: 'halves'
   or 'interleaved' (alternate columns). Biases sit next to their weights (x.bias, or x_bias
   for a stacked x). The shared expert is `shared_module`; a dense layer's FFN `dense_module`;
-  the q/k norms self_attn's `qk_norm_names`. A family whose checkpoints keep their own code's
+  the q/k norms self_attn's `qk_norm_names`; `shared_beside` puts the shared expert under the
+  layer, not the MoE block, and `shared_fused` reads it as one Linear of gate and up rows
+  (input_linear) and output_linear. A family whose checkpoints keep their own code's
   tensor names (transformers renames them at load) says how: `tensor_names` replaces parts of
   transformers' names in order, `fused_qkv` names one tensor of q, k and v rows.
   rope_pairs: the q/k rotary dims' order in the checkpoint, 'halves' (moejax's), 'interleaved'
@@ -73,6 +75,9 @@ class Family:
   renamed: dict = dataclasses.field(default_factory=dict)  # original key -> transformers' key
   qk_norm_names: tuple = ('q_norm', 'k_norm')  # the q/k norms' modules in self_attn
   fused_qkv: str = ''  # a self_attn module holding [q; k; v] rows in one tensor, if any
+  query_gate: bool = False  # the attention output gate inside q_proj (per head: query, gate)
+  shared_beside: bool = False  # the shared expert beside the MoE block, not inside it
+  shared_fused: bool = False  # the shared expert as input_linear [2F, D] (gate; up), output_linear
   tensor_names: tuple = ()  # (transformers' name part, the checkpoints' own), in order
 
   def interleaved(self, hf: dict) -> bool:
@@ -375,6 +380,17 @@ FAMILIES = {f.model_type: f for f in (
         router='router', experts='stacked', shared_module='shared_experts',
         expert_names=('experts.fc1.weight', 'experts.fc1.weight', 'experts.fc2.weight'),
         absent=dict(head_dim=128, max_position_embeddings=2048, moe_num_shared_experts=2)),
+    # MiniCPM 5 MoE: a sigmoid output gate per head stored inside the query projection (per
+    # head: query rows, then gate rows), DeepSeek-V3's routing, MoE layers by each layer's kind.
+    Family('minicpm5_moe', 'MiniCPM5MoeForCausalLM',
+           _without(GQA, 'router_aux_loss_coef') + FINE_GRAINED + (
+        NORM_TOPK, AttentionBias(), TopkMethod('sigmoid', 'noaux_tc'),
+        Schedule('mlp_layer_types')),
+        fixed=(('model.attention_output_gate', True),),
+        shared_module='shared_experts', query_gate=True,
+        absent=dict(first_k_dense_replace=1, head_dim=128, max_position_embeddings=524288,
+                    n_shared_experts=1, norm_topk_prob=True, num_key_value_heads=2,
+                    rope_theta=5e6, routed_scaling_factor=3.66)),
     # Hunyuan-A13B: per-head q/k norms after the rotation, softmax top-K renormalised, a shared
     # expert as wide as the routed ones in every layer.
     Family('hunyuan_v1_moe', 'HunYuanMoEV1ForCausalLM', _without(GQA, 'num_experts_per_tok') + (
@@ -425,6 +441,13 @@ _SARVAM_TENSORS = dict(
     tensor_names=(('model.embed_tokens.', 'model.word_embeddings.'),
                   ('self_attn.o_proj.', 'self_attn.dense.'), ('self_attn.', 'attention.')))
 FAMILIES.update({f.model_type: f for f in (
+    # Granite MoE with a shared expert beside the MoE block (gate and up in one Linear).
+    dataclasses.replace(
+        FAMILIES['granitemoe'], model_type='granitemoeshared',
+        architecture='GraniteMoeSharedForCausalLM',
+        config=FAMILIES['granitemoe'].config + (
+            SharedExpert(gated=False, key='shared_intermediate_size'),),
+        shared_module='shared_mlp', shared_beside=True, shared_fused=True),
     _runs_as('glm4_moe', 'sarvam_moe', _SARVAM_NAMES, _SARVAM_TENSORS, head_dim=64, max_position_embeddings=131072,
              num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=8e6, partial_rotary_factor=1.0,
              routed_scaling_factor=2.5, use_qk_norm=True),

@@ -3,12 +3,11 @@ needs that moejax does not build, in one phrase (import says it in one line). Th
 `tests/test_hf_refused.py` enumerates transformers' configs with routed experts and fails on a
 type that is neither a family entry (families.py) nor here.
 
-Four kinds of entries:
+Three kinds of entries:
 - MULTIMODAL: a multimodal model's own config; its language model is a model type of its own
   (listed here or a family), imported from a language-model checkpoint.
 - NOT_A_LANGUAGE_MODEL: experts in something other than a decoder-only language model.
 - NEEDS: a decoder-only language model that needs a feature moejax does not build.
-- PENDING: a language model whose features moejax has; its family entry is not written yet.
 """
 from __future__ import annotations
 
@@ -124,14 +123,6 @@ NEEDS = {
                           'causal language model of its own for it)',
 }
 
-# Types whose features moejax has but whose entry is not written yet: what the entry needs.
-PENDING = {
-    'minicpm5_moe': 'the attention output gate read from inside the query projection (per '
-                    'head: query, then gate)',
-    'granitemoeshared': 'its shared expert read from stacked Linear weights '
-                        '(shared_mlp.input_linear)',
-}
-
 
 def reason(model_type: str) -> str | None:
   """Why moejax does not import `model_type` (None: not listed here)."""
@@ -145,6 +136,4 @@ def reason(model_type: str) -> str | None:
     return f'{NOT_A_LANGUAGE_MODEL[model_type]}, not a decoder-only language model'
   if model_type in NEEDS:
     return f'it needs {NEEDS[model_type]}, which moejax does not build'
-  if model_type in PENDING:
-    return f'moejax has its features, but no entry reads it yet: it needs {PENDING[model_type]}'
   return None

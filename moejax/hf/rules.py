@@ -319,12 +319,13 @@ class MupInput:
 
 @dataclasses.dataclass(frozen=True)
 class SharedExpert:
-  """shared_expert_intermediate_size (0 or absent: none) <-> one shared expert of that width,
-  behind a sigmoid gate when `gated` (Qwen2-MoE's) or added in full."""
+  """`key` (0 or absent: none) <-> one shared expert of that width, behind a sigmoid gate when
+  `gated` (Qwen2-MoE's) or added in full."""
   gated: bool = True
+  key: str = 'shared_expert_intermediate_size'
 
   def read(self, hf: dict, where: str) -> dict:
-    width = hf.get('shared_expert_intermediate_size') or 0
+    width = hf.get(self.key) or 0
     if not width:
       return {'model.moe.num_shared_experts': 0, 'model.moe.shared_expert_gate': False}
     return {'model.moe.num_shared_experts': 1, 'model.moe.shared_expert_ffn_dim': width,
@@ -332,8 +333,8 @@ class SharedExpert:
 
   def write(self, m, hf: dict) -> None:
     moe = m.moe
-    hf['shared_expert_intermediate_size'] = (
-        (moe.shared_expert_ffn_dim or moe.expert_ffn_dim) if moe.num_shared_experts else 0)
+    width = moe.shared_expert_ffn_dim or moe.expert_ffn_dim
+    hf[self.key] = width if moe.num_shared_experts else 0
 
 
 @dataclasses.dataclass(frozen=True)

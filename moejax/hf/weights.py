@@ -127,6 +127,15 @@ def _rows(which: int, to_moejax):
   return part
 
 
+def _head_part(which: int, to_moejax):
+  """The query (0) or gate (1) rows of a [H * 2 * hd, D] tensor holding, per head, the query
+  rows then the gate rows; then `to_moejax`."""
+  def part(w, m):
+    return to_moejax(w.reshape(m.num_heads, 2, m.head_dim, -1)[:, which].reshape(
+        m.num_heads * m.head_dim, -1), m)
+  return part
+
+
 def _qkv(tensors: list, fam, kind: str) -> list:
   """The q, k and v tensors (the first three), as rows of the family's fused tensor when its
   checkpoints hold one (marked 'fused_rows': export joins them again, q, k, v in order)."""
@@ -176,15 +185,15 @@ def _fused_part(which: int, interleaved: bool, turn=None):
   return to_moejax
 
 
-def join_parts(parts, fam):
-  """The gate and up parts [N, ..., F] -> the family's stacked tensor (inverse of
-  _fused_part): [N, ..., 2F], or [N, 2F, D] for 'stacked_linear' weights."""
+def join_parts(parts, fam, transposed: bool = False):
+  """The gate and up parts [..., F] -> the family's fused tensor (inverse of _fused_part):
+  [..., 2F], or [..., 2F, D] for Linear weights (`transposed`: marked 'fused_t')."""
   gate, up = (np.asarray(p, np.float32) for p in parts)
   if fam.gate_up == 'interleaved':
     out = np.stack([gate, up], axis=-1).reshape(gate.shape[:-1] + (2 * gate.shape[-1],))
   else:
     out = np.concatenate([gate, up], axis=-1)
-  return _swap(out) if fam.experts == 'stacked_linear' and out.ndim == 3 else out
+  return _swap(out) if transposed else out
 
 
 def _rope_order(rope: int, interleaved: bool):
@@ -269,7 +278,12 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
     out += _qkv(QKV_BIAS, fam, 'bias')
   if m.attention_out_bias:
     out.append((('attn', 'bo'), 'self_attn.o_proj.bias', _same, _same, False))
-  if m.attention_output_gate:  # sigmoid(x @ wg) times each head's output, before o_proj
+  if m.attention_output_gate and fam.query_gate:  # per head: query rows, then gate rows
+    out = [(path, name, _head_part(0, a), b, 'fused_heads') if path == ('attn', 'wq') else
+           (path, name, a, b, kind) for path, name, a, b, kind in out]
+    out.append((('attn', 'wg'), 'self_attn.q_proj.weight', _head_part(1, _heads('num_heads')[0]),
+                _heads('num_heads')[1], 'fused_heads'))
+  elif m.attention_output_gate:  # sigmoid(x @ wg) times each head's output, before o_proj
     out.append((('attn', 'wg'), 'self_attn.gate_proj.weight', *_heads('num_heads'), False))
   if m.attention_sinks:
     out.append((('attn', 'sinks'), 'self_attn.sinks', _same, _same, False))
@@ -284,10 +298,11 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
     out.append(((moe_, names.ROUTER, 'b'), f'{router}.bias', _same, _same, False))
   biased = m.moe.experts.name == 'glu' and m.moe.experts.bias
   if fam.experts != 'per_expert':  # stacked tensors holding every expert (one for gate and up)
-    turn = _swap if fam.experts == 'stacked_linear' else _same  # [N, out, in] <-> [N, in, out]
+    linear = fam.experts == 'stacked_linear'  # [N, out, in] <-> [N, in, out]
+    turn, kind = (_swap, 'fused_t') if linear else (_same, 'fused')
     inter = fam.gate_up == 'interleaved'
-    out += [((moe_, experts, 'wi_0'), gate, _fused_part(0, inter, turn), _same, 'fused'),
-            ((moe_, experts, 'wi_1'), up, _fused_part(1, inter, turn), _same, 'fused'),
+    out += [((moe_, experts, 'wi_0'), gate, _fused_part(0, inter, turn), _same, kind),
+            ((moe_, experts, 'wi_1'), up, _fused_part(1, inter, turn), _same, kind),
             ((moe_, experts, 'wo'), down, turn, turn, False)]
     if biased:
       out += [((moe_, experts, 'bi_0'), _bias_name(gate), _fused_part(0, inter), _same, 'fused'),
@@ -299,10 +314,16 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
     if biased:
       for leaf, name in (('bi_0', gate), ('bi_1', up), ('bo', down)):
         out.append(((moe_, experts, leaf), _bias_name(name), _same, _same, True))
-  if m.moe.num_shared_experts:
+  shared = fam.shared_module if fam.shared_beside else f'{mod}.{fam.shared_module}'
+  if m.moe.num_shared_experts and fam.shared_fused:  # [gate; up] rows of one Linear
+    out += [((moe_, names.SHARED, 'wi_0'), f'{shared}.input_linear.weight',
+             _fused_part(0, False, _t), _same, 'fused_t'),
+            ((moe_, names.SHARED, 'wi_1'), f'{shared}.input_linear.weight',
+             _fused_part(1, False, _t), _same, 'fused_t'),
+            ((moe_, names.SHARED, 'wo'), f'{shared}.output_linear.weight', _t, _t, False)]
+  elif m.moe.num_shared_experts:
     for leaf, proj in (('wi_0', 'gate_proj'), ('wi_1', 'up_proj'), ('wo', 'down_proj')):
-      out.append(((moe_, names.SHARED, leaf), f'{mod}.{fam.shared_module}.{proj}.weight', _t,
-                  _t, False))
+      out.append(((moe_, names.SHARED, leaf), f'{shared}.{proj}.weight', _t, _t, False))
   if m.moe.shared_expert_gate:
     out.append(((moe_, 'shared_gate'), f'{mod}.shared_expert_gate.weight', _t, _t, False))
   if m.moe.balance.selection_bias or m.moe.balance.bias_update_rate > 0:
@@ -403,7 +424,7 @@ def assemble(reader, m, fam, path, layers, template, to_moejax, to_hf, per_exper
     return to_moejax(np.asarray(reader.get(name), np.float32), m)
 
   want = None  # the HF shape of one (layer's, expert's) tensor
-  fused = per_expert in ('fused', 'fused_rows')
+  fused = per_expert in ('fused', 'fused_t', 'fused_rows', 'fused_heads')
   if not fused:
     want = to_hf(np.broadcast_to(np.zeros((), np.float32), full[1:] if per_expert else full),
                  m).shape
