@@ -155,6 +155,12 @@ FAMILIES = {
                           n_shared_experts=1, head_dim=8, n_group=2, topk_group=1,
                           routed_scaling_factor=1.5,
                           mlp_layer_types=['dense', 'sparse', 'sparse'])),
+    # Kolibri 1: windows of 4 on layers 0 and 1 (rotary there only), sandwich norms, experts
+    # chosen on the logits plus a selection bias, an ungated shared expert, not renormalised.
+    'kolibri1': ('Kolibri1Config', 'Kolibri1ForCausalLM',
+                 dict(moe_intermediate_size=16, num_experts=6, head_dim=8,
+                      shared_expert_intermediate_size=24, sliding_window=4,
+                      layer_types=['sliding_attention', 'sliding_attention', 'full_attention'])),
     # Hunyuan-A13B: q/k norms after the rotation (not before), a shared expert, top-K
     # renormalised; the router a module of its own (mlp.gate.wg).
     'hunyuan_v1_moe': ('HunYuanMoEV1Config', 'HunYuanMoEV1ForCausalLM',

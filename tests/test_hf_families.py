@@ -120,6 +120,9 @@ def _moejax_model(**fields):
     ('mixtral', {'model.tie_embeddings': True}, 'tie_embeddings=True'),
     ('mixtral', {'model.sliding_window': 8, 'model.sliding_pattern': (1, 0)},
      r'sliding_pattern=\(1, 0\)'),  # mixtral windows every layer or none
+    ('mixtral', {'model.rope_layers': 'windowed'}, None),  # no window: every layer rotates
+    ('mixtral', {'model.sliding_window': 8, 'model.rope_layers': 'windowed'},
+     "rope_layers='windowed'"),
     ('gpt_oss', {'model.sliding_window': 8, 'model.sliding_pattern': (1, 0)}, 'qkv_bias=False'),
     ('qwen3_moe', {'model.qk_norm': 'head', 'model.attention_sinks': True},
      'attention_sinks=True'),

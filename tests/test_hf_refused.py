@@ -83,7 +83,7 @@ def test_what_is_refused_as_no_language_model_is_not_a_causal_lm_in_transformers
     ('qwen3_vl_moe', "language model is model_type 'qwen3_vl_moe_text'.*MRoPE"),
     ('kimi_k25', "'deepseek_v3', which moejax imports from a checkpoint of its own"),
     ('nllb-moe', 'encoder-decoder'), ('dbrx', 'clip_qkv'),
-    ('kolibri1', "selection bias added to the router's logits"),
+    ('cohere2_moe', 'parallel attention and FFN sublayers'),
 ])
 def test_the_import_refuses_in_one_line_with_the_reason(kind, says):
   with pytest.raises(ConfigError, match=f"model_type '{kind}' is not supported: .*{says}") as e:

@@ -46,6 +46,33 @@ def test_sqrtsoftplus_scores_by_hand():
   assert 0 < float(s[1]) < np.sqrt(np.log(2))
 
 
+@pytest.mark.parametrize('select_on', ['scores', 'logits'])
+def test_the_selection_bias_on_the_scores_or_on_the_logits_by_hand(select_on):
+  """Sigmoid scores with a selection bias: added to the scores (DeepSeek-V3) or to the logits
+  (Kolibri) it picks different experts, as sigmoid squashes the logits' gap; the weights are
+  the chosen experts' scores either way, renormalised."""
+  logits = np.array([[2.0, 0.0, -1.0, 1.0]])
+  bias = jnp.asarray([0.0, 0.9, 0.0, 0.0])
+  router = _router(TopKRouter, 4, 2, score_fn='sigmoid', select_on=select_on)
+  out = router.apply(_identity(4), jnp.asarray(logits), train=False, bias=bias)
+  s = 1 / (1 + np.exp(-logits[0]))  # [0.881, 0.5, 0.269, 0.731]
+  # scores + bias: [0.881, 1.4, 0.269, 0.731] -> 1, 0; logits + bias: [2, 0.9, -1, 1] -> 0, 3.
+  want = [1, 0] if select_on == 'scores' else [0, 3]
+  assert list(np.asarray(out.expert_index[0])) == want
+  np.testing.assert_allclose(out.combine_weights[0], s[want] / s[want].sum(), rtol=1e-6)
+
+
+def test_selection_on_the_logits_is_checked():
+  c = base_config()
+  c.model.moe.router.select_on = 'probs'
+  with pytest.raises(ConfigError, match="config.model.moe.router.select_on='probs': must be"):
+    validate(c, 1)
+  c.model.moe.router.select_on = 'logits'
+  c.model.moe.router.num_groups, c.model.moe.router.topk_groups = 2, 1
+  with pytest.raises(ConfigError, match='config.model.moe.router.select_on=.*group-limited'):
+    validate(c, 1)
+
+
 @pytest.mark.parametrize('layer,hashed', [(0, True), (1, True), (2, False), (5, False)])
 def test_hash_layers_route_by_the_table_with_learned_weights(layer, hashed):
   """hash_layers=2: layers 0 and 1 take the table's experts (not the best scores), weighted

@@ -391,6 +391,25 @@ FAMILIES = {f.model_type: f for f in (
         absent=dict(first_k_dense_replace=1, head_dim=128, max_position_embeddings=524288,
                     n_shared_experts=1, norm_topk_prob=True, num_key_value_heads=2,
                     rope_theta=5e6, routed_scaling_factor=3.66)),
+    # Kolibri 1: EXAONE 4's attention (rotary on the windowed layers only), norms before and
+    # after each sublayer, sigmoid scores chosen on the logits plus a selection bias, an ungated
+    # shared expert in every layer; the checkpoints' own norm and bias names.
+    Family('kolibri1', 'Kolibri1ForCausalLM', GQA + (
+        Key('num_local_experts', 'model.moe.num_experts', aliases=('num_experts',)),
+        Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
+        NORM_TOPK, SlidingLayers(layer_types=True), SharedExpert(gated=False),
+        Schedule('every')),
+        fixed=(('model.qk_norm', 'head'), ('model.rope_layers', 'windowed'),
+               ('model.norm_placement', 'both'), ('model.moe.router.score_fn', 'sigmoid'),
+               ('model.moe.router.select_on', 'logits'),
+               ('model.moe.balance.selection_bias', True)),
+        shared_module='shared_experts',
+        tensor_names=(('post_attention_layernorm', 'post_attn_norm'),
+                      ('pre_feedforward_layernorm', 'post_attention_layernorm'),
+                      ('post_feedforward_layernorm', 'post_ffn_norm'),
+                      ('mlp.gate.e_score_correction_bias', 'moe.router.expert_bias')),
+        absent=dict(head_dim=128, max_position_embeddings=262144, num_key_value_heads=4,
+                    shared_expert_intermediate_size=512, sliding_window=513)),
     # Hunyuan-A13B: per-head q/k norms after the rotation, softmax top-K renormalised, a shared
     # expert as wide as the routed ones in every layer.
     Family('hunyuan_v1_moe', 'HunYuanMoEV1ForCausalLM', _without(GQA, 'num_experts_per_tok') + (
@@ -540,7 +559,7 @@ def _unused(m, field: str) -> bool:
   return ((field.startswith('model.mla.') and m.attention != 'mla') or
           (field.startswith('model.rope_scaling.') and field != 'model.rope_scaling.kind' and
            m.rope_scaling.kind == 'none') or
-          (field == 'model.sliding_pattern' and not m.sliding_window) or
+          (field in ('model.sliding_pattern', 'model.rope_layers') and not m.sliding_window) or
           (field == 'model.nope_temperature_floor' and not m.nope_temperature) or
           (field == 'model.moe.shared_expert_ffn_dim' and not m.moe.num_shared_experts) or
           (field == 'model.ffn_dim' and layer_plan(m)[0] == 0 and m.moe_layer_freq == 1))

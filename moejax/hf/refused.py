@@ -116,7 +116,6 @@ NEEDS = {
     'qwen3_omni_moe_talker_text': 'a speech-token decoder conditioned on the thinker\'s hidden '
                                   'states (not a text language model)',
     'glm4v_moe_text': 'multi-section rotary positions (MRoPE)',
-    'kolibri1': "a selection bias added to the router's logits (not to its sigmoid scores)",
     'deepseek_ocr2_text': 'its tensors read from inside an OCR checkpoint (transformers has no '
                           'causal language model of its own for it)',
     'unlimited_ocr_text': 'its tensors read from inside an OCR checkpoint (transformers has no '

@@ -11,6 +11,8 @@ hash_layers = H: the first H layers of the model choose their experts by a fixed
   experts table (hash_kind, hash_seed: moe/routers/hashing.py), the weights still those of the
   learned scores at the chosen experts (DeepSeek-V4's hash layers); later layers select top-K.
 Group-limited selection (router.num_groups / topk_groups) and the loss-free bias apply to both.
+select_on='logits': the K experts are those of the largest logits + bias (the bias added before
+  the score function, Kolibri's), the weights still the scores of those experts.
 
 router.null_experts = Z (MoE++, arXiv:2410.07348; the zero-computation experts of
 LongCat-Flash): the router scores N + Z experts and picks K of them as usual, but a choice of
@@ -46,6 +48,7 @@ class TopKRouter(ScoreRouter):
   hash_layers: int = 0
   hash_kind: str = 'random'
   hash_seed: int = 0
+  select_on: str = 'scores'
 
   REPLAY = True
   SCORE_FNS = tuple(SCORES)
@@ -76,6 +79,11 @@ class TopKRouter(ScoreRouter):
     if r.hash_layers and r.null_experts:
       fail('model.moe.router.hash_layers', r.hash_layers, 'cannot be combined with '
            'model.moe.router.null_experts (the table holds real experts)')
+    if r.select_on not in ('scores', 'logits'):
+      fail('model.moe.router.select_on', r.select_on, "must be 'scores' or 'logits'")
+    if r.select_on == 'logits' and r.num_groups > 1:
+      fail('model.moe.router.select_on', r.select_on, 'cannot be combined with group-limited '
+           "routing (router.num_groups > 1: groups are scored on the scores); use 'scores'")
     if r.null_experts and moe.gate_input:
       fail('model.moe.router.null_experts', r.null_experts,
            'cannot be combined with model.moe.gate_input (the gate scales the input of one '
@@ -109,7 +117,7 @@ class TopKRouter(ScoreRouter):
     if bias is not None and bias.shape[0] < n + z:  # null experts without a bias of their own
       bias = jnp.concatenate([bias, jnp.zeros((n + z - bias.shape[0],), bias.dtype)])
     if replay is None:
-      index = self.select(scores, bias)  # [T, K]
+      index = self.select(logits if self.select_on == 'logits' else scores, bias)  # [T, K]
       if self.hash_layers:
         if token_ids is None or layer is None:
           raise ValueError('router.hash_layers routes by token id in the first layers; the MoE '
