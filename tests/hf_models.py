@@ -161,6 +161,20 @@ FAMILIES = {
                  dict(moe_intermediate_size=16, num_experts=6, head_dim=8,
                       shared_expert_intermediate_size=24, sliding_window=4,
                       layer_types=['sliding_attention', 'sliding_attention', 'full_attention'])),
+    # The language models of two vision-language models, built inside them (MULTIMODAL) and
+    # read from their checkpoints: Qwen3-VL-MoE's (its experts stacked as the published
+    # checkpoints hold them, [N, D, 2F]) and GLM-4.5V's (q/k/v biases, half of each head
+    # rotated, DeepSeek-V3's routing).
+    'qwen3_vl_moe_text': ('Qwen3VLMoeTextConfig', 'Qwen3VLMoeForConditionalGeneration',
+                          dict(intermediate_size=48, moe_intermediate_size=12, num_experts=6,
+                               head_dim=8, mlp_only_layers=[0], tie_word_embeddings=False)),
+    'glm4v_moe_text': ('Glm4vMoeTextConfig', 'Glm4vMoeForConditionalGeneration',
+                       dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                            n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+                            topk_group=1, head_dim=16, routed_scaling_factor=1.5,
+                            rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                                             'partial_rotary_factor': 0.5,
+                                             'mrope_section': [1, 1, 2]})),
     # Hunyuan-A13B: q/k norms after the rotation (not before), a shared expert, top-K
     # renormalised; the router a module of its own (mlp.gate.wg).
     'hunyuan_v1_moe': ('HunYuanMoEV1Config', 'HunYuanMoEV1ForCausalLM',
@@ -191,10 +205,20 @@ FAMILIES = {
 }
 
 
+# The language models built inside a multimodal model: (its config class, a tiny vision tower).
+_VISION = dict(hidden_size=16, depth=1, num_heads=2, intermediate_size=32, out_hidden_size=32,
+               patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+MULTIMODAL = {'qwen3_vl_moe_text': ('Qwen3VLMoeConfig', _VISION),
+              'glm4v_moe_text': ('Glm4vMoeConfig', _VISION)}
+
+
 def build(kind: str, folder, **kw):
   cfg_cls, model_cls, extra = FAMILIES[kind]
   torch.manual_seed(0)
   cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **kw})
+  if kind in MULTIMODAL:  # the language model inside its multimodal model
+    outer, vision = MULTIMODAL[kind]
+    cfg = getattr(transformers, outer)(text_config=cfg.to_dict(), vision_config=vision)
   model = getattr(transformers, model_cls)(cfg).eval()
   with torch.no_grad():  # random norm scales and biases (not 1 and 0): a misplaced one shows
     for name, p in model.named_parameters():
@@ -210,6 +234,13 @@ def build(kind: str, folder, **kw):
       if name.endswith('e_score_correction_bias'):  # a real selection bias changes the choice
         b.uniform_(-0.3, 0.3)
   model.save_pretrained(str(folder))
+  if kind == 'qwen3_vl_moe_text':  # the published layout of the experts: [N, D, 2F], [N, F, D]
+    from safetensors.numpy import load_file, save_file
+    path = f'{folder}/model.safetensors'
+    tensors = load_file(path)
+    save_file({k: np.ascontiguousarray(np.swapaxes(v, 1, 2)) if '.experts.' in k else v
+               for k, v in tensors.items()}, path, metadata={'format': 'pt'})
+    model = getattr(transformers, model_cls).from_pretrained(str(folder)).eval()  # reads it
   return model
 
 

@@ -51,41 +51,48 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 # Multimodal model types whose language model is imported: (the language model's model_type,
-# when its text_config does not say; its tensors' name prefix).
-LANGUAGE_MODEL = {'llama4': ('llama4_text', 'language_model.'),
-                  'aria': ('aria_text', 'language_model.')}
+# when its text_config does not say; where its tensors are: a transformers name starting with
+# the first string starts with the second instead).
+LANGUAGE_MODEL = {'llama4': ('llama4_text', ('', 'language_model.')),
+                  'aria': ('aria_text', ('', 'language_model.')),
+                  'qwen3_vl_moe': ('qwen3_vl_moe_text', ('model.', 'model.language_model.')),
+                  'glm4v_moe': ('glm4v_moe_text', ('model.', 'model.language_model.'))}
 
 
-def text_model(hf: dict) -> tuple[dict, str]:
-  """(the language model's config, its tensors' name prefix): a multimodal checkpoint of
-  LANGUAGE_MODEL holds its language model under text_config and a prefix (the vision tower is
-  left out)."""
+def text_model(hf: dict) -> tuple[dict, tuple]:
+  """(the language model's config, where its tensors are: (prefix, the checkpoint's prefix) or
+  ()): a multimodal checkpoint of LANGUAGE_MODEL holds its language model under text_config
+  (the vision tower is left out)."""
   if hf.get('model_type') in LANGUAGE_MODEL and isinstance(hf.get('text_config'), dict):
-    kind, prefix = LANGUAGE_MODEL[hf['model_type']]
+    kind, where = LANGUAGE_MODEL[hf['model_type']]
     text = hf['text_config']
-    return {**text, 'model_type': text.get('model_type') or kind}, prefix
-  return hf, ''
+    return {**text, 'model_type': text.get('model_type') or kind}, where
+  return hf, ()
 
 
 class _Prefixed:
-  """A tensor reader whose names carry a prefix (the text part of a multimodal model)."""
+  """A tensor reader of the language model inside a multimodal checkpoint: a name starting
+  with `ours` is read as starting with `theirs`."""
 
-  def __init__(self, reader, prefix: str):
-    self.reader, self.prefix = reader, prefix
+  def __init__(self, reader, ours: str, theirs: str):
+    self.reader, self.ours, self.theirs = reader, ours, theirs
+
+  def _name(self, name):
+    return self.theirs + name[len(self.ours):] if name.startswith(self.ours) else name
 
   def __contains__(self, name):
-    return self.prefix + name in self.reader
+    return self._name(name) in self.reader
 
   def shape(self, name):
-    return self.reader.shape(self.prefix + name)
+    return self.reader.shape(self._name(name))
 
   def get(self, name):
-    return self.reader.get(self.prefix + name)
+    return self.reader.get(self._name(name))
 
 
-def _reader(hf_dir: str, prefix: str):
+def _reader(hf_dir: str, where: tuple):
   reader = tensor_files.Reader(hf_dir)
-  return _Prefixed(reader, prefix) if prefix else reader
+  return _Prefixed(reader, *where) if where else reader
 
 
 def _mtp_depth(hf: dict, reader, c, fields: dict) -> None:
@@ -188,10 +195,10 @@ def load_pretrained(hf_dir: str, dtype: str = 'float32'):
   from moejax.model.transformer import Transformer
   if dtype not in DTYPES:
     raise ConfigError(f'dtype={dtype!r}: one of {", ".join(DTYPES)}')
-  hf, prefix = text_model(read_hf_config(hf_dir))
+  hf, where = text_model(read_hf_config(hf_dir))
   c, _ = moejax_config(hf, f'{hf_dir}/config.json', dtype)
   fam = families.family(hf, hf_dir)
-  reader = _reader(hf_dir, prefix)
+  reader = _reader(hf_dir, where)
   _mtp_depth(hf, reader, c, {})
   variables = import_variables(reader, c.model, fam, DTYPES[dtype], fam.interleaved(hf))
   return Transformer(c.model, train=False), variables
@@ -230,14 +237,14 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   from moejax.training.workdir import open_run
   if dtype not in DTYPES:
     raise ConfigError(f'--dtype={dtype}: one of {", ".join(DTYPES)}')
-  hf, prefix = text_model(read_hf_config(hf_dir))
+  hf, inside = text_model(read_hf_config(hf_dir))
   where = f'{hf_dir}/config.json'
   c, fields = moejax_config(hf, where, dtype)
   fam = families.family(hf, where)
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise ConfigError(f'--workdir={workdir}: exists and is not empty; import into a new folder '
                       '(nothing there was changed)')
-  reader = _reader(hf_dir, prefix)
+  reader = _reader(hf_dir, inside)
   _mtp_depth(hf, reader, c, fields)
   extra = {}
   tok = None
@@ -307,6 +314,9 @@ def import_workdir(hf_dir: str, workdir: str, dtype: str = 'float32', log=print,
   report = {'parameters': n, 'peak_memory_mb': peak_memory_mb(), 'model_type': hf['model_type'],
             'bytes_read': read, 'share_read': share}
   host = f' (process {jax.process_index()} of {jax.process_count()})' * (jax.process_count() > 1)
+  if inside:
+    log(f'{hf_dir} is a multimodal model: its language model is imported, the rest (the vision '
+        'tower and its projector) is left out')
   log(f'imported {hf_dir} ({hf["model_type"]}, {n:,} parameters) -> {workdir}{host}; read '
       f'{read / 2**20:.1f} MB of tensors ({100 * share:.2f}% of the checkpoint), peak memory '
       f'{report["peak_memory_mb"]:.0f} MB. Fine-tune: python -m moejax.main --workdir={workdir}; '

@@ -121,6 +121,7 @@ def export_workdir(workdir: str, hf_dir: str, step: int | None = None, model_typ
     with open(os.path.join(workdir, tokenizers.IMPORTED_MARK)) as f:
       base = json.load(f)
     model_type = model_type or base['model_type']
+    model_type = getattr(families.FAMILIES.get(model_type), 'exports_as', '') or model_type
   if model_type not in families.FAMILIES:
     raise ConfigError(f'--model_type={model_type!r}: give one of '
                       f'{", ".join(sorted(families.FAMILIES))} (a workdir not imported from '

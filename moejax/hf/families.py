@@ -40,7 +40,8 @@ class Family:
   [N, 2F, D] and down [N, D, F]); in a stacked gate_up, gate and up are `gate_up`: 'halves'
   or 'interleaved' (alternate columns). Biases sit next to their weights (x.bias, or x_bias
   for a stacked x). The shared expert is `shared_module`; a dense layer's FFN `dense_module`;
-  the q/k norms self_attn's `qk_norm_names`; `shared_beside` puts the shared expert under the
+  the q/k norms self_attn's `qk_norm_names`; a language model that transformers runs only inside
+  its multimodal model exports as the family `exports_as`; `shared_beside` puts the shared expert under the
   layer, not the MoE block, and `shared_fused` reads it as one Linear of gate and up rows
   (input_linear) and output_linear. A family whose checkpoints keep their own code's
   tensor names (transformers renames them at load) says how: `tensor_names` replaces parts of
@@ -76,6 +77,7 @@ class Family:
   qk_norm_names: tuple = ('q_norm', 'k_norm')  # the q/k norms' modules in self_attn
   fused_qkv: str = ''  # a self_attn module holding [q; k; v] rows in one tensor, if any
   query_gate: bool = False  # the attention output gate inside q_proj (per head: query, gate)
+  exports_as: str = ''  # the family export writes (one transformers loads as a causal LM)
   shared_beside: bool = False  # the shared expert beside the MoE block, not inside it
   shared_fused: bool = False  # the shared expert as input_linear [2F, D] (gate; up), output_linear
   tensor_names: tuple = ()  # (transformers' name part, the checkpoints' own), in order
@@ -467,6 +469,18 @@ FAMILIES.update({f.model_type: f for f in (
         config=FAMILIES['granitemoe'].config + (
             SharedExpert(gated=False, key='shared_intermediate_size'),),
         shared_module='shared_mlp', shared_beside=True, shared_fused=True),
+    # The language models of Qwen3-VL-MoE and GLM-4.5V, read from their multimodal checkpoints
+    # (convert.LANGUAGE_MODEL) for text: positions the same in the three rotary sections, so
+    # one rotary embedding. Qwen3-MoE's and GLM-4.5's models; Qwen3-VL's experts stacked as
+    # its checkpoints hold them ([N, D, 2F], [N, F, D]), its top-K always renormalised.
+    dataclasses.replace(
+        FAMILIES['qwen3_moe'], model_type='qwen3_vl_moe_text', exports_as='qwen3_moe',
+        fixed=FAMILIES['qwen3_moe'].fixed + (('model.moe.router.norm_topk_prob', True),),
+        experts='stacked', expert_names=STACKED,
+        absent=dict(head_dim=128, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                    rope_theta=5e5, router_aux_loss_coef=0.001)),
+    _runs_as('glm4_moe', 'glm4v_moe_text', None, dict(exports_as='glm4_moe'),
+             attention_bias=True, max_position_embeddings=65536, rms_norm_eps=1e-5),
     _runs_as('glm4_moe', 'sarvam_moe', _SARVAM_NAMES, _SARVAM_TENSORS, head_dim=64, max_position_embeddings=131072,
              num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=8e6, partial_rotary_factor=1.0,
              routed_scaling_factor=2.5, use_qk_norm=True),

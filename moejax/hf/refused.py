@@ -18,7 +18,6 @@ MULTIMODAL = {
     'dots3_note': 'dots3_note_text',
     'ernie4_5_vl_moe': 'ernie4_5_vl_moe_text',
     'gemma4': 'gemma4_text',
-    'glm4v_moe': 'glm4v_moe_text',
     'glm5_next': 'glm5_next_text',
     'hy_v4_vl': 'hy_v4_vl_text',
     'inkling2': 'inkling2_text',
@@ -33,7 +32,6 @@ MULTIMODAL = {
     'qwen3_5_moe': 'qwen3_5_moe_text',
     'qwen3_omni_moe': 'qwen3_omni_moe_text',  # its thinker's language model
     'qwen3_omni_moe_thinker': 'qwen3_omni_moe_text',
-    'qwen3_vl_moe': 'qwen3_vl_moe_text',
     'qwen4_exp': 'qwen4_exp_text',
     'step3p7': 'step3p5',
     'unlimited_ocr': 'unlimited_ocr_text',
@@ -109,13 +107,10 @@ NEEDS = {
     'granitemoe_swa': 'a rotary base per layer (layer_rope_theta)',
     'ernie4_5_vl_moe_text': 'separate text and vision experts per layer and 3-D rotary '
                             'positions',
-    'qwen3_vl_moe_text': 'multi-section rotary positions (MRoPE) and visual features added in '
-                         'the first layers (deepstack)',
     'qwen3_omni_moe_text': 'multi-section rotary positions (MRoPE) and visual features added '
                            'in the first layers (deepstack)',
     'qwen3_omni_moe_talker_text': 'a speech-token decoder conditioned on the thinker\'s hidden '
                                   'states (not a text language model)',
-    'glm4v_moe_text': 'multi-section rotary positions (MRoPE)',
     'deepseek_ocr2_text': 'its tensors read from inside an OCR checkpoint (transformers has no '
                           'causal language model of its own for it)',
     'unlimited_ocr_text': 'its tensors read from inside an OCR checkpoint (transformers has no '
