@@ -64,6 +64,20 @@ def _tiny_configs():
     yield kind, cls, hf
 
 
+def _default_configs():
+  """Each family's config class at its defaults (the published model's shape, where a key
+  left out often means something else than in the tiny one: kv heads, positions), with the
+  tiny model's value for a count the class leaves None."""
+  transformers = pytest.importorskip('transformers')
+  from hf_models import COMMON, FAMILIES
+  for kind, (cfg_cls, _, extra) in sorted(FAMILIES.items()):
+    cls = getattr(transformers, cfg_cls)
+    hf = cls().to_dict()
+    hf.update({k: v for k, v in {**COMMON, **extra}.items() if hf.get(k, 0) is None})
+    hf['model_type'] = kind
+    yield kind, cls, hf
+
+
 def _fields(hf, kind):
   try:
     return families.model_fields(hf, kind)
@@ -71,12 +85,14 @@ def _fields(hf, kind):
     return None  # refused in one line: not a silently different model
 
 
-def test_a_missing_key_means_what_transformers_reads():
-  """For each family and each key of its config.json: leave the key out; moejax imports what
-  transformers makes of the same file (its class default, or a value derived from other
-  keys), or refuses it. Compares every imported field."""
+@pytest.mark.parametrize('configs', [_tiny_configs, _default_configs])
+def test_a_missing_key_means_what_transformers_reads(configs):
+  """For each family and each key of its config.json (the tiny model's, and the class's
+  defaults): leave the key out; moejax imports what transformers makes of the same file (its
+  class default, or a value derived from other keys), or refuses it. Compares every imported
+  field."""
   checked = 0
-  for kind, cls, hf in _tiny_configs():
+  for kind, cls, hf in configs():
     for key in sorted(hf):
       if key == 'model_type':
         continue

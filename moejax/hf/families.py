@@ -340,8 +340,8 @@ FAMILIES = {f.model_type: f for f in (
         fixed=(('model.qk_norm', 'head'), ('model.rope_layers', 'windowed')),
         shared_module='shared_experts', selection_bias='e_score_correction_bias',
         absent=dict(first_k_dense_replace=1, max_position_embeddings=2048, norm_topk_prob=True,
-                    num_shared_experts=1, rms_norm_eps=1e-5, routed_scaling_factor=2.5,
-                    sliding_window=4096)),
+                    num_key_value_heads=32, num_shared_experts=1, rms_norm_eps=1e-5,
+                    routed_scaling_factor=2.5, sliding_window=4096)),
     # Hunyuan 3: per-head q/k norms, sigmoid scores with a selection bias, renormalised and
     # scaled, shared experts; MoE layers by each layer's kind.
     Family('hy_v3', 'HYV3ForCausalLM', _without(GQA, 'router_aux_loss_coef') + (
@@ -381,7 +381,7 @@ FAMILIES = {f.model_type: f for f in (
         fixed=(('model.moe.router.norm_topk_prob', True),),
         router='router', experts='stacked', shared_module='shared_experts',
         expert_names=('experts.fc1.weight', 'experts.fc1.weight', 'experts.fc2.weight'),
-        absent=dict(head_dim=128, max_position_embeddings=2048, moe_num_shared_experts=2)),
+        absent=dict(max_position_embeddings=2048, moe_num_shared_experts=2)),
     # MiniCPM 5 MoE: a sigmoid output gate per head stored inside the query projection (per
     # head: query rows, then gate rows), DeepSeek-V3's routing, MoE layers by each layer's kind.
     Family('minicpm5_moe', 'MiniCPM5MoeForCausalLM',
@@ -475,9 +475,10 @@ FAMILIES.update({f.model_type: f for f in (
     # its checkpoints hold them ([N, D, 2F], [N, F, D]), its top-K always renormalised.
     dataclasses.replace(
         FAMILIES['qwen3_moe'], model_type='qwen3_vl_moe_text', exports_as='qwen3_moe',
+        config=_without(FAMILIES['qwen3_moe'].config, 'norm_topk_prob'),
         fixed=FAMILIES['qwen3_moe'].fixed + (('model.moe.router.norm_topk_prob', True),),
         experts='stacked', expert_names=STACKED,
-        absent=dict(head_dim=128, max_position_embeddings=128000, rms_norm_eps=1e-6,
+        absent=dict(max_position_embeddings=128000, num_key_value_heads=16, rms_norm_eps=1e-6,
                     rope_theta=5e5, router_aux_loss_coef=0.001)),
     _runs_as('glm4_moe', 'glm4v_moe_text', None, dict(exports_as='glm4_moe'),
              attention_bias=True, max_position_embeddings=65536, rms_norm_eps=1e-5),

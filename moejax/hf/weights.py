@@ -118,6 +118,8 @@ QKV_BIAS = [
     (('attn', 'bk'), 'self_attn.k_proj.bias', _bias_to_moejax, _bias_to_hf),
     (('attn', 'bv'), 'self_attn.v_proj.bias', _bias_to_moejax, _bias_to_hf),
 ]
+
+
 def _rows(which: int, to_moejax):
   """The q (0), k (1) or v (2) rows of a fused [q; k; v] tensor, then `to_moejax`."""
   def part(w, m):
