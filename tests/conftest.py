@@ -16,15 +16,13 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# No persistent compilation cache in the test processes: writing one entry (XLA:CPU's
-# executable.serialize(), jax 0.10.2) segfaulted the process in 2 of 4 full runs on 2026-12-07,
-# once in the default step's training tests and once in the slow step's experiments; the cache
-# saved about 20% of the training-heavy tests' time. A directory is still set so that the
-# experiment runner, which turns the cache on when none is configured, leaves it off here.
+# Training runs in the tests compile the same programs again (resume, refusal checks): a
+# session-wide persistent cache turns those recompiles into loads. Each test process makes its
+# own and removes it when it exits.
 _CACHE = tempfile.mkdtemp(prefix='moejax-jit-cache-')
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update('jax_compilation_cache_dir', _CACHE)
-jax.config.update('jax_enable_compilation_cache', False)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 from moejax.config import base_config  # noqa: E402
 
