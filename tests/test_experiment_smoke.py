@@ -6,6 +6,9 @@ validates every run and post-evaluation config of every experiment and runs the 
 experiment (test_experiments.py)."""
 import os
 import pathlib
+import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -23,8 +26,7 @@ NAMES = ['token_vs_expert_choice', 'balancing', 'balance_by_depth', 'router_fami
 def test_experiment_smoke(name, tmp_path):
   exp = experiment.load_module(str(EXPERIMENTS / f'{name}.py')).get_experiment()
   rungs = list(exp.rungs)[:1] or None
-  results = experiment.run(exp, str(tmp_path), smoke=True, seeds=[0], progress=False,
-                           rungs=rungs)
+  results = _run_in_fresh_process(name, tmp_path, rungs)
   if rungs:
     results = results[rungs[0]]
   assert set(results) == set(exp.arms)
@@ -55,3 +57,25 @@ def test_experiment_smoke(name, tmp_path):
     with pytest.raises(ConfigError, match='already holds checkpoints'):
       upcycle(c, str(tmp_path / 'dense' / 'seed_0'), str(run_dir))
     assert sorted(os.listdir(run_dir / 'checkpoints')) == before
+
+
+_CHILD = """
+import pickle, sys
+from moejax import experiment
+path, workdir, rungs, out = sys.argv[1:5]
+exp = experiment.load_module(path).get_experiment()
+results = experiment.run(exp, workdir, smoke=True, seeds=[0], progress=False,
+                         rungs=rungs.split(',') if rungs else None)
+pickle.dump(results, open(out, 'wb'))
+"""
+
+
+def _run_in_fresh_process(name, tmp_path, rungs):
+  """experiment.run(smoke, seed 0, these rungs) of experiments/NAME.py in a new interpreter
+  (the test session's XLA_FLAGS and JAX_PLATFORMS); returns its results."""
+  out = tmp_path.parent / f'{tmp_path.name}.results.pickle'
+  done = subprocess.run(
+      [sys.executable, '-c', _CHILD, str(EXPERIMENTS / f'{name}.py'), str(tmp_path),
+       ','.join(rungs or []), str(out)], capture_output=True, text=True, env=dict(os.environ))
+  assert done.returncode == 0, done.stderr[-6000:]
+  return pickle.load(open(out, 'rb'))
