@@ -1,0 +1,174 @@
+"""Gated DeltaNet (moejax/model/linear_attention.py) against a NumPy transcription of the
+paper's recurrence (in float64; ours runs in float32), its own two forms against each other (values and gradients), the
+decoding cache against the full pass, and transformers' Qwen3-Next layer (torch)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from moejax.model.linear_attention import (GatedDeltaNet, causal_conv, gated_delta_recurrence,
+                                           gated_delta_rule)
+
+
+def numpy_gated_delta(q, k, v, g, beta, state=None):
+  """arXiv:2412.06464 eq. (10), as written there ([dv, dk] state, one token at a time):
+  S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T,  o_t = S_t q_t,  a_t = exp(g_t)."""
+  b, s, h, dk = k.shape
+  dv = v.shape[-1]
+  out = np.zeros((b, s, h, dv))
+  final = np.zeros((b, h, dk, dv))
+  for i in range(b):
+    for j in range(h):
+      st = np.zeros((dv, dk)) if state is None else state[i, j].T.copy()
+      for t in range(s):
+        kt = k[i, t, j][:, None]
+        st = (np.exp(g[i, t, j]) * st @ (np.eye(dk) - beta[i, t, j] * kt @ kt.T) +
+              beta[i, t, j] * v[i, t, j][:, None] @ kt.T)
+        out[i, t, j] = st @ q[i, t, j]
+      final[i, j] = st.T
+  return out, final
+
+
+def _inputs(seed, b=2, s=11, h=3, dk=4, dv=5):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(b, s, h, dk)) / 2
+  k = rng.normal(size=(b, s, h, dk))
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)  # the layer L2-normalises keys
+  v = rng.normal(size=(b, s, h, dv))
+  g = -rng.uniform(0.01, 1.5, size=(b, s, h))  # decays from 0.99 to 0.22 per token
+  beta = rng.uniform(0.05, 0.95, size=(b, s, h))
+  state = rng.normal(size=(b, h, dk, dv))
+  return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize('chunk', [1, 4, 16])  # 11 tokens: padded to 12, and one short chunk
+def test_both_forms_equal_the_papers_recurrence(chunk):
+  q, k, v, g, beta, state = _inputs(0)
+  want, want_state = numpy_gated_delta(q, k, v, g, beta, state)
+  for got, got_state in (gated_delta_rule(q, k, v, g, beta, state, chunk),
+                         gated_delta_recurrence(q, k, v, g, beta, state)):
+    assert got.dtype == jnp.float32  # float32 by design: compared at its precision
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_state, want_state, rtol=1e-4, atol=1e-5)
+  # without a state, from zeros
+  want0, _ = numpy_gated_delta(q, k, v, g, beta)
+  np.testing.assert_allclose(gated_delta_rule(q, k, v, g, beta, chunk=chunk)[0], want0,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_a_strong_write_overwrites_and_no_write_keeps_the_state():
+  """Hand-worked: beta = 1 and no decay replace the value stored under key k_t by v_t (so
+  reading with q = k_t returns v_t exactly); beta = 0 leaves the state alone but for decay."""
+  k = np.zeros((1, 2, 1, 2)); k[0, 0, 0] = [1, 0]; k[0, 1, 0] = [1, 0]
+  v = np.array([[[[3.0]], [[-2.0]]]])
+  q = k.copy()
+  g = np.zeros((1, 2, 1))
+  o, s = gated_delta_rule(q, k, v, g, np.ones((1, 2, 1)), chunk=2)
+  np.testing.assert_allclose(np.asarray(o)[0, :, 0, 0], [3.0, -2.0], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(s)[0, 0], [[-2.0], [0.0]], atol=1e-6)
+  g = np.full((1, 2, 1), np.log(0.5))
+  o, s = gated_delta_rule(q, k, v, g, np.array([[[1.0], [0.0]]]), chunk=2)
+  np.testing.assert_allclose(np.asarray(o)[0, :, 0, 0], [3.0, 1.5], atol=1e-6)  # 3 * 0.5
+
+
+def test_gradients_of_both_forms_agree():
+  q, k, v, g, beta, state = _inputs(1, s=9)
+  w = np.random.default_rng(2).normal(size=(2, 9, 3, 5))
+
+  def loss(fn, *args):
+    o, s = fn(*args)
+    return jnp.sum(o * w) + jnp.sum(s ** 2)
+
+  args = tuple(jnp.asarray(a, jnp.float32) for a in (q, k, v, g, beta, state))
+  chunked = jax.jit(jax.grad(lambda *a: loss(lambda *b: gated_delta_rule(*b, chunk=4), *a),
+                             argnums=range(6)))(*args)
+  stepped = jax.jit(jax.grad(lambda *a: loss(gated_delta_recurrence, *a),
+                             argnums=range(6)))(*args)
+  for name, a, b in zip('q k v g beta state'.split(), chunked, stepped):
+    assert np.abs(np.asarray(b)).max() > 1e-3, name  # every input matters
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+def test_causal_conv_by_hand_and_continued():
+  x = np.arange(1.0, 6.0, dtype=np.float32).reshape(1, 5, 1)  # 1 2 3 4 5
+  w = np.array([[0.5], [-1.0], [2.0]], np.float32)  # out[t] = 0.5 x[t-2] - x[t-1] + 2 x[t]
+  out, state = causal_conv(x, w)
+  np.testing.assert_allclose(np.asarray(out)[0, :, 0], [2.0, 3.0, 4.5, 6.0, 7.5])
+  np.testing.assert_allclose(np.asarray(state)[0, :, 0], [4.0, 5.0])
+  first, st = causal_conv(x[:, :2], w)
+  rest, _ = causal_conv(x[:, 2:], w, st)
+  np.testing.assert_allclose(np.concatenate([first, rest], axis=1), out)
+
+
+LAYER = dict(num_key_heads=2, num_value_heads=4, key_head_dim=8, value_head_dim=6,
+             conv_kernel=4, norm_eps=1e-6, chunk=4)
+
+
+def _layer_params(seed=0, d=16):
+  x = jax.random.normal(jax.random.key(seed), (2, 10, d))
+  params = nn.meta.unbox(GatedDeltaNet(**LAYER).init(jax.random.key(seed + 1), x)['params'])
+  # move the norm scale and dt_bias away from their initial ones
+  params = dict(params)
+  params['norm'] = params['norm'] + jax.random.normal(jax.random.key(7), params['norm'].shape)
+  params['dt_bias'] = jax.random.normal(jax.random.key(8), params['dt_bias'].shape)
+  return x, params
+
+
+def test_decoding_with_the_cache_equals_the_full_pass():
+  x, params = _layer_params()
+  want = jax.jit(GatedDeltaNet(**LAYER).apply)({'params': params}, x)
+  layer = GatedDeltaNet(**LAYER, cache_len=16)
+  cache = layer.init(jax.random.key(0), x[:, :1])['cache']
+  step = jax.jit(lambda c, t: layer.apply({'params': params, 'cache': c}, t, mutable=['cache']))
+  outs = []
+  for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 10)):  # a prefill, two single steps, a chunk
+    out, v = step(cache, x[:, lo:hi])
+    cache = v['cache']
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), want, rtol=2e-5, atol=2e-5)
+
+
+def test_layer_equals_transformers_qwen3_next():
+  torch = pytest.importorskip('torch')
+  from transformers import Qwen3NextConfig
+  from transformers.models.qwen3_next import modeling_qwen3_next as m
+  d = 16
+  hk, hv, dk, dv, kernel = 2, 4, 8, 6, 4
+  config = Qwen3NextConfig(hidden_size=d, linear_num_key_heads=hk, linear_num_value_heads=hv,
+                           linear_key_head_dim=dk, linear_value_head_dim=dv,
+                           linear_conv_kernel_dim=kernel, num_hidden_layers=1,
+                           rms_norm_eps=1e-6)
+  torch.manual_seed(0)
+  ref = m.Qwen3NextGatedDeltaNet(config, 0).float().eval()
+  for p in ref.parameters():
+    torch.nn.init.normal_(p, std=0.3)
+  with torch.no_grad():
+    ref.A_log.copy_(torch.log(torch.rand(hv) * 4 + 0.1))
+  x, _ = _layer_params(d=d)
+  with torch.no_grad():
+    want = ref(torch.tensor(np.asarray(x))).numpy()
+
+  # transformers' layout: in_proj_qkvz rows per key head [q dk | k dk | v r*dv | z r*dv],
+  # in_proj_ba per key head [b r | a r]; conv1d channels [q | k | v].
+  r = hv // hk
+  w = lambda t: t.detach().numpy()  # noqa: E731
+  qkvz = w(ref.in_proj_qkvz.weight).reshape(hk, 2 * dk + 2 * r * dv, d)
+  q, k = qkvz[:, :dk], qkvz[:, dk:2 * dk]
+  v, z = qkvz[:, 2 * dk:2 * dk + r * dv], qkvz[:, 2 * dk + r * dv:]
+  ba = w(ref.in_proj_ba.weight).reshape(hk, 2 * r, d)
+  conv = w(ref.conv1d.weight)[:, 0, :].T  # [K, channels]
+  params = {
+      'wq': q.transpose(2, 0, 1), 'wk': k.transpose(2, 0, 1),
+      'wv': v.reshape(hv, dv, d).transpose(2, 0, 1),
+      'wz': z.reshape(hv, dv, d).transpose(2, 0, 1),
+      'wb': ba[:, :r].reshape(hv, d).T, 'wa': ba[:, r:].reshape(hv, d).T,
+      'conv_q': conv[:, :hk * dk].reshape(kernel, hk, dk),
+      'conv_k': conv[:, hk * dk:2 * hk * dk].reshape(kernel, hk, dk),
+      'conv_v': conv[:, 2 * hk * dk:].reshape(kernel, hv, dv),
+      'dt_bias': w(ref.dt_bias), 'a_log': w(ref.A_log), 'norm': w(ref.norm.weight),
+      'wo': w(ref.out_proj.weight).T.reshape(hv, dv, d)}
+  layer = GatedDeltaNet(hk, hv, dk, dv, kernel, 1e-6, chunk=4)
+  got = jax.jit(layer.apply)({'params': params}, x)
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
