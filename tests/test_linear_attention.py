@@ -119,10 +119,11 @@ def test_decoding_with_the_cache_equals_the_full_pass():
   x, params = _layer_params()
   want = jax.jit(GatedDeltaNet(**LAYER).apply)({'params': params}, x)
   layer = GatedDeltaNet(**LAYER, cache_len=16)
-  cache = layer.init(jax.random.key(0), x[:, :1])['cache']
+  cache = jax.jit(layer.init)(jax.random.key(0), x[:, :1])['cache']
   step = jax.jit(lambda c, t: layer.apply({'params': params, 'cache': c}, t, mutable=['cache']))
   outs = []
-  for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 10)):  # a prefill, two single steps, a chunk
+  # a prefill of 3 tokens (less than a chunk), two single steps, 5 tokens (more than a chunk)
+  for lo, hi in ((0, 3), (3, 4), (4, 5), (5, 10)):
     out, v = step(cache, x[:, lo:hi])
     cache = v['cache']
     outs.append(out)
