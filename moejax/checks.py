@@ -149,6 +149,7 @@ def _check_model(c):
       any(p not in (0, 1) or isinstance(p, float) for p in pattern)):
     fail('model.sliding_pattern', pattern, 'must be a non-empty tuple of 0 and 1 (1: the layer '
          'attends within model.sliding_window), repeated over the layers, e.g. (1, 0)')
+  _linear_layers(m)
   if m.attention == 'mla':
     if m.rope_scaling.kind != 'none':
       fail('model.rope_scaling.kind', m.rope_scaling.kind, "MLA has no rotary scaling; set it "
@@ -224,3 +225,26 @@ def _check_mesh(c, sizes):
   if t.batch_size % batch_shards:
     fail('train.batch_size', t.batch_size, f'must be divisible by mesh data*fsdp*expert='
          f'{batch_shards}, over which the batch is split')
+
+
+def _linear_layers(m):
+  """model.linear_pattern and, when it has a linear layer, model.linear."""
+  pattern = m.linear_pattern
+  if (not isinstance(pattern, (tuple, list)) or
+      any(p not in (0, 1) or isinstance(p, float) for p in pattern)):
+    fail('model.linear_pattern', pattern, 'must be a tuple of 0 and 1 (1: a Gated DeltaNet '
+         'layer), repeated over the layers, e.g. (1, 1, 1, 0); () for none')
+  if not any(pattern):
+    return
+  if min(m.first_k_dense, m.num_layers) % len(pattern):
+    fail('model.first_k_dense', m.first_k_dense, f'must be a multiple of '
+         f'len(model.linear_pattern)={len(pattern)} (the dense layers are scanned in whole '
+         'repeats of the pattern)')
+  for field in ('num_key_heads', 'num_value_heads', 'key_head_dim', 'value_head_dim',
+                'conv_kernel', 'chunk'):
+    value = m.linear[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      fail(f'model.linear.{field}', value, 'must be a positive integer')
+  if m.linear.num_value_heads % m.linear.num_key_heads:
+    fail('model.linear.num_value_heads', m.linear.num_value_heads, 'must be a multiple of '
+         f'model.linear.num_key_heads={m.linear.num_key_heads}')

@@ -42,6 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
   mla.qk_rope_head_dim = 16
   mla.v_head_dim = 32
   mla.latent_norm_eps = 1e-6  # the query and key-value latents' RMSNorms (1e-6 in DeepSeek's)
+  # Linear-attention layers: those whose entry in linear_pattern (repeated over the layers:
+  # layer i reads entry i % len) is 1 mix tokens with Gated DeltaNet (model/linear_attention.py)
+  # instead of softmax attention; () or all 0: none. E.g. (1, 1, 1, 0): three linear layers,
+  # then one attention layer (Qwen3-Next). model.linear is the layer's settings.
+  m.linear_pattern = ()
+  m.linear = ml_collections.ConfigDict({'num_key_heads': 2, 'num_value_heads': 4,
+                                        'key_head_dim': 32, 'value_head_dim': 32,
+                                        'conv_kernel': 4, 'chunk': 64})
   m.ffn_dim = 512  # width of the dense SwiGLU FFN layers.
   m.max_seq_len = 1024  # length of the RoPE table.
   m.rope_theta = 10000.0

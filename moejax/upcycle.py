@@ -56,6 +56,10 @@ def check(dense, moe_cfg, mode: str):
                         'the MoE config must keep the dense shape')
   if d.attention == 'mla' and d.mla.to_dict() != m.mla.to_dict():
     raise ConfigError('config.model.mla.* differs from the dense checkpoint: keep it')
+  if any(m.linear_pattern) or any(d.linear_pattern):
+    raise ConfigError(f'config.model.linear_pattern={tuple(m.linear_pattern)}: upcycling copies '
+                      'one stack of identical layers, so it does not yet take linear-attention '
+                      'layers; set it to ()')
   if m.moe_layer_freq != 1 or not moe_layer_ids(m):
     raise ConfigError(f'config.model.moe_layer_freq={m.moe_layer_freq}: upcycling needs MoE '
                       'FFNs in every layer after first_k_dense (moe_layer_freq=1, '

@@ -110,7 +110,7 @@ def _layer_params(seed=0, d=16):
   params = nn.meta.unbox(GatedDeltaNet(**LAYER).init(jax.random.key(seed + 1), x)['params'])
   # move the norm scale and dt_bias away from their initial ones
   params = dict(params)
-  params['norm'] = params['norm'] + jax.random.normal(jax.random.key(7), params['norm'].shape)
+  params['norm_scale'] = params['norm_scale'] + jax.random.normal(jax.random.key(7), (6,))
   params['dt_bias'] = jax.random.normal(jax.random.key(8), params['dt_bias'].shape)
   return x, params
 
@@ -167,9 +167,116 @@ def test_layer_equals_transformers_qwen3_next():
       'conv_q': conv[:, :hk * dk].reshape(kernel, hk, dk),
       'conv_k': conv[:, hk * dk:2 * hk * dk].reshape(kernel, hk, dk),
       'conv_v': conv[:, 2 * hk * dk:].reshape(kernel, hv, dv),
-      'dt_bias': w(ref.dt_bias), 'a_log': w(ref.A_log), 'norm': w(ref.norm.weight),
+      'dt_bias': w(ref.dt_bias), 'a_log': w(ref.A_log), 'norm_scale': w(ref.norm.weight),
       'wo': w(ref.out_proj.weight).T.reshape(hv, dv, d)}
   layer = GatedDeltaNet(hk, hv, dk, dv, kernel, 1e-6, chunk=4)
   got = jax.jit(layer.apply)({'params': params}, x)
   assert np.abs(want).max() > 0.1
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+  # gradients: with respect to the input against torch's autograd, and every parameter's
+  w_out = np.random.default_rng(3).normal(size=want.shape).astype(np.float32)
+  xt = torch.tensor(np.asarray(x), requires_grad=True)
+  (ref(xt) * torch.tensor(w_out)).sum().backward()
+  loss = lambda p, x: jnp.sum(layer.apply({'params': p}, x) * w_out)  # noqa: E731
+  g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  np.testing.assert_allclose(g_x, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+  for name, g in g_params.items():
+    assert np.all(np.isfinite(g)) and np.abs(np.asarray(g)).max() > 1e-6, name
+
+
+# --- Linear-attention layers in the model (model.linear_pattern) ------------------------------
+
+def _hybrid_config(num_layers=10, first_k_dense=4, moe_layer_freq=2, pattern=(1, 1, 1, 0)):
+  """By default 10 layers: 4 dense (one scanned step of the pattern), one period of
+  lcm(4, 2) = 4 layers (MoE, dense, MoE, dense) and a tail of 2 (MoE, dense); every 4th layer
+  attends."""
+  from conftest import tiny_config
+  c = tiny_config()
+  m = c.model
+  m.num_layers, m.first_k_dense, m.moe_layer_freq = num_layers, first_k_dense, moe_layer_freq
+  m.linear_pattern = pattern
+  m.linear.update(num_key_heads=2, num_value_heads=4, key_head_dim=8, value_head_dim=6,
+                  conv_kernel=3, chunk=4)
+  return c
+
+
+def test_the_schedule_of_linear_layers_by_hand():
+  from moejax.model import schedule
+  from moejax.model.transformer import Transformer
+  import ml_collections
+  m = _hybrid_config().model
+  want = [('dense_layers', 'block_0', 0, False, True), ('dense_layers', 'block_1', 0, False, True),
+          ('dense_layers', 'block_2', 0, False, True), ('dense_layers', 'block_3', 0, False, False),
+          ('moe_layers', 'moe_block', 0, True, True), ('moe_layers', 'dense_block_0', 0, False, True),
+          ('moe_layers', 'moe_block_1', 0, True, True),
+          ('moe_layers', 'dense_block_1', 0, False, False),
+          ('tail_layers', 'moe_block', None, True, True),
+          ('tail_layers', 'dense_block_0', None, False, True)]
+  assert [tuple(s) for s in schedule.slots(m)] == want
+  assert schedule.moe_layer_ids(m) == [4, 6, 8]
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = nn.meta.unbox(jax.eval_shape(Transformer(ml_collections.FrozenConfigDict(m)).init,
+                                        jax.random.key(0), tokens)['params'])
+  for stack, block, index, moe, linear in want:  # the model built what the schedule says
+    p = params[stack][block]
+    assert ('a_log' in p['attn']) == linear and ('wq' in p['attn'])
+    assert ('moe' in p) == moe and ('ffn' in p) != moe
+    assert p['attn']['wq'].ndim == (3 if index is None else 4)  # scanned stacks: a layer axis
+
+
+def test_hybrid_model_decodes_and_replays():
+  import ml_collections
+  from moejax.model.transformer import Transformer
+  # 5 layers, linear and attention alternating, every layer MoE: two periods of two MoE blocks
+  # (linear, attention) and a tail of one (linear)
+  c = _hybrid_config(num_layers=5, first_k_dense=0, moe_layer_freq=1, pattern=(1, 0))
+  m = ml_collections.FrozenConfigDict(c.model)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 256)
+  model = Transformer(m, train=False)
+  v = jax.jit(model.init)(jax.random.key(0), tokens)
+  apply = jax.jit(model.apply)
+  logits, aux = apply(v, tokens)
+  # replaying the recorded routing reaches the same MoE blocks
+  assert aux['expert_index'].shape == (5, 18, 2)
+  np.testing.assert_array_equal(apply(v, tokens, None, aux['expert_index'])[0], logits)
+  # decoding with the cache: a prefill of 4 tokens, one token, then 4 more
+  dec = Transformer(m, train=False, cache_len=12)
+  cache = jax.jit(dec.init)(jax.random.key(0), tokens[:, :1])['cache']
+  step = jax.jit(lambda cache, t, pos: dec.apply({**v, 'cache': cache}, t, pos,
+                                                 mutable=['cache']))
+  pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  outs = []
+  for lo, hi in ((0, 4), (4, 5), (5, 9)):
+    (out, _), mutated = step(cache, tokens[:, lo:hi], pos[:, lo:hi])
+    cache = mutated['cache']
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_layers_cost_and_cache_by_hand():
+  from moejax.costs.flops import flops_per_token
+  from moejax.costs.planner import kv_cache_numbers_per_token, recurrent_numbers_per_sequence
+  c = _hybrid_config()
+  m = c.model
+  hv, hk, dk, dv, chunk, kernel = 4, 2, 8, 6, 4, 3
+  linear = hv * (2 * chunk * (2 * dk + dv) + chunk * (dk + dv) + 6 * dk * dv)
+  full = 2 * 16 * m.num_heads * 2 * m.head_dim  # 16 positions, scores and weighted sum
+  assert flops_per_token(m, 16)['attention'] == 8 * linear + 2 * full
+  assert kv_cache_numbers_per_token(m) == 2 * 2 * m.num_kv_heads * m.head_dim  # 2 full layers
+  assert recurrent_numbers_per_sequence(m) == (
+      8 * (kernel - 1) * (2 * hk * dk + hv * dv), 8 * hv * dk * dv)
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('linear_pattern', (1, 2), 'model.linear_pattern'),
+    ('first_k_dense', 3, 'model.first_k_dense'),
+    ('linear.num_value_heads', 3, 'model.linear.num_value_heads'),
+    ('linear.chunk', 0, 'model.linear.chunk')])
+def test_linear_settings_refused_with_the_field(field, value, match):
+  from moejax.checks import validate
+  from moejax.config import ConfigError
+  c = _hybrid_config()
+  section, _, key = field.rpartition('.')
+  (c.model[section] if section else c.model)[key] = value
+  with pytest.raises(ConfigError, match=match):
+    validate(c, 1)

@@ -11,7 +11,13 @@ Forward FLOPs of one token, the PaLM / MaxText convention:
   + per attention layer 2 x ctx x heads x (d_qk + d_v)   scores and the weighted sum over a
                                             context of ctx = seq_len positions (its chunk for
                                             chunked layers, its window for windowed ones); the
-                                            full length, as PaLM counts it, not the causal half.
+                                            full length, as PaLM counts it, not the causal half;
+  + per linear-attention layer, its chunked gated delta rule per token and value head:
+      2 c (2 dk + dv)   the chunk's key-key and query-key products and the intra-chunk read
+      + c (dk + dv)     the triangular solve (half a c x c matrix times dk + dv columns)
+      + 6 dk dv         reading the state twice and writing it once
+    (c: model.linear.chunk): linear in the context, not quadratic. Its short convolution is
+    2 FLOPs per weight like a matmul.
 Training is 3 x forward (the backward pass costs two forwards). `train_flops(config)` is that
 times the tokens of the run (train.steps x train.batch_size x data.seq_len).
 """
@@ -23,14 +29,16 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from moejax.model.schedule import is_linear
 from moejax.model.transformer import Transformer, rotated_layer, sliding_layer
 from moejax.moe.registry import ROUTERS
 from moejax.nn import names
 
 
 # Parameters that are added, not multiplied: norm scales and biases (stacked per layer or per
-# expert, so not told apart by their rank) and attention sinks.
-NOT_MATMUL = ('scale', 'bias', 'bq', 'bk', 'bv', 'bo', 'bi_0', 'bi_1', 'b', 'head_bias', 'sinks')
+# expert, so not told apart by their rank), attention sinks and Gated DeltaNet's decay inputs.
+NOT_MATMUL = ('scale', 'bias', 'bq', 'bk', 'bv', 'bo', 'bi_0', 'bi_1', 'b', 'head_bias', 'sinks',
+              'norm_scale', 'dt_bias', 'a_log')
 
 
 def expected_experts(model_cfg) -> float:
@@ -82,8 +90,13 @@ def _context(m, layer: int, seq_len: int) -> int:
   return ctx
 
 
-def _attention_per_layer(m, ctx: int) -> float:
-  """Forward FLOPs of one token's attention scores and weighted sum over ctx positions."""
+def _attention_per_layer(m, ctx: int, layer: int) -> float:
+  """Forward FLOPs of one token's attention scores and weighted sum over ctx positions, or
+  of its gated delta rule in a linear layer."""
+  if layer < m.num_layers and is_linear(m, layer):  # (MTP blocks attend)
+    lin = m.linear
+    c, dk, dv = lin.chunk, lin.key_head_dim, lin.value_head_dim
+    return float(lin.num_value_heads * (2 * c * (2 * dk + dv) + c * (dk + dv) + 6 * dk * dv))
   if m.attention == 'mla':
     qk, v = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
   else:
@@ -97,7 +110,7 @@ def flops_per_token(model_cfg, seq_len: int) -> dict:
   used, routed = _matmul_weights(model_cfg)
   m = model_cfg
   # The MTP blocks are numbered after the last layer (model/transformer.py).
-  attention = sum(_attention_per_layer(m, _context(m, i, seq_len))
+  attention = sum(_attention_per_layer(m, _context(m, i, seq_len), i)
                   for i in range(m.num_layers + m.mtp.depth))
   forward = 2.0 * used + attention
   return {'forward': forward, 'train': 3.0 * forward, 'matmul_weights': used,

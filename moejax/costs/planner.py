@@ -85,11 +85,31 @@ def train_state_bytes_per_device(model_cfg, mesh: dict[str, int]) -> int:
   return elements * 12
 
 
+def _cache(model_cfg) -> list[tuple[str, tuple]]:
+  """(name, shape) of every array of the decoding model's cache at batch 1, 1 position."""
+  cache = _abstract(model_cfg, cache_len=1)['cache']
+  return [(getattr(path[-1], 'key', ''), x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(cache) if x.ndim >= 2]
+
+
 def kv_cache_numbers_per_token(model_cfg) -> int:
   """Numbers cached per token over all layers (GQA: 2 * kv_heads * head_dim per layer;
-  MLA: kv_lora_rank + qk_rope_head_dim per layer), read from the decoding model's cache."""
-  cache = _abstract(model_cfg, cache_len=1)['cache']
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(cache) if x.ndim >= 2)
+  MLA: kv_lora_rank + qk_rope_head_dim per layer), read from the decoding model's cache;
+  linear-attention layers cache nothing per token."""
+  return sum(math.prod(shape) for name, shape in _cache(model_cfg)
+             if not name.endswith('state'))
+
+
+def recurrent_numbers_per_sequence(model_cfg) -> tuple[int, int]:
+  """(convolution inputs in the model dtype, gated delta states in float32) that the
+  linear-attention layers keep per sequence, whatever the context."""
+  conv = state = 0
+  for name, shape in _cache(model_cfg):
+    if name == 'state':
+      state += math.prod(shape)
+    elif name.endswith('_state'):
+      conv += math.prod(shape)
+  return conv, state
 
 
 def expected_devices_reached(num_experts: int, top_k: int, ep: int, limit: int = 0) -> float:
@@ -152,6 +172,7 @@ def plan(model_cfg, mesh: dict[str, int], device_memory_gib: float, context: int
                       f'{moe.num_experts}; pick a divisor')
   shard, total = weight_elements_per_device(model_cfg, mesh)
   kv_per_token = kv_cache_numbers_per_token(model_cfg)
+  conv_numbers, state_numbers = recurrent_numbers_per_sequence(model_cfg)
   budget = device_memory_gib * 2**30 * USABLE
   batch_split = mesh['data'] * mesh['fsdp'] * mesh['expert']
   # The cache splits over the batch axes (no further than one sequence per device); MLA's latent
@@ -162,9 +183,11 @@ def plan(model_cfg, mesh: dict[str, int], device_memory_gib: float, context: int
   out = {'mesh': mesh, 'devices': devices, 'device_memory_gib': device_memory_gib,
          'usable_fraction': USABLE, 'kv_numbers_per_token_per_layer':
          kv_per_token / model_cfg.num_layers, 'kv_numbers_per_token': kv_per_token,
+         'recurrent_numbers_per_sequence': conv_numbers + state_numbers,
          'context': context, 'decode_batch': decode_batch}
   for dtype, nbytes in BYTES.items():
-    kv_total = kv_per_token * context * decode_batch * nbytes
+    kv_total = ((kv_per_token * context + conv_numbers) * nbytes + state_numbers * 4) * (
+        decode_batch)
     weights, kv = shard * nbytes, kv_total / kv_split
     train = shard * (2 * nbytes + MASTER_AND_MOMENTS)
     out[dtype] = {

@@ -576,6 +576,8 @@ def _unused(m, field: str) -> bool:
            m.rope_scaling.kind == 'none') or
           (field in ('model.sliding_pattern', 'model.rope_layers') and not m.sliding_window) or
           (field == 'model.nope_temperature_floor' and not m.nope_temperature) or
+          (field == 'model.linear_pattern' and not any(m.linear_pattern)) or
+          (field.startswith('model.linear.') and not any(m.linear_pattern)) or
           (field == 'model.moe.shared_expert_ffn_dim' and not m.moe.num_shared_experts) or
           (field == 'model.ffn_dim' and layer_plan(m)[0] == 0 and m.moe_layer_freq == 1))
 

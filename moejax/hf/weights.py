@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.model.transformer import layer_plan
+from moejax.model import schedule
 from moejax.nn import names
 
 
 def slots(m) -> list[tuple[tuple[str, str], int | None, bool]]:
   """Per layer: ((stack, block), index in the stack or None when unstacked, is MoE)."""
-  prefix, periods, tail = layer_plan(m)
-  out = [((names.DENSE_STACK, names.DENSE_BLOCK), i, False) for i in range(prefix)]
-  for p in range(periods):
-    out.append(((names.MOE_STACK, names.MOE_BLOCK), p, True))
-    out += [((names.MOE_STACK, names.dense_block(j)), p, False)
-            for j in range(m.moe_layer_freq - 1)]
-  if tail:
-    out.append(((names.TAIL_STACK, names.MOE_BLOCK), None, True))
-    out += [((names.TAIL_STACK, names.dense_block(j)), None, False) for j in range(tail - 1)]
-  return out
+  return [((s.stack, s.block), s.index, s.moe) for s in schedule.slots(m)]
 
 
 # (moejax path within the block, HF name within model.layers.N, to moejax, to HF); the

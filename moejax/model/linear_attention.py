@@ -215,7 +215,7 @@ class GatedDeltaNet(nn.Module):
     if decoding and not initializing:
       state_var.value = new_state
 
-    scale = param_with_axes(self, 'norm', (dv,), ('head_dim',), nn.initializers.ones)
+    scale = param_with_axes(self, 'norm_scale', (dv,), ('head_dim',), nn.initializers.ones)
     o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + self.norm_eps)
     o = (o * scale.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
     out = jnp.einsum('bshk,hkd->bsd', o, param_with_axes(

@@ -1,9 +1,11 @@
-"""Decoder-only transformer LM with a per-layer FFN schedule (dense first, then MoE).
+"""Decoder-only transformer LM with a per-layer schedule (dense first, then MoE; linear-attention
+layers where model.linear_pattern says; model/schedule.py).
 
 Layers are grouped into at most three scanned stacks, so compile time does not grow with depth:
-  prefix: `first_k_dense` dense blocks;
-  body:   periods of `moe_layer_freq` layers, [MoE block, dense block x (freq - 1)];
-  tail:   the leftover (< freq) layers, a shorter period.
+  prefix: `first_k_dense` dense blocks (in steps of the linear pattern's length P);
+  body:   periods of lcm(P, moe_layer_freq) layers; without linear layers [MoE block, dense
+          block x (freq - 1)];
+  tail:   the leftover layers, a shorter period.
 """
 from __future__ import annotations
 
@@ -16,22 +18,26 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.model.attention import GroupedQueryAttention
+from moejax.model.linear_attention import GatedDeltaNet
 from moejax.model.mla import MultiHeadLatentAttention
 from moejax.model.remat import rematted
-from moejax.model.schedule import has_moe, layer_plan
+from moejax.model.schedule import (has_moe, layer_plan, pattern_length, period_blocks,
+                                   period_length)
 from moejax.moe.layer import MoEFFN
 from moejax.nn import names
 from moejax.nn.layers import SwiGLU, make_norm, param_with_axes
 
 
 class Block(nn.Module):
-  """One decoder block: x + attention, then + FFN (dense SwiGLU or MoE), each sublayer with its
-  norms where model.norm_placement says: 'pre' x + f(norm(x)), 'post' x + norm(f(x)), 'both'
-  x + norm(f(norm(x))); the branch times model.residual_multiplier."""
+  """One decoder block: x + attention (or, in a linear layer, Gated DeltaNet), then + FFN
+  (dense SwiGLU or MoE), each sublayer with its norms where model.norm_placement says: 'pre'
+  x + f(norm(x)), 'post' x + norm(f(x)), 'both' x + norm(f(norm(x))); the branch times
+  model.residual_multiplier."""
   cfg: Any  # model config (FrozenConfigDict)
   moe: bool
   train: bool = True
   cache_len: int = 0
+  linear: bool = False  # a linear-attention layer (model.linear_pattern)
 
   @nn.compact
   def __call__(self, x, positions, token_ids, layer, replay=None):
@@ -57,7 +63,13 @@ class Block(nn.Module):
       out = out * c.residual_multiplier if c.residual_multiplier != 1 else out
       return x + checkpoint_name(out, f'{name}_out')
 
-    if c.attention == 'mla':
+    if self.linear:
+      lin = c.linear
+      attn = GatedDeltaNet(lin.num_key_heads, lin.num_value_heads, lin.key_head_dim,
+                           lin.value_head_dim, lin.conv_kernel, c.norm_eps, lin.chunk, dtype,
+                           self.cache_len, name='attn')
+      x = sublayer(x, attn, 'attn')
+    elif c.attention == 'mla':
       attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.mla.latent_norm_eps,
                                       dtype, self.cache_len, name='attn')
       x = sublayer(x, lambda h: attn(h, positions), 'attn')
@@ -109,32 +121,44 @@ def sliding_layer(c, layer):
 
 
 class Period(nn.Module):
-  """One MoE block followed by `num_dense` dense blocks; returns the MoE block's aux."""
+  """`span` consecutive layers starting at a multiple of the linear pattern's length (without
+  linear layers: one MoE block, then moe_layer_freq - 1 dense blocks); returns the aux of its
+  MoE blocks: the one's, or with several their leaves stacked on a new leading axis."""
   cfg: Any
-  num_dense: int
+  span: int
   train: bool = True
   cache_len: int = 0
 
   @nn.compact
   def __call__(self, x, positions, token_ids, first_layer, replay=None):
-    x, aux = Block(self.cfg, True, self.train, self.cache_len, name=names.MOE_BLOCK)(
-        x, positions, token_ids, first_layer, replay)
-    for i in range(self.num_dense):
-      x, _ = Block(self.cfg, False, self.train, self.cache_len, name=names.dense_block(i))(
-          x, positions, token_ids, first_layer + 1 + i)
-    return x, aux
+    """replay: [T, K] with one MoE block, [moe blocks, T, K] with several, or None."""
+    auxes = []
+    blocks = period_blocks(self.cfg, self.span)
+    several = sum(moe for _, moe, _ in blocks) > 1
+    for j, (name, moe, linear) in enumerate(blocks):
+      r = None if replay is None or not moe else (replay[len(auxes)] if several else replay)
+      x, aux = Block(self.cfg, moe, self.train, self.cache_len, linear, name=name)(
+          x, positions, token_ids, first_layer + j, r)
+      if moe:
+        auxes.append(aux)
+    return x, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if several else auxes[0])
 
 
 class DenseStack(nn.Module):
-  """One dense block, the body of the scanned stack of the first_k_dense layers."""
+  """The body of the scanned stack of the first_k_dense layers: one dense block, or a whole
+  repeat of the linear pattern."""
   cfg: Any
   train: bool = True
   cache_len: int = 0
 
   @nn.compact
   def __call__(self, x, positions, token_ids, layer):
-    x, _ = Block(self.cfg, False, self.train, self.cache_len, name=names.DENSE_BLOCK)(x, positions,
-                                                                            token_ids, layer)
+    step = pattern_length(self.cfg)
+    for j in range(step):
+      x, _ = Block(self.cfg, False, self.train, self.cache_len,
+                   bool(step > 1 and self.cfg.linear_pattern[j]),
+                   name=names.dense_layer_block(j, step))(x, positions, token_ids,
+                                                          layer * step + j)
     return x, None
 
 
@@ -183,23 +207,34 @@ class Transformer(nn.Module):
 
     prefix, periods, tail = layer_plan(c)
     auxes = []
-    freq = c.moe_layer_freq
+    length = period_length(c)
+    per_period = sum(moe for _, moe, _ in period_blocks(c, length))
+    step = pattern_length(c)
     if prefix:
-      x, _ = _scanned(DenseStack, c, prefix, names.DENSE_STACK, train=self.train,
-                      cache_len=self.cache_len)(x, positions, tokens, jnp.arange(prefix))
+      x, _ = _scanned(DenseStack, c, prefix // step, names.DENSE_STACK, train=self.train,
+                      cache_len=self.cache_len)(x, positions, tokens,
+                                                jnp.arange(prefix // step))
     if periods:
+      period_replay = None
+      if replay is not None:
+        period_replay = replay[:periods * per_period]
+        if per_period > 1:
+          period_replay = period_replay.reshape((periods, per_period) + replay.shape[1:])
       x, aux = _scanned(Period, c, periods, names.MOE_STACK, per_layer_input=True,
-                        num_dense=freq - 1, train=self.train,
-                        cache_len=self.cache_len)(
-                            x, positions, tokens, prefix + freq * jnp.arange(periods),
-                            None if replay is None else replay[:periods])
-      auxes.append(aux)  # each leaf [periods, ...]
+                        span=length, train=self.train, cache_len=self.cache_len)(
+                            x, positions, tokens, prefix + length * jnp.arange(periods),
+                            period_replay)
+      if per_period > 1:  # [periods, per_period, ...] -> [periods * per_period, ...]
+        aux = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), aux)
+      auxes.append(aux)  # each leaf [MoE layers of the periods, ...]
     if tail:
-      x, aux = rematted(Period, c)(c, num_dense=tail - 1, train=self.train,
+      tail_moe = sum(moe for _, moe, _ in period_blocks(c, tail))
+      tail_replay = None if replay is None else (
+          replay[-tail_moe:] if tail_moe > 1 else replay[-1])
+      x, aux = rematted(Period, c)(c, span=tail, train=self.train,
                                     cache_len=self.cache_len, name=names.TAIL_STACK)(
-          x, positions, tokens, prefix + freq * periods,
-          None if replay is None else replay[-1])
-      auxes.append(jax_tree_expand(aux))
+          x, positions, tokens, prefix + length * periods, tail_replay)
+      auxes.append(aux if tail_moe > 1 else jax_tree_expand(aux))
 
     head = None if c.tie_embeddings else param_with_axes(
         self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'))
