@@ -42,7 +42,9 @@ CARDS = {'qwen3_moe': (30.5, '3.3', 'active'), 'qwen3_moe:235b': (235, '22', 'ac
          # gpt-oss's model card (arXiv:2508.10925, Table 1) counts the unembedding but not the
          # embedding in its active parameters; it gives both to two decimals.
          'gpt_oss': (20.91, '3.61', 'active_without_input_embedding'),
-         'gpt_oss:120b': (116.83, '5.13', 'active_without_input_embedding')}
+         'gpt_oss:120b': (116.83, '5.13', 'active_without_input_embedding'),
+         # Qwen3-Next-80B-A3B's card: 80B in total, 3B activated
+         'qwen3_next': (80, '3', 'active_without_input_embedding')}
 # Llama 4's totals count the whole multimodal model; moejax builds the language model only, so
 # Scout's text model is 107.8B for the published 109B (the vision encoder and projector, about
 # 0.8B, make up the rest): checked within 1.2%, the one figure here outside 1%.
@@ -68,7 +70,18 @@ def test_parameter_counts_match_the_model_cards(spec):
   assert _within_published(counts[convention] / 1e9, active), counts[convention]
 
 
-TINY = list(PUBLISHED) + ['qwen3_moe', 'olmoe', 'qwen2_moe', 'llama4', 'gpt_oss']
+def test_qwen3_next_counts_what_transformers_builds():
+  """The card's figures are rounded: the exact total is transformers' Qwen3-Next built from
+  its config class's defaults (the 80B-A3B shape) on the meta device."""
+  torch = pytest.importorskip('torch')
+  from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+  with torch.device('meta'):
+    ref = Qwen3NextForCausalLM(Qwen3NextConfig())
+  assert count_params(load('qwen3_next').model)['total'] == sum(
+      p.numel() for p in ref.parameters())
+
+
+TINY = list(PUBLISHED) + ['qwen3_moe', 'olmoe', 'qwen2_moe', 'llama4', 'gpt_oss', 'qwen3_next']
 
 
 @pytest.mark.parametrize('name', TINY)
@@ -76,8 +89,8 @@ def test_tiny_variant_has_the_published_structure(name):
   c = load(name, 'tiny')
   full = load(name)
   assert c.model.attention == full.model.attention
-  assert (c.model.moe.experts.to_dict(), c.model.sliding_pattern) == (
-      full.model.moe.experts.to_dict(), full.model.sliding_pattern)
+  assert (c.model.moe.experts.to_dict(), c.model.sliding_pattern, c.model.linear_pattern) == (
+      full.model.moe.experts.to_dict(), full.model.sliding_pattern, full.model.linear_pattern)
   assert (c.model.first_k_dense > 0) == (full.model.first_k_dense > 0)
   assert c.model.moe.router.to_dict().keys() == full.model.moe.router.to_dict().keys()
   assert (c.model.moe.num_shared_experts, c.model.moe.router.score_fn) == (
