@@ -59,7 +59,7 @@ def status_table() -> str:
   rows = {kind: 'imported' for kind in families.FAMILIES}
   rows.update({kind: f'imported: its language model (`{text}`)'
                for kind, (text, _) in convert.LANGUAGE_MODEL.items()})
-  for table in (refused.MULTIMODAL, refused.NOT_A_LANGUAGE_MODEL, refused.NEEDS):
+  for table in refused.TABLES:
     rows.update({kind: f'refused: {refused.reason(kind)}' for kind in table})
   return '\n'.join(['| `model_type` | status |', '|---|---|'] +
                    [f'| `{kind}` | {rows[kind]} |' for kind in sorted(rows)]) + '\n'
