@@ -255,16 +255,15 @@ def test_hybrid_model_decodes_and_replays():
 
 def test_linear_layers_cost_and_cache_by_hand():
   from moejax.costs.flops import flops_per_token
-  from moejax.costs.planner import kv_cache_numbers_per_token, recurrent_numbers_per_sequence
+  from moejax.costs.planner import cache_numbers
   c = _hybrid_config()
   m = c.model
   hv, hk, dk, dv, chunk, kernel = 4, 2, 8, 6, 4, 3
   linear = hv * (2 * chunk * (2 * dk + dv) + chunk * (dk + dv) + 6 * dk * dv)
   full = 2 * 16 * m.num_heads * 2 * m.head_dim  # 16 positions, scores and weighted sum
   assert flops_per_token(m, 16)['attention'] == 8 * linear + 2 * full
-  assert kv_cache_numbers_per_token(m) == 2 * 2 * m.num_kv_heads * m.head_dim  # 2 full layers
-  assert recurrent_numbers_per_sequence(m) == (
-      8 * (kernel - 1) * (2 * hk * dk + hv * dv), 8 * hv * dk * dv)
+  assert cache_numbers(m) == (2 * 2 * m.num_kv_heads * m.head_dim,  # per token: 2 full layers
+                             8 * (kernel - 1) * (2 * hk * dk + hv * dv), 8 * hv * dk * dv)
 
 
 @pytest.mark.parametrize('field,value,match', [

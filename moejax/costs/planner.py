@@ -85,31 +85,29 @@ def train_state_bytes_per_device(model_cfg, mesh: dict[str, int]) -> int:
   return elements * 12
 
 
-def _cache(model_cfg) -> list[tuple[str, tuple]]:
-  """(name, shape) of every array of the decoding model's cache at batch 1, 1 position."""
+def cache_numbers(model_cfg) -> tuple[int, int, int]:
+  """(numbers cached per token over all layers, convolution inputs per sequence in the model
+  dtype, gated delta states per sequence in float32), read from the decoding model's cache.
+  Per token: GQA 2 * kv_heads * head_dim per layer, MLA kv_lora_rank + qk_rope_head_dim;
+  linear-attention layers keep only their per-sequence state, whatever the context."""
   cache = _abstract(model_cfg, cache_len=1)['cache']
-  return [(getattr(path[-1], 'key', ''), x.shape)
-          for path, x in jax.tree_util.tree_leaves_with_path(cache) if x.ndim >= 2]
+  per_token = conv = state = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(cache):
+    name, size = getattr(path[-1], 'key', ''), math.prod(x.shape)
+    if x.ndim < 2:
+      continue
+    if name == 'state':
+      state += size
+    elif name.endswith('_state'):
+      conv += size
+    else:
+      per_token += size
+  return per_token, conv, state
 
 
 def kv_cache_numbers_per_token(model_cfg) -> int:
-  """Numbers cached per token over all layers (GQA: 2 * kv_heads * head_dim per layer;
-  MLA: kv_lora_rank + qk_rope_head_dim per layer), read from the decoding model's cache;
-  linear-attention layers cache nothing per token."""
-  return sum(math.prod(shape) for name, shape in _cache(model_cfg)
-             if not name.endswith('state'))
-
-
-def recurrent_numbers_per_sequence(model_cfg) -> tuple[int, int]:
-  """(convolution inputs in the model dtype, gated delta states in float32) that the
-  linear-attention layers keep per sequence, whatever the context."""
-  conv = state = 0
-  for name, shape in _cache(model_cfg):
-    if name == 'state':
-      state += math.prod(shape)
-    elif name.endswith('_state'):
-      conv += math.prod(shape)
-  return conv, state
+  """cache_numbers' numbers cached per token."""
+  return cache_numbers(model_cfg)[0]
 
 
 def expected_devices_reached(num_experts: int, top_k: int, ep: int, limit: int = 0) -> float:
@@ -171,8 +169,7 @@ def plan(model_cfg, mesh: dict[str, int], device_memory_gib: float, context: int
     raise ConfigError(f"--mesh expert={mesh['expert']}: must divide model.moe.num_experts="
                       f'{moe.num_experts}; pick a divisor')
   shard, total = weight_elements_per_device(model_cfg, mesh)
-  kv_per_token = kv_cache_numbers_per_token(model_cfg)
-  conv_numbers, state_numbers = recurrent_numbers_per_sequence(model_cfg)
+  kv_per_token, conv_numbers, state_numbers = cache_numbers(model_cfg)
   budget = device_memory_gib * 2**30 * USABLE
   batch_split = mesh['data'] * mesh['fsdp'] * mesh['expert']
   # The cache splits over the batch axes (no further than one sequence per device); MLA's latent

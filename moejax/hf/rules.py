@@ -205,7 +205,7 @@ class Schedule:
       raise ConfigError(f'{where}: no layer is MoE; import a MoE model')
     for freq in range(1, n + 1):
       got = moe_layer_ids(types.SimpleNamespace(num_layers=n, first_k_dense=want[0],
-                                                moe_layer_freq=freq, linear_pattern=()))
+                                                moe_layer_freq=freq))
       if got == want:
         return {'model.first_k_dense': want[0], 'model.moe_layer_freq': freq}
     raise ConfigError(f'{where}: MoE layers {want} follow no "first K dense, then every F-th" '

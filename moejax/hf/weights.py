@@ -3,7 +3,7 @@
 moejax holds layers in scanned stacks (a leading layer axis; moejax/model/transformer.py):
 `dense_layers/block` (the first_k_dense dense layers), `moe_layers/moe_block` and
 `moe_layers/dense_block_J` (periods of moe_layer_freq layers), `tail_layers/...` (the leftover,
-unstacked). `slots(cfg)` says, for every layer index, which stack, block and index it is.
+unstacked). `schedule.slots(cfg)` says, for every layer, which stack, block and index it is.
 Within a block, `block_tensors` pairs each parameter with its Hugging Face tensor and the
 transform between the two layouts (PyTorch Linear weights are [out, in]; moejax's are [in, out],
 attention split by head).
@@ -14,11 +14,6 @@ import numpy as np
 
 from moejax.model import schedule
 from moejax.nn import names
-
-
-def slots(m) -> list[tuple[tuple[str, str], int | None, bool]]:
-  """Per layer: ((stack, block), index in the stack or None when unstacked, is MoE)."""
-  return [((s.stack, s.block), s.index, s.moe) for s in schedule.slots(m)]
 
 
 # (moejax path within the block, HF name within model.layers.N, to moejax, to HF); the
@@ -343,19 +338,19 @@ def leaves(m, fam, interleaved: bool = False):
   stacked leaf holds."""
   out = [(path, [(None, None)], name, a, b, False) for path, name, a, b in top(m)]
   grouped = {}
-  for layer, ((stack, block), index, moe) in enumerate(slots(m)):
-    for path, name, a, b, per_expert in block_tensors(m, fam, moe, interleaved):
+  for layer, slot in enumerate(schedule.slots(m)):
+    for path, name, a, b, per_expert in block_tensors(m, fam, slot.moe, interleaved):
       collection, path = (('moe_state',), path[1:]) if path[0] == 'moe_state' else (
           ('params',), path)
-      key = collection + (stack, block) + path
+      key = collection + (slot.stack, slot.block) + path
       entry = grouped.setdefault(key, [key, [], name, a, b, per_expert])
-      entry[1].append((layer, index))
+      entry[1].append((layer, slot.index))
   out += [tuple(v) for v in grouped.values()]
   out = [(path, layers, checkpoint_name(fam, name), a, b, kind)
          for path, layers, name, a, b, kind in out]
   for k in range(1, m.mtp.depth + 1):  # DeepSeek-V3's multi-token prediction: layer L + k - 1
     layer = m.num_layers + k - 1
-    has_moe = bool(slots(m)) and any(moe for _, _, moe in slots(m))
+    has_moe = schedule.has_moe(m)
     for path, name, a, b in MTP:
       out.append((('params', f'mtp_{k}_{path[0]}') + path[1:], [(layer, None)], name, a, b,
                   False))

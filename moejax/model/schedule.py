@@ -76,8 +76,9 @@ def slots(m) -> list[Slot]:
 
 
 def moe_layer_ids(m) -> list[int]:
-  """The layers with a MoE FFN, in order."""
-  return [i for i, slot in enumerate(slots(m)) if slot.moe]
+  """The layers with a MoE FFN, in order: i >= first_k_dense, every moe_layer_freq-th."""
+  first = min(m.first_k_dense, m.num_layers)
+  return list(range(first, m.num_layers, m.moe_layer_freq))
 
 
 def has_moe(m) -> bool:

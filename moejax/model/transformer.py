@@ -21,8 +21,8 @@ from moejax.model.attention import GroupedQueryAttention
 from moejax.model.linear_attention import GatedDeltaNet
 from moejax.model.mla import MultiHeadLatentAttention
 from moejax.model.remat import rematted
-from moejax.model.schedule import (has_moe, layer_plan, pattern_length, period_blocks,
-                                   period_length)
+from moejax.model.schedule import (has_moe, is_linear, layer_plan, pattern_length,
+                                   period_blocks, period_length)
 from moejax.moe.layer import MoEFFN
 from moejax.nn import names
 from moejax.nn.layers import SwiGLU, make_norm, param_with_axes
@@ -123,7 +123,7 @@ def sliding_layer(c, layer):
 class Period(nn.Module):
   """`span` consecutive layers starting at a multiple of the linear pattern's length (without
   linear layers: one MoE block, then moe_layer_freq - 1 dense blocks); returns the aux of its
-  MoE blocks: the one's, or with several their leaves stacked on a new leading axis."""
+  MoE blocks, their leaves stacked on a leading axis in layer order."""
   cfg: Any
   span: int
   train: bool = True
@@ -131,17 +131,16 @@ class Period(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, token_ids, first_layer, replay=None):
-    """replay: [T, K] with one MoE block, [moe blocks, T, K] with several, or None."""
+    """replay: [MoE blocks, T, K] or None."""
     auxes = []
-    blocks = period_blocks(self.cfg, self.span)
-    several = sum(moe for _, moe, _ in blocks) > 1
-    for j, (name, moe, linear) in enumerate(blocks):
-      r = None if replay is None or not moe else (replay[len(auxes)] if several else replay)
+    for j, (name, moe, linear) in enumerate(period_blocks(self.cfg, self.span)):
+      r = None if replay is None or not moe else replay[len(auxes)]
       x, aux = Block(self.cfg, moe, self.train, self.cache_len, linear, name=name)(
           x, positions, token_ids, first_layer + j, r)
       if moe:
         auxes.append(aux)
-    return x, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if several else auxes[0])
+    # (jnp.stack: a Python 0 loss, without balance losses, becomes an array too)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
 
 class DenseStack(nn.Module):
@@ -155,8 +154,7 @@ class DenseStack(nn.Module):
   def __call__(self, x, positions, token_ids, layer):
     step = pattern_length(self.cfg)
     for j in range(step):
-      x, _ = Block(self.cfg, False, self.train, self.cache_len,
-                   bool(step > 1 and self.cfg.linear_pattern[j]),
+      x, _ = Block(self.cfg, False, self.train, self.cache_len, is_linear(self.cfg, j),
                    name=names.dense_layer_block(j, step))(x, positions, token_ids,
                                                           layer * step + j)
     return x, None
@@ -215,26 +213,22 @@ class Transformer(nn.Module):
                       cache_len=self.cache_len)(x, positions, tokens,
                                                 jnp.arange(prefix // step))
     if periods:
-      period_replay = None
-      if replay is not None:
-        period_replay = replay[:periods * per_period]
-        if per_period > 1:
-          period_replay = period_replay.reshape((periods, per_period) + replay.shape[1:])
+      period_replay = None if replay is None else replay[:periods * per_period].reshape(
+          (periods, per_period) + replay.shape[1:])
       x, aux = _scanned(Period, c, periods, names.MOE_STACK, per_layer_input=True,
                         span=length, train=self.train, cache_len=self.cache_len)(
                             x, positions, tokens, prefix + length * jnp.arange(periods),
                             period_replay)
-      if per_period > 1:  # [periods, per_period, ...] -> [periods * per_period, ...]
-        aux = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), aux)
-      auxes.append(aux)  # each leaf [MoE layers of the periods, ...]
+      # [periods, per_period, ...] -> [MoE layers of the periods, ...]
+      auxes.append(jax.tree.map(lambda a: a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:]),
+                                aux))
     if tail:
       tail_moe = sum(moe for _, moe, _ in period_blocks(c, tail))
-      tail_replay = None if replay is None else (
-          replay[-tail_moe:] if tail_moe > 1 else replay[-1])
       x, aux = rematted(Period, c)(c, span=tail, train=self.train,
                                     cache_len=self.cache_len, name=names.TAIL_STACK)(
-          x, positions, tokens, prefix + length * periods, tail_replay)
-      auxes.append(aux if tail_moe > 1 else jax_tree_expand(aux))
+          x, positions, tokens, prefix + length * periods,
+          None if replay is None else replay[-tail_moe:])
+      auxes.append(aux)  # each leaf [tail_moe, ...]
 
     head = None if c.tie_embeddings else param_with_axes(
         self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'))
@@ -282,11 +276,6 @@ class Transformer(nn.Module):
         moe_loss = moe_loss + aux['loss']
       all_logits.append(output(h, f'mtp_{k}_norm'))
     return tuple(all_logits), moe_loss
-
-
-def jax_tree_expand(tree):
-  """Every leaf with a new leading axis of 1 (the tail period's aux, stacked like a scan's)."""
-  return jax.tree.map(lambda a: jnp.asarray(a)[None], tree)  # (a Python 0 loss without losses)
 
 
 def concat_aux(auxes):
