@@ -8,6 +8,10 @@ import transformers
 COMMON = dict(vocab_size=320, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
               eos_token_id=None, bos_token_id=None, pad_token_id=None)
+# Gated DeltaNet settings whose sizes all differ (key heads 2, value heads 4 of 6, key dim 8,
+# convolution 3).
+_LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+               linear_value_head_dim=6, linear_conv_kernel_dim=3)
 # Each family with what makes it differ: Mixtral renormalises its top-2; Qwen3-MoE has
 # per-head q/k norms, its own expert width and a dense first layer (mlp_only_layers);
 # OLMoE normalises the whole q/k projections and does not renormalise.
@@ -175,6 +179,34 @@ FAMILIES = {
                             rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
                                              'partial_rotary_factor': 0.5,
                                              'mrope_section': [1, 1, 2]})),
+    # Qwen3-Next: Gated DeltaNet on layers 0 and 2 (q, k, v, z fused per key head; two value
+    # heads per key head), gated attention on layer 1 (half of each head rotated), norms
+    # stored zero-centred, a sigmoid-gated shared expert, layer 1 dense (mlp_only_layers).
+    'qwen3_next': ('Qwen3NextConfig', 'Qwen3NextForCausalLM',
+                   dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                        head_dim=8, shared_expert_intermediate_size=24, mlp_only_layers=[1],
+                        norm_topk_prob=True, **_LINEAR,
+                        layer_types=['linear_attention', 'full_attention', 'linear_attention'],
+                        rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                                         'partial_rotary_factor': 0.5})),
+    # Qwen3.5-MoE's language model, read from its multimodal checkpoint: the same layers with
+    # the linear projections apart, MoE in every layer; full attention first this time.
+    'qwen3_5_moe_text': ('Qwen3_5MoeTextConfig', 'Qwen3_5MoeForConditionalGeneration',
+                         dict(moe_intermediate_size=16, num_experts=6, head_dim=8,
+                              shared_expert_intermediate_size=24, **_LINEAR,
+                              layer_types=['full_attention', 'linear_attention',
+                                           'linear_attention'],
+                              tie_word_embeddings=False,
+                              rope_parameters={'rope_type': 'default', 'rope_theta': 1e4,
+                                               'partial_rotary_factor': 0.5,
+                                               'mrope_section': [1, 1, 0]})),
+    # Lara Mini: a Gated DeltaNet layer (its six projections in one in_proj), a windowed layer
+    # that rotates, a full-attention layer without positions; stacked experts ([N, 2F, D] with
+    # 2F != D), an ungated shared expert, tied embeddings.
+    'lara_mini': ('LaraMiniConfig', 'LaraMiniForCausalLM',
+                  dict(moe_intermediate_size=12, num_experts=6, head_dim=8,
+                       shared_expert_intermediate_size=24, sliding_window=4, **_LINEAR,
+                       layer_types=['linear_attention', 'sliding_attention', 'full_attention'])),
     # Hunyuan-A13B: q/k norms after the rotation (not before), a shared expert, top-K
     # renormalised; the router a module of its own (mlp.gate.wg).
     'hunyuan_v1_moe': ('HunYuanMoEV1Config', 'HunYuanMoEV1ForCausalLM',
@@ -209,7 +241,8 @@ FAMILIES = {
 _VISION = dict(hidden_size=16, depth=1, num_heads=2, intermediate_size=32, out_hidden_size=32,
                patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
 MULTIMODAL = {'qwen3_vl_moe_text': ('Qwen3VLMoeConfig', _VISION),
-              'glm4v_moe_text': ('Glm4vMoeConfig', _VISION)}
+              'glm4v_moe_text': ('Glm4vMoeConfig', _VISION),
+              'qwen3_5_moe_text': ('Qwen3_5MoeConfig', _VISION)}
 
 
 def build(kind: str, folder, **kw):

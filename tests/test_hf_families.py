@@ -178,6 +178,39 @@ def test_a_config_json_in_a_familys_own_key_names_imports_the_same():
         assert families.model_fields(own, kind) == want, (kind, theirs)
 
 
+def test_layer_types_with_linear_layers_read_and_write_back():
+  """Gated DeltaNet layers by layer_types: the repeating period (a windowed family's other
+  layers by their own kind; a linear layer may sit at any place of the window pattern), the
+  interval transformers fills in without layer_types, and one line for a list moejax cannot
+  build."""
+  from moejax.hf import convert, families
+  from moejax.hf.rules import _period
+  assert _period([None, 1, None, 0, 1]) == [0, 1, 0]  # the linear layers' places free
+  assert _period([None, 1, None, 0, 1, None, 1]) == [1, 1, 1, 0]
+  assert _period([None, 1, None, 0, 1] * 2) == [0, 1, 0, 0, 1]
+  assert _period([None, 1, None, 1]) == [1]  # windows on every attention layer
+  assert _period([1, 0, 1, 1]) == [1, 0, 1]  # a period need not divide the length
+  lara = transformers.LaraMiniConfig(**{**COMMON, **FAMILIES['lara_mini'][2],
+                                        'num_hidden_layers': 10, 'layer_types': None}).to_dict()
+  types = lara['layer_types']  # transformers' released period of 5
+  assert types[:5] == ['linear_attention', 'sliding_attention', 'linear_attention',
+                       'full_attention', 'sliding_attention'] and types[5:] == types[:5]
+  f = families.model_fields(lara, 'x')
+  assert f['model.linear_pattern'] == (1, 0, 1, 0, 0)
+  assert f['model.sliding_pattern'] == (0, 1, 0, 0, 1) and f['model.sliding_window'] == 4
+  c, _ = convert.moejax_config(lara, 'x')
+  assert families.hf_config(c, None, 'lara_mini')['layer_types'] == types
+  nxt = transformers.Qwen3NextConfig(**{**COMMON, **FAMILIES['qwen3_next'][2]}).to_dict()
+  nxt.pop('layer_types')
+  for interval, pattern in ((4, (1, 1, 1, 0)), (2, (1, 0)), (1, ())):
+    nxt.update(num_hidden_layers=8, full_attention_interval=interval, mlp_only_layers=[])
+    assert families.model_fields(nxt, 'x')['model.linear_pattern'] == pattern
+  for types, says in (([*['linear_attention'] * 7, 'mamba'], "layer_types has 'mamba' layers"),
+                      (['linear_attention'] * 7, 'has 7 entries for num_hidden_layers=8')):
+    with pytest.raises(ConfigError, match=says):
+      families.model_fields({**nxt, 'layer_types': types}, 'x')
+
+
 @pytest.mark.slow  # fine-tuning through the command line: the integration step
 def test_gpt_oss_fine_tunes_and_exports_with_parity(tmp_path):
   """gpt-oss imported, fine-tuned by python -m moejax.main (every kind of its weights moves:

@@ -56,7 +56,8 @@ def read_hf_config(hf_dir: str) -> dict:
 LANGUAGE_MODEL = {'llama4': ('llama4_text', ('', 'language_model.')),
                   'aria': ('aria_text', ('', 'language_model.')),
                   'qwen3_vl_moe': ('qwen3_vl_moe_text', ('model.', 'model.language_model.')),
-                  'glm4v_moe': ('glm4v_moe_text', ('model.', 'model.language_model.'))}
+                  'glm4v_moe': ('glm4v_moe_text', ('model.', 'model.language_model.')),
+                  'qwen3_5_moe': ('qwen3_5_moe_text', ('model.', 'model.language_model.'))}
 
 
 def text_model(hf: dict) -> tuple[dict, tuple]:

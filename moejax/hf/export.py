@@ -21,6 +21,16 @@ def export_tensors(variables, m, fam, dtype, interleaved: bool = False):
   out, fused = [], {}
   for path, layers, template, _, to_hf, per_expert in weights.leaves(m, fam, interleaved):
     leaf = _get(variables, path)
+    if isinstance(per_expert, weights.Part):  # one of the leaves a tensor holds
+      parts, i = per_expert
+      for layer, index in layers:
+        name = weights.hf_name(template, layer)
+        if name not in fused:
+          fused[name] = {}
+          out.append((name, parts.shape(m), dtype, lambda got=fused[name], p=parts: p.join(
+              [np.asarray(got[j], np.float32) for j in range(len(got))], m)))
+        fused[name][i] = leaf if index is None else leaf[index]
+      continue
     if per_expert in ('fused', 'fused_t'):  # the gate and up parts of one tensor
       for layer, index in layers:
         name = weights.hf_name(template, layer)

@@ -17,8 +17,9 @@ import dataclasses
 
 from moejax.errors import ConfigError
 from moejax.hf import refused
-from moejax.hf.rules import (AttentionBias, Const, Key, LatentHeads, MupInput, NopeLayers, Rope,
-                             Schedule, SharedExpert, SlidingLayers, TopkMethod, moe_layers)
+from moejax.hf.rules import (AttentionBias, Const, Key, LatentHeads, LinearLayers, MupInput,
+                             NopeLayers, Rope, Schedule, SharedExpert, SlidingLayers, TopkMethod,
+                             moe_layers)
 
 __all__ = ['FAMILIES', 'Family', 'family', 'model_fields', 'hf_config', 'moe_layers']
 
@@ -46,6 +47,11 @@ class Family:
   (input_linear) and output_linear. A family whose checkpoints keep their own code's
   tensor names (transformers renames them at load) says how: `tensor_names` replaces parts of
   transformers' names in order, `fused_qkv` names one tensor of q, k and v rows.
+  zero_centred_norms: the checkpoints store every RMSNorm scale (but the Gated DeltaNet
+  layer's gated norm) as w with the norm computing x * (1 + w); moejax's scale is w + 1.
+  linear_layout: where a Gated DeltaNet layer's (linear_attn) projections are: 'per_key_head'
+  (in_proj_qkvz and in_proj_ba, grouped per key head), 'split' (in_proj_qkv, _z, _b, _a) or
+  'fused' (in_proj: rows q, k, v, z, b, a).
   rope_pairs: the q/k rotary dims' order in the checkpoint, 'halves' (moejax's), 'interleaved'
   (reordered at import), or a config.json key saying whether they are interleaved (true when
   absent; export writes false). mtp_key: the config.json key of the
@@ -81,6 +87,8 @@ class Family:
   shared_beside: bool = False  # the shared expert beside the MoE block, not inside it
   shared_fused: bool = False  # the shared expert as input_linear [2F, D] (gate; up), output_linear
   tensor_names: tuple = ()  # (transformers' name part, the checkpoints' own), in order
+  zero_centred_norms: bool = False  # RMSNorms compute x * (1 + w): moejax's scale is w + 1
+  linear_layout: str = ''  # Gated DeltaNet tensors: 'per_key_head', 'split' or 'fused'
 
   def interleaved(self, hf: dict) -> bool:
     """Whether the checkpoint's rotary dims are interleaved pairs."""
@@ -167,6 +175,14 @@ LATENT = _without(SHAPE, 'router_aux_loss_coef') + FINE_GRAINED + (
     Key('qk_rope_head_dim', 'model.mla.qk_rope_head_dim'),
     Key('v_head_dim', 'model.mla.v_head_dim'),
     Const('mlp_bias', False, 'biased FFN projections', absent=False), NO_ATTENTION_BIAS)
+
+# The routed experts' count and width where every layer is MoE (no dense width).
+ROUTED = (Key('moe_intermediate_size', 'model.moe.expert_ffn_dim'),
+          Key('num_experts', 'model.moe.num_experts'))
+# transformers' defaults of the Gated DeltaNet keys (Qwen3-Next's and Qwen3.5's).
+LINEAR_DEFAULTS = dict(linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                       linear_value_head_dim=128, linear_num_key_heads=16,
+                       linear_num_value_heads=32)
 
 FAMILIES = {f.model_type: f for f in (
     Family('mixtral', 'MixtralForCausalLM', GQA + (
@@ -424,6 +440,43 @@ FAMILIES = {f.model_type: f for f in (
         router='gate.wg', shared_module='shared_mlp',
         qk_norm_names=('query_layernorm', 'key_layernorm'),
         absent=dict(max_position_embeddings=2048, rms_norm_eps=1e-5)),
+    # Qwen3-Next: Gated DeltaNet layers (layer_types; q, k, v, z and b, a fused per key head)
+    # beside attention layers with the output gate inside q_proj (per head: query, gate), norms
+    # stored zero-centred, a sigmoid-gated shared expert.
+    Family('qwen3_next', 'Qwen3NextForCausalLM', GQA + SPARSE_STEP + (
+        NORM_TOPK, NO_ATTENTION_BIAS, SharedExpert(), LinearLayers()),
+        fixed=(('model.qk_norm', 'head'), ('model.attention_output_gate', True)),
+        query_gate=True, zero_centred_norms=True, linear_layout='per_key_head',
+        absent=dict(LINEAR_DEFAULTS, head_dim=256, intermediate_size=5632,
+                    max_position_embeddings=32768, moe_intermediate_size=512, norm_topk_prob=True,
+                    num_experts=512, num_experts_per_tok=10, num_key_value_heads=2,
+                    partial_rotary_factor=0.25, router_aux_loss_coef=0.001,
+                    shared_expert_intermediate_size=512)),
+    # Qwen3.5-MoE's language model: Qwen3-Next's, MoE in every layer, the top-K always
+    # renormalised, the Gated DeltaNet projections apart (in_proj_qkv, in_proj_z, _b, _a).
+    Family('qwen3_5_moe_text', 'Qwen3_5MoeForCausalLM', GQA + (
+        *ROUTED, NO_ATTENTION_BIAS, SharedExpert(), LinearLayers(), Schedule('every')),
+        fixed=(('model.qk_norm', 'head'), ('model.attention_output_gate', True),
+               ('model.moe.router.norm_topk_prob', True)),
+        query_gate=True, zero_centred_norms=True, linear_layout='split',
+        absent=dict(LINEAR_DEFAULTS, head_dim=256, max_position_embeddings=32768,
+                    moe_intermediate_size=512, num_experts=256, num_experts_per_tok=8,
+                    num_key_value_heads=2, partial_rotary_factor=0.25,
+                    router_aux_loss_coef=0.001, shared_expert_intermediate_size=512)),
+    # Lara Mini: Qwen3.5's Gated DeltaNet layers (their six projections in one in_proj) between
+    # windowed layers that rotate and full-attention layers without positions, softmax top-K
+    # renormalised, an ungated shared expert, stacked experts; the checkpoints' own norm name.
+    Family('lara_mini', 'LaraMiniForCausalLM', GQA + (
+        *ROUTED, NORM_TOPK, NO_ATTENTION_BIAS, SharedExpert(gated=False),
+        SlidingLayers(layer_types=True), LinearLayers(windows=True), Schedule('every')),
+        fixed=(('model.qk_norm', 'head'), ('model.rope_layers', 'windowed')),
+        experts='stacked_linear', expert_names=STACKED, linear_layout='fused',
+        tensor_names=(('linear_attn.norm.', 'linear_attn.out_norm.'),),
+        absent=dict(LINEAR_DEFAULTS, head_dim=128, linear_num_key_heads=8,
+                    linear_num_value_heads=16, max_position_embeddings=131072, norm_topk_prob=True,
+                    num_experts=128, num_experts_per_tok=4, num_key_value_heads=4,
+                    router_aux_loss_coef=0.001, shared_expert_intermediate_size=512,
+                    sliding_window=512)),
     Family('phimoe', 'PhimoeForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -565,7 +618,8 @@ def _leaves(node, prefix):
 _NOT_THE_MODEL = ('model.dtype', 'model.remat', 'model.remat_save', 'model.mtp.',
                   'model.moe.dispatch.', 'model.moe.balance.', 'model.moe.router.dtype',
                   'model.moe.router.jitter', 'model.moe.router.freeze',
-                  'model.moe.experts.backend', 'model.moe.experts.block_size')
+                  'model.moe.experts.backend', 'model.moe.experts.block_size',
+                  'model.linear.chunk')
 
 
 def _unused(m, field: str) -> bool:

@@ -29,7 +29,6 @@ MULTIMODAL = {
     'muse_spark': 'muse_spark_text',
     'nemo_speechlm': 'nemotron_h',
     'nemotron_h_omni': 'nemotron_h',
-    'qwen3_5_moe': 'qwen3_5_moe_text',
     'qwen3_omni_moe': 'qwen3_omni_moe_text',  # its thinker's language model
     'qwen3_omni_moe_thinker': 'qwen3_omni_moe_text',
     'qwen4_exp': 'qwen4_exp_text',
@@ -53,8 +52,7 @@ _LINEAR = 'linear-attention layers'
 _INDEXER = 'sparse attention selected by a learned indexer'
 NEEDS = {
     # Linear attention and state-space layers between the attention layers.
-    'qwen4_exp_text': f'{_LINEAR} (Gated DeltaNet) and {_INDEXER}',
-    'lara_mini': f'{_LINEAR} (Gated DeltaNet)',
+    'qwen4_exp_text': _INDEXER,  # (its Gated DeltaNet layers moejax builds)
     'kimi_linear': f'{_LINEAR} (Kimi Delta Attention)',
     'bailing_hybrid': f'{_LINEAR} (a delta rule with a forget gate)',
     'minimax': f'{_LINEAR} (lightning attention)',
@@ -116,13 +114,7 @@ NEEDS = {
 }
 
 
-# Types whose distinctive layers moejax now builds, with no import written yet (nor checked
-# against transformers' whole model).
-NOT_YET_IMPORTED = {
-    'qwen3_next': 'Gated DeltaNet layers (model.linear_pattern)',
-    'qwen3_5_moe_text': 'Gated DeltaNet layers (model.linear_pattern)',
-}
-TABLES = (MULTIMODAL, NOT_A_LANGUAGE_MODEL, NEEDS, NOT_YET_IMPORTED)
+TABLES = (MULTIMODAL, NOT_A_LANGUAGE_MODEL, NEEDS)
 
 
 def reason(model_type: str) -> str | None:
@@ -137,7 +129,4 @@ def reason(model_type: str) -> str | None:
     return f'{NOT_A_LANGUAGE_MODEL[model_type]}, not a decoder-only language model'
   if model_type in NEEDS:
     return f'it needs {NEEDS[model_type]}, which moejax does not build'
-  if model_type in NOT_YET_IMPORTED:
-    return (f'moejax builds its {NOT_YET_IMPORTED[model_type]}, but its import is not '
-            'written yet')
   return None

@@ -243,10 +243,18 @@ class Schedule:
 
 
 def _period(values: list):
-  """The shortest prefix that, repeated, gives `values`."""
+  """The shortest pattern that, repeated, gives `values`, where a None entry may be anything
+  (a layer the pattern does not apply to); such a place in the pattern is 0 if nothing fills it."""
   for p in range(1, len(values) + 1):
-    if all(v == values[i % p] for i, v in enumerate(values)):
-      return values[:p]
+    pattern = [None] * p
+    for i, v in enumerate(values):
+      if v is None:
+        continue
+      if pattern[i % p] not in (None, v):
+        break
+      pattern[i % p] = v
+    else:
+      return [0 if v is None else v for v in pattern]
   return values
 
 
@@ -272,11 +280,11 @@ class SlidingLayers:
                         'to config.json')
     if not types:
       return {'model.sliding_window': int(window), 'model.sliding_pattern': (1,)}
-    kinds = {'sliding_attention': 1, 'full_attention': 0}
+    kinds = {'sliding_attention': 1, 'full_attention': 0, 'linear_attention': None}
     other = [t for t in types if t not in kinds]
     if other:
       raise ConfigError(f'{where}: layer_types has {other[0]!r} layers, which moejax does not '
-                        'build (sliding_attention and full_attention are)')
+                        'build (sliding_attention, full_attention and linear_attention are)')
     pattern = tuple(_period([kinds[t] for t in types]))
     if not any(pattern):  # a window no layer uses
       return {'model.sliding_window': 0, 'model.sliding_pattern': (1,)}
@@ -292,6 +300,55 @@ class SlidingLayers:
                            'full_attention' for i in range(m.num_layers)]
     else:
       hf.pop('layer_types', None)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLayers:
+  """layer_types ('linear_attention' / 'full_attention'; absent: every full_attention_interval-th
+  layer full, as transformers fills them) and the linear_* keys <-> model.linear_pattern (the
+  list's repeating period) and the Gated DeltaNet layers' settings (model.linear.*). With
+  `windows`, the other layers are 'sliding_attention' or 'full_attention' as SlidingLayers
+  (earlier in the entry) reads and writes them."""
+  windows: bool = False
+  KEYS = (('linear_num_key_heads', 'num_key_heads'), ('linear_num_value_heads', 'num_value_heads'),
+          ('linear_key_head_dim', 'key_head_dim'), ('linear_value_head_dim', 'value_head_dim'),
+          ('linear_conv_kernel_dim', 'conv_kernel'))
+
+  def read(self, hf: dict, where: str) -> dict:
+    n = hf['num_hidden_layers']
+    types = hf.get('layer_types')
+    if not types:
+      every = hf.get('full_attention_interval') or 4
+      types = ['full_attention' if (i + 1) % every == 0 else 'linear_attention'
+               for i in range(n)]
+    kinds = {'linear_attention': 1, 'full_attention': 0}
+    if self.windows:
+      kinds['sliding_attention'] = 0
+    other = [t for t in types if t not in kinds]
+    if other:
+      raise ConfigError(f'{where}: layer_types has {other[0]!r} layers, which moejax does not '
+                        'build here (linear_attention and full_attention are)')
+    if len(types) != n:
+      raise ConfigError(f'{where}: layer_types has {len(types)} entries for '
+                        f'num_hidden_layers={n}; give one per layer')
+    pattern = tuple(_period([kinds[t] for t in types]))
+    if not any(pattern):
+      return {'model.linear_pattern': ()}
+    f = {'model.linear_pattern': pattern}
+    for key, field in self.KEYS:
+      if hf.get(key) is None:
+        raise ConfigError(f'{where}: has linear_attention layers but no {key!r}')
+      f[f'model.linear.{field}'] = int(hf[key])
+    return f
+
+  def write(self, m, hf: dict) -> None:
+    pattern = m.linear_pattern if any(m.linear_pattern) else (0,)
+    hf.pop('full_attention_interval', None)
+    other = hf['layer_types'] if self.windows else ['full_attention'] * m.num_layers
+    hf['layer_types'] = ['linear_attention' if pattern[i % len(pattern)] else other[i]
+                         for i in range(m.num_layers)]
+    for key, field in self.KEYS:
+      hf[key] = m.linear[field]
 
 
 class AttentionBias:

@@ -10,6 +10,8 @@ attention split by head).
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 
 from moejax.model import schedule
@@ -71,24 +73,32 @@ NORM_NAMES = {
 }
 
 
-def norm_tensors(moejax_name: str, hf_name: str, m) -> list:
+def _scale(fam):
+  """A norm scale's transforms: the same, or (zero-centred checkpoints, whose norms compute
+  x * (1 + w)) moejax's scale = w + 1."""
+  if not fam.zero_centred_norms:
+    return _same, _same
+  return (lambda w, m: w + 1.0), (lambda w, m: w - 1.0)
+
+
+def norm_tensors(moejax_name: str, hf_name: str, m, fam) -> list:
   """A norm's scale (and bias, for LayerNorm) and its tensors."""
-  out = [((moejax_name, 'scale'), f'{hf_name}.weight', _same, _same)]
+  out = [((moejax_name, 'scale'), f'{hf_name}.weight', *_scale(fam))]
   if m.norm == 'layer':
     out.append(((moejax_name, 'bias'), f'{hf_name}.bias', _same, _same))
   return out
 
 
-def block_norms(m) -> list:
+def block_norms(m, fam) -> list:
   return [t for ours, theirs in NORM_NAMES[m.norm_placement]
-          for t in norm_tensors(ours, theirs, m)]
+          for t in norm_tensors(ours, theirs, m, fam)]
 
 
 def qk_norms(fam) -> list:
   """The q/k norms' scales, under the family's module names."""
   q, k = fam.qk_norm_names
-  return [(('attn', 'q_norm', 'scale'), f'self_attn.{q}.weight', _same, _same),
-          (('attn', 'k_norm', 'scale'), f'self_attn.{k}.weight', _same, _same)]
+  return [(('attn', 'q_norm', 'scale'), f'self_attn.{q}.weight', *_scale(fam)),
+          (('attn', 'k_norm', 'scale'), f'self_attn.{k}.weight', *_scale(fam))]
 
 
 def _bias_to_moejax(b, m):  # [H * hd] -> [H, hd]
@@ -251,15 +261,165 @@ def _out_to_hf_latent(w, m):
   return w.transpose(2, 0, 1).reshape(w.shape[2], -1)
 
 
-def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
-  """(path, HF name, to moejax, to HF, experts?) for one block; experts? marks [N, ...] leaves
-  stacked from per-expert tensors (the HF name then holds {e}). A path starting with
+class Parts(NamedTuple):
+  """One Hugging Face tensor holding several moejax leaves: split(w, m) -> the leaves' values in
+  order, join(values, m) -> the tensor (export), shape(m) -> its shape."""
+  split: Callable
+  join: Callable
+  shape: Callable
+
+
+class Part(NamedTuple):
+  """The leaf `index` of a Parts tensor (block_tensors' experts? column)."""
+  parts: Parts
+  index: int
+
+
+def _parts(name: str, paths: list, parts: Parts) -> list:
+  return [(path, name, lambda w, m, i=i: parts.split(w, m)[i], None, Part(parts, i))
+          for i, path in enumerate(paths)]
+
+
+def _linear_heads(m):
+  """(hk, hv, dk, dv, r): key and value heads, their dims, value heads per key head."""
+  lin = m.linear
+  return (lin.num_key_heads, lin.num_value_heads, lin.key_head_dim, lin.value_head_dim,
+          lin.num_value_heads // lin.num_key_heads)
+
+
+def _in(w, heads):  # a Linear's rows [heads * k, D] -> [D, heads, k]
+  return w.reshape(heads, -1, w.shape[-1]).transpose(2, 0, 1)
+
+
+def _out(w):  # [D, heads, k] -> [heads * k, D]
+  return w.transpose(1, 2, 0).reshape(-1, w.shape[0])
+
+
+def _qkvz_per_key_head():
+  """in_proj_qkvz [hk * (2 dk + 2 r dv), D], per key head [q dk | k dk | v r dv | z r dv]
+  <-> wq, wk [D, hk, dk], wv, wz [D, hv, dv] (value head h serves key head h // r)."""
+  def split(w, m):
+    hk, hv, dk, dv, r = _linear_heads(m)
+    g = w.reshape(hk, 2 * dk + 2 * r * dv, -1)
+    parts = (g[:, :dk], g[:, dk:2 * dk], g[:, 2 * dk:2 * dk + r * dv], g[:, 2 * dk + r * dv:])
+    return [_in(p.reshape(-1, w.shape[-1]), n) for p, n in zip(parts, (hk, hk, hv, hv))]
+
+  def join(values, m):
+    hk, _, _, _, _ = _linear_heads(m)
+    rows = [_out(v).reshape(hk, -1, v.shape[0]) for v in values]
+    return np.concatenate(rows, axis=1).reshape(-1, values[0].shape[0])
+
+  def shape(m):
+    hk, hv, dk, dv, _ = _linear_heads(m)
+    return (2 * hk * dk + 2 * hv * dv, m.d_model)
+  return Parts(split, join, shape)
+
+
+def _ba_per_key_head():
+  """in_proj_ba [2 hv, D], per key head [b r | a r] <-> wb, wa [D, hv]."""
+  def split(w, m):
+    hk, hv, _, _, r = _linear_heads(m)
+    g = w.reshape(hk, 2 * r, -1)
+    return [g[:, :r].reshape(hv, -1).T, g[:, r:].reshape(hv, -1).T]
+
+  def join(values, m):
+    hk, _, _, _, r = _linear_heads(m)
+    return np.concatenate([v.T.reshape(hk, r, -1) for v in values], axis=1).reshape(
+        -1, values[0].shape[0])
+  return Parts(split, join, lambda m: (2 * m.linear.num_value_heads, m.d_model))
+
+
+def _rows_of(heads_dims):
+  """One Linear of [a; b; ...] row blocks, block i of heads_dims(m)[i] = (heads, dim) <-> its
+  leaves [D, heads, dim] ([D, heads] where dim is None: one row per head)."""
+  def split(w, m):
+    blocks = heads_dims(m)
+    sizes = np.cumsum([h * (k or 1) for h, k in blocks])[:-1]
+    return [_in(p, h) if k else p.T for p, (h, k) in zip(np.split(w, sizes), blocks)]
+
+  def join(values, m):
+    return np.concatenate([_out(v) if v.ndim == 3 else v.T for v in values], axis=0)
+  return Parts(split, join, lambda m: (sum(h * (k or 1) for h, k in heads_dims(m)), m.d_model))
+
+
+def _conv():
+  """conv1d [C, 1, K] over channels [q hk dk | k hk dk | v hv dv] <-> conv_q, conv_k [K, hk,
+  dk], conv_v [K, hv, dv]."""
+  def sizes(m):
+    hk, hv, dk, dv, _ = _linear_heads(m)
+    return ((hk, dk), (hk, dk), (hv, dv))
+
+  def split(w, m):
+    c = w[:, 0, :].T  # [K, C]
+    cuts = np.cumsum([h * k for h, k in sizes(m)])[:-1]
+    return [p.reshape(c.shape[0], h, k) for p, (h, k) in zip(np.split(c, cuts, axis=1),
+                                                             sizes(m))]
+
+  def join(values, m):
+    return np.concatenate([v.reshape(v.shape[0], -1) for v in values], axis=1).T[:, None, :]
+  return Parts(split, join, lambda m: (sum(h * k for h, k in sizes(m)), 1,
+                                       m.linear.conv_kernel))
+
+
+def _linear_out_to_moejax(w, m):  # out_proj [D, hv * dv] -> [hv, dv, D]
+  return w.T.reshape(m.linear.num_value_heads, m.linear.value_head_dim, -1)
+
+
+def _linear_out_to_hf(w, m):
+  return w.reshape(-1, w.shape[-1]).T
+
+
+def linear_attention(fam) -> list:
+  """A Gated DeltaNet layer's tensors under linear_attn, in the family's layout: q, k, v and z
+  fused per key head with b and a likewise ('per_key_head'), q, k, v in one projection and
+  z, b, a apart ('split'), or all six in one ('fused': rows [q | k | v | z | b | a])."""
+  mod = 'linear_attn'
+  a = ('attn',)
+  if fam.linear_layout == 'fused':
+    def rows(m):
+      hk, hv, dk, dv, _ = _linear_heads(m)
+      return ((hk, dk), (hk, dk), (hv, dv), (hv, dv), (hv, None), (hv, None))
+    out = _parts(f'{mod}.in_proj.weight', [a + (n,) for n in ('wq', 'wk', 'wv', 'wz', 'wb', 'wa')],
+                 _rows_of(rows))
+  elif fam.linear_layout == 'per_key_head':
+    out = (_parts(f'{mod}.in_proj_qkvz.weight', [a + ('wq',), a + ('wk',), a + ('wv',),
+                                                   a + ('wz',)], _qkvz_per_key_head()) +
+           _parts(f'{mod}.in_proj_ba.weight', [a + ('wb',), a + ('wa',)], _ba_per_key_head()))
+  else:
+    def qkv(m):  # (heads, dim) of the q, k and v rows
+      hk, hv, dk, dv, _ = _linear_heads(m)
+      return ((hk, dk), (hk, dk), (hv, dv))
+    out = (_parts(f'{mod}.in_proj_qkv.weight', [a + ('wq',), a + ('wk',), a + ('wv',)],
+                  _rows_of(qkv)) +
+           [(a + ('wz',), f'{mod}.in_proj_z.weight',
+             lambda w, m: _in(w, m.linear.num_value_heads), lambda w, m: _out(w), False),
+            (a + ('wb',), f'{mod}.in_proj_b.weight', _t, _t, False),
+            (a + ('wa',), f'{mod}.in_proj_a.weight', _t, _t, False)])
+  return out + _parts(f'{mod}.conv1d.weight', [a + ('conv_q',), a + ('conv_k',),
+                                              a + ('conv_v',)], _conv()) + [
+      (a + ('dt_bias',), f'{mod}.dt_bias', _same, _same, False),
+      (a + ('a_log',), f'{mod}.A_log', _same, _same, False),
+      (a + ('norm_scale',), f'{mod}.norm.weight', _same, _same, False),
+      (a + ('wo',), f'{mod}.out_proj.weight', _linear_out_to_moejax, _linear_out_to_hf, False)]
+
+
+def block_tensors(m, fam, moe: bool, interleaved: bool = False, linear: bool = False) -> list:
+  """(path, HF name, to moejax, to HF, experts?) for one block (a linear-attention layer's when
+  `linear`); experts? marks [N, ...] leaves stacked from per-expert tensors (the HF name then
+  holds {e}), a string or a Part the leaves sharing one tensor. A path starting with
   'moe_state' is a state variable (the selection bias), not a parameter."""
+  out = [(*t, False) for t in block_norms(m, fam)]
+  if linear:
+    return out + linear_attention(fam) + _ffn_tensors(m, fam, moe)
+  return out + _attention_tensors(m, fam, interleaved) + _ffn_tensors(m, fam, moe)
+
+
+def _attention_tensors(m, fam, interleaved: bool) -> list:
+  """A softmax-attention layer's tensors (grouped-query or latent)."""
   if m.attention == 'mla':
     out = [(*t, False) for t in latent_attention(m, interleaved)]
   else:
     out = _qkv(attention(interleaved), fam, 'weight')
-  out += [(*t, False) for t in block_norms(m)]
   if m.qk_norm in ('head', 'full'):  # 'l2' has no scale
     out += [(*t, False) for t in qk_norms(fam)]
   if m.qkv_bias:
@@ -275,6 +435,13 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
     out.append((('attn', 'wg'), 'self_attn.gate_proj.weight', *_heads('num_heads'), False))
   if m.attention_sinks:
     out.append((('attn', 'sinks'), 'self_attn.sinks', _same, _same, False))
+  return out
+
+
+def _ffn_tensors(m, fam, moe: bool) -> list:
+  """A block's FFN tensors: the dense FFN, or the MoE block's router, experts and shared
+  experts."""
+  out = []
   if not moe:
     return out + [(*t, False) for t in dense_ffn(fam.dense_module)]
   gate, up, down = (f'{fam.moe_module}.{n}' for n in fam.expert_names)
@@ -323,11 +490,11 @@ def block_tensors(m, fam, moe: bool, interleaved: bool = False) -> list:
   return out
 
 
-def top(m) -> list:
+def top(m, fam) -> list:
   """The embedding, the final norm and the head."""
   return ([(('params', 'embedding'), 'model.embed_tokens.weight', _same, _same)] +
           [(('params',) + path, name, a, b) for path, name, a, b in
-           norm_tensors('final_norm', 'model.norm', m)] +
+           norm_tensors('final_norm', 'model.norm', m, fam)] +
           [(('params', 'head'), 'lm_head.weight', _t, _t)] +
           ([(('params', 'head_bias'), 'lm_head.bias', _same, _same)] if m.head_bias else []))
 
@@ -336,10 +503,11 @@ def leaves(m, fam, interleaved: bool = False):
   """Every moejax variable: (full path from the collection, [(layer or None, index in stack or
   None)], HF name template, to moejax, to HF, experts?) where the list gives the layers a
   stacked leaf holds."""
-  out = [(path, [(None, None)], name, a, b, False) for path, name, a, b in top(m)]
+  out = [(path, [(None, None)], name, a, b, False) for path, name, a, b in top(m, fam)]
   grouped = {}
   for layer, slot in enumerate(schedule.slots(m)):
-    for path, name, a, b, per_expert in block_tensors(m, fam, slot.moe, interleaved):
+    for path, name, a, b, per_expert in block_tensors(m, fam, slot.moe, interleaved,
+                                                      slot.linear):
       collection, path = (('moe_state',), path[1:]) if path[0] == 'moe_state' else (
           ('params',), path)
       key = collection + (slot.stack, slot.block) + path
@@ -412,7 +580,7 @@ def assemble(reader, m, fam, path, layers, template, to_moejax, to_hf, per_exper
     return to_moejax(np.asarray(reader.get(name), np.float32), m)
 
   want = None  # the HF shape of one (layer's, expert's) tensor
-  fused = per_expert in ('fused', 'fused_t', 'fused_rows', 'fused_heads')
+  fused = isinstance(per_expert, (str, Part))  # one tensor holds this leaf and its siblings
   if not fused:
     want = to_hf(np.broadcast_to(np.zeros((), np.float32), full[1:] if per_expert else full),
                  m).shape
