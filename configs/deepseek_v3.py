@@ -2,7 +2,10 @@
 256 routed experts of 2048 + 1 shared, top-8, sigmoid gate with loss-free bias, group-limited
 routing (8 groups, keep 4), routed_scaling_factor 2.5, sequence-wise loss 1e-4, one MTP
 module with loss weight 0.3 (the paper lowers it to 0.1 later in training).
-`--config=configs/deepseek_v3.py` (published shape) or `configs/deepseek_v3.py:tiny` (CPU)."""
+`--config=configs/deepseek_v3.py` (published shape) or `configs/deepseek_v3.py:tiny` (CPU).
+`:v32` is DeepSeek-V3.2 (arXiv:2512.02556): the same model with DeepSeek Sparse Attention, a
+lightning indexer of 64 heads of 128 in every layer choosing 2048 keys per query
+(`model.mla.index_*`); `:v32_tiny` its CPU variant (8 of up to 64 keys)."""
 from moejax.configs.published import published
 
 COMMON = {
@@ -34,5 +37,14 @@ TINY = {**COMMON,
         'model.moe.router.topk_groups': 2}
 
 
+SPARSE = {'model.mla.index_topk': 2048, 'model.mla.index_heads': 64,
+          'model.mla.index_head_dim': 128}
+SPARSE_TINY = {'model.mla.index_topk': 8, 'model.mla.index_heads': 4,
+               'model.mla.index_head_dim': 16}
+
+
 def get_config(arg=None):
+  if arg in ('v32', 'v32_tiny'):
+    tiny = arg == 'v32_tiny'
+    return published('tiny' if tiny else None, {**FULL, **SPARSE}, {**TINY, **SPARSE_TINY})
   return published(arg, FULL, TINY)

@@ -170,6 +170,21 @@ def _check_model(c):
     if m.mla.qk_rope_head_dim % 2:
       fail('model.mla.qk_rope_head_dim', m.mla.qk_rope_head_dim, 'must be even for rotary '
            'embeddings')
+    _sparse_attention(c, m.mla)
+
+
+def _sparse_attention(c, mla):
+  """model.mla.index_*: the lightning indexer of DeepSeek Sparse Attention."""
+  _positive(c, 'model.mla.index_topk model.mla.index_loss_weight', allow_zero=True)
+  if not mla.index_topk:
+    return
+  if not mla.q_lora_rank:
+    fail('model.mla.index_topk', mla.index_topk, 'needs model.mla.q_lora_rank > 0 (the indexer '
+         "reads the queries' latent); set q_lora_rank or index_topk=0")
+  _positive(c, 'model.mla.index_heads model.mla.index_head_dim')
+  if mla.index_head_dim < mla.qk_rope_head_dim:
+    fail('model.mla.index_head_dim', mla.index_head_dim, 'must be at least '
+         f'model.mla.qk_rope_head_dim={mla.qk_rope_head_dim} (its first dims rotate)')
 
 
 def _check_train(c):

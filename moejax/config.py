@@ -42,6 +42,16 @@ def base_config() -> ml_collections.ConfigDict:
   mla.qk_rope_head_dim = 16
   mla.v_head_dim = 32
   mla.latent_norm_eps = 1e-6  # the query and key-value latents' RMSNorms (1e-6 in DeepSeek's)
+  # DeepSeek Sparse Attention (model/indexer.py): index_topk > 0 puts a lightning indexer of
+  # index_heads heads of index_head_dim in front of the attention (it needs q_lora_rank > 0)
+  # and each query attends to its index_topk best earlier keys; 0: dense attention. The
+  # indexer learns only from its KL loss, index_loss_weight per layer; index_warmup: attend
+  # densely and fit the indexer over every earlier key (the paper's dense warm-up).
+  mla.index_topk = 0
+  mla.index_heads = 4
+  mla.index_head_dim = 32
+  mla.index_loss_weight = 1.0
+  mla.index_warmup = False
   # Linear-attention layers: those whose entry in linear_pattern (repeated over the layers:
   # layer i reads entry i % len) is 1 mix tokens with Gated DeltaNet (model/linear_attention.py)
   # instead of softmax attention; () or all 0: none. E.g. (1, 1, 1, 0): three linear layers,

@@ -8,6 +8,11 @@ import transformers
 COMMON = dict(vocab_size=320, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
               eos_token_id=None, bos_token_id=None, pad_token_id=None)
+# DeepSeek-V3's shape (MLA with a query latent, groups, a dense first layer).
+_V3 = dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+           first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+           qk_rope_head_dim=4, v_head_dim=8, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+           num_key_value_heads=4)
 # Gated DeltaNet settings whose sizes all differ (key heads 2, value heads 4 of 6, key dim 8,
 # convolution 3).
 _LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
@@ -36,12 +41,15 @@ FAMILIES = {
                          q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                          n_group=2, topk_group=1, topk_method='group_limited_greedy',
                          routed_scaling_factor=1.5, num_key_value_heads=4)),
-    'deepseek_v3': ('DeepseekV3Config', 'DeepseekV3ForCausalLM',
-                    dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-                         n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
-                         q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                         n_group=2, topk_group=1, routed_scaling_factor=2.5,
-                         num_key_value_heads=4)),
+    'deepseek_v3': ('DeepseekV3Config', 'DeepseekV3ForCausalLM', _V3),
+    # DeepSeek-V3.2: V3 with a lightning indexer of 8 heads choosing 5 keys per query (of up
+    # to 12: the choice matters from the 6th token on); GLM-5 the same with the indexer's
+    # rotary pairs interleaved, 6 keys.
+    'deepseek_v32': ('DeepseekV32Config', 'DeepseekV32ForCausalLM',
+                     dict(_V3, index_topk=5, index_n_heads=8, index_head_dim=12)),
+    'glm_moe_dsa': ('GlmMoeDsaConfig', 'GlmMoeDsaForCausalLM',
+                    dict(_V3, index_topk=6, index_n_heads=8, index_head_dim=12,
+                         mlp_layer_types=['dense', 'sparse', 'sparse'])),
     # Llama 4: top-1 sigmoid gate on the expert's input + a shared expert, MoE every other
     # layer, dense layers of their own width; NoPE on layer 3 with temperature-tuned queries,
     # chunks of 4 positions with L2-normalised q/k on the others; llama3 rotary scaling.

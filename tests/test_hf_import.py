@@ -237,7 +237,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
   cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for change, match in (
       ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: afmoe, "
-                               'aria_text, deepseek_v2, deepseek_v3, dots1, '),
+                               'aria_text, deepseek_v2, deepseek_v3, deepseek_v32, dots1, '),
       ({'model_type': 'kimi_linear'}, "model_type 'kimi_linear' is not supported: it needs "
                                       'linear-attention layers \\(Kimi Delta Attention\\)'),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not supported \\(only SiLU-gated FFNs\\)"),

@@ -81,13 +81,29 @@ def test_qwen3_next_counts_what_transformers_builds():
       p.numel() for p in ref.parameters())
 
 
-TINY = list(PUBLISHED) + ['qwen3_moe', 'olmoe', 'qwen2_moe', 'llama4', 'gpt_oss', 'qwen3_next']
+def test_deepseek_v32_counts_its_indexers_and_its_card():
+  """DeepSeek-V3.2 is V3 plus an indexer per layer (wq 1536 x 64 x 128, wk 7168 x 128, its
+  LayerNorm, weights 7168 x 64; the MTP module has one too). Its card's 685B counts the stored
+  checkpoint: the model, the MTP module and that module's own copy of the embedding and head
+  (moejax shares them)."""
+  v3, v32 = (count_params(load('deepseek_v3', arg).model) for arg in (None, 'v32'))
+  per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64
+  assert v32['total'] - v3['total'] == 61 * per_layer == v32['attention'] - v3['attention']
+  assert v32['mtp'] - v3['mtp'] == per_layer
+  assert _within_published((v32['total'] + v32['mtp'] + 2 * 129280 * 7168) / 1e9, '685')
+  assert _within_published(v32['active_without_input_embedding'] / 1e9, '37')
+
+
+TINY = list(PUBLISHED) + ['qwen3_moe', 'olmoe', 'qwen2_moe', 'llama4', 'gpt_oss', 'qwen3_next',
+                          'deepseek_v3:v32']
 
 
 @pytest.mark.parametrize('name', TINY)
 def test_tiny_variant_has_the_published_structure(name):
-  c = load(name, 'tiny')
-  full = load(name)
+  name, _, arg = name.partition(':')
+  c = load(name, f'{arg}_tiny' if arg else 'tiny')
+  full = load(name, arg or None)
+  assert bool(c.model.mla.index_topk) == bool(full.model.mla.index_topk)
   assert c.model.attention == full.model.attention
   assert (c.model.moe.experts.to_dict(), c.model.sliding_pattern, c.model.linear_pattern) == (
       full.model.moe.experts.to_dict(), full.model.sliding_pattern, full.model.linear_pattern)
@@ -109,7 +125,8 @@ def test_tiny_variant_has_the_published_structure(name):
 @pytest.mark.slow  # a train step compiled per published config (10-17 s each)
 @pytest.mark.parametrize('name', TINY)
 def test_tiny_variant_trains(name):
-  c = load(name, 'tiny')
+  name, _, arg = name.partition(':')
+  c = load(name, f'{arg}_tiny' if arg else 'tiny')
   c.mesh.data = 1
   trainer = Trainer(c, make_mesh(validate(c, 1), jax.devices()[:1]))
   state = trainer.init(0)
@@ -135,7 +152,8 @@ def _rope(x, pos, theta):  # x [s, d] (half-split convention), pos [s]
 
 def test_mla_matches_numpy_equations():
   mla = ml_collections.FrozenConfigDict(dict(q_lora_rank=12, kv_lora_rank=10,
-                                             qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5))
+                                             qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+                                             index_topk=0))
   h, d, s, theta = 3, 16, 7, 1e4
   mod = MultiHeadLatentAttention(h, mla, theta)
   x = jax.random.normal(jax.random.key(0), (1, s, d))

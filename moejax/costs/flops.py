@@ -17,7 +17,10 @@ Forward FLOPs of one token, the PaLM / MaxText convention:
       + c (dk + dv)     the triangular solve (half a c x c matrix times dk + dv columns)
       + 6 dk dv         reading the state twice and writing it once
     (c: model.linear.chunk): linear in the context, not quadratic. Its short convolution is
-    2 FLOPs per weight like a matmul.
+    2 FLOPs per weight like a matmul;
+  + with sparse attention (model.mla.index_topk), the indexer's 2 x ctx x H_I x (d_I + 1) (its
+    head dot products, then the weighted sum of their ReLUs) while the attention reads
+    min(ctx, index_topk) keys (every key in the warm-up).
 Training is 3 x forward (the backward pass costs two forwards). `train_flops(config)` is that
 times the tokens of the run (train.steps x train.batch_size x data.seq_len).
 """
@@ -97,11 +100,15 @@ def _attention_per_layer(m, ctx: int, layer: int) -> float:
     lin = m.linear
     c, dk, dv = lin.chunk, lin.key_head_dim, lin.value_head_dim
     return float(lin.num_value_heads * (2 * c * (2 * dk + dv) + c * (dk + dv) + 6 * dk * dv))
+  index = 0.0
   if m.attention == 'mla':
     qk, v = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
+    if m.mla.index_topk:  # the indexer scores every key, the attention reads the chosen ones
+      index = 2.0 * ctx * m.mla.index_heads * (m.mla.index_head_dim + 1)
+      ctx = ctx if m.mla.index_warmup else min(ctx, m.mla.index_topk)
   else:
     qk = v = m.head_dim
-  return 2.0 * ctx * m.num_heads * (qk + v)
+  return 2.0 * ctx * m.num_heads * (qk + v) + index
 
 
 def flops_per_token(model_cfg, seq_len: int) -> dict:

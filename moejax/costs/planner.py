@@ -88,7 +88,8 @@ def train_state_bytes_per_device(model_cfg, mesh: dict[str, int]) -> int:
 def cache_numbers(model_cfg) -> tuple[int, int, int]:
   """(numbers cached per token over all layers, convolution inputs per sequence in the model
   dtype, gated delta states per sequence in float32), read from the decoding model's cache.
-  Per token: GQA 2 * kv_heads * head_dim per layer, MLA kv_lora_rank + qk_rope_head_dim;
+  Per token: GQA 2 * kv_heads * head_dim per layer, MLA kv_lora_rank + qk_rope_head_dim (and
+  the sparse-attention indexer's key, index_head_dim);
   linear-attention layers keep only their per-sequence state, whatever the context."""
   cache = _abstract(model_cfg, cache_len=1)['cache']
   per_token = conv = state = 0

@@ -17,9 +17,9 @@ import dataclasses
 
 from moejax.errors import ConfigError
 from moejax.hf import refused
-from moejax.hf.rules import (AttentionBias, Const, Key, LatentHeads, LinearLayers, MupInput,
-                             NopeLayers, Rope, Schedule, SharedExpert, SlidingLayers, TopkMethod,
-                             moe_layers)
+from moejax.hf.rules import (AttentionBias, Const, IndexedLayers, Key, LatentHeads, LinearLayers,
+                             MupInput, NopeLayers, Rope, Schedule, SharedExpert, SlidingLayers,
+                             TopkMethod, moe_layers)
 
 __all__ = ['FAMILIES', 'Family', 'family', 'model_fields', 'hf_config', 'moe_layers']
 
@@ -89,6 +89,7 @@ class Family:
   tensor_names: tuple = ()  # (transformers' name part, the checkpoints' own), in order
   zero_centred_norms: bool = False  # RMSNorms compute x * (1 + w): moejax's scale is w + 1
   linear_layout: str = ''  # Gated DeltaNet tensors: 'per_key_head', 'split' or 'fused'
+  index_rope_pairs: str = 'halves'  # the sparse-attention indexer's rotary dims: or 'interleaved'
 
   def interleaved(self, hf: dict) -> bool:
     """Whether the checkpoint's rotary dims are interleaved pairs."""
@@ -234,6 +235,28 @@ FAMILIES = {f.model_type: f for f in (
         absent=dict(first_k_dense_replace=1, max_position_embeddings=202752, n_shared_experts=1,
                     norm_topk_prob=True, q_lora_rank=768, rms_norm_eps=1e-5,
                     routed_scaling_factor=1.8)),
+    # DeepSeek-V3.2: DeepSeek-V3 with a lightning indexer selecting each query's keys
+    # (DeepSeek Sparse Attention; its rotary dims in halves, the attention's interleaved).
+    Family('deepseek_v32', 'DeepseekV32ForCausalLM', LATENT + (
+        NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc'), Schedule('mlp_layer_types'),
+        IndexedLayers()),
+        fixed=(('model.attention', 'mla'),),
+        shared_module='shared_experts', rope_pairs='interleaved',
+        absent=dict(first_k_dense_replace=3, index_head_dim=128, index_n_heads=64,
+                    index_topk=2048, max_position_embeddings=163840, n_group=8, topk_group=4,
+                    n_shared_experts=1, norm_topk_prob=True, q_lora_rank=1536,
+                    routed_scaling_factor=2.5)),
+    # GLM-5: the same sparse attention (the indexer's rotary dims interleaved too), every layer
+    # running its own indexer; MoE layers by each layer's kind.
+    Family('glm_moe_dsa', 'GlmMoeDsaForCausalLM', LATENT + (
+        NORM_TOPK, TopkMethod('sigmoid', 'noaux_tc'), Schedule('mlp_layer_types'),
+        IndexedLayers(per_layer='indexer_types')),
+        fixed=(('model.attention', 'mla'),),
+        shared_module='shared_experts', rope_pairs='interleaved', index_rope_pairs='interleaved',
+        absent=dict(first_k_dense_replace=3, index_head_dim=128, index_n_heads=32,
+                    index_topk=2048, max_position_embeddings=202752, n_group=1, topk_group=1,
+                    n_shared_experts=1, norm_topk_prob=True, q_lora_rank=2048, rms_norm_eps=1e-5,
+                    routed_scaling_factor=2.5)),
     Family('llama4_text', 'Llama4ForCausalLM', GQA + (
         Key('num_local_experts', 'model.moe.num_experts'),
         Key('intermediate_size', 'model.moe.expert_ffn_dim'),
@@ -619,7 +642,7 @@ _NOT_THE_MODEL = ('model.dtype', 'model.remat', 'model.remat_save', 'model.mtp.'
                   'model.moe.dispatch.', 'model.moe.balance.', 'model.moe.router.dtype',
                   'model.moe.router.jitter', 'model.moe.router.freeze',
                   'model.moe.experts.backend', 'model.moe.experts.block_size',
-                  'model.linear.chunk')
+                  'model.linear.chunk', 'model.mla.index_loss_weight')
 
 
 def _unused(m, field: str) -> bool:
@@ -632,6 +655,8 @@ def _unused(m, field: str) -> bool:
           (field == 'model.nope_temperature_floor' and not m.nope_temperature) or
           (field == 'model.linear_pattern' and not any(m.linear_pattern)) or
           (field.startswith('model.linear.') and not any(m.linear_pattern)) or
+          (field.startswith('model.mla.index_') and field != 'model.mla.index_topk' and
+           not m.mla.index_topk) or
           (field == 'model.moe.shared_expert_ffn_dim' and not m.moe.num_shared_experts) or
           (field == 'model.ffn_dim' and layer_plan(m)[0] == 0 and m.moe_layer_freq == 1))
 

@@ -49,31 +49,31 @@ NOT_A_LANGUAGE_MODEL = {
 }
 
 _LINEAR = 'linear-attention layers'
-_INDEXER = 'sparse attention selected by a learned indexer'
 NEEDS = {
     # Linear attention and state-space layers between the attention layers.
-    'qwen4_exp_text': _INDEXER,  # (its Gated DeltaNet layers moejax builds)
+    'qwen4_exp_text': 'sparse attention over compressed key blocks (QSA)',
     'kimi_linear': f'{_LINEAR} (Kimi Delta Attention)',
     'bailing_hybrid': f'{_LINEAR} (a delta rule with a forget gate)',
     'minimax': f'{_LINEAR} (lightning attention)',
-    'minimax_m3_vl_text': f'{_LINEAR} and {_INDEXER}',
-    'glm5_next_text': f'{_LINEAR}, {_INDEXER} and hyper-connections (several residual streams)',
+    'minimax_m3_vl_text': f'{_LINEAR} and an indexer of its own kind',
+    'glm5_next_text': f'{_LINEAR}, an indexer over pooled keys and hyper-connections (several '
+                      'residual streams)',
     'granitemoehybrid': 'Mamba-2 layers',
     'jamba': 'Mamba layers',
     'nemotron_h': 'Mamba-2 layers',
     'lfm2_moe': 'short-convolution layers',
-    # Sparse attention selected by a learned indexer.
-    'deepseek_v32': _INDEXER,
-    'glm_moe_dsa': _INDEXER,
-    'axk2': _INDEXER,
-    'dots3_note_text': _INDEXER,
-    'mistral_large4_text': _INDEXER,
-    'kolibri1_1': f'{_INDEXER} and key-value states shared across layers',
+    # Sparse attention beyond DeepSeek's (whose indexer moejax builds), or beside more.
+    'axk2': 'RMSNorms gated by a low-rank sigmoid MLP and a query projection fused with an output '
+            'gate',
+    'dots3_note_text': 'an output gate and a norm of the rotary key alone in latent attention',
+    'mistral_large4_text': 'an indexer whose queries come from the block input (no query latent)',
+    'kolibri1_1': 'a weightless indexer (query heads against key head 0) and key-value states '
+                  'shared across layers',
     'deepseek_v4': 'hyper-connections (several residual streams) and compressed sparse '
                    'attention',
-    'hy_v4': 'hyper-connections (several residual streams) and ' + _INDEXER,
-    'hy_v4_vl_text': 'hyper-connections (several residual streams), ' + _INDEXER +
-                     ' and multi-section rotary positions',
+    'hy_v4': 'hyper-connections (several residual streams)',
+    'hy_v4_vl_text': 'hyper-connections (several residual streams) and multi-section rotary '
+                     'positions',
     # Other attention or block structures.
     'longcat_flash': 'shortcut-connected MoE blocks (two attention sublayers per layer) and '
                      'zero-computation experts',

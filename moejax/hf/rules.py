@@ -472,6 +472,39 @@ class NopeLayers:
               floor_scale=m.nope_temperature_floor)
 
 
+@dataclasses.dataclass(frozen=True)
+class IndexedLayers:
+  """DeepSeek Sparse Attention's keys (index_topk, index_n_heads, index_head_dim) <->
+  model.mla.index_*; every layer indexed (layer_types 'indexed_attention'), and with
+  `per_layer` (GLM-5's indexer_types) every layer running its own indexer ('full': a layer
+  that reuses another's selection is refused)."""
+  per_layer: str = ''  # the config.json key of each layer's indexer mode, if the family has it
+
+  def read(self, hf: dict, where: str) -> dict:
+    kinds = set(hf.get('layer_types') or ['indexed_attention'])
+    if kinds != {'indexed_attention'}:
+      raise ConfigError(f'{where}: layer_types {sorted(kinds)} is not supported (every layer is '
+                        "'indexed_attention' in this family)")
+    modes = set(hf.get(self.per_layer) or ['full']) if self.per_layer else {'full'}
+    if modes != {'full'}:
+      raise ConfigError(f"{where}: {self.per_layer} has {sorted(modes - {'full'})} layers (an "
+                        "indexer's selection reused by later layers), which moejax does not "
+                        "build; every layer 'full' is supported")
+    return {'model.mla.index_topk': int(hf['index_topk']),
+            'model.mla.index_heads': int(hf['index_n_heads']),
+            'model.mla.index_head_dim': int(hf['index_head_dim'])}
+
+  def write(self, m, hf: dict) -> None:
+    if not m.mla.index_topk:
+      raise ConfigError(f'--model_type={hf["model_type"]}: indexes every layer (DeepSeek Sparse '
+                        'Attention); this model has model.mla.index_topk=0')
+    hf.update(index_topk=m.mla.index_topk, index_n_heads=m.mla.index_heads,
+              index_head_dim=m.mla.index_head_dim,
+              layer_types=['indexed_attention'] * m.num_layers)
+    if self.per_layer:
+      hf[self.per_layer] = ['full'] * m.num_layers
+
+
 class LatentHeads:
   """MLA's heads: model.head_dim is qk_nope_head_dim + qk_rope_head_dim and every head has its
   own keys (num_kv_heads = num_heads); config.json's head_dim is the rotary part."""

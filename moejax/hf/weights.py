@@ -240,6 +240,27 @@ def _per_head():
   return to_moejax, to_hf
 
 
+def _indexer(m, interleaved: bool) -> list:
+  """The lightning indexer's tensors (self_attn.indexer), its rotary dims (the first
+  qk_rope_head_dim of its queries and keys) reordered from interleaved pairs when the family's
+  indexer rotates them so (its key's LayerNorm reordered alike: the scores stay the same)."""
+  rope, d = m.mla.qk_rope_head_dim, m.mla.index_head_dim
+  order = np.concatenate([_rope_order(rope, interleaved), np.arange(rope, d)])
+  back = np.argsort(order)
+  mod = 'self_attn.indexer'
+  return [
+      (('attn', 'indexer', 'wq'), f'{mod}.wq_b.weight',
+       lambda w, m: w.reshape(m.mla.index_heads, d, -1)[:, order].transpose(2, 0, 1),
+       lambda w, m: w[:, :, back].transpose(1, 2, 0).reshape(-1, w.shape[0])),
+      (('attn', 'indexer', 'wk'), f'{mod}.wk.weight', lambda w, m: w[order].T,
+       lambda w, m: w.T[back]),
+      (('attn', 'indexer', 'k_norm', 'scale'), f'{mod}.k_norm.weight', lambda w, m: w[order],
+       lambda w, m: w[back]),
+      (('attn', 'indexer', 'k_norm', 'bias'), f'{mod}.k_norm.bias', lambda w, m: w[order],
+       lambda w, m: w[back]),
+      (('attn', 'indexer', 'w_heads'), f'{mod}.weights_proj.weight', _t, _t)]
+
+
 def latent_attention(m, interleaved: bool) -> list:
   q = ([(('attn', 'wq_a'), 'self_attn.q_a_proj.weight', _t, _t),
         (('attn', 'q_norm', 'scale'), 'self_attn.q_a_layernorm.weight', _same, _same),
@@ -418,6 +439,8 @@ def _attention_tensors(m, fam, interleaved: bool) -> list:
   """A softmax-attention layer's tensors (grouped-query or latent)."""
   if m.attention == 'mla':
     out = [(*t, False) for t in latent_attention(m, interleaved)]
+    if m.mla.index_topk:
+      out += [(*t, False) for t in _indexer(m, fam.index_rope_pairs == 'interleaved')]
   else:
     out = _qkv(attention(interleaved), fam, 'weight')
   if m.qk_norm in ('head', 'full'):  # 'l2' has no scale

@@ -4,7 +4,8 @@ Queries: x -> (low-rank q_lora_rank, RMSNorm) -> per head [qk_nope_head_dim | qk
 Keys/values: x -> a joint latent c_kv of kv_lora_rank (RMSNorm) plus one decoupled rotary key
 k_rope of qk_rope_head_dim shared by all heads; c_kv -> per head [k_nope | v]. Only c_kv and
 k_rope need caching: kv_lora_rank + qk_rope_head_dim numbers per token per layer (576 for V3).
-q_lora_rank = 0 projects queries directly (DeepSeek-V2-Lite).
+q_lora_rank = 0 projects queries directly (DeepSeek-V2-Lite). With mla.index_topk > 0 each query
+attends only to the keys a lightning indexer selects (DeepSeek Sparse Attention, indexer.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.model.attention import update_cache
+from moejax.model.indexer import LightningIndexer, indexer_loss, select_keys
 from moejax.model.rope import apply_rope
 from moejax.nn.layers import RMSNorm, constrain, param_with_axes
 
@@ -25,7 +27,8 @@ class MultiHeadLatentAttention(nn.Module):
   kv_lora_rank numbers per token plus one rotary key of qk_rope_head_dim; decoding caches only
   those (kv_lora_rank + qk_rope_head_dim numbers per token and layer)."""
   num_heads: int
-  mla: Any  # model.mla: q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+  mla: Any  # model.mla: q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
+  # and the indexer's index_topk, index_heads, index_head_dim, index_loss_weight, index_warmup
   rope_theta: float
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
@@ -72,9 +75,20 @@ class MultiHeadLatentAttention(nn.Module):
     logits = (jnp.einsum('bqhk,bshk->bhqs', q_nope, k_nope) +
               jnp.einsum('bqhk,bsk->bhqs', q_rope, k_rope[:, :, 0])).astype(jnp.float32)
     logits = logits * (nope + rope) ** -0.5
-    causal = positions[:, None, :, None] >= key_pos[:, None, None, :]
-    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqs,bshk->bqhk', probs, v)
+    causal = positions[:, None, :, None] >= key_pos[:, None, None, :]  # [b, 1, q, s]
+    attend = causal
+    if m.index_topk:  # DeepSeek Sparse Attention: the keys the indexer selects
+      scores, _ = LightningIndexer(m.index_heads, m.index_head_dim, rope, self.rope_theta,
+                                   self.dtype, self.cache_len, name='indexer')(
+                                       x, q_lat, positions)
+      if not m.index_warmup:  # (the dense warm-up attends to every earlier key)
+        attend = select_keys(scores, causal[:, 0], m.index_topk)[:, None]
+    logits = jnp.where(attend, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if (m.index_topk and m.index_loss_weight and not self.is_initializing() and
+        self.is_mutable_collection('losses')):  # training: the indexer's own loss
+      self.put_variable('losses', 'indexer', m.index_loss_weight * indexer_loss(
+          scores, probs, attend[:, 0]))
+    out = jnp.einsum('bhqs,bshk->bqhk', probs.astype(self.dtype), v)
     out = jnp.einsum('bshk,hkd->bsd', out, w('wo', (h, vd, d), ('heads', 'head_dim', 'embed')))
     return constrain(out, ('batch', 'length', 'act_embed'))

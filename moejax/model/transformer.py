@@ -164,9 +164,10 @@ def _scanned(cls, cfg, length: int, name: str, per_layer_input: bool = False, **
   """nn.scan of cls over `length` layers: inputs (positions, token ids) broadcast, then the
   per-layer index (and, with per_layer_input, one more per-layer input)."""
   cls = rematted(cls, cfg)
-  # 'moe_state' (the loss-free bias) and its 'bias_updates' are per layer like the params;
+  # 'moe_state' (the loss-free bias) and its 'bias_updates' are per layer like the params, and
+  # so are 'losses' (a layer's own losses: the sparse-attention indexer's);
   # the router rng differs per layer too.
-  axes = {'params': 0, 'moe_state': 0, 'bias_updates': 0, 'cache': 0}
+  axes = {'params': 0, 'moe_state': 0, 'bias_updates': 0, 'cache': 0, 'losses': 0}
   scan = nn.scan(cls, variable_axes=axes,
                  split_rngs={'params': True, 'router': True},
                  in_axes=(nn.broadcast, nn.broadcast, 0) + ((0,) if per_layer_input else ()),

@@ -193,13 +193,19 @@ class Trainer:
       replay = jnp.transpose(replay, (2, 0, 1, 3)).reshape(m, b * s, k)
     (logits, aux), updates = self.model.apply(
         {'params': params, **model_state}, batch['inputs'], None, replay, rngs={'router': rng},
-        mutable=['bias_updates'])
+        mutable=['bias_updates', 'losses'])
     new_state = balance.apply_bias_updates(model_state, updates)
     ce = cross_entropy(logits, batch['targets'])
     moe_loss = jnp.sum(aux['loss']) if 'loss' in aux else 0.0
     metrics = {'train/ce_loss': ce, **moe_metrics(aux)}
     mtp_loss = mtp_total(aux, batch['targets'], self.config.model.mtp, metrics)
-    return ce + moe_loss + mtp_loss, (metrics, new_state)
+    # Layers' own losses (weighted where they are made): the indexers', one per MLA layer.
+    layer_losses = jax.tree.leaves(updates.get('losses', {}))
+    layer_loss = sum(jnp.sum(v) for v in layer_losses) if layer_losses else 0.0
+    if layer_losses:  # the indexers' KL, unweighted, averaged over the layers
+      metrics['train/indexer_loss'] = layer_loss / (
+          sum(v.size for v in layer_losses) * self.config.model.mla.index_loss_weight)
+    return ce + moe_loss + mtp_loss + layer_loss, (metrics, new_state)
 
   def _train_step_fn(self, state: TrainState, batch, seed):
     # The seed is an argument, not a constant of the program: every seed runs one program.
