@@ -149,7 +149,7 @@ def _check_model(c):
       any(p not in (0, 1) or isinstance(p, float) for p in pattern)):
     fail('model.sliding_pattern', pattern, 'must be a non-empty tuple of 0 and 1 (1: the layer '
          'attends within model.sliding_window), repeated over the layers, e.g. (1, 0)')
-  _linear_layers(m)
+  _linear_layers(c)
   if m.attention == 'mla':
     if m.rope_scaling.kind != 'none':
       fail('model.rope_scaling.kind', m.rope_scaling.kind, "MLA has no rotary scaling; set it "
@@ -242,8 +242,9 @@ def _check_mesh(c, sizes):
          f'{batch_shards}, over which the batch is split')
 
 
-def _linear_layers(m):
+def _linear_layers(c):
   """model.linear_pattern and, when it has a linear layer, model.linear."""
+  m = c.model
   pattern = m.linear_pattern
   if (not isinstance(pattern, (tuple, list)) or
       any(p not in (0, 1) or isinstance(p, float) for p in pattern)):
@@ -260,6 +261,9 @@ def _linear_layers(m):
     value = m.linear[field]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       fail(f'model.linear.{field}', value, 'must be a positive integer')
+  _one_of(c, 'model.linear.decay', ('head', 'channel'))
+  _one_of(c, 'model.linear.gate_fn', ('silu', 'sigmoid'))
+  _positive(c, 'model.linear.gate_rank', allow_zero=True)
   if m.linear.num_value_heads % m.linear.num_key_heads:
     fail('model.linear.num_value_heads', m.linear.num_value_heads, 'must be a multiple of '
          f'model.linear.num_key_heads={m.linear.num_key_heads}')

@@ -55,11 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Linear-attention layers: those whose entry in linear_pattern (repeated over the layers:
   # layer i reads entry i % len) is 1 mix tokens with Gated DeltaNet (model/linear_attention.py)
   # instead of softmax attention; () or all 0: none. E.g. (1, 1, 1, 0): three linear layers,
-  # then one attention layer (Qwen3-Next). model.linear is the layer's settings.
+  # then one attention layer (Qwen3-Next). model.linear is the layer's settings; decay
+  # 'channel', gate_fn 'sigmoid' and a gate_rank make it Kimi Delta Attention (a decay per key
+  # channel, the output gate and decay inputs through a rank-gate_rank bottleneck).
   m.linear_pattern = ()
   m.linear = ml_collections.ConfigDict({'num_key_heads': 2, 'num_value_heads': 4,
                                         'key_head_dim': 32, 'value_head_dim': 32,
-                                        'conv_kernel': 4, 'chunk': 64})
+                                        'conv_kernel': 4, 'chunk': 64, 'decay': 'head',
+                                        'gate_rank': 0, 'gate_fn': 'silu'})
   m.ffn_dim = 512  # width of the dense SwiGLU FFN layers.
   m.max_seq_len = 1024  # length of the RoPE table.
   m.rope_theta = 10000.0

@@ -239,7 +239,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
       ({'model_type': 'gpt2'}, "model_type 'gpt2' is not supported; supported: afmoe, "
                                'aria_text, deepseek_v2, deepseek_v3, deepseek_v32, dots1, '),
       ({'model_type': 'kimi_linear'}, "model_type 'kimi_linear' is not supported: it needs "
-                                      'linear-attention layers \\(Kimi Delta Attention\\)'),
+                                      'a layer layout no repeating pattern gives'),
       ({'hidden_act': 'gelu'}, "hidden_act='gelu' is not supported \\(only SiLU-gated FFNs\\)"),
       ({'attention_bias': True}, 'attention_bias=True is not supported'),
       ({'rope_parameters': {'rope_type': 'dynamic', 'factor': 2.0}},

@@ -78,7 +78,7 @@ def test_what_is_refused_as_no_language_model_is_not_a_causal_lm_in_transformers
 
 
 @pytest.mark.parametrize('kind,says', [
-    ('kimi_linear', 'Kimi Delta Attention'), ('mistral_large4_text', 'no query latent'),
+    ('kimi_linear', 'no repeating pattern'), ('mistral_large4_text', 'no query latent'),
     ('qwen3_omni_moe', "language model is model_type 'qwen3_omni_moe_text'.*MRoPE"),
     ('kimi_k25', "'deepseek_v3', which moejax imports from a checkpoint of its own"),
     ('nllb-moe', 'encoder-decoder'), ('dbrx', 'clip_qkv'),

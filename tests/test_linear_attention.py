@@ -13,7 +13,9 @@ from moejax.model.linear_attention import (GatedDeltaNet, causal_conv, gated_del
 
 def numpy_gated_delta(q, k, v, g, beta, state=None):
   """arXiv:2412.06464 eq. (10), as written there ([dv, dk] state, one token at a time):
-  S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T,  o_t = S_t q_t,  a_t = exp(g_t)."""
+  S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T,  o_t = S_t q_t,  a_t = exp(g_t);
+  with g [b, s, h, dk] (Kimi Delta Attention, arXiv:2510.26692) a_t is Diag(exp(g_t))
+  on the key side: S_t = S_{t-1} Diag(a_t) (I - b_t k_t k_t^T) + b_t v_t k_t^T."""
   b, s, h, dk = k.shape
   dv = v.shape[-1]
   out = np.zeros((b, s, h, dv))
@@ -23,28 +25,31 @@ def numpy_gated_delta(q, k, v, g, beta, state=None):
       st = np.zeros((dv, dk)) if state is None else state[i, j].T.copy()
       for t in range(s):
         kt = k[i, t, j][:, None]
-        st = (np.exp(g[i, t, j]) * st @ (np.eye(dk) - beta[i, t, j] * kt @ kt.T) +
+        decay = np.diag(np.broadcast_to(np.exp(g[i, t, j]), (dk,)))
+        st = (st @ decay @ (np.eye(dk) - beta[i, t, j] * kt @ kt.T) +
               beta[i, t, j] * v[i, t, j][:, None] @ kt.T)
         out[i, t, j] = st @ q[i, t, j]
       final[i, j] = st.T
   return out, final
 
 
-def _inputs(seed, b=2, s=11, h=3, dk=4, dv=5):
+def _inputs(seed, b=2, s=11, h=3, dk=4, dv=5, channel=False):
   rng = np.random.default_rng(seed)
   q = rng.normal(size=(b, s, h, dk)) / 2
   k = rng.normal(size=(b, s, h, dk))
   k /= np.linalg.norm(k, axis=-1, keepdims=True)  # the layer L2-normalises keys
   v = rng.normal(size=(b, s, h, dv))
-  g = -rng.uniform(0.01, 1.5, size=(b, s, h))  # decays from 0.99 to 0.22 per token
+  # decays from 0.99 to 0.22 per token (per key channel: some channels keep, some forget)
+  g = -rng.uniform(0.01, 1.5, size=(b, s, h) + ((dk,) if channel else ()))
   beta = rng.uniform(0.05, 0.95, size=(b, s, h))
   state = rng.normal(size=(b, h, dk, dv))
   return q, k, v, g, beta, state
 
 
+@pytest.mark.parametrize('channel', [False, True])  # one decay per head, or per key channel
 @pytest.mark.parametrize('chunk', [1, 4, 16])  # 11 tokens: padded to 12, and one short chunk
-def test_both_forms_equal_the_papers_recurrence(chunk):
-  q, k, v, g, beta, state = _inputs(0)
+def test_both_forms_equal_the_papers_recurrence(chunk, channel):
+  q, k, v, g, beta, state = _inputs(0, channel=channel)
   want, want_state = numpy_gated_delta(q, k, v, g, beta, state)
   for got, got_state in (gated_delta_rule(q, k, v, g, beta, state, chunk),
                          gated_delta_recurrence(q, k, v, g, beta, state)):
@@ -72,8 +77,9 @@ def test_a_strong_write_overwrites_and_no_write_keeps_the_state():
   np.testing.assert_allclose(np.asarray(o)[0, :, 0, 0], [3.0, 1.5], atol=1e-6)  # 3 * 0.5
 
 
-def test_gradients_of_both_forms_agree():
-  q, k, v, g, beta, state = _inputs(1, s=9)
+@pytest.mark.parametrize('channel', [False, True])
+def test_gradients_of_both_forms_agree(channel):
+  q, k, v, g, beta, state = _inputs(1, s=9, channel=channel)
   w = np.random.default_rng(2).normal(size=(2, 9, 3, 5))
 
   def loss(fn, *args):
@@ -184,6 +190,57 @@ def test_layer_equals_transformers_qwen3_next():
     assert np.all(np.isfinite(g)) and np.abs(np.asarray(g)).max() > 1e-6, name
 
 
+def test_kimi_delta_attention_layer_equals_transformers():
+  """The same layer with a decay per key channel, the output gate and the decay's inputs
+  through a rank-dk bottleneck and a sigmoid gate is transformers' KimiLinearDeltaAttention."""
+  torch = pytest.importorskip('torch')
+  from transformers import KimiLinearConfig
+  from transformers.models.kimi_linear import modeling_kimi_linear as m
+  d, h, dk, kernel = 16, 3, 6, 4
+  config = KimiLinearConfig(hidden_size=d, linear_num_heads=h, linear_head_dim=dk,
+                            linear_conv_kernel_dim=kernel, num_hidden_layers=1,
+                            rms_norm_eps=1e-6, layer_types=['linear_attention'])
+  torch.manual_seed(0)
+  ref = m.KimiLinearDeltaAttention(config, 0).float().eval()
+  for p in ref.parameters():
+    torch.nn.init.normal_(p, std=0.3)
+  with torch.no_grad():
+    ref.forget_gate.A_log.copy_(torch.log(torch.rand(1, 1, h, 1) * 2 + 0.1))
+  x = jax.random.normal(jax.random.key(0), (2, 10, d))
+  with torch.no_grad():
+    want = ref(torch.tensor(np.asarray(x))).numpy()
+  w = lambda t: t.detach().numpy()  # noqa: E731
+  heads = lambda t: w(t).reshape(h, dk, -1).transpose(2, 0, 1)  # noqa: E731  [r*, D] -> [D, h, dk]
+  conv = w(ref.conv1d.weight)[:, 0, :].T  # [K, 3 h dk]: q, k, v channels
+  fg = ref.forget_gate
+  params = {
+      'wq': heads(ref.q_proj.weight), 'wk': heads(ref.k_proj.weight),
+      'wv': heads(ref.v_proj.weight), 'wb': w(ref.b_proj.weight).T,
+      'wa_down': w(fg.f_a_proj.weight).T, 'wa_up': heads(fg.f_b_proj.weight),
+      'dt_bias': w(fg.dt_bias).reshape(h, dk), 'a_log': w(fg.A_log).reshape(h),
+      'wz_down': w(ref.g_a_proj.weight).T, 'wz_up': heads(ref.g_b_proj.weight),
+      'conv_q': conv[:, :h * dk].reshape(kernel, h, dk),
+      'conv_k': conv[:, h * dk:2 * h * dk].reshape(kernel, h, dk),
+      'conv_v': conv[:, 2 * h * dk:].reshape(kernel, h, dk),
+      'norm_scale': w(ref.o_norm.weight), 'wo': w(ref.o_proj.weight).T.reshape(h, dk, d)}
+  layer = GatedDeltaNet(h, h, dk, dk, kernel, 1e-6, chunk=4, decay='channel', gate_rank=dk,
+                        gate_fn='sigmoid')
+  got = jax.jit(layer.apply)({'params': params}, x)
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+  # decoding continues the state: a prefill of 3 tokens, then one token at a time
+  dec = GatedDeltaNet(h, h, dk, dk, kernel, 1e-6, chunk=4, decay='channel', gate_rank=dk,
+                      gate_fn='sigmoid', cache_len=16)
+  cache = jax.jit(dec.init)(jax.random.key(0), x[:, :1])['cache']
+  step = jax.jit(lambda c, t: dec.apply({'params': params, 'cache': c}, t, mutable=['cache']))
+  outs = []
+  for lo, hi in ((0, 3), (3, 4), (4, 10)):
+    out, v = step(cache, x[:, lo:hi])
+    cache = v['cache']
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), want, rtol=1e-4, atol=2e-5)
+
+
 # --- Linear-attention layers in the model (model.linear_pattern) ------------------------------
 
 def _hybrid_config(num_layers=10, first_k_dense=4, moe_layer_freq=2, pattern=(1, 1, 1, 0)):
@@ -224,12 +281,15 @@ def test_the_schedule_of_linear_layers_by_hand():
     assert p['attn']['wq'].ndim == (3 if index is None else 4)  # scanned stacks: a layer axis
 
 
-def test_hybrid_model_decodes_and_replays():
+@pytest.mark.parametrize('kda', [False, True])  # Gated DeltaNet, Kimi Delta Attention
+def test_hybrid_model_decodes_and_replays(kda):
   import ml_collections
   from moejax.model.transformer import Transformer
   # 5 layers, linear and attention alternating, every layer MoE: two periods of two MoE blocks
   # (linear, attention) and a tail of one (linear)
   c = _hybrid_config(num_layers=5, first_k_dense=0, moe_layer_freq=1, pattern=(1, 0))
+  if kda:
+    c.model.linear.update(decay='channel', gate_rank=3, gate_fn='sigmoid')
   m = ml_collections.FrozenConfigDict(c.model)
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 256)
   model = Transformer(m, train=False)
@@ -264,13 +324,26 @@ def test_linear_layers_cost_and_cache_by_hand():
   assert flops_per_token(m, 16)['attention'] == 8 * linear + 2 * full
   assert cache_numbers(m) == (2 * 2 * m.num_kv_heads * m.head_dim,  # per token: 2 full layers
                              8 * (kernel - 1) * (2 * hk * dk + hv * dv), 8 * hv * dk * dv)
+  # a decay per key channel weighs each of the chunk's products (3 FLOPs per channel, not 2);
+  # its inputs and the output gate through a rank-5 bottleneck are matmul weights like others
+  head = flops_per_token(m, 16)
+  m.linear.update(decay='channel', gate_rank=5)
+  channel = flops_per_token(m, 16)
+  assert channel['attention'] == 8 * hv * (2 * chunk * (3 * dk + dv) + chunk * (dk + dv) +
+                                           6 * dk * dv) + 2 * full
+  d = m.d_model
+  assert channel['matmul_weights'] - head['matmul_weights'] == 8 * (
+      (d * 5 + 5 * hv * dk) - d * hv + (d * 5 + 5 * hv * dv) - d * hv * dv)
 
 
 @pytest.mark.parametrize('field,value,match', [
     ('linear_pattern', (1, 2), 'model.linear_pattern'),
     ('first_k_dense', 3, 'model.first_k_dense'),
     ('linear.num_value_heads', 3, 'model.linear.num_value_heads'),
-    ('linear.chunk', 0, 'model.linear.chunk')])
+    ('linear.chunk', 0, 'model.linear.chunk'),
+    ('linear.decay', 'token', 'model.linear.decay'),
+    ('linear.gate_fn', 'relu', 'model.linear.gate_fn'),
+    ('linear.gate_rank', -1, 'model.linear.gate_rank')])
 def test_linear_settings_refused_with_the_field(field, value, match):
   from moejax.checks import validate
   from moejax.config import ConfigError

@@ -14,6 +14,7 @@ Forward FLOPs of one token, the PaLM / MaxText convention:
                                             full length, as PaLM counts it, not the causal half;
   + per linear-attention layer, its chunked gated delta rule per token and value head:
       2 c (2 dk + dv)   the chunk's key-key and query-key products and the intra-chunk read
+                        (2 c (3 dk + dv) with a decay per key channel: each product weighed)
       + c (dk + dv)     the triangular solve (half a c x c matrix times dk + dv columns)
       + 6 dk dv         reading the state twice and writing it once
     (c: model.linear.chunk): linear in the context, not quadratic. Its short convolution is
@@ -99,7 +100,9 @@ def _attention_per_layer(m, ctx: int, layer: int) -> float:
   if layer < m.num_layers and is_linear(m, layer):  # (MTP blocks attend)
     lin = m.linear
     c, dk, dv = lin.chunk, lin.key_head_dim, lin.value_head_dim
-    return float(lin.num_value_heads * (2 * c * (2 * dk + dv) + c * (dk + dv) + 6 * dk * dv))
+    products = 3 if lin.decay == 'channel' else 2  # a decay per channel weighs each product
+    return float(lin.num_value_heads * (2 * c * (products * dk + dv) + c * (dk + dv) +
+                                        6 * dk * dv))
   index = 0.0
   if m.attention == 'mla':
     qk, v = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim

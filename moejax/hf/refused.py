@@ -52,7 +52,9 @@ _LINEAR = 'linear-attention layers'
 NEEDS = {
     # Linear attention and state-space layers between the attention layers.
     'qwen4_exp_text': 'sparse attention over compressed key blocks (QSA)',
-    'kimi_linear': f'{_LINEAR} (Kimi Delta Attention)',
+    # (its Kimi Delta Attention layers moejax builds: model.linear.decay='channel')
+    'kimi_linear': ('a layer layout no repeating pattern gives (a dense first layer inside the '
+                    'pattern, the last layer attending) and latent attention without rotation'),
     'bailing_hybrid': f'{_LINEAR} (a delta rule with a forget gate)',
     'minimax': f'{_LINEAR} (lightning attention)',
     'minimax_m3_vl_text': f'{_LINEAR} and an indexer of its own kind',

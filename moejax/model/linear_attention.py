@@ -40,7 +40,9 @@ def gated_delta_recurrence(q, k, v, g, beta, state=None):
   """The gated delta rule token by token (q and k as given: normalise and scale them first).
 
   Args:
-    q, k: [b, s, h, dk]; v: [b, s, h, dv]; g (log decay, <= 0), beta: [b, s, h].
+    q, k: [b, s, h, dk]; v: [b, s, h, dv]; beta: [b, s, h]; g (log decay, <= 0): [b, s, h]
+      (one per head), or [b, s, h, dk] (one per key channel: each row of S decays apart, as
+      Kimi Delta Attention's).
     state: [b, h, dk, dv] the state before the first token, or None (zeros).
   Returns:
     (o [b, s, h, dv], state [b, h, dk, dv] after the last token), float32.
@@ -49,10 +51,11 @@ def gated_delta_recurrence(q, k, v, g, beta, state=None):
   b, _, h, dk = k.shape
   if state is None:
     state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+  g = g if g.ndim == 4 else g[..., None]  # [b, s, h, dk or 1]
 
   def step(s, inputs):
-    q_t, k_t, v_t, g_t, beta_t = inputs  # [b, h, dk], [b, h, dk], [b, h, dv], [b, h], [b, h]
-    s = s * jnp.exp(g_t)[..., None, None]
+    q_t, k_t, v_t, g_t, beta_t = inputs  # [b, h, dk], [b, h, dk], [b, h, dv], [b, h, dk | 1], [b, h]
+    s = s * jnp.exp(g_t)[..., None]
     delta = (v_t - jnp.einsum('bhkv,bhk->bhv', s, k_t)) * beta_t[..., None]
     s = s + k_t[..., :, None] * delta[..., None, :]
     return s, jnp.einsum('bhkv,bhk->bhv', s, q_t)
@@ -74,6 +77,7 @@ def gated_delta_rule(q, k, v, g, beta, state=None, chunk: int = 64):
   dv = v.shape[-1]
   if state is None:
     state = jnp.zeros((b, h, dk, dv), jnp.float32)
+  g = g if g.ndim == 4 else g[..., None]  # [b, s, h, dk or 1]
   pad = (-s) % chunk
   n = (s + pad) // chunk
 
@@ -83,22 +87,30 @@ def gated_delta_rule(q, k, v, g, beta, state=None, chunk: int = 64):
     return jnp.moveaxis(jnp.moveaxis(t, 3, 2), 1, 0)
 
   q, k, v, g, beta = (chunks(t) for t in (q, k, v, g, beta))
-  cum = jnp.cumsum(g, axis=-1)  # [n, b, h, c]: log of the decay from the chunk's start
+  cum = jnp.cumsum(g, axis=-2)  # [n, b, h, c, dk | 1]: log of the decay from the chunk's start
   causal = jnp.tril(jnp.ones((chunk, chunk), bool))  # i >= j
-  # decay from token j to token i of a chunk (i >= j), 0 above the diagonal
-  pair = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+
+  def decayed(a, c):
+    """sum_k a_ik c_jk exp(cum_ik - cum_jk) for i >= j, 0 above: [n, b, h, c, c]. One decay
+    per head factors out of the sum; one per channel weighs each channel (a [c, c, dk] tensor
+    per chunk and head: memory c^2 dk, so such layers want short chunks)."""
+    if cum.shape[-1] == 1:
+      pair = jnp.where(causal, cum[..., :, None, 0] - cum[..., None, :, 0], -jnp.inf)
+      return jnp.einsum('...ik,...jk->...ij', a, c) * jnp.exp(pair)
+    pair = jnp.where(causal[..., None], cum[..., :, None, :] - cum[..., None, :, :], -jnp.inf)
+    return jnp.einsum('...ik,...jk,...ijk->...ij', a, c, jnp.exp(pair))
+
   kb, vb = k * beta[..., None], v * beta[..., None]
   # (I + strictly-lower(beta_i k_i.k_j decay_ij)) [u | w] = [beta v | beta k decay_from_start]
-  t = jnp.where(causal & ~jnp.eye(chunk, dtype=bool),
-                jnp.einsum('...ik,...jk->...ij', kb, k) * pair, 0.0) + jnp.eye(chunk)
-  rhs = jnp.concatenate([vb, kb * jnp.exp(cum)[..., None]], axis=-1)
+  t = jnp.where(causal & ~jnp.eye(chunk, dtype=bool), decayed(kb, k), 0.0) + jnp.eye(chunk)
+  rhs = jnp.concatenate([vb, kb * jnp.exp(cum)], axis=-1)
   uw = jax.lax.linalg.triangular_solve(t, rhs, left_side=True, lower=True,
                                        unit_diagonal=True)
   u, w = uw[..., :dv], uw[..., dv:]  # [n, b, h, c, dv], [n, b, h, c, dk]
-  intra = jnp.einsum('...ik,...jk->...ij', q, k) * pair  # [n, b, h, c, c]
-  q_decayed = q * jnp.exp(cum)[..., None]
-  k_decayed = k * jnp.exp(cum[..., -1:] - cum)[..., None]  # decay to the chunk's end
-  chunk_decay = jnp.exp(cum[..., -1])[..., None, None]  # [n, b, h, 1, 1]
+  intra = decayed(q, k)  # [n, b, h, c, c]
+  q_decayed = q * jnp.exp(cum)
+  k_decayed = k * jnp.exp(cum[..., -1:, :] - cum)  # decay to the chunk's end
+  chunk_decay = jnp.exp(cum[..., -1, :])[..., None]  # [n, b, h, dk | 1, 1]
 
   def step(s, inputs):
     u_i, w_i, q_i, k_i, intra_i, decay_i = inputs
@@ -148,6 +160,13 @@ class GatedDeltaNet(nn.Module):
   chunk: int = 64
   dtype: Dtype = jnp.float32
   cache_len: int = 0
+  # 'head': one decay per value head (Gated DeltaNet); 'channel': one per key channel of each
+  # value head, its inputs [hv, dk] (Kimi Delta Attention).
+  decay: str = 'head'
+  # > 0: the output gate and a per-channel decay's inputs through a rank-gate_rank bottleneck
+  # (x W_down W_up); 0: one full projection each.
+  gate_rank: int = 0
+  gate_fn: str = 'silu'  # the output gate's activation: 'silu' (Gated DeltaNet) or 'sigmoid'
 
   @nn.compact
   def __call__(self, x):
@@ -166,12 +185,22 @@ class GatedDeltaNet(nn.Module):
     def proj(name, shape, axes):
       return param_with_axes(self, name, (d,) + shape, ('embed',) + axes).astype(self.dtype)
 
+    def gate_proj(name, shape, axes):  # x -> [b, s, *shape], full rank or through gate_rank
+      if not self.gate_rank:
+        return jnp.einsum('bsd,d...->bs...', x, proj(name, shape, axes))
+      down = x @ proj(f'{name}_down', (self.gate_rank,), (None,))
+      up = param_with_axes(self, f'{name}_up', (self.gate_rank,) + shape, (None,) + axes)
+      return jnp.einsum('bsr,r...->bs...', down, up.astype(self.dtype))
+
     q = jnp.einsum('bsd,dhk->bshk', x, proj('wq', (hk, dk), ('kv_heads', 'head_dim')))
     k = jnp.einsum('bsd,dhk->bshk', x, proj('wk', (hk, dk), ('kv_heads', 'head_dim')))
     v = jnp.einsum('bsd,dhk->bshk', x, proj('wv', (hv, dv), ('heads', 'head_dim')))
-    z = jnp.einsum('bsd,dhk->bshk', x, proj('wz', (hv, dv), ('heads', 'head_dim')))
+    z = gate_proj('wz', (hv, dv), ('heads', 'head_dim'))
     beta_in = jnp.einsum('bsd,dh->bsh', x, proj('wb', (hv,), ('heads',)))
-    decay_in = jnp.einsum('bsd,dh->bsh', x, proj('wa', (hv,), ('heads',)))
+    decay_shape, decay_axes = ((hv, dk), ('heads', 'head_dim')) if self.decay == 'channel' else (
+        (hv,), ('heads',))
+    decay_in = (gate_proj('wa', decay_shape, decay_axes) if self.decay == 'channel' else
+                jnp.einsum('bsd,dh->bsh', x, proj('wa', (hv,), ('heads',))))
 
     decoding = self.cache_len > 0
     initializing = decoding and not self.has_variable('cache', 'state')
@@ -191,13 +220,14 @@ class GatedDeltaNet(nn.Module):
       return jax.nn.silu(out)
 
     q, k, v = conv('conv_q', q, hk), conv('conv_k', k, hk), conv('conv_v', v, hv)
-    dt_bias = param_with_axes(self, 'dt_bias', (hv,), ('heads',), nn.initializers.ones)
+    dt_bias = param_with_axes(self, 'dt_bias', decay_shape, decay_axes, nn.initializers.ones)
     a_log = param_with_axes(
         self, 'a_log', (hv,), ('heads',),
         lambda key, shape, dtype=jnp.float32: jnp.log(
             jax.random.uniform(key, shape, dtype, 1.0, 16.0)))
-    g = -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(
-        decay_in.astype(jnp.float32) + dt_bias.astype(jnp.float32))  # [b, s, hv], <= 0
+    rate = jnp.exp(a_log.astype(jnp.float32))
+    g = -(rate[:, None] if self.decay == 'channel' else rate) * jax.nn.softplus(
+        decay_in.astype(jnp.float32) + dt_bias.astype(jnp.float32))  # [b, s, hv(, dk)], <= 0
     beta = jax.nn.sigmoid(beta_in.astype(jnp.float32))
     q = l2_normalize(q) * dk ** -0.5
     k = l2_normalize(k)
@@ -217,7 +247,8 @@ class GatedDeltaNet(nn.Module):
 
     scale = param_with_axes(self, 'norm_scale', (dv,), ('head_dim',), nn.initializers.ones)
     o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + self.norm_eps)
-    o = (o * scale.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)
+    act = jax.nn.sigmoid if self.gate_fn == 'sigmoid' else jax.nn.silu
+    o = (o * scale.astype(jnp.float32) * act(z.astype(jnp.float32))).astype(self.dtype)
     out = jnp.einsum('bshk,hkd->bsd', o, param_with_axes(
         self, 'wo', (hv, dv, d), ('heads', 'head_dim', 'embed'),
         nn.initializers.normal(stddev=(hv * dv) ** -0.5)).astype(self.dtype))

@@ -67,7 +67,7 @@ class Block(nn.Module):
       lin = c.linear
       attn = GatedDeltaNet(lin.num_key_heads, lin.num_value_heads, lin.key_head_dim,
                            lin.value_head_dim, lin.conv_kernel, c.norm_eps, lin.chunk, dtype,
-                           self.cache_len, name='attn')
+                           self.cache_len, lin.decay, lin.gate_rank, lin.gate_fn, name='attn')
       x = sublayer(x, attn, 'attn')
     elif c.attention == 'mla':
       attn = MultiHeadLatentAttention(c.num_heads, c.mla, c.rope_theta, c.mla.latent_norm_eps,
