@@ -7,7 +7,7 @@ d_I per token (a LayerNorm of a projection of the block input) and per-head weig
 w[t, j] = (x_t W_w)_j / sqrt(H_I); both q and k rotate their first qk_rope_head_dim dims. Each
 query then attends only to the top_k earlier tokens by I (all of them while there are fewer).
 
-Training (the paper's section 2.1): the indexer learns only from its own loss, the KL
+Training (the paper's continued pre-training): the indexer learns only from its own loss, the KL
 divergence from the main attention's distribution over the keys (summed over heads, L1-normed;
 no gradient into the attention) to softmax(I) over the same keys: every earlier key in the dense
 warm-up, the selected ones in sparse training. Its inputs are detached, so the language-model

@@ -54,7 +54,7 @@ def gated_delta_recurrence(q, k, v, g, beta, state=None):
   g = g if g.ndim == 4 else g[..., None]  # [b, s, h, dk or 1]
 
   def step(s, inputs):
-    q_t, k_t, v_t, g_t, beta_t = inputs  # [b, h, dk], [b, h, dk], [b, h, dv], [b, h, dk | 1], [b, h]
+    q_t, k_t, v_t, g_t, beta_t = inputs  # [b, h, dk] x 2, [b, h, dv], [b, h, dk | 1], [b, h]
     s = s * jnp.exp(g_t)[..., None]
     delta = (v_t - jnp.einsum('bhkv,bhk->bhv', s, k_t)) * beta_t[..., None]
     s = s + k_t[..., :, None] * delta[..., None, :]
