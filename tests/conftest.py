@@ -103,3 +103,68 @@ def build_router(cls, section, num_experts: int, k: int, vocab_size: int = 258):
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+# --- The slow step: each test in a fresh interpreter ------------------------------------------
+# jaxlib 0.10.2 can crash a long-lived process that has compiled and freed many programs (a
+# segmentation fault in libgcc's unwinder: docs/testing.md, "A crash inside jaxlib"), and the
+# slow step's workers compile the most. So there every test runs in a child pytest of its own
+# (MOEJAX_TEST_CHILD set), and its outcome is reported here as if it had run in this process.
+_CHILD_ENV = 'MOEJAX_TEST_CHILD'
+
+
+def _isolated(item) -> bool:
+  return item.get_closest_marker('slow') is not None and not os.environ.get(_CHILD_ENV)
+
+
+def _child_outcome(item):
+  """Run `item` alone in a new interpreter: (outcome, longrepr, seconds)."""
+  import subprocess
+  import sys
+  import time
+  import xml.etree.ElementTree as ET
+  with tempfile.TemporaryDirectory(prefix='moejax-child-') as tmp:
+    report = os.path.join(tmp, 'report.xml')
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, '-m', 'pytest', item.nodeid, '-m', 'slow', '-q', '-p', 'no:cacheprovider',
+         '-p', 'no:xdist', f'--junitxml={report}', '--durations=0'],
+        cwd=str(item.config.rootpath), env={**os.environ, _CHILD_ENV: '1'},
+        capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    output = (done.stdout + done.stderr)[-20000:]
+    cases = ET.parse(report).getroot().iter('testcase') if os.path.exists(report) else []
+    case = next(iter(cases), None)
+  if case is None:
+    return 'failed', f'the child pytest ran no test (exit {done.returncode}):\n{output}', seconds
+  skipped = case.find('skipped')
+  if skipped is not None and done.returncode == 0:
+    return 'skipped', (str(item.path), item.location[1] or 0,
+                       skipped.get('message', 'skipped')), seconds
+  if done.returncode == 0:
+    return 'passed', None, seconds
+  return 'failed', f'in its own interpreter (exit {done.returncode}):\n{output}', seconds
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+  if not _isolated(item):
+    return None
+  from _pytest.reports import TestReport
+  hook = item.ihook
+  hook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+  outcome, longrepr, seconds = _child_outcome(item)
+  keywords = {k: 1 for k in item.keywords}
+
+  def report(when, result, text=None, duration=0.0):
+    hook.pytest_runtest_logreport(report=TestReport(
+        item.nodeid, item.location, keywords, result, text, when, [], duration, 0.0, 0.0,
+        user_properties=[]))
+  if outcome == 'skipped':
+    report('setup', 'skipped', longrepr)
+  else:
+    report('setup', 'passed')
+    report('call', outcome, longrepr, seconds)
+  report('teardown', 'passed')
+  hook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+  return True

@@ -281,7 +281,8 @@ def test_the_schedule_of_linear_layers_by_hand():
     assert p['attn']['wq'].ndim == (3 if index is None else 4)  # scanned stacks: a layer axis
 
 
-@pytest.mark.parametrize('kda', [False, True])  # Gated DeltaNet, Kimi Delta Attention
+# Gated DeltaNet; Kimi Delta Attention in the slow step (its layer's decoding is checked above)
+@pytest.mark.parametrize('kda', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_hybrid_model_decodes_and_replays(kda):
   import ml_collections
   from moejax.model.transformer import Transformer
